@@ -1,0 +1,1 @@
+"""Pair shards derived from feature stores and public annotation files."""

@@ -1,0 +1,1 @@
+"""Producing feature stores: extraction over image folders and imports of existing features."""

@@ -1,0 +1,1 @@
+"""The V&L transformer trainer that reads feature stores and pair shards."""
