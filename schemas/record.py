@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 DEFAULT_FEATURE_DIM = 2048
 MIN_BOXES, MAX_BOXES = 1, 1000
 NUM_CLS_PROB = vocab.NUM_OBJECTS + 1  # detector classes, background last
+NUM_ATTR_PROB = vocab.NUM_ATTRIBUTES + 1  # detector attributes, no-attribute last
 MAX_IMAGE_ID_BYTES = 500  # LMDB keys are at most 511 bytes
 # Boxes may overshoot the image border by this many pixels: exporters differ in
 # clipping to W or W-1 and in rounding after rescaling.
@@ -33,12 +34,13 @@ FIELD_DTYPES = {
     "attrs_id": np.dtype("<i4"),
     "attrs_conf": np.dtype("<f4"),
     "cls_prob": np.dtype("<f2"),
+    "attr_prob": np.dtype("<f2"),
 }
 # Whole-image array (not per box).
 IMAGE_FEATURE_DTYPE = np.dtype("<f2")
 LABEL_FIELDS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
 ARRAY_FIELDS = tuple(FIELD_DTYPES) + ("image_feature",)
-OPTIONAL_FIELDS = LABEL_FIELDS + ("cls_prob", "image_feature")
+OPTIONAL_FIELDS = LABEL_FIELDS + ("cls_prob", "attr_prob", "image_feature")
 
 
 @dataclasses.dataclass
@@ -55,6 +57,7 @@ class FeatureRecord:
     attrs_id: Optional[np.ndarray] = None  # int32 [N], 0..399
     attrs_conf: Optional[np.ndarray] = None  # float32 [N]
     cls_prob: Optional[np.ndarray] = None  # float16 [N, 1601], background last
+    attr_prob: Optional[np.ndarray] = None  # float16 [N, 401], no-attribute last
     image_feature: Optional[np.ndarray] = None  # float16 [D]
 
     @property
@@ -151,6 +154,8 @@ def _expected_shape(name: str, n: int, dim: int) -> tuple:
         return (n, dim)
     if name == "cls_prob":
         return (n, NUM_CLS_PROB)
+    if name == "attr_prob":
+        return (n, NUM_ATTR_PROB)
     if name == "image_feature":
         return (dim,)
     return (n,)

@@ -26,7 +26,7 @@ import pyarrow as pa
 from vlp.schemas import codec
 from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.record import (ARRAY_FIELDS, FIELD_DTYPES, IMAGE_FEATURE_DTYPE,
-                                NUM_CLS_PROB, FeatureRecord)
+                                NUM_ATTR_PROB, NUM_CLS_PROB, FeatureRecord)
 
 PARTIAL_SUFFIX = ".partial"
 SUFFIXES = {"lmdb": ".lmdb", "arrow": ".arrow"}
@@ -181,7 +181,8 @@ def arrow_schema(fields: tuple[str, ...], feature_dim: int) -> pa.Schema:
     for name in fields:
         dtype = IMAGE_FEATURE_DTYPE if name == "image_feature" else FIELD_DTYPES[name]
         inner = pa.from_numpy_dtype(dtype)
-        width = {"boxes": 4, "features": feature_dim, "cls_prob": NUM_CLS_PROB}.get(name)
+        width = {"boxes": 4, "features": feature_dim, "cls_prob": NUM_CLS_PROB,
+                 "attr_prob": NUM_ATTR_PROB}.get(name)
         if name == "image_feature":
             column = pa.list_(inner, feature_dim)
         elif width is None:
