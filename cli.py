@@ -1,0 +1,215 @@
+"""Command-line entry points: ``vlp``, ``vlp-extract``, ``vlp-build``, ``vlp-train``.
+
+Thin by design: options are parsed here and handed to library functions. Errors the
+user can fix (bad files, bad options) are printed as one ``Error: ...`` line with exit
+status 1; usage mistakes exit with 2 (click's convention); success is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from vlp import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+STORAGE = click.Choice(["lmdb", "arrow"])
+
+
+class _Group(click.Group):
+    """A group that turns the library's input errors into one clean ``Error:`` line."""
+
+    def invoke(self, ctx):
+        from vlp.pipeline.import_features import ImportIssue
+        from vlp.schemas import SchemaError, StoreError
+
+        try:
+            return super().invoke(ctx)
+        except (SchemaError, StoreError, ImportIssue, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _write_mode(overwrite: bool, append: bool) -> str:
+    if overwrite and append:
+        raise click.UsageError("--overwrite and --append exclude each other")
+    return "overwrite" if overwrite else "append" if append else "create"
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="vlp")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose):
+    """vlp: feature stores, pair shards and V&L pretraining.
+
+    Auxiliary verbs; the main jobs are the commands vlp-extract, vlp-build and vlp-train.
+    """
+    _setup_logging(verbose)
+
+
+@main.command("inspect")
+@click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("image_id", required=False)
+@click.option("--top", default=10, show_default=True, help="How many labels / boxes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_cmd(store_dir, image_id, top, as_json):
+    """Validate a feature store, or print one record.
+
+    Without IMAGE_ID: checks the manifest, every shard's sha256, that every record
+    decodes and follows the schema, counts and the index, then prints a summary. Exit
+    status 1 when a problem is found.
+
+    With IMAGE_ID: prints that record (image size, fields and shapes, top boxes with
+    attribute / object names and confidences).
+    """
+    from tqdm import tqdm
+
+    from vlp.schemas import FeatureStore
+    from vlp.schemas.verify import describe_record, verify_store
+
+    if image_id is not None:
+        store = FeatureStore(store_dir)
+        try:
+            record = store.get(image_id)
+        except KeyError as exc:
+            raise click.ClickException(exc.args[0]) from None
+        click.echo("\n".join(describe_record(record, top)))
+        return
+    with tqdm(unit="rec", desc="verify", disable=not sys.stderr.isatty()) as bar:
+        report = verify_store(store_dir, on_record=lambda: bar.update(1))
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
+                               "records_checked": report.records_checked,
+                               "manifest": report.manifest}, indent=2))
+    else:
+        click.echo("\n".join(report.summary_lines(top)))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group("import", cls=_Group)
+def import_group():
+    """Convert region features you already have into a vlp feature store."""
+
+
+def _import_options(func):
+    options = [
+        click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+                     help="Output feature-store directory."),
+        click.option("--format", "storage", type=STORAGE, default="lmdb", show_default=True,
+                     help="Shard format of the output store."),
+        click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+                     help="Records per shard."),
+        click.option("--feature-dim", type=click.IntRange(min=1), default=None,
+                     help="Expected feature size per box (default: taken from the first record)."),
+        click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+                     help="stop: the first bad row aborts (finished shards are kept, the store is "
+                          "marked incomplete). skip: bad rows go to OUT/errors.jsonl."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing store at --out."),
+        click.option("--append", is_flag=True, help="Add to an existing store at --out."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@import_group.command("tsv")
+@click.argument("tsv_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--layout", type=click.Choice(["auto", "lxmert", "butd"]), default="auto", show_default=True,
+              help="lxmert: 10 columns img_id img_h img_w objects_id objects_conf attrs_id attrs_conf "
+                   "num_boxes boxes features. butd: 6 columns image_id image_w image_h num_boxes boxes "
+                   "features. auto: by the column count of each file.")
+@_import_options
+def import_tsv_cmd(tsv_files, layout, out, storage, shard_size, feature_dim, on_error, overwrite, append):
+    """Stream BUTD / LXMERT TSV feature files into a feature store.
+
+    Arrays are base64 (ids int64, everything else float32), as written by the
+    bottom-up-attention generate_tsv.py and by LXMERT. Features are stored as float16.
+    """
+    from vlp.pipeline.import_features import import_tsv
+
+    stats = import_tsv(tsv_files, out, layout=layout, storage=storage, shard_size=shard_size,
+                       feature_dim=feature_dim, mode=_write_mode(overwrite, append),
+                       on_error=on_error, progress=sys.stderr.isatty())
+    click.echo(f"{stats.summary()} -> {out}")
+
+
+@import_group.command("pickled-lmdb")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--trust-pickle", is_flag=True,
+              help="Required: confirms you trust SOURCE. Its values are pickles; they are read "
+                   "with a restricted unpickler (arrays, dicts, lists, strings, numbers only).")
+@_import_options
+def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim, on_error,
+                    overwrite, append):
+    """Convert a pickled-dict LMDB (VOLTA / ViLBERT / MMF layout) into a pickle-free store.
+
+    Each value is a dict with img_id / img_h / img_w (or image_*), num_boxes, boxes,
+    features and optional objects_id / objects_conf / attrs_id / attrs_conf / cls_prob,
+    as base64 strings or numpy arrays. The key b"keys" (the layout's key list) is skipped.
+    """
+    from vlp.pipeline.import_features import import_pickled_lmdb
+
+    if not trust_pickle:
+        raise click.UsageError(f"{source} holds pickled values, which can run code when loaded. "
+                               "Pass --trust-pickle if you trust this file.")
+    click.echo("warning: reading pickled values from a file you declared trusted", err=True)
+    stats = import_pickled_lmdb(source, out, trust_pickle=True, storage=storage, shard_size=shard_size,
+                                feature_dim=feature_dim, mode=_write_mode(overwrite, append),
+                                on_error=on_error, progress=sys.stderr.isatty())
+    click.echo(f"{stats.summary()} -> {out}")
+
+
+@main.command("demo")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Folder for the demo's stores and report.")
+@click.option("--images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="How many images the demo processes.")
+def demo_cmd(out, images):
+    """Run the main job end to end on the embedded default and write a report."""
+    from vlp.demo import run_demo
+
+    report = run_demo(out, num_images=images)
+    click.echo(f"demo finished: open {report}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="vlp-extract")
+def extract_main():
+    """Extract bottom-up-attention region features from a folder of images.
+
+    Not available in this version: the detector and the Ray extraction pipeline are
+    being built (see README, "Status"). To get a feature store today, import existing
+    features with `vlp import tsv` or `vlp import pickled-lmdb`.
+    """
+    raise click.ClickException("vlp-extract is not available in this version yet; "
+                               "see `vlp import --help` to import existing features")
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="vlp-build")
+def build_main():
+    """Build pair shards (image + text) from feature stores and annotation files.
+
+    No builders are available in this version yet (see README, "Status").
+    """
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="vlp-train")
+def train_main():
+    """Pretrain and finetune V&L transformers on feature stores and pair shards.
+
+    No trainer commands are available in this version yet (see README, "Status").
+    """
+
+
+if __name__ == "__main__":
+    main()
