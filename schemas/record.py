@@ -94,7 +94,8 @@ class FeatureRecord:
             if name in ("objects_id", "attrs_id") and array.dtype.kind == "f":
                 if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
                     raise SchemaError(f"{name}: ids must be whole numbers")
-            converted[name] = np.ascontiguousarray(array, dtype=dtype)
+            with np.errstate(over="ignore"):  # overflow to inf is reported by validate()
+                converted[name] = np.ascontiguousarray(array, dtype=dtype)
         if "boxes" not in converted or "features" not in converted:
             raise SchemaError("a record needs 'boxes' and 'features'")
         return cls(image_id=str(image_id), image_w=int(image_w), image_h=int(image_h), **converted)

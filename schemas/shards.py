@@ -133,16 +133,46 @@ class LmdbShardWriter(_ShardWriterBase):
         self.partial.unlink(missing_ok=True)
 
 
+# LMDB allows one environment per file and process: readers of the same file share it.
+_SHARED_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [env, users]
+
+
+def open_readonly_env(path: Path) -> lmdb.Environment:
+    pid = os.getpid()
+    for inherited in [k for k in _SHARED_ENVS if k[0] != pid]:
+        # Handles inherited through fork (DataLoader workers) must not be used here, and
+        # py-lmdb refuses to reopen their files until they are closed. Closing only
+        # unmaps this process's copy; lock-free read-only handles hold no file locks.
+        _SHARED_ENVS.pop(inherited)[0].close()
+    key = (pid, os.path.realpath(path))
+    entry = _SHARED_ENVS.get(key)
+    if entry is None:
+        try:
+            env = lmdb.open(str(path), subdir=False, readonly=True, lock=False,
+                            readahead=False, meminit=False, max_readers=2048)
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot open LMDB file ({exc})") from None
+        entry = _SHARED_ENVS[key] = [env, 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def release_readonly_env(path: Path) -> None:
+    key = (os.getpid(), os.path.realpath(path))
+    entry = _SHARED_ENVS.get(key)
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _SHARED_ENVS[key]
+            entry[0].close()
+
+
 class LmdbShardReader:
     """Read-only view of a finished LMDB shard; one long-lived read transaction."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self._env = lmdb.open(str(self.path), subdir=False, readonly=True, lock=False,
-                                  readahead=False, meminit=False, max_readers=2048)
-        except lmdb.Error as exc:
-            raise StoreError(f"{self.path}: cannot open LMDB shard ({exc})") from None
+        self._env = open_readonly_env(self.path)
         self._txn = self._env.begin()
 
     def get_value(self, image_id: str) -> Optional[bytes]:
@@ -171,7 +201,7 @@ class LmdbShardReader:
 
     def close(self) -> None:
         self._txn.abort()
-        self._env.close()
+        release_readonly_env(self.path)
 
 
 def arrow_schema(fields: tuple[str, ...], feature_dim: int) -> pa.Schema:

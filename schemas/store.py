@@ -31,7 +31,8 @@ from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
 from vlp.schemas.record import DEFAULT_FEATURE_DIM, SCHEMA_VERSION, FeatureRecord
 from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardReader, ArrowShardWriter,
-                                LmdbShardReader, LmdbShardWriter, ShardInfo)
+                                LmdbShardReader, LmdbShardWriter, ShardInfo, open_readonly_env,
+                                release_readonly_env)
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,13 @@ class FeatureStore:
         self._memory_index: Optional[dict[str, tuple[int, int]]] = None
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
-            env = lmdb.open(str(index_path), subdir=False, readonly=True, lock=False,
-                            readahead=False, meminit=False, max_readers=2048)
+            env = open_readonly_env(index_path)
             txn = env.begin()
             if txn.get(_INDEX_META_KEY) == _index_meta(self.shard_names):
                 self._index_env, self._index_txn = env, txn
                 return
             txn.abort()
-            env.close()
+            release_readonly_env(index_path)
         log.warning("%s: index.lmdb is missing or does not match the manifest; "
                     "building the image index in memory", self.root)
         self._memory_index = {}
@@ -164,7 +164,7 @@ class FeatureStore:
                 reader.close()
             if self._index_env is not None:
                 self._index_txn.abort()
-                self._index_env.close()
+                release_readonly_env(self.root / INDEX_NAME)
         self._pid = None
 
     def __repr__(self) -> str:
@@ -219,8 +219,7 @@ class FeatureStoreWriter:
             for stray in unlisted_files(self.root, [], storage):
                 _remove(self.root / stray)
             _remove(self.root / INDEX_NAME)
-        self._index = lmdb.open(str(self.root / INDEX_NAME), subdir=False, map_size=1 << 26,
-                                lock=False, meminit=False)
+        self._index = self._open_index()
         if self.shards:
             self._rebuild_index_if_stale()
         self._current = None
@@ -250,14 +249,21 @@ class FeatureStoreWriter:
         log.warning("%s: rebuilding index.lmdb from the manifest's shards", self.root)
         self._index.close()
         _remove(self.root / INDEX_NAME)
-        self._index = lmdb.open(str(self.root / INDEX_NAME), subdir=False, map_size=1 << 26,
-                                lock=False, meminit=False)
+        self._index = self._open_index()
         for shard_no, shard in enumerate(self.shards):
             path = self.root / shard.name
             reader = LmdbShardReader(path) if self.storage == "lmdb" else ArrowShardReader(path)
             shard.keys = list(reader.keys())
             reader.close()
             self._index_shard(shard_no, shard, names[:shard_no + 1])
+
+    def _open_index(self) -> lmdb.Environment:
+        path = self.root / INDEX_NAME
+        try:
+            return lmdb.open(str(path), subdir=False, map_size=1 << 26, lock=False, meminit=False)
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot open for writing ({exc}); close any FeatureStore "
+                             "reading this directory in this process first") from None
 
     def _index_shard(self, shard_no: int, shard: ShardInfo, names: list[str]) -> None:
         while True:
