@@ -70,6 +70,7 @@ class _StoreDataset(torch.utils.data.Dataset):
         return self.ids[i], float(r.features.astype(np.float64).sum()), r.boxes.copy(), os.getpid()
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 @pytest.mark.parametrize("storage", FORMATS)
 def test_random_access_from_four_dataloader_workers(tmp_path, storage):
     records = list(random_records(60, seed=5))
