@@ -120,8 +120,9 @@ class FeatureRecord:
                 raise SchemaError(f"{where}: field {name} has dtype {array.dtype}, expected {dtype}")
             if array.shape != expected:
                 raise SchemaError(f"{where}: field {name} has shape {array.shape}, expected {expected}")
-            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-                bad = int(np.count_nonzero(~np.isfinite(array)))
+            nonfinite = _nonfinite(array)
+            if nonfinite:
+                bad = nonfinite
                 raise SchemaError(f"{where}: field {name} has {bad} non-finite value(s) (NaN/inf; "
                                   "float16 fields overflow above 65504)")
         if feature_dim is not None and self.feature_dim != feature_dim:
@@ -136,6 +137,17 @@ class FeatureRecord:
                     raise SchemaError(f"{where}: field {name} must lie in [0, 1]")
         return self
 
+    def features_float32(self) -> np.ndarray:
+        """Features as a new float32 array.
+
+        numpy's float16 -> float32 ``astype`` is slow (about 300 us for 36x2048 values
+        on a 2-core machine, 20x a whole store read); torch's conversion is exact and
+        about 10 us.
+        """
+        import torch
+
+        return torch.from_numpy(np.array(self.features, copy=True)).float().numpy()
+
     def equals(self, other: "FeatureRecord") -> bool:
         """Bit-exact equality of all fields."""
         if (self.image_id, self.image_w, self.image_h) != (other.image_id, other.image_w, other.image_h):
@@ -146,6 +158,15 @@ class FeatureRecord:
             a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
             for a, b in zip(self.arrays().values(), other.arrays().values())
         )
+
+
+def _nonfinite(array: np.ndarray) -> int:
+    """Count of NaN/inf values; for float16 via the exponent bits (5x faster than isfinite)."""
+    if array.dtype == np.float16:
+        return int(np.count_nonzero((array.view(np.uint16) & 0x7C00) == 0x7C00))
+    if array.dtype.kind == "f":
+        return int(np.count_nonzero(~np.isfinite(array)))
+    return 0
 
 
 def _expected_shape(name: str, n: int, dim: int) -> tuple:

@@ -79,3 +79,22 @@ def test_codec_rejects_garbage_with_location():
         codec.decode(bytes(value[:-16]), "where-2")
     with pytest.raises(SchemaError, match="too short"):
         codec.decode(b"VL", "where-3")
+
+
+def test_nonfinite_float16_detected_by_exponent_bits():
+    r = make()
+    features = np.array(r.features)
+    features[2, 7] = np.float16("inf")
+    features[3, 9] = np.float16("nan")
+    r.features = features
+    with pytest.raises(SchemaError, match="features has 2 non-finite"):
+        r.validate()
+
+
+def test_features_float32_is_exact():
+    r = make()
+    f16 = np.array(r.features)
+    f16[0, :4] = [6e-8, -6e-5, 65504, 0]  # subnormal, tiny, largest, zero
+    r.features = f16
+    assert np.array_equal(r.features_float32(), f16.astype(np.float32))
+    assert r.features_float32().dtype == np.float32
