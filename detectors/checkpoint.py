@@ -1,0 +1,222 @@
+"""Strict and safe loading (and saving) of detector checkpoints.
+
+Two layouts are read, by file name suffix:
+
+- ``.bin`` / ``.pt`` / ``.pth``: a torch state dict (e.g. HF ``unc-nlp/frcnn-vg-finetuned``
+  ``pytorch_model.bin``, 640 keys incl. 104 ``num_batches_tracked``), loaded with
+  ``torch.load(weights_only=True)``; a dict wrapping it under ``"model"`` or
+  ``"state_dict"`` (detectron2 / Lightning style) is unwrapped.
+- ``.pkl``: a detectron2 pickle ``{"model": {name: ndarray}, ...}`` (py-bottom-up-attention's
+  ``faster_rcnn_from_caffe_attr.pkl``, 536 keys), read with the restricted unpickler of
+  :mod:`vlp.schemas.safe_pickle` (numpy arrays, dicts, lists, strings and numbers only).
+
+Both layouts use detectron2's parameter names, which are this model's names, so the
+name mapping is small and explicit (:data:`KEY_RENAMES`, applied in order):
+a ``module.`` prefix left by DataParallel/DDP is dropped. ``num_batches_tracked`` of a
+frozen norm is accepted and ignored (BN statistics are frozen). The anchor buffer
+``proposal_generator.anchor_generator.cell_anchors.0`` is loaded when present (the
+checkpoint's anchors are what its RPN was trained with) and computed from the
+architecture config when absent (detectron2 >= 0.2 no longer saves it).
+
+Anything else is strict: every model key must be present, no checkpoint key may be left
+over, and every shape must match; one :class:`CheckpointError` lists all problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlp.schemas.safe_pickle import safe_load
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_SUFFIXES = (".pkl",)
+
+# (regex, replacement), applied in order to every checkpoint key.
+KEY_RENAMES: list[tuple[str, str]] = [
+    (r"^module\.", ""),
+]
+IGNORED_SUFFIX = ".num_batches_tracked"
+OPTIONAL_KEYS = frozenset({"proposal_generator.anchor_generator.cell_anchors.0"})
+
+GET_WEIGHTS_HELP = (
+    "Pass the path of a Visual Genome Faster R-CNN checkpoint as weights=..., either\n"
+    "  - the Hugging Face unc-nlp/frcnn-vg-finetuned pytorch_model.bin "
+    "(https://huggingface.co/unc-nlp/frcnn-vg-finetuned), or\n"
+    "  - py-bottom-up-attention's faster_rcnn_from_caffe_attr.pkl "
+    "(linked from https://github.com/airsplay/py-bottom-up-attention).\n"
+    "Use allow_random=True only for tests and timing: random weights give meaningless features.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or does not match the model; the message says why."""
+
+    def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+def file_sha256(path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """The raw name -> tensor mapping of a checkpoint file (no renaming, no checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detector checkpoint {path} does not exist (or is not a file).\n{GET_WEIGHTS_HELP}")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            with open(path, "rb") as f:
+                data = safe_load(f, source=str(path))
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: not loaded: {exc}") from None
+        except Exception as exc:  # truncated / not a pickle
+            raise CheckpointError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {exc}") from None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
+                              f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
+    return _tensors(_unwrap(data, path), path)
+
+
+def _unwrap(data, path):
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(data).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(data.get(key), dict):
+            return data[key]
+    return data
+
+
+def _tensors(state: dict, path) -> dict[str, torch.Tensor]:
+    out = {}
+    bad = []
+    for name, value in state.items():
+        if not isinstance(name, str):
+            bad.append(repr(name))
+            continue
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, np.ndarray):
+            out[name] = torch.from_numpy(np.array(value, copy=True))
+        elif isinstance(value, (int, float)) and name.endswith(IGNORED_SUFFIX):
+            out[name] = torch.tensor(value)
+        else:
+            bad.append(f"{name} ({type(value).__name__})")
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not arrays: {', '.join(bad[:20])}"
+                              + (f" and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return out
+
+
+def rename_key(name: str) -> str:
+    for pattern, replacement in KEY_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def match_state_dict(raw: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "checkpoint"):
+    """Map checkpoint tensors onto the model's keys; raise one error listing every problem.
+
+    Returns (state dict ready for ``load_state_dict(strict=True)``, info dict with the
+    detected layout and the ignored keys).
+    """
+    expected = model.state_dict()
+    norm_prefixes = {name.rsplit(".", 1)[0] for name in expected if name.endswith(".running_var")}
+    state, ignored, unexpected, mismatched = {}, [], [], []
+    renamed_from = {}  # model key -> checkpoint key that provided it
+    for name, tensor in raw.items():
+        key = rename_key(name)
+        if key in renamed_from:
+            unexpected.append(f"{name} (duplicates {renamed_from[key]})")
+            continue
+        renamed_from[key] = name
+        if key.endswith(IGNORED_SUFFIX) and key[: -len(IGNORED_SUFFIX)] in norm_prefixes:
+            ignored.append(name)
+            continue
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        target = expected[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            continue
+        if not tensor.is_floating_point() and target.is_floating_point():
+            mismatched.append(f"{name}: checkpoint dtype {tensor.dtype} vs model {target.dtype}")
+            continue
+        state[key] = tensor.to(target.dtype)
+    missing = [k for k in expected if k not in renamed_from and k not in OPTIONAL_KEYS]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape/dtype mismatches", mismatched)):
+            if items:
+                shown = "\n    ".join(items[:40])
+                more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
+                parts.append(f"  {label} ({len(items)}):\n    {shown}{more}")
+        raise CheckpointError(f"{source} does not match the detector architecture "
+                              f"({len(raw)} keys in the file, {len(expected)} in the model):\n"
+                              + "\n".join(parts), missing=missing, unexpected=unexpected, mismatched=mismatched)
+    for key in OPTIONAL_KEYS:
+        if key not in state and key in expected:
+            state[key] = expected[key]
+    layout = "hf-state-dict" if ignored else "detectron2"
+    return state, {"layout": layout, "ignored_keys": ignored, "num_keys": len(raw)}
+
+
+def load_weights(model: torch.nn.Module, path) -> dict:
+    """Load a checkpoint file into ``model`` strictly and safely; returns info incl. sha256."""
+    raw = read_checkpoint(path)
+    state, info = match_state_dict(raw, model, source=str(path))
+    model.load_state_dict(state, strict=True)
+    info["sha256"] = file_sha256(path)
+    info["path"] = os.fspath(path)
+    return info
+
+
+def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
+    """Write the model's weights (detectron2 names, no num_batches_tracked); returns sha256.
+
+    ``.pkl`` writes the detectron2 layout ``{"model": {name: ndarray}}``, anything in
+    TORCH_SUFFIXES a flat torch state dict. ``half=True`` stores floats as float16
+    (loading converts back to float32). Written to a temporary name, then renamed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[name] = tensor.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    if suffix in PICKLE_SUFFIXES:
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, f, protocol=4)
+    elif suffix in TORCH_SUFFIXES:
+        torch.save(state, tmp)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
+                              f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
+    os.replace(tmp, path)
+    return file_sha256(path)

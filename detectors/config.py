@@ -1,0 +1,296 @@
+"""Detector configuration: the architecture, the pre/post-processing settings, the presets.
+
+A detector is described by one :class:`DetectorConfig`: its :class:`ArchitectureConfig`
+(what the network is: depth, widths, anchors, class counts) plus every setting that
+turns images into records (resize rule, RPN numbers, box selection). ``to_dict()`` is the
+effective configuration as plain JSON, and ``config_hash()`` a stable hash of it; the
+extraction pipeline records both in its manifest, so every threshold that shaped an
+output is written next to it.
+
+Presets
+-------
+Named presets are a registry (:data:`PRESETS`, :func:`register_preset`); every field can
+still be overridden by name (``load_detector(..., score_threshold=0.3)``).
+
+``butd-10-100`` (default)
+    Anderson et al.'s ``generate_tsv.py`` rules, as used for the 10-100 box BUTD
+    features: BGR input minus the pixel means, shortest side 600 and longest <= 1000
+    (cv2 bilinear on the float image, Caffe's rule), RPN pre-NMS top 6000 / NMS 0.7 /
+    post-NMS top 300; for every object class an NMS at 0.3 over the RoIs, each RoI keeps
+    its best surviving class score ("max_conf"); RoIs with max_conf >= 0.2 are kept,
+    at least 10 and at most 100, sorted by max_conf. Boxes are the RoIs (proposals)
+    scaled back to the original image; features are the pooled res5 features of the
+    kept RoIs.
+``butd-36``
+    The same with exactly 36 boxes (``min_boxes = max_boxes = 36``), the fixed-36
+    features of LXMERT/UNITER-era releases.
+``lxmert-36``
+    The Hugging Face LXMERT demo (``unc-nlp/frcnn-vg-finetuned``) settings: shortest
+    side 800, longest <= 1333 (PIL bilinear, detectron2's rounding), boxes regressed with
+    the class-specific deltas of each RoI's best class, a class-agnostic NMS tried at
+    increasing thresholds (``nms_thresholds``, 0.3 to 1.0 by 0.1 here; set it to the list
+    in your copy of the demo's config.yaml if it differs) until at least 36 boxes survive,
+    then the best 36; attribute confidences from a softmax over the 400 real attributes.
+    Without the demo's bugs: the input is BGR (the demo fed RGB to the BGR model), and
+    when no threshold leaves 36 boxes the survivors of the last threshold are topped up
+    with the best remaining RoIs (the demo silently reused the previous image's boxes).
+
+All presets follow detectron2's conventions where the Caffe original differs (the
+checkpoints are detectron2 conversions): IoU and box sizes without the legacy +1,
+RoIPool as in torchvision, the anchors stored in the checkpoint.
+
+``demo`` is reserved for the embedded slim detector (a later issue).
+
+Choices where the references are silent or disagree are documented on the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Callable
+
+CONFIG_VERSION = 1
+
+# Pixel means of the Caffe ResNet-101 in BGR order; no std division.
+BGR_PIXEL_MEAN = (102.9801, 115.9465, 122.7717)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureConfig:
+    """The network: a ResNet C4 Faster R-CNN with an attribute head.
+
+    Defaults are the real BUTD ResNet-101. Widths double from stage to stage:
+    res2 outputs ``res2_channels`` with ``bottleneck_channels`` inside, res3 twice that,
+    res4 four times (the RPN and RoI pooling input), res5 eight times (the feature dim).
+    """
+
+    blocks: tuple = (3, 4, 23, 3)  # res2, res3, res4, res5
+    stem_channels: int = 64
+    res2_channels: int = 256
+    bottleneck_channels: int = 64
+    res5_dilation: int = 2  # res5: stride 1 in block 0, dilation 2 / padding 2 in every 3x3
+    stride_in_1x1: bool = True  # MSRA/Caffe ResNet: the stride sits on the 1x1 conv
+    rpn_channels: int = 512
+    anchor_sizes: tuple = (64, 128, 256, 512)
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    feature_stride: int = 16
+    pooler_resolution: int = 14
+    num_classes: int = 1600  # + background, the LAST logit
+    num_attributes: int = 400  # + no-attribute, the LAST logit
+    cls_embedding_dim: int = 256
+    attr_hidden_dim: int = 512
+    bbox_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    frozen_bn_eps: float = 1e-5
+    pixel_mean: tuple = BGR_PIXEL_MEAN
+
+    @property
+    def res4_channels(self) -> int:
+        return self.res2_channels * 4
+
+    @property
+    def feature_dim(self) -> int:
+        return self.res2_channels * 8
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_sizes) * len(self.anchor_ratios)
+
+    def validate(self) -> "ArchitectureConfig":
+        if len(self.blocks) != 4 or any(int(b) < 1 for b in self.blocks):
+            raise ValueError(f"blocks must be 4 positive block counts (res2..res5), got {self.blocks}")
+        for name in ("stem_channels", "res2_channels", "bottleneck_channels", "rpn_channels",
+                     "pooler_resolution", "num_classes", "num_attributes", "cls_embedding_dim",
+                     "attr_hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.res5_dilation not in (1, 2):
+            raise ValueError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
+        if len(self.pixel_mean) != 3:
+            raise ValueError("pixel_mean needs 3 values (B, G, R)")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that decides what the detector writes for an image."""
+
+    preset: str = "butd-10-100"
+    arch: ArchitectureConfig = dataclasses.field(default_factory=ArchitectureConfig)
+    # -- input -------------------------------------------------------------------
+    min_size: int = 600  # shortest side after resizing
+    max_size: int = 1000  # longest side cap
+    # "cv2": Caffe's rule (scale = min_size/short side, capped when round(scale*long) >
+    # max_size; cv2.resize INTER_LINEAR with fx=fy=scale on the mean-subtracted float
+    # image). "pil": detectron2's ResizeShortestEdge (int(x + 0.5) sizes, PIL bilinear on
+    # the uint8 image), as the HF demo does.
+    resize: str = "cv2"
+    # "scale": boxes are divided by the single resize factor (Caffe); "per_axis": by the
+    # per-axis ratio resized/original (detectron2/HF). Boxes are clipped to the image.
+    box_rescale: str = "scale"
+    # -- RPN (test) ----------------------------------------------------------------
+    rpn_pre_nms_topk: int = 6000
+    rpn_nms_threshold: float = 0.7
+    rpn_post_nms_topk: int = 300
+    rpn_min_size: float = 0.0  # proposals need width and height > this (detectron2)
+    # -- box selection -------------------------------------------------------------
+    # "per_class": generate_tsv (per-class NMS over the RoIs, max_conf, threshold,
+    # floor/cap). "agnostic_loop": the HF demo's class-agnostic NMS threshold loop.
+    selection: str = "per_class"
+    nms_threshold: float = 0.3  # per_class NMS IoU threshold
+    # agnostic_loop: IoU thresholds tried in order. Ending at 1.0 (nothing overlaps more
+    # than that) guarantees min_boxes whenever there are that many RoIs; the top-up
+    # fallback then only matters for custom lists or tiny images.
+    nms_thresholds: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    score_threshold: float = 0.2
+    min_boxes: int = 10
+    max_boxes: int = 100
+    # "rois": the proposals themselves (BUTD); "regressed": the RoI moved by the
+    # class-specific deltas of its best class (HF demo).
+    boxes: str = "rois"
+    # "all": attribute softmax over all 401 logits, confidence = best of the 400 real
+    # attributes (generate_tsv); "attributes": softmax over the 400 real attributes only
+    # (HF demo). attr_prob in records is always the 401-way softmax.
+    attr_softmax: str = "all"
+    # Records carry cls_prob [N,1601] and attr_prob [N,401] when True.
+    with_probs: bool = False
+    # Compute dtype: "float32" (reference), "bfloat16" or "float16" (autocast).
+    dtype: str = "float32"
+
+    def validate(self) -> "DetectorConfig":
+        self.arch.validate()
+        _choice("resize", self.resize, ("cv2", "pil"))
+        _choice("box_rescale", self.box_rescale, ("scale", "per_axis"))
+        _choice("selection", self.selection, ("per_class", "agnostic_loop"))
+        _choice("boxes", self.boxes, ("rois", "regressed"))
+        _choice("attr_softmax", self.attr_softmax, ("all", "attributes"))
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not 0 < self.min_size <= self.max_size:
+            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}/{self.max_size}")
+        if not 1 <= self.min_boxes <= self.max_boxes:
+            raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}/{self.max_boxes}")
+        if self.max_boxes > 1000:
+            raise ValueError("max_boxes above 1000 is not storable (records hold at most 1000 boxes)")
+        for name in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        for name in ("rpn_nms_threshold", "nms_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not self.nms_thresholds or any(not 0.0 < t <= 1.0 for t in self.nms_thresholds):
+            raise ValueError(f"nms_thresholds must be IoU values in (0, 1], got {self.nms_thresholds}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must lie in [0, 1], got {self.score_threshold}")
+        return self
+
+    def to_dict(self) -> dict:
+        """The effective configuration as JSON-able plain data (tuples become lists)."""
+        data = _plain(dataclasses.asdict(self))
+        data["config_version"] = CONFIG_VERSION
+        return data
+
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex digits) of the canonical JSON of ``to_dict()``."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def replace(self, **overrides) -> "DetectorConfig":
+        """A copy with fields replaced; architecture fields may be given flat too."""
+        return apply_overrides(self, overrides)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_DETECTOR_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"arch", "preset"}
+_ARCH_FIELDS = {f.name for f in dataclasses.fields(ArchitectureConfig)}
+_TUPLE_FIELDS = {"blocks", "anchor_sizes", "anchor_ratios", "bbox_reg_weights", "pixel_mean",
+                 "nms_thresholds"}
+
+
+def apply_overrides(config: DetectorConfig, overrides: dict) -> DetectorConfig:
+    """Replace fields by name; unknown names raise a TypeError listing the valid ones."""
+    overrides = dict(overrides)
+    arch_overrides = dict(overrides.pop("arch", None) or {})
+    if isinstance(arch_overrides, ArchitectureConfig):
+        arch_overrides = dataclasses.asdict(arch_overrides)
+    for name in list(overrides):
+        if name in _ARCH_FIELDS and name not in _DETECTOR_FIELDS:
+            arch_overrides[name] = overrides.pop(name)
+    unknown = sorted(set(overrides) - _DETECTOR_FIELDS - {"preset"})
+    if unknown:
+        raise TypeError(f"unknown detector option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(sorted(_DETECTOR_FIELDS | _ARCH_FIELDS))}")
+    unknown = sorted(set(arch_overrides) - _ARCH_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown architecture option(s) {', '.join(unknown)}")
+    for bag in (overrides, arch_overrides):
+        for name, value in bag.items():
+            if name in _TUPLE_FIELDS:
+                bag[name] = tuple(value)
+    arch = dataclasses.replace(config.arch, **arch_overrides) if arch_overrides else config.arch
+    return dataclasses.replace(config, arch=arch, **overrides).validate()
+
+
+def config_from_dict(data: dict) -> DetectorConfig:
+    """Inverse of ``DetectorConfig.to_dict()``."""
+    data = dict(data)
+    data.pop("config_version", None)
+    arch = ArchitectureConfig(**{k: tuple(v) if k in _TUPLE_FIELDS else v
+                                 for k, v in data.pop("arch", {}).items()})
+    return apply_overrides(DetectorConfig(arch=arch), data)
+
+
+# -- presets -------------------------------------------------------------------------
+
+PRESETS: dict[str, Callable[[], DetectorConfig]] = {}
+RESERVED_PRESETS = {"demo": "the embedded slim demo detector (not built yet)"}
+
+
+def register_preset(name: str, factory: Callable[[], DetectorConfig], *, replace: bool = False) -> None:
+    """Add a named preset: ``factory()`` returns its DetectorConfig."""
+    if name in PRESETS and not replace:
+        raise ValueError(f"preset {name!r} is already registered")
+    PRESETS[name] = factory
+    RESERVED_PRESETS.pop(name, None)
+
+
+def get_preset(name: str) -> DetectorConfig:
+    if name not in PRESETS:
+        if name in RESERVED_PRESETS:
+            raise KeyError(f"preset {name!r} is reserved for {RESERVED_PRESETS[name]}; "
+                           f"available presets: {', '.join(sorted(PRESETS))}")
+        raise KeyError(f"unknown detector preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+    config = PRESETS[name]()
+    if config.preset != name:
+        config = dataclasses.replace(config, preset=name)
+    return config.validate()
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def make_config(preset: str = "butd-10-100", **overrides) -> DetectorConfig:
+    """The preset's config with ``overrides`` applied."""
+    return apply_overrides(get_preset(preset), overrides)
+
+
+register_preset("butd-10-100", lambda: DetectorConfig(preset="butd-10-100"))
+register_preset("butd-36", lambda: DetectorConfig(preset="butd-36", min_boxes=36, max_boxes=36))
+register_preset("lxmert-36", lambda: DetectorConfig(
+    preset="lxmert-36", min_size=800, max_size=1333, resize="pil", box_rescale="per_axis",
+    selection="agnostic_loop", boxes="regressed", attr_softmax="attributes",
+    # The demo passes its 0.2 score threshold to its NMS helper, which never applies it.
+    score_threshold=0.0, min_boxes=36, max_boxes=36))

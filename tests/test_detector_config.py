@@ -1,0 +1,92 @@
+"""Presets, overrides, the config hash, and the no-weights error."""
+
+import json
+
+import pytest
+
+from vlp.detectors import (ArchitectureConfig, MissingWeightsError, config_from_dict, get_preset,
+                           load_detector, make_config, preset_names, register_preset)
+from vlp.detectors.config import PRESETS, DetectorConfig
+from vlp.detectors.inference import resized_size
+
+
+def test_presets_are_documented_values():
+    assert {"butd-10-100", "butd-36", "lxmert-36"} <= set(preset_names())
+    butd = get_preset("butd-10-100")
+    assert (butd.min_size, butd.max_size, butd.resize) == (600, 1000, "cv2")
+    assert (butd.rpn_pre_nms_topk, butd.rpn_nms_threshold, butd.rpn_post_nms_topk) == (6000, 0.7, 300)
+    assert (butd.nms_threshold, butd.score_threshold, butd.min_boxes, butd.max_boxes) == (0.3, 0.2, 10, 100)
+    assert (butd.selection, butd.boxes) == ("per_class", "rois")
+    fixed = get_preset("butd-36")
+    assert (fixed.min_boxes, fixed.max_boxes) == (36, 36)
+    lx = get_preset("lxmert-36")
+    assert (lx.min_size, lx.max_size, lx.resize, lx.selection, lx.boxes) == (800, 1333, "pil", "agnostic_loop",
+                                                                            "regressed")
+    assert (lx.min_boxes, lx.max_boxes) == (36, 36)
+    arch = butd.arch
+    assert arch.blocks == (3, 4, 23, 3) and arch.feature_dim == 2048 and arch.res4_channels == 1024
+    assert arch.num_anchors == 12 and arch.pixel_mean == (102.9801, 115.9465, 122.7717)
+
+
+def test_demo_preset_is_reserved_and_registry_is_open():
+    with pytest.raises(KeyError, match="reserved"):
+        get_preset("demo")
+    with pytest.raises(KeyError, match="available presets"):
+        get_preset("nope")
+    register_preset("test-only-slim", lambda: DetectorConfig(arch=ArchitectureConfig(blocks=(1, 1, 1, 1))))
+    try:
+        assert get_preset("test-only-slim").preset == "test-only-slim"
+        with pytest.raises(ValueError, match="already registered"):
+            register_preset("test-only-slim", DetectorConfig)
+    finally:
+        PRESETS.pop("test-only-slim")
+
+
+def test_every_threshold_is_an_override():
+    cfg = make_config("butd-10-100", score_threshold=0.3, min_boxes=5, max_boxes=50, nms_threshold=0.4,
+                      min_size=480, max_size=800, rpn_post_nms_topk=100, blocks=[1, 2, 3, 1])
+    assert (cfg.score_threshold, cfg.min_boxes, cfg.max_boxes, cfg.nms_threshold) == (0.3, 5, 50, 0.4)
+    assert (cfg.min_size, cfg.max_size, cfg.rpn_post_nms_topk) == (480, 800, 100)
+    assert cfg.arch.blocks == (1, 2, 3, 1)
+    with pytest.raises(TypeError, match="unknown detector option.*score_treshold"):
+        make_config(score_treshold=0.3)
+    with pytest.raises(ValueError, match="min_boxes"):
+        make_config(min_boxes=20, max_boxes=10)
+    with pytest.raises(ValueError, match="selection"):
+        make_config(selection="magic")
+
+
+def test_config_dict_is_json_and_hash_is_stable():
+    cfg = make_config()
+    data = cfg.to_dict()
+    text = json.dumps(data, sort_keys=True)
+    assert json.loads(text) == data
+    assert data["score_threshold"] == 0.2 and data["arch"]["blocks"] == [3, 4, 23, 3]
+    assert config_from_dict(data) == cfg
+    # Pinned: changing a default changes every manifest's config hash; do it on purpose.
+    assert cfg.config_hash() == "225e94f08882c1f9"
+    assert make_config().config_hash() == cfg.config_hash()
+    assert make_config(score_threshold=0.3).config_hash() != cfg.config_hash()
+    assert make_config(dtype="bfloat16").config_hash() != cfg.config_hash()
+    assert make_config("butd-36").config_hash() != cfg.config_hash()
+
+
+def test_missing_weights_error_names_both_checkpoints():
+    with pytest.raises(MissingWeightsError) as info:
+        load_detector()
+    message = str(info.value)
+    assert "unc-nlp/frcnn-vg-finetuned" in message and "pytorch_model.bin" in message
+    assert "faster_rcnn_from_caffe_attr.pkl" in message and "allow_random=True" in message
+    with pytest.raises(FileNotFoundError, match="faster_rcnn_from_caffe_attr.pkl"):
+        load_detector("/nonexistent/pytorch_model.bin")
+
+
+def test_resize_rules():
+    butd = make_config()
+    assert resized_size(480, 640, butd)[:2] == (600, 800)
+    assert resized_size(300, 1000, butd)[:2] == (300, 1000)  # long side caps: scale 1.0
+    assert resized_size(500, 2000, butd)[:2] == (250, 1000)
+    lx = make_config("lxmert-36")
+    assert resized_size(480, 640, lx)[:2] == (800, 1067)
+    assert resized_size(640, 480, lx)[:2] == (1067, 800)
+    assert resized_size(100, 1000, lx)[:2] == (133, 1333)
