@@ -59,7 +59,12 @@ def main(verbose):
 @click.argument("image_id", required=False)
 @click.option("--top", default=10, show_default=True, help="How many labels / boxes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_cmd(store_dir, image_id, top, as_json):
+@click.option("--show", "show_png", type=click.Path(dir_okay=False),
+              help="With IMAGE_ID: also draw the record's boxes with 'attribute object conf' "
+                   "captions onto the image (--image) and write this PNG.")
+@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False),
+              help="The image file of IMAGE_ID, for --show.")
+def inspect_cmd(store_dir, image_id, top, as_json, show_png, image_path):
     """Validate a feature store, or print one record.
 
     Without IMAGE_ID: checks the manifest, every shard's sha256, that every record
@@ -81,7 +86,11 @@ def inspect_cmd(store_dir, image_id, top, as_json):
         except KeyError as exc:
             raise click.ClickException(exc.args[0]) from None
         click.echo("\n".join(describe_record(record, top)))
+        if show_png:
+            _show(record, image_path, show_png, top)
         return
+    if show_png or image_path:
+        raise click.UsageError("--show and --image need an IMAGE_ID")
     with tqdm(unit="rec", desc="verify", disable=not sys.stderr.isatty()) as bar:
         report = verify_store(store_dir, on_record=lambda: bar.update(1))
     if as_json:
@@ -92,6 +101,24 @@ def inspect_cmd(store_dir, image_id, top, as_json):
         click.echo("\n".join(report.summary_lines(top)))
     if not report.ok:
         sys.exit(1)
+
+
+def _show(record, image_path, show_png, top) -> None:
+    import cv2
+
+    from vlp.detectors import draw
+
+    if image_path is None:
+        raise click.UsageError("--show needs --image: the store holds features, not pixels")
+    image = cv2.imread(image_path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise click.ClickException(f"{image_path}: not a readable image")
+    if image.shape[:2] != (record.image_h, record.image_w):
+        raise click.ClickException(f"{image_path} is {image.shape[1]}x{image.shape[0]} px, the record "
+                                   f"says {record.image_w}x{record.image_h}: not this record's image")
+    with open(show_png, "wb") as handle:
+        handle.write(draw(image, record, max_boxes=top))
+    click.echo(f"wrote {show_png}")
 
 
 @main.group("import", cls=_Group)
