@@ -194,6 +194,53 @@ def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim,
     click.echo(f"{stats.summary()} -> {out}")
 
 
+@main.command("synth")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="How many images the world holds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical world.")
+@click.option("--split", "split_fractions", type=(float, float, float), default=(0.8, 0.1, 0.1),
+              show_default=True, help="Train / val / test fractions.")
+@click.option("--overwrite", is_flag=True, help="Replace a world previously generated in OUT_DIR.")
+def synth_cmd(out_dir, images, seed, split_fractions, overwrite):
+    """Generate the synthetic VG-vocabulary world (the embedded default's data).
+
+    Writes images/<id>.jpg and annotations in the real public formats: Visual Genome
+    json, COCO captions + Karpathy split, VQA v2, a Conceptual-Captions TSV and
+    img2dataset folder, noisy web-crawl records, plus truth.json (the ground truth).
+    """
+    from vlp.synthetic import generate
+
+    summary = generate(out_dir, num_images=images, seed=seed, split_fractions=split_fractions,
+                       overwrite=overwrite)
+    click.echo(f"wrote a {summary.num_images}-image world to {out_dir} in {summary.seconds:.1f} s")
+
+
+@main.command("train-detector")
+@click.argument("vg_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write (.pt); <out>.log.json holds the losses.")
+@click.option("--preset", default="demo", show_default=True, help="Architecture and input settings.")
+@click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Training iterations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images per iteration.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--time-limit", type=float, default=None, help="Stop after this many seconds (checkpoint kept).")
+def train_detector_cmd(vg_dir, out, preset, iterations, batch_size, seed, time_limit):
+    """Train a Faster R-CNN with attribute head on a Visual-Genome-format folder.
+
+    VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg
+    (a world from `vlp synth`, or your own data in VG's format); the train split of
+    splits.json is used when present, otherwise every image.
+    """
+    from vlp.detectors.training import train_detector
+
+    log = train_detector(vg_dir, out, preset=preset, iterations=iterations, batch_size=batch_size,
+                         seed=seed, time_limit_s=time_limit)
+    click.echo(f"wrote {out} after {log['iterations_done']} iterations ({log['seconds']:.0f} s)")
+
+
 @main.command("demo")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="demo-out", show_default=True,
               help="Folder for the demo's stores and report.")

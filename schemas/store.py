@@ -53,7 +53,7 @@ class FeatureStore:
     and iteration (records in storage order). Arrays are read-only.
     """
 
-    def __init__(self, root, *, allow_incomplete: bool = True):
+    def __init__(self, root, *, allow_incomplete: bool = True, warn: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root, FEATURES_FORMAT, (SCHEMA_VERSION,))
         self.storage = self.manifest.get("storage")
@@ -66,7 +66,7 @@ class FeatureStore:
             if not (self.root / name).is_file():
                 raise StoreError(f"{self.root / name}: listed in the manifest but missing")
         self.ignored = unlisted_files(self.root, self.shard_names, self.storage)
-        if self.ignored:
+        if self.ignored and warn:
             message = (f"{self.root}: ignoring {len(self.ignored)} file(s) not in the manifest "
                        f"(unfinished or torn shards): {', '.join(self.ignored[:5])}")
             warnings.warn(message, stacklevel=2)
@@ -116,7 +116,8 @@ class FeatureStore:
         return {"root": str(self.root)}
 
     def __setstate__(self, state):
-        self.__init__(state["root"])
+        # The process that pickled the store has already warned about ignored files.
+        self.__init__(state["root"], warn=False)
 
     # -- public API ---------------------------------------------------------------
     @property
