@@ -39,7 +39,13 @@ All presets follow detectron2's conventions where the Caffe original differs (th
 checkpoints are detectron2 conversions): IoU and box sizes without the legacy +1,
 RoIPool as in torchvision, the anchors stored in the checkpoint.
 
-``demo`` is reserved for the embedded slim detector (a later issue).
+``demo``
+    The embedded slim detector trained on the synthetic world (DESIGN.md §6) and shipped
+    as ``detectors/weights/demo-detector.pt``: ResNet C4 of the same family (blocks
+    1,1,2,2; res2 48 channels, feature dim 384), RoIAlign 14x14, anchors 32..256, input
+    upsampled to a 512 px short side (<= 800), RPN pre/post-NMS 1000/100 (scenes hold at
+    most 8 objects), the ``butd-10-100`` selection (10..100 boxes, score 0.2).
+    ``load_detector(preset="demo")`` loads the shipped weights (sha256-checked).
 
 Choices where the references are silent or disagree are documented on the fields.
 """
@@ -77,6 +83,10 @@ class ArchitectureConfig:
     anchor_ratios: tuple = (0.5, 1.0, 2.0)
     feature_stride: int = 16
     pooler_resolution: int = 14
+    # "roipool": torchvision RoIPool (max), as BUTD and both checkpoints; "roialign":
+    # RoIAlign (aligned=True, adaptive sampling, detectron2's ROIAlignV2), used by the
+    # slim ``demo`` detector (small objects cover few res4 cells; see DESIGN.md §6).
+    pooler: str = "roipool"
     num_classes: int = 1600  # + background, the LAST logit
     num_attributes: int = 400  # + no-attribute, the LAST logit
     cls_embedding_dim: int = 256
@@ -105,6 +115,8 @@ class ArchitectureConfig:
                      "attr_hidden_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pooler not in ("roipool", "roialign"):
+            raise ValueError(f"pooler must be 'roipool' or 'roialign', got {self.pooler!r}")
         if self.res5_dilation not in (1, 2):
             raise ValueError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
         if len(self.pixel_mean) != 3:
@@ -255,7 +267,7 @@ def config_from_dict(data: dict) -> DetectorConfig:
 # -- presets -------------------------------------------------------------------------
 
 PRESETS: dict[str, Callable[[], DetectorConfig]] = {}
-RESERVED_PRESETS = {"demo": "the embedded slim demo detector (not built yet)"}
+RESERVED_PRESETS: dict[str, str] = {}
 
 
 def register_preset(name: str, factory: Callable[[], DetectorConfig], *, replace: bool = False) -> None:
@@ -294,3 +306,13 @@ register_preset("lxmert-36", lambda: DetectorConfig(
     selection="agnostic_loop", boxes="regressed", attr_softmax="attributes",
     # The demo passes its 0.2 score threshold to its NMS helper, which never applies it.
     score_threshold=0.0, min_boxes=36, max_boxes=36))
+
+
+DEMO_ARCH = ArchitectureConfig(
+    blocks=(1, 1, 2, 2), stem_channels=32, res2_channels=48, bottleneck_channels=16,
+    rpn_channels=128, anchor_sizes=(32, 64, 128, 256), anchor_ratios=(0.5, 1.0, 2.0),
+    pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
+
+register_preset("demo", lambda: DetectorConfig(
+    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800,
+    rpn_pre_nms_topk=1000, rpn_post_nms_topk=100))

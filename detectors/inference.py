@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, load_weights
+from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, CheckpointError, file_sha256, load_weights
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.model import FasterRCNN, ResNetC4, apply_deltas, clip_boxes, init_random_weights
 from vlp.detectors.postprocess import agnostic_loop_select, butd_select
@@ -44,6 +44,33 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 MIN_RESIZED_SIDE = 8
 # File names looked for when ``weights`` is a directory.
 WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
+
+
+#: Weights shipped inside the package, by preset: file name under WEIGHTS_DIR and its sha256.
+#: See detectors/weights/README.md for how each file was trained.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_WEIGHTS = {
+    "demo": ("demo-detector.pt", "57df380978f4246d6d175a69c497c71727e1f111d5468a6c46ed681952f3edd1"),
+}
+
+
+class ShippedWeightsError(CheckpointError):
+    """A weights file shipped with vlp is missing or does not have its recorded sha256."""
+
+
+def shipped_weights_path(preset: str) -> Path:
+    """The verified path of the weights shipped for ``preset`` (sha256 checked)."""
+    name, expected = SHIPPED_WEIGHTS[preset]
+    path = WEIGHTS_DIR / name
+    if not path.is_file():
+        raise ShippedWeightsError(f"the {preset!r} detector weights {path} are missing from the installed "
+                                  f"package (expected sha256 {expected}); reinstall vlp")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ShippedWeightsError(f"{path}: sha256 mismatch for the shipped {preset!r} detector weights: "
+                                  f"expected {expected}, got {actual}; the file is damaged or was replaced "
+                                  f"(reinstall vlp, or retrain it as detectors/weights/README.md says)")
+    return path
 
 
 class MissingWeightsError(ValueError):
@@ -392,8 +419,10 @@ def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtyp
     """Build a detector from a preset (+ overrides) and a checkpoint file.
 
     weights: path of ``pytorch_model.bin`` (HF) or ``faster_rcnn_from_caffe_attr.pkl``
-        (py-bottom-up-attention), or a directory holding one of them. ``None`` requires
-        ``allow_random=True`` (deterministic random weights from ``seed``; tests/timing).
+        (py-bottom-up-attention), or a directory holding one of them. ``None``: the weights
+        shipped with vlp for presets that have them (``demo``: detectors/weights/
+        demo-detector.pt, sha256-checked); otherwise requires ``allow_random=True``
+        (deterministic random weights from ``seed``; tests/timing).
     preset: a name from :func:`vlp.detectors.preset_names`; ``overrides``: any config
         field by name (``score_threshold=0.3``, ``min_boxes=36``, ``blocks=(1,1,1,1)``, ...).
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
@@ -406,6 +435,8 @@ def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtyp
     config = make_config(preset, dtype=dtype, **overrides)
     model = FasterRCNN(config.arch)
     sha256 = path_text = None
+    if weights is None and config.preset in SHIPPED_WEIGHTS:
+        weights = shipped_weights_path(config.preset)
     if weights is None:
         if not allow_random:
             raise MissingWeightsError(f"load_detector needs weights (no checkpoint was given).\n{GET_WEIGHTS_HELP}")

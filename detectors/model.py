@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms, roi_pool
+from torchvision.ops import nms, roi_align, roi_pool
 
 from vlp.detectors.config import ArchitectureConfig
 
@@ -455,6 +455,7 @@ class Res5ROIHeads(nn.Module):
     def __init__(self, arch: ArchitectureConfig):
         super().__init__()
         self.pooler_resolution = arch.pooler_resolution
+        self.pooler = arch.pooler
         self.spatial_scale = 1.0 / arch.feature_stride
         dilation = arch.res5_dilation
         self.res5 = make_stage(arch.blocks[3], arch.res4_channels, arch.bottleneck_channels * 8,
@@ -469,6 +470,10 @@ class Res5ROIHeads(nn.Module):
 
     def pool(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """rois: [K, 5] (batch index, x1, y1, x2, y2) in input pixels; pooled in float32."""
+        if self.pooler == "roialign":
+            pooled = roi_align(features.float(), rois.float(), self.pooler_resolution, self.spatial_scale,
+                               sampling_ratio=0, aligned=True)
+            return pooled.to(features.dtype)
         pooled = roi_pool(features.float(), rois.float(), self.pooler_resolution, self.spatial_scale)
         return pooled.to(features.dtype)
 
@@ -485,7 +490,7 @@ class Res5ROIHeads(nn.Module):
         if rois.shape[0] == 0:
             return features.new_zeros((0, self.box_predictor.cls_score.in_features))
         inverse = None
-        if self.dedupe_rois and rois.shape[0] > 1:
+        if self.dedupe_rois and rois.shape[0] > 1 and self.pooler == "roipool":
             keys = self.pooled_key(rois)
             unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
             if unique.shape[0] < rois.shape[0]:

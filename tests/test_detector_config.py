@@ -6,7 +6,7 @@ import pytest
 
 from vlp.detectors import (ArchitectureConfig, MissingWeightsError, config_from_dict, get_preset,
                            load_detector, make_config, preset_names, register_preset)
-from vlp.detectors.config import PRESETS, DetectorConfig
+from vlp.detectors.config import PRESETS, RESERVED_PRESETS, DetectorConfig
 from vlp.detectors.inference import resized_size
 
 
@@ -28,9 +28,16 @@ def test_presets_are_documented_values():
     assert arch.num_anchors == 12 and arch.pixel_mean == (102.9801, 115.9465, 122.7717)
 
 
-def test_demo_preset_is_reserved_and_registry_is_open():
-    with pytest.raises(KeyError, match="reserved"):
-        get_preset("demo")
+def test_demo_preset_is_registered_and_registry_is_open():
+    demo = get_preset("demo")
+    assert demo.preset == "demo" and demo.arch.pooler == "roialign" and demo.arch.feature_dim == 384
+    assert get_preset("butd-10-100").arch.pooler == "roipool"
+    RESERVED_PRESETS["test-only-reserved"] = "a later issue"
+    try:
+        with pytest.raises(KeyError, match="reserved"):
+            get_preset("test-only-reserved")
+    finally:
+        RESERVED_PRESETS.pop("test-only-reserved")
     with pytest.raises(KeyError, match="available presets"):
         get_preset("nope")
     register_preset("test-only-slim", lambda: DetectorConfig(arch=ArchitectureConfig(blocks=(1, 1, 1, 1))))
@@ -64,7 +71,10 @@ def test_config_dict_is_json_and_hash_is_stable():
     assert data["score_threshold"] == 0.2 and data["arch"]["blocks"] == [3, 4, 23, 3]
     assert config_from_dict(data) == cfg
     # Pinned: changing a default changes every manifest's config hash; do it on purpose.
-    assert cfg.config_hash() == "225e94f08882c1f9"
+    # (225e94f08882c1f9 -> efa510e937b6301d when ArchitectureConfig gained the `pooler`
+    # field, default "roipool": to_dict() lists every field, so the hash changed although
+    # the butd-10-100 behaviour did not.)
+    assert cfg.config_hash() == "efa510e937b6301d"
     assert make_config().config_hash() == cfg.config_hash()
     assert make_config(score_threshold=0.3).config_hash() != cfg.config_hash()
     assert make_config(dtype="bfloat16").config_hash() != cfg.config_hash()

@@ -1,0 +1,174 @@
+"""Detection quality on VG-format ground truth: per-class AP@0.5, mAP, attribute accuracy.
+
+Definitions
+-----------
+Matching (per class, VOC style)
+    All predictions of a class, over all images, are ranked by ``objects_conf``
+    (descending; ties by image order, then box order). Each is matched to the unmatched
+    ground-truth box of that class in its image with the highest IoU; it is a true positive
+    when that IoU is >= ``iou_threshold`` (0.5) and that GT box was not taken by a
+    higher-ranked prediction, else a false positive (a duplicate of a taken GT is a false
+    positive, as in VOC).
+AP
+    VOC all-point interpolated AP (VOC2010+): the area under the precision-recall curve
+    after making precision monotonically non-increasing. Computed for every class present
+    in the ground truth; ``mAP`` is their mean. Predictions of classes absent from the
+    ground truth do not enter any AP (they are counted in ``precision``).
+    The BUTD selection keeps at least 10 boxes per image, even when the image holds fewer
+    objects; those low-confidence extras rank last and cost AP only where they come before
+    a true positive.
+Attribute accuracy
+    Over the true positives of the matching above (a predicted box matched to a GT box at
+    IoU >= 0.5 with the right class), whose GT object has at least one attribute: the
+    fraction whose predicted ``attrs_id`` equals the GT's PRIMARY attribute id (the first
+    listed; colour in the synthetic world).
+Precision / recall at the score threshold
+    Predictions with ``objects_conf >= score_threshold`` (the detector's, 0.2 for the BUTD
+    presets): precision = their true positives / their count (all classes), recall = true
+    positives / GT boxes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+from vlp.detectors.training import Annotation, load_vg_annotations
+
+
+def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [len(a), len(b)] of x1 y1 x2 y2 boxes (no +1, as detectron2)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)
+    area_b = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clip(0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """All-point interpolated AP (VOC2010+)."""
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    idx = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def _get(pred, name):
+    value = pred[name] if isinstance(pred, dict) else getattr(pred, name)
+    return None if value is None else np.asarray(value)
+
+
+def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotation], *,
+                         iou_threshold: float = 0.5, score_threshold: float = 0.2) -> dict:
+    """Score predictions (one per GT image, same order) against ground truth.
+
+    predictions: FeatureRecords or dicts with ``boxes`` [N,4] (original pixels),
+        ``objects_id`` [N], ``objects_conf`` [N] and optionally ``attrs_id`` [N].
+    ground_truth: :class:`~vlp.detectors.training.Annotation` (boxes, classes, attributes).
+    Returns {"mAP", "ap" {class name: AP}, "ap_by_id", "attribute_accuracy",
+    "attribute_matches", "precision", "recall", "num_predictions_at_threshold",
+    "num_gt", "num_images", ...}; see the module docstring for the definitions.
+    """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images")
+    from vlp.schemas import vocab
+
+    names = vocab.objects()
+    # Flatten predictions: (image index, box index, class, conf, attr).
+    entries = []
+    boxes_of = []
+    for i, pred in enumerate(predictions):
+        boxes = _get(pred, "boxes").reshape(-1, 4).astype(np.float64)
+        classes = _get(pred, "objects_id").reshape(-1).astype(np.int64)
+        confs = _get(pred, "objects_conf").reshape(-1).astype(np.float64)
+        attrs = _get(pred, "attrs_id")
+        attrs = np.full(len(classes), -1) if attrs is None else attrs.reshape(-1).astype(np.int64)
+        boxes_of.append(boxes)
+        for j in range(len(classes)):
+            entries.append((i, j, int(classes[j]), float(confs[j]), int(attrs[j])))
+    gt_classes = sorted({int(c) for gt in ground_truth for c in gt.classes})
+    num_gt = sum(len(gt.classes) for gt in ground_truth)
+    tp_flags = {}  # (image, box) -> matched GT index, for true positives
+    ap_by_id = {}
+    for c in gt_classes:
+        cls_entries = [e for e in entries if e[2] == c]
+        cls_entries.sort(key=lambda e: (-e[3], e[0], e[1]))
+        gt_boxes = {i: np.nonzero(gt.classes == c)[0] for i, gt in enumerate(ground_truth)}
+        taken = {i: np.zeros(len(idx), dtype=bool) for i, idx in gt_boxes.items()}
+        n_pos = sum(len(idx) for idx in gt_boxes.values())
+        tp = np.zeros(len(cls_entries))
+        for k, (i, j, _, _, _) in enumerate(cls_entries):
+            idx = gt_boxes[i]
+            if len(idx) == 0:
+                continue
+            iou = box_iou_np(boxes_of[i][j:j + 1], ground_truth[i].boxes[idx])[0]
+            iou = np.where(taken[i], -1.0, iou)  # the best still-unmatched GT box
+            best = int(np.argmax(iou))
+            if iou[best] >= iou_threshold:
+                taken[i][best] = True
+                tp[k] = 1
+                tp_flags[(i, j)] = int(idx[best])
+        if len(cls_entries):
+            ctp = np.cumsum(tp)
+            recall = ctp / max(n_pos, 1)
+            precision = ctp / np.arange(1, len(cls_entries) + 1)
+            ap_by_id[c] = voc_ap(recall, precision)
+        else:
+            ap_by_id[c] = 0.0
+    attr_of = {(e[0], e[1]): e[4] for e in entries}
+    attr_total = attr_right = 0
+    for (i, j), g in tp_flags.items():
+        gt_attrs = ground_truth[i].attributes[g]
+        if not gt_attrs:
+            continue
+        attr_total += 1
+        attr_right += int(attr_of[(i, j)] == gt_attrs[0])
+    above = [e for e in entries if e[3] >= score_threshold]
+    tp_above = sum(1 for e in above if (e[0], e[1]) in tp_flags)
+    return {
+        "mAP": float(np.mean(list(ap_by_id.values()))) if ap_by_id else 0.0,
+        "ap": {names.name(c): ap_by_id[c] for c in gt_classes},
+        "ap_by_id": {int(c): ap_by_id[c] for c in gt_classes},
+        "attribute_accuracy": attr_right / attr_total if attr_total else 0.0,
+        "attribute_matches": attr_total,
+        "precision": tp_above / len(above) if above else 0.0,
+        "recall": tp_above / num_gt if num_gt else 0.0,
+        "score_threshold": score_threshold,
+        "num_predictions": len(entries),
+        "num_predictions_at_threshold": len(above),
+        "num_gt": num_gt,
+        "num_images": len(ground_truth),
+        "iou_threshold": iou_threshold,
+    }
+
+
+def evaluate_detector(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
+                      iou_threshold: float = 0.5, score_threshold: Optional[float] = None,
+                      batch_size: Optional[int] = None) -> dict:
+    """Run ``detector.detect`` on VG images and score it (see the module docstring).
+
+    vg_dir: folder with objects.json / attributes.json / image_data.json / images/<id>.jpg.
+    image_ids: which images (default: all in objects.json).
+    score_threshold: for precision/recall (default: the detector's ``score_threshold``).
+    """
+    ground_truth = load_vg_annotations(vg_dir, image_ids)
+    images = []
+    for gt in ground_truth:
+        image = cv2.imread(str(gt.path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"cannot read image {gt.path}")
+        images.append(image)
+    records = detector.detect(images, image_ids=[str(gt.image_id) for gt in ground_truth], batch_size=batch_size)
+    if score_threshold is None:
+        score_threshold = float(getattr(detector, "detector_config").score_threshold)
+    return evaluate_predictions(records, ground_truth, iou_threshold=iou_threshold,
+                                score_threshold=score_threshold)

@@ -1,0 +1,239 @@
+"""Faster R-CNN training: target assignment, a short training run, checkpoint round trip,
+the evaluation metric on hand-made predictions, and the shipped demo detector."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import vlp.detectors.inference as inference
+from vlp.detectors import ShippedWeightsError, load_detector, make_config
+from vlp.detectors.evaluate import evaluate_detector, evaluate_predictions, voc_ap
+from vlp.detectors.inference import Detector
+from vlp.detectors.training import (Annotation, TrainImage, TrainSettings, encode_deltas, match_anchors,
+                                    match_rois, sample_rois, train_detector)
+from vlp.detectors.model import apply_deltas
+from vlp.schemas import vocab
+
+BG = 1600
+TINY = dict(min_size=224, max_size=352, rpn_post_nms_topk=50)
+
+
+# -- target assignment ------------------------------------------------------------------
+
+
+def test_anchor_labels_on_hand_made_boxes():
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0], [200.0, 200.0, 230.0, 260.0]])
+    anchors = torch.tensor([
+        [0.0, 0.0, 100.0, 100.0],     # IoU 1 with gt0 -> positive
+        [0.0, 0.0, 100.0, 80.0],      # IoU 0.8 -> positive
+        [0.0, 0.0, 100.0, 50.0],      # IoU 0.5 -> ignored
+        [0.0, 0.0, 100.0, 20.0],      # IoU 0.2 -> negative
+        [400.0, 400.0, 500.0, 500.0],  # IoU 0 -> negative
+        [190.0, 190.0, 250.0, 270.0],  # gt1's best anchor (IoU 0.43 < 0.7) -> positive anyway
+        [300.0, 0.0, 400.0, 100.0],    # negative
+    ])
+    labels, matched = match_anchors(anchors, gt)
+    assert labels.tolist() == [1, 1, -1, 0, 0, 1, 0]
+    assert matched[0] == 0 and matched[1] == 0 and matched[5] == 1
+
+
+def test_roi_labels_background_last_and_appended_gt_is_foreground():
+    gt_boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0], [100.0, 100.0, 150.0, 180.0]])
+    classes = torch.tensor([vocab.objects().id("circle"), vocab.objects().id("star")])
+    proposals = torch.tensor([[12.0, 10.0, 60.0, 62.0],   # IoU > 0.5 with gt0
+                              [35.0, 35.0, 85.0, 85.0],   # IoU ~0.14 -> background
+                              [300.0, 300.0, 340.0, 340.0]])
+    labels, matched = match_rois(proposals, gt_boxes, classes, background=BG)
+    assert labels.tolist() == [int(classes[0]), BG, BG]
+    assert matched[0] == 0
+    image = TrainImage(torch.zeros(3, 200, 200), (200, 200), gt_boxes, classes, torch.tensor([5, 7]))
+    settings = TrainSettings(rois_per_image=16, roi_positive_fraction=0.5)
+    rois, labels, matched = sample_rois(proposals, image, settings, BG, torch.Generator().manual_seed(0))
+    # 3 proposals + 2 appended GT boxes: the GT boxes and proposal 0 are foreground.
+    assert rois.shape[0] == 5
+    fg = labels != BG
+    assert int(fg.sum()) == 3 and int((labels == BG).sum()) == 2
+    for box in gt_boxes:
+        row = (rois == box).all(dim=1).nonzero().flatten()
+        assert row.numel() == 1 and labels[row].item() != BG
+    assert set(labels[fg].tolist()) == {int(c) for c in classes}
+
+
+def test_sampling_respects_the_positive_fraction():
+    gt = torch.tensor([[0.0, 0.0, 50.0, 50.0]])
+    proposals = torch.cat([gt.repeat(20, 1), torch.tensor([[100.0, 100.0, 140.0, 140.0]]).repeat(40, 1)])
+    image = TrainImage(torch.zeros(3, 200, 200), (200, 200), gt, torch.tensor([3]), torch.tensor([-1]))
+    settings = TrainSettings(rois_per_image=16, roi_positive_fraction=0.25)
+    _, labels, _ = sample_rois(proposals, image, settings, BG, torch.Generator().manual_seed(0))
+    assert labels.numel() == 16 and int((labels != BG).sum()) == 4
+
+
+def test_delta_encoding_inverts_apply_deltas():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 90.0], [0.0, 0.0, 8.0, 8.0]])
+    targets = torch.tensor([[12.0, 18.0, 55.0, 80.0], [1.0, 2.0, 20.0, 9.0]])
+    for weights in ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)):
+        deltas = encode_deltas(boxes, targets, weights)
+        assert torch.allclose(apply_deltas(deltas, boxes, weights), targets, atol=1e-4)
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from vlp.synthetic import generate
+
+    root = tmp_path_factory.mktemp("world")
+    generate(root, 8, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "tiny.pt"
+    config = make_config("demo", **TINY)
+    record, model = train_detector(tiny_world, out, config=config, iterations=30, batch_size=2, seed=0,
+                                   log_every=5, checkpoint_every=0, half=False, log=lambda *_: None,
+                                   return_model=True, lr=2e-3, warmup_iterations=5, rois_per_image=16,
+                                   rpn_post_nms_topk=100)
+    return record, model, out, config
+
+
+def test_training_loss_decreases(trained):
+    record, _, out, _ = trained
+    losses = record["losses"]
+    assert record["iterations_done"] == 30 and len(losses) == 6
+    first, last = losses[0], losses[-1]  # means over iterations 1-5 and 26-30
+    assert last["total"] < 0.6 * first["total"], (first, last)
+    for name in ("rpn_cls", "roi_cls", "attr"):
+        assert last[name] < first[name], name
+    assert (out.parent / (out.name + ".log.json")).is_file()
+
+
+def test_trained_checkpoint_round_trips_into_the_inference_detector(trained, tiny_world):
+    import cv2
+
+    _, model, out, config = trained
+    images = [cv2.imread(str(tiny_world / "images" / f"{i}.jpg")) for i in (1, 2)]
+    live = Detector(model, config, device="cpu").detect(images)
+    loaded = load_detector(out, preset="demo", device="cpu", **TINY)
+    again = loaded.detect(images)
+    for a, b in zip(live, again):
+        assert a.num_boxes == b.num_boxes
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.objects_id, b.objects_id)
+        np.testing.assert_array_equal(a.attrs_id, b.attrs_id)
+        np.testing.assert_array_equal(a.objects_conf, b.objects_conf)
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+def _gt(image_id, boxes, classes, attrs):
+    return Annotation(image_id, None, 640, 480, np.asarray(boxes, np.float32).reshape(-1, 4),
+                      np.asarray(classes, np.int64), [list(a) for a in attrs])
+
+
+def _pred(boxes, classes, confs, attrs):
+    return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "objects_id": np.asarray(classes),
+            "objects_conf": np.asarray(confs, np.float32), "attrs_id": np.asarray(attrs)}
+
+
+A, B = 10, 20  # class ids
+RED, BLUE, LARGE = 1, 2, 3
+GT = [_gt(1, [[0, 0, 50, 50], [100, 100, 200, 200]], [A, A], [[RED, LARGE], [BLUE]]),
+      _gt(2, [[10, 10, 60, 60], [300, 300, 340, 380]], [A, B], [[BLUE], [RED]])]
+
+
+def test_perfect_predictions_score_one():
+    preds = [_pred(GT[0].boxes, [A, A], [0.9, 0.8], [RED, BLUE]),
+             _pred(GT[1].boxes, [A, B], [0.7, 0.95], [BLUE, RED])]
+    result = evaluate_predictions(preds, GT)
+    assert result["mAP"] == 1.0 and result["ap_by_id"] == {A: 1.0, B: 1.0}
+    assert result["attribute_accuracy"] == 1.0 and result["attribute_matches"] == 4
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+
+
+def test_false_positive_ranked_first_gives_the_exact_ap():
+    # Class A: a false positive first (conf 0.99), then the three GT boxes.
+    # Precision at recall 1/3, 2/3, 1 = 1/2, 2/3, 3/4 -> interpolated 3/4 everywhere.
+    preds = [_pred([[400, 400, 450, 450], *GT[0].boxes], [A, A, A], [0.99, 0.9, 0.8], [RED, RED, RED]),
+             _pred(GT[1].boxes, [A, B], [0.7, 0.95], [BLUE, RED])]
+    result = evaluate_predictions(preds, GT)
+    assert result["ap_by_id"][A] == pytest.approx(0.75)
+    assert result["ap_by_id"][B] == 1.0
+    assert result["mAP"] == pytest.approx(0.875)
+    assert result["attribute_accuracy"] == pytest.approx(0.75)  # the 2nd GT box is blue, predicted red
+    assert result["precision"] == pytest.approx(4 / 5) and result["recall"] == 1.0
+
+
+def test_false_positive_in_the_middle_duplicates_and_low_scores():
+    # A: TP 0.9, duplicate of it 0.8 (FP), TP 0.7, TP 0.05 (below the score threshold).
+    # Precision 1, 1/2, 2/3, 3/4 at recall 1/3, 1/3, 2/3, 1 -> AP = 1/3 + 1/3 * 3/4 + 1/3 * 3/4.
+    preds = [_pred([GT[0].boxes[0], GT[0].boxes[0] + 1, GT[0].boxes[1]], [A, A, A], [0.9, 0.8, 0.7],
+                   [RED, RED, BLUE]),
+             _pred([GT[1].boxes[0], GT[1].boxes[1], [0, 0, 5, 5]], [A, B, B], [0.05, 0.6, 0.3], [BLUE, RED, RED])]
+    result = evaluate_predictions(preds, GT)
+    assert result["ap_by_id"][A] == pytest.approx(1 / 3 + 0.5)
+    assert result["ap_by_id"][B] == 1.0  # the FP of class B ranks after its only TP
+    assert result["num_predictions_at_threshold"] == 5
+    assert result["precision"] == pytest.approx(3 / 5) and result["recall"] == pytest.approx(3 / 4)
+    assert voc_ap(np.array([0.5, 1.0]), np.array([1.0, 0.5])) == pytest.approx(0.75)
+
+
+# -- the shipped demo detector --------------------------------------------------------------
+
+
+# The targets of the embedded default (DESIGN.md §6). The weights shipped now were trained
+# for ~20 minutes and do not reach them yet (see detectors/weights/README.md): the target
+# test is a strict xfail until retrained weights are shipped (then set this to True), and a
+# floor test guards the shipped weights against regressions meanwhile.
+DEMO_MEETS_TARGETS = False
+TARGET_MAP, TARGET_ATTR = 0.90, 0.85
+FLOOR_MAP, FLOOR_ATTR = 0.65, 0.90  # measured 0.731 and 1.000
+
+
+@pytest.fixture(scope="module")
+def demo_heldout(tmp_path_factory):
+    from vlp.synthetic import generate
+
+    root = tmp_path_factory.mktemp("heldout")
+    generate(root, 48, seed=7, split_fractions=(0.0, 0.0, 1.0))  # training used seed 0
+    detector = load_detector(preset="demo", device="cpu")
+    assert detector.weights_sha256 == inference.SHIPPED_WEIGHTS["demo"][1]
+    assert detector.feature_dim == 384
+    result = evaluate_detector(detector, root)
+    assert result["num_images"] == 48 and len(result["ap"]) == 8
+    return result
+
+
+@pytest.mark.xfail(not DEMO_MEETS_TARGETS, strict=True,
+                   reason="the shipped demo weights are an early checkpoint below the targets")
+def test_shipped_demo_detector_meets_the_targets(demo_heldout):
+    assert demo_heldout["mAP"] >= TARGET_MAP, demo_heldout["ap"]
+    assert demo_heldout["attribute_accuracy"] >= TARGET_ATTR, demo_heldout
+
+
+def test_shipped_demo_detector_regression_floor(demo_heldout):
+    assert demo_heldout["mAP"] >= FLOOR_MAP, demo_heldout["ap"]
+    assert demo_heldout["attribute_accuracy"] >= FLOOR_ATTR, demo_heldout
+
+
+def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    name, expected = inference.SHIPPED_WEIGHTS["demo"]
+    copy = tmp_path / name
+    shutil.copyfile(inference.WEIGHTS_DIR / name, copy)
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(inference, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ShippedWeightsError) as info:
+        load_detector(preset="demo", device="cpu")
+    message = str(info.value)
+    assert str(copy) in message and expected in message and inference.file_sha256(copy) in message
+    copy.unlink()
+    with pytest.raises(ShippedWeightsError, match="missing"):
+        load_detector(preset="demo", device="cpu")
