@@ -49,7 +49,9 @@ class StoreReport:
         ]
         detector = m.get("detector")
         if detector:
-            lines.append(f"detector     {detector.get('name', '?')} (config {detector.get('config_hash', '?')})")
+            weights = str(detector.get("weights_sha256") or "random")[:12]
+            lines.append(f"detector     preset {detector.get('preset', '?')}, config {detector.get('config_hash', '?')}, "
+                         f"weights {weights}")
         if self.boxes_per_image:
             b = np.asarray(self.boxes_per_image)
             lines.append(f"boxes/image  min {b.min()}, mean {b.mean():.1f}, max {b.max()}")
