@@ -147,6 +147,12 @@ def _import_options(func):
     return func
 
 
+def _import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append) -> dict:
+    """The options every importer shares, as keyword arguments of the library call."""
+    return dict(storage=storage, shard_size=shard_size, feature_dim=feature_dim,
+                mode=_write_mode(overwrite, append), on_error=on_error, progress=sys.stderr.isatty())
+
+
 @import_group.command("tsv")
 @click.argument("tsv_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--layout", type=click.Choice(["auto", "lxmert", "butd"]), default="auto", show_default=True,
@@ -162,9 +168,8 @@ def import_tsv_cmd(tsv_files, layout, out, storage, shard_size, feature_dim, on_
     """
     from vlp.pipeline.import_features import import_tsv
 
-    stats = import_tsv(tsv_files, out, layout=layout, storage=storage, shard_size=shard_size,
-                       feature_dim=feature_dim, mode=_write_mode(overwrite, append),
-                       on_error=on_error, progress=sys.stderr.isatty())
+    stats = import_tsv(tsv_files, out, layout=layout,
+                       **_import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append))
     click.echo(f"{stats.summary()} -> {out}")
 
 
@@ -188,9 +193,8 @@ def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim,
         raise click.UsageError(f"{source} holds pickled values, which can run code when loaded. "
                                "Pass --trust-pickle if you trust this file.")
     click.echo("warning: reading pickled values from a file you declared trusted", err=True)
-    stats = import_pickled_lmdb(source, out, trust_pickle=True, storage=storage, shard_size=shard_size,
-                                feature_dim=feature_dim, mode=_write_mode(overwrite, append),
-                                on_error=on_error, progress=sys.stderr.isatty())
+    stats = import_pickled_lmdb(source, out, trust_pickle=True,
+                                **_import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append))
     click.echo(f"{stats.summary()} -> {out}")
 
 

@@ -359,3 +359,8 @@ class ArrowShardReader:
         self._views.clear()
         self._reader = None
         self._source.close()
+
+
+def open_shard_reader(path: Path, storage: str):
+    """A reader for a finished shard of the given storage format ("lmdb" or "arrow")."""
+    return LmdbShardReader(path) if storage == "lmdb" else ArrowShardReader(path)

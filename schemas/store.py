@@ -30,9 +30,8 @@ from vlp.schemas import vocab
 from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
 from vlp.schemas.record import DEFAULT_FEATURE_DIM, SCHEMA_VERSION, FeatureRecord
-from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardReader, ArrowShardWriter,
-                                LmdbShardReader, LmdbShardWriter, ShardInfo, open_readonly_env,
-                                release_readonly_env)
+from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardWriter, LmdbShardWriter,
+                                ShardInfo, open_readonly_env, open_shard_reader, release_readonly_env)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class FeatureStore:
         reader = self._readers.get(shard_no)
         if reader is None:
             path = self.root / self.shard_names[shard_no]
-            reader = LmdbShardReader(path) if self.storage == "lmdb" else ArrowShardReader(path)
+            reader = open_shard_reader(path, self.storage)
             self._readers[shard_no] = reader
         return reader
 
@@ -253,7 +252,7 @@ class FeatureStoreWriter:
         self._index = self._open_index()
         for shard_no, shard in enumerate(self.shards):
             path = self.root / shard.name
-            reader = LmdbShardReader(path) if self.storage == "lmdb" else ArrowShardReader(path)
+            reader = open_shard_reader(path, self.storage)
             shard.keys = list(reader.keys())
             reader.close()
             self._index_shard(shard_no, shard, names[:shard_no + 1])

@@ -17,7 +17,7 @@ import numpy as np
 
 from vlp.schemas import vocab
 from vlp.schemas.errors import SchemaError, StoreError
-from vlp.schemas.shards import ArrowShardReader, LmdbShardReader, sha256_file
+from vlp.schemas.shards import open_shard_reader, sha256_file
 from vlp.schemas.store import FeatureStore
 
 
@@ -111,7 +111,7 @@ def verify_store(root, *, on_record: Optional[Callable[[], None]] = None,
             total += entry.get("records", 0)
             continue
         try:
-            reader = LmdbShardReader(path) if store.storage == "lmdb" else ArrowShardReader(path)
+            reader = open_shard_reader(path, store.storage)
         except StoreError as exc:
             error(str(exc))
             continue
