@@ -50,7 +50,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "57df380978f4246d6d175a69c497c71727e1f111d5468a6c46ed681952f3edd1"),
+    "demo": ("demo-detector.pt", "709fe4855f838f52a5e2ed93ea18ce72c41542e032619380aae85c40ae584c70"),
 }
 
 

@@ -187,13 +187,14 @@ def test_false_positive_in_the_middle_duplicates_and_low_scores():
 # -- the shipped demo detector --------------------------------------------------------------
 
 
-# The targets of the embedded default (DESIGN.md §6). The weights shipped now were trained
-# for ~20 minutes and do not reach them yet (see detectors/weights/README.md): the target
-# test is a strict xfail until retrained weights are shipped (then set this to True), and a
-# floor test guards the shipped weights against regressions meanwhile.
+# The targets of the embedded default (DESIGN.md §6, issue 4), on a held-out world the
+# detector never saw (training used seed 0, checkpoint selection seed 1). The shipped
+# weights reach mAP 0.894 / attribute accuracy 0.996 on this set: the mAP target is not met
+# yet, so that test is a strict xfail (it fails as soon as retrained weights pass: then
+# drop the marker), and a floor guards the shipped weights against regressions.
 DEMO_MEETS_TARGETS = False
 TARGET_MAP, TARGET_ATTR = 0.90, 0.85
-FLOOR_MAP, FLOOR_ATTR = 0.65, 0.90  # measured 0.731 and 1.000
+FLOOR_MAP, FLOOR_ATTR = 0.88, 0.98
 
 
 @pytest.fixture(scope="module")
@@ -201,17 +202,17 @@ def demo_heldout(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("heldout")
-    generate(root, 48, seed=7, split_fractions=(0.0, 0.0, 1.0))  # training used seed 0
+    generate(root, 120, seed=7, split_fractions=(0.0, 0.0, 1.0))  # training used seed 0
     detector = load_detector(preset="demo", device="cpu")
     assert detector.weights_sha256 == inference.SHIPPED_WEIGHTS["demo"][1]
     assert detector.feature_dim == 384
     result = evaluate_detector(detector, root)
-    assert result["num_images"] == 48 and len(result["ap"]) == 8
+    assert result["num_images"] == 120 and len(result["ap"]) == 8
     return result
 
 
 @pytest.mark.xfail(not DEMO_MEETS_TARGETS, strict=True,
-                   reason="the shipped demo weights are an early checkpoint below the targets")
+                   reason="shipped demo weights: held-out mAP@0.5 0.894, below the 0.90 target")
 def test_shipped_demo_detector_meets_the_targets(demo_heldout):
     assert demo_heldout["mAP"] >= TARGET_MAP, demo_heldout["ap"]
     assert demo_heldout["attribute_accuracy"] >= TARGET_ATTR, demo_heldout
