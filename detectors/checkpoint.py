@@ -24,7 +24,6 @@ over, and every shape must match; one :class:`CheckpointError` lists all problem
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from vlp.schemas.safe_pickle import safe_load
+from vlp.schemas.shards import sha256_file
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_SUFFIXES = (".pkl",)
@@ -62,14 +62,6 @@ class CheckpointError(ValueError):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
-
-
-def file_sha256(path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -189,7 +181,7 @@ def load_weights(model: torch.nn.Module, path) -> dict:
     raw = read_checkpoint(path)
     state, info = match_state_dict(raw, model, source=str(path))
     model.load_state_dict(state, strict=True)
-    info["sha256"] = file_sha256(path)
+    info["sha256"] = sha256_file(path)
     info["path"] = os.fspath(path)
     return info
 
@@ -219,4 +211,4 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
                               f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
     os.replace(tmp, path)
-    return file_sha256(path)
+    return sha256_file(path)

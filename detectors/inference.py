@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, CheckpointError, file_sha256, load_weights
+from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, CheckpointError, load_weights
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.model import FasterRCNN, ResNetC4, apply_deltas, clip_boxes, init_random_weights
 from vlp.detectors.postprocess import agnostic_loop_select, butd_select
+from vlp.schemas.shards import sha256_file
 from vlp.schemas.record import BOX_BORDER_TOLERANCE, MAX_BOXES, FeatureRecord
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,7 +66,7 @@ def shipped_weights_path(preset: str) -> Path:
     if not path.is_file():
         raise ShippedWeightsError(f"the {preset!r} detector weights {path} are missing from the installed "
                                   f"package (expected sha256 {expected}); reinstall vlp")
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ShippedWeightsError(f"{path}: sha256 mismatch for the shipped {preset!r} detector weights: "
                                   f"expected {expected}, got {actual}; the file is damaged or was replaced "

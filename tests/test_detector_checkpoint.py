@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from vlp.schemas.shards import sha256_file
 import torch
 
 from vlp.detectors import ArchitectureConfig, CheckpointError, FasterRCNN, load_detector, save_checkpoint
-from vlp.detectors.checkpoint import KEY_RENAMES, file_sha256, load_weights, match_state_dict, read_checkpoint
+from vlp.detectors.checkpoint import KEY_RENAMES, load_weights, match_state_dict, read_checkpoint
 
 LAYOUTS = Path(__file__).parent / "data" / "checkpoint-layouts"
 HF_KEYS = LAYOUTS / "hf_frcnn_vg_finetuned.keys.tsv"
@@ -73,7 +75,7 @@ def test_hf_bin_loads_strictly(tmp_path, r101, hf_state):
     torch.save(hf_state, path)
     info = load_weights(r101, path)
     assert info["layout"] == "hf-state-dict" and len(info["ignored_keys"]) == 104
-    assert info["sha256"] == file_sha256(path)
+    assert info["sha256"] == sha256_file(path)
     state = r101.state_dict()
     for name in PROBES:
         assert torch.equal(state[name], hf_state[name]), name
@@ -209,7 +211,7 @@ def test_save_and_reload_round_trip(tmp_path, name, half):
     source = load_detector(allow_random=True, seed=3, **_slim_overrides())
     path = tmp_path / name
     sha = save_checkpoint(source.model, path, half=half)
-    assert sha == file_sha256(path)
+    assert sha == sha256_file(path)
     raw = read_checkpoint(path)
     assert set(raw) == set(source.model.state_dict())
     assert all(v.dtype == (torch.float16 if half else torch.float32) for v in raw.values())

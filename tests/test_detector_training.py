@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from vlp.schemas.shards import sha256_file
 import torch
 
 import vlp.detectors.inference as inference
@@ -234,7 +236,7 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(ShippedWeightsError) as info:
         load_detector(preset="demo", device="cpu")
     message = str(info.value)
-    assert str(copy) in message and expected in message and inference.file_sha256(copy) in message
+    assert str(copy) in message and expected in message and sha256_file(copy) in message
     copy.unlink()
     with pytest.raises(ShippedWeightsError, match="missing"):
         load_detector(preset="demo", device="cpu")
