@@ -19,17 +19,28 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 STORAGE = click.Choice(["lmdb", "arrow"])
 
 
-class _Group(click.Group):
-    """A group that turns the library's input errors into one clean ``Error:`` line."""
+class _CleanErrors:
+    """Turns the library's input errors into one clean ``Error:`` line (exit status 1)."""
 
     def invoke(self, ctx):
+        from vlp.detectors import CheckpointError, MissingWeightsError
+        from vlp.pipeline.extract import ExtractError
         from vlp.pipeline.import_features import ImportIssue
         from vlp.schemas import SchemaError, StoreError
 
         try:
             return super().invoke(ctx)
-        except (SchemaError, StoreError, ImportIssue, FileNotFoundError) as exc:
+        except (SchemaError, StoreError, ImportIssue, FileNotFoundError, CheckpointError, MissingWeightsError,
+                ExtractError) as exc:
             raise click.ClickException(str(exc)) from None
+
+
+class _Group(_CleanErrors, click.Group):
+    pass
+
+
+class _Command(_CleanErrors, click.Command):
+    pass
 
 
 def _setup_logging(verbose: int) -> None:
@@ -258,17 +269,111 @@ def demo_cmd(out, images):
     click.echo(f"demo finished: open {report}")
 
 
-@click.command(context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="vlp-extract")
-def extract_main():
-    """Extract bottom-up-attention region features from a folder of images.
+def _parse_overrides(pairs) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
 
-    Not available in this version: the detector and the Ray extraction pipeline are
-    being built (see README, "Status"). To get a feature store today, import existing
-    features with `vlp import tsv` or `vlp import pickled-lmdb`.
+
+@click.command(cls=_Command, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="vlp-extract")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store folder.")
+@click.option("--preset", default="butd-10-100", show_default=True,
+              help="Detector preset: butd-10-100, butd-36, lxmert-36, or demo (the shipped slim detector).")
+@click.option("--weights", type=click.Path(exists=True),
+              help="Checkpoint: pytorch_model.bin (HF) or faster_rcnn_from_caffe_attr.pkl, or a folder "
+                   "holding one. Not needed for --preset demo.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a detector setting, e.g. --set min_boxes=36 --set max_boxes=36 (repeatable).")
+@click.option("--format", "storage", type=STORAGE, default="lmdb", show_default=True, help="Shard format.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Images per shard.")
+@click.option("--overwrite", is_flag=True, help="Delete what --out holds and start fresh (default: continue).")
+@click.option("--file-list", type=click.Path(exists=True, dir_okay=False),
+              help="Extract the images listed in this file (one path per line, relative to IMAGES_DIR).")
+@click.option("--glob", "glob_pattern", help="Only relative paths matching this pattern, e.g. 'train/*.jpg'.")
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N images (stable order).")
+@click.option("--dry-run", is_flag=True, help="Count images and estimate the time; write nothing.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
+              help="Images with more pixels are refused (decompression-bomb guard).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Detector precision (half precision is for GPUs).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [8 on GPU, 1 on CPU].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Detector actors [one per GPU; on CPU one per 8 CPUs].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="GPUs per detector actor (0.5 puts two on each GPU).")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), help="Torch threads of a CPU actor.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per decode task.")
+@click.option("--address", help="Join this Ray cluster ('auto' or host:port) instead of starting one; "
+                                 "--out must then be on a file system all nodes share.")
+@click.option("--num-cpus", type=click.IntRange(min=2), help="CPUs for a Ray instance started here [all].")
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto",
+              show_default=True, help="Progress bar, periodic log lines (auto when not a terminal), or none.")
+def extract_main(images_dir, out, preset, weights, overrides, storage, shard_size, overwrite, file_list,
+                 glob_pattern, limit, dry_run, max_pixels, device, dtype, batch_size, workers, gpus_per_worker,
+                 threads_per_worker, chunk_size, address, num_cpus, progress):
+    """Extract bottom-up-attention region features for every image under IMAGES_DIR.
+
+    Images are found recursively (jpg, png, gif, webp, bmp, tiff, ...; any case); each is
+    named by its path relative to IMAGES_DIR without the extension. Features, boxes and
+    labels go into --out as LMDB or Arrow shards with a manifest; images that cannot be
+    used are listed in --out/errors.jsonl with the reason; counts and timings go to
+    --out/stats.json.
+
+    Rerunning the same command continues an interrupted run: stored images and logged
+    failures are skipped, unfinished shards are redone.
+
+    \b
+    Examples:
+      vlp-extract photos/ --out feats/ --preset demo
+      vlp-extract coco/val2014 --out coco-feats --weights pytorch_model.bin --set min_boxes=36 --set max_boxes=36
     """
-    raise click.ClickException("vlp-extract is not available in this version yet; "
-                               "see `vlp import --help` to import existing features")
+    from vlp.pipeline.extract import ExtractSettings, dry_run as plan_run, run_extract, summary_lines
+
+    settings = ExtractSettings(
+        preset=preset, weights=weights, overrides=_parse_overrides(overrides), device=device, dtype=dtype,
+        batch_size=batch_size, storage=storage, shard_size=shard_size, overwrite=overwrite, file_list=file_list,
+        glob=glob_pattern, limit=limit, max_pixels=max_pixels, address=address, num_cpus=num_cpus,
+        workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
+        chunk_size=chunk_size, progress=progress)
+    if dry_run:
+        _print_dry_run(plan_run(images_dir, out, settings), workers or 1)
+        return
+    from pathlib import Path
+
+    stats = run_extract(images_dir, out, settings)
+    click.echo("\n".join(summary_lines(stats, Path(out))))
+
+
+def _print_dry_run(plan: dict, workers: int) -> None:
+    from vlp.pipeline.progress import format_duration
+
+    click.echo(f"{plan['images']} images, {plan['bytes'] / 1e6:.1f} MB")
+    if plan["already_stored"] or plan["already_failed"]:
+        click.echo(f"already done: {plan['already_stored']} stored, {plan['already_failed']} failed earlier")
+    for relative, reason in plan["skipped_files"]:
+        click.echo(f"skipped: {relative}: {reason}")
+    for entry in plan["missing"]:
+        click.echo(f"missing from the file list: {entry}")
+    for loop in plan["symlink_loops"]:
+        click.echo(f"symlink loop not followed: {loop}")
+    click.echo(f"to extract: {plan['to_do']}")
+    estimate = plan["estimate"]
+    if estimate:
+        per = estimate["seconds_per_image_one_worker"]
+        click.echo(f"estimate: {per:.2f} s/image on {estimate['device']} here -> about "
+                   f"{format_duration(estimate['seconds_one_worker'] / workers)} with {workers} such worker(s)")
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)

@@ -413,6 +413,27 @@ def _resolve_weights_path(weights) -> Path:
     return path
 
 
+def describe_detector(weights=None, preset: str = "butd-10-100", dtype: str = "float32",
+                      allow_random: bool = False, **overrides) -> dict:
+    """What :meth:`Detector.describe` will say for these arguments, without building the
+    network: lets a driver record and check the detector while workers load it."""
+    config = make_config(preset, dtype=dtype, **overrides).validate()
+    if weights is None and config.preset in SHIPPED_WEIGHTS:
+        weights = shipped_weights_path(config.preset)
+    if weights is None and not allow_random:
+        raise MissingWeightsError(f"preset {config.preset!r} needs weights (no checkpoint was given).\n"
+                                  f"{GET_WEIGHTS_HELP}")
+    if weights is None:
+        sha256 = None
+    else:
+        path = _resolve_weights_path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such detector checkpoint.\n{GET_WEIGHTS_HELP}")
+        sha256 = sha256_file(path)
+    return {"preset": config.preset, "config": config.to_dict(), "config_hash": config.config_hash(),
+            "weights_sha256": sha256, "feature_dim": config.arch.feature_dim}
+
+
 def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtype: str = "float32",
                   allow_random: bool = False, *, batch_size: Optional[int] = None, seed: int = 0,
                   channels_last: Optional[bool] = None, fold_norms: bool = True, dedupe_rois: bool = True,

@@ -24,13 +24,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, SchemaError, StoreError
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class _ImportRun:
         self.writer_kwargs = writer_kwargs
         self.writer: Optional[FeatureStoreWriter] = None
         self.stats = ImportStats()
-        self._errors = None
+        self._errors = ErrorLog(self.out / ERRORS_NAME)
 
     def add(self, where: str, fields_or_issue, feature_dim: Optional[int]) -> None:
         try:
@@ -190,18 +190,13 @@ class _ImportRun:
             self._report(issue)
 
     def _report(self, issue: ImportIssue) -> None:
-        if self._errors is None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.stats.errors_file = self.out / "errors.jsonl"
-            self._errors = open(self.stats.errors_file, "a", encoding="utf-8")
-        self._errors.write(json.dumps({"where": issue.where, "reason": issue.reason}) + "\n")
-        self._errors.flush()
+        self._errors.add({"where": issue.where, "reason": issue.reason})
+        self.stats.errors_file = self._errors.path
         self.stats.skipped += 1
         log.warning("skipped %s", issue)
 
     def finish(self, failed: bool) -> ImportStats:
-        if self._errors is not None:
-            self._errors.close()
+        self._errors.close()
         if self.writer is not None:
             if failed:
                 self.writer.abort()

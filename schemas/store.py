@@ -14,6 +14,7 @@ handed to DataLoader workers or Ray tasks: it pickles as its path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
 from vlp.schemas.record import DEFAULT_FEATURE_DIM, SCHEMA_VERSION, FeatureRecord
 from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardWriter, LmdbShardWriter,
-                                ShardInfo, open_readonly_env, open_shard_reader, release_readonly_env)
+                                ShardInfo, fsync_dir, open_readonly_env, open_shard_reader, release_readonly_env)
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class FeatureStoreWriter:
         if self.shards:
             self._rebuild_index_if_stale()
         self._current = None
-        self._next_shard_no = len(self.shards)
+        self._next_shard_no = 1 + max((_shard_number(s.name) for s in self.shards), default=-1)
         self._closed = False
 
     def _resume_from_manifest(self) -> None:
@@ -303,10 +304,13 @@ class FeatureStoreWriter:
         if len(self._current) >= self.shard_size:
             self.finish_shard()
 
-    def _new_shard(self):
+    def _next_shard_name(self) -> str:
         name = f"shard-{self._next_shard_no:05d}{SUFFIXES[self.storage]}"
         self._next_shard_no += 1
-        path = self.root / name
+        return name
+
+    def _new_shard(self):
+        path = self.root / self._next_shard_name()
         if self.storage == "lmdb":
             return LmdbShardWriter(path)
         return ArrowShardWriter(path, self.fields, self.feature_dim)
@@ -326,6 +330,25 @@ class FeatureStoreWriter:
         self._index.sync(True)
         self.num_records += info.records
         self._write_manifest(complete=False)
+
+    def adopt(self, path, info: ShardInfo) -> ShardInfo:
+        """Commit a finished shard file written by another process (an extraction worker).
+
+        The file (in this directory, under any name the manifest does not list) is renamed
+        to the store's next shard name, then committed. A kill between the two leaves an
+        unlisted shard, which the next append removes; its images are then redone.
+        """
+        path = Path(path)
+        if path.parent.resolve() != self.root.resolve():
+            raise StoreError(f"{path}: a shard to adopt must be in {self.root}")
+        if self._current is not None:
+            self.finish_shard()
+        final = self.root / self._next_shard_name()
+        os.replace(path, final)
+        fsync_dir(self.root)
+        adopted = dataclasses.replace(info, name=final.name)
+        self.commit(adopted)
+        return adopted
 
     def _write_manifest(self, complete: bool) -> None:
         objects, attributes = vocab.objects(), vocab.attributes()
@@ -375,6 +398,14 @@ class FeatureStoreWriter:
             self.close()
         else:
             self.abort()
+
+
+def _shard_number(name: str) -> int:
+    stem = name.split(".", 1)[0]
+    try:
+        return int(stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,609 @@
+"""``vlp-extract``: region features for a folder of images, on Ray, into a feature store.
+
+How a run flows::
+
+    discover (driver)  ->  decode + resize (Ray CPU tasks, chunks of images)
+                       ->  detect + write shards (Ray actors: one per GPU, or CPU actors)
+                       ->  adopt finished shards into the store (driver: index + manifest)
+
+* The driver never touches pixels: a decode task's result goes straight to an actor by
+  reference. At most ``1 + prefetch`` chunks are queued per actor, so memory stays flat
+  however many images there are.
+* Each actor writes its own shard file; when it is full (``shard_size`` records) the
+  driver renames it into the store and commits it (index, then manifest). An image is
+  *stored* exactly when its shard is listed in the manifest.
+* Resume: the store is opened for append, so unlisted (torn) shards are deleted; images
+  already in the store or already in ``errors.jsonl`` are skipped. A ``kill -9`` at any
+  moment therefore loses at most the uncommitted shards' work and never duplicates.
+* A worker that dies (or raises) is replaced; the images it held in its unfinished shard
+  are redone. The images of the chunk it was on are redone one at a time, so one image
+  that kills the detector becomes one line in ``errors.jsonl`` instead of a lost run.
+
+Entry point: :func:`run_extract`; options: :class:`ExtractSettings`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from vlp.pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
+from vlp.pipeline.discover import Discovery, discover, image_id_of
+from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
+from vlp.pipeline.progress import Progress, format_duration
+from vlp.schemas.errors import StoreError
+from vlp.schemas.manifest import MANIFEST_NAME, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATS_NAME = "stats.json"
+WORKER_PREFIX = "worker-"
+
+
+class ExtractError(RuntimeError):
+    """The run cannot go on (workers keep dying, the output belongs to another detector, ...)."""
+
+
+@dataclasses.dataclass
+class ExtractSettings:
+    # the detector
+    preset: str = "butd-10-100"
+    weights: Optional[str] = None
+    overrides: dict = dataclasses.field(default_factory=dict)  # any DetectorConfig field
+    device: str = "auto"  # auto: CUDA actors when the Ray cluster has GPUs, else CPU
+    dtype: str = "float32"
+    batch_size: Optional[int] = None  # images per forward pass (default: 8 on GPU, 1 on CPU)
+    allow_random_weights: bool = False  # tests and benchmarks only
+    # the output
+    storage: str = "lmdb"
+    shard_size: int = 10_000
+    overwrite: bool = False
+    # the input
+    file_list: Optional[str] = None
+    glob: Optional[str] = None
+    limit: Optional[int] = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # execution
+    address: Optional[str] = None  # join this Ray cluster ("auto", "host:port"); None: start one
+    num_cpus: Optional[int] = None  # for a Ray instance started here
+    workers: Optional[int] = None  # detector actors (default: one per GPU; CPU: 1 per 8 CPUs)
+    gpus_per_worker: float = 1.0
+    threads_per_worker: Optional[int] = None  # torch threads of a CPU actor (default: CPUs / workers)
+    chunk_size: int = 16  # images per decode task
+    prefetch: int = 2  # chunks waiting per actor besides the one it runs
+    max_worker_failures: int = 8  # replacements before the run gives up
+    progress: str = "auto"  # auto | bar | lines | off
+
+    def detector_kwargs(self) -> dict:
+        return dict(weights=self.weights, preset=self.preset, dtype=self.dtype,
+                    allow_random=self.allow_random_weights, **self.overrides)
+
+
+# -- Ray task and actor -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Item:
+    """One image travelling through the pipeline."""
+
+    path: str  # relative to the input root
+    image_id: str
+    prepared: object = None  # PreparedImage once decoded
+    error: Optional[tuple] = None  # (kind, reason)
+
+
+def decode_chunk(root: str, paths: list, config, max_pixels: int):
+    """Decode and resize a chunk of images (a Ray task); failures become per-item errors."""
+    from vlp.detectors.inference import prepare_image
+
+    start = time.perf_counter()
+    items = []
+    for relative in paths:
+        item = _Item(relative, image_id_of(relative))
+        try:
+            image = decode_file(os.path.join(root, relative), max_pixels=max_pixels)
+            item.prepared = prepare_image(image, config)
+        except DecodeError as exc:
+            item.error = (_decode_kind(str(exc)), str(exc))
+        except ValueError as exc:  # prepare_image: too elongated to run
+            item.error = ("unusable_shape", str(exc))
+        items.append(item)
+    return items, time.perf_counter() - start
+
+
+def _decode_kind(reason: str) -> str:
+    for prefix, kind in (("empty file", "empty"), ("not an image", "not_an_image"), ("truncated", "truncated"),
+                         ("too large", "too_large"), ("cannot read", "unreadable"), ("unreadable", "unreadable")):
+        if reason.startswith(prefix):
+            return kind
+    return "undecodable"
+
+
+class DetectorWorker:
+    """A Ray actor: runs the detector on decoded chunks and writes its own shard files."""
+
+    def __init__(self, out_dir: str, storage: str, shard_size: int, token: str, detector_kwargs: dict,
+                 expected: dict, device: str, batch_size: Optional[int], threads: Optional[int]):
+        import torch
+
+        from vlp.detectors import load_detector
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.detector = load_detector(device=device, batch_size=batch_size, **detector_kwargs)
+        if self.detector.describe() != expected:
+            raise ExtractError("the worker's detector differs from the driver's description "
+                               f"({self.detector.describe()['config_hash']} vs {expected['config_hash']})")
+        self.out_dir, self.storage, self.shard_size, self.token = Path(out_dir), storage, shard_size, token
+        self._shard = None
+        self._seq = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _open_shard(self, fields):
+        from vlp.schemas.shards import SUFFIXES, ArrowShardWriter, LmdbShardWriter
+
+        path = self.out_dir / f"{WORKER_PREFIX}{self.token}-{self._seq:04d}{SUFFIXES[self.storage]}"
+        self._seq += 1
+        if self.storage == "lmdb":
+            return LmdbShardWriter(path)
+        return ArrowShardWriter(path, fields, self.detector.feature_dim)
+
+    def _close_shard(self) -> Optional[tuple]:
+        if self._shard is None:
+            return None
+        shard, self._shard = self._shard, None
+        info = shard.close()
+        return str(shard.path), info, self._fields
+
+    def process(self, decoded) -> dict:
+        items, decode_s = decoded
+        ready = [item for item in items if item.error is None]
+        start = time.perf_counter()
+        records = self.detector.detect_prepared([item.prepared for item in ready],
+                                                [item.image_id for item in ready]) if ready else []
+        detect_s = time.perf_counter() - start
+        finished = []
+        for record in records:
+            if self._shard is None:
+                self._fields = record.present_fields()
+                self._shard = self._open_shard(self._fields)
+            self._shard.add(record)
+            if len(self._shard) >= self.shard_size:
+                finished.append(self._close_shard())
+        write_s = time.perf_counter() - start - detect_s
+        return {"stored": [item.path for item in ready],
+                "errors": [(item.path, item.image_id) + item.error for item in items if item.error],
+                "finished": finished,
+                "seconds": {"decode": decode_s, "detect": detect_s, "write": write_s}}
+
+    def finish(self) -> Optional[tuple]:
+        return self._close_shard()
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Worker:
+    handle: object
+    token: str
+    uncommitted: dict = dataclasses.field(default_factory=dict)  # path -> attempts, sent since its last shard
+    in_flight: int = 0
+
+
+class _Run:
+    def __init__(self, images_dir: Path, out: Path, settings: ExtractSettings, description: dict,
+                 discovery: Discovery, progress: Progress, on_progress):
+        self.root, self.out, self.settings = images_dir, out, settings
+        self.description, self.discovery = description, discovery
+        self.progress, self.on_progress = progress, on_progress
+        self.errors = ErrorLog(out / ERRORS_NAME)
+        self.stats = collections.Counter()
+        self.failures_by_kind = collections.Counter()
+        self.stage_seconds = collections.Counter()
+        self.retry: collections.deque = collections.deque()  # (path, attempts)
+        self.attempts: dict[str, int] = {}
+        self.worker_failures = 0
+        self.writer = None
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def log_error(self, path: str, image_id: str, kind: str, reason: str) -> None:
+        self.errors.add({"path": path, "image_id": image_id, "kind": kind, "reason": reason})
+        self.failures_by_kind[kind] += 1
+        self.stats["failed"] += 1
+
+    def adopt(self, worker: _Worker, finished) -> None:
+        path, info, fields = finished
+        if self.writer.fields is None:
+            self.writer.fields = tuple(fields)
+        self.errors.sync()  # errors of this shard's chunks are on disk before it counts as done
+        start = time.perf_counter()
+        self.writer.adopt(path, info)
+        self.stage_seconds["commit"] += time.perf_counter() - start
+        stored = set(info.keys)
+        for relative in [p for p in worker.uncommitted if image_id_of(p) in stored]:
+            del worker.uncommitted[relative]
+        self.stats["stored"] += info.records
+
+    def report(self, count: int) -> None:
+        self.progress.update(count, failed=self.stats["failed"])
+        if self.on_progress is not None:
+            self.on_progress(dict(self.stats))
+
+
+def _ray_init(settings: ExtractSettings):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    if settings.address:
+        ray.init(address=settings.address, **kwargs)
+    else:
+        ray.init(num_cpus=settings.num_cpus, **kwargs)
+    return True
+
+
+def _plan_workers(settings: ExtractSettings) -> dict:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device.startswith("cuda"):
+        if gpus <= 0:
+            raise ExtractError("--device cuda, but the Ray cluster has no GPU")
+        per = settings.gpus_per_worker
+        workers = settings.workers or max(1, int(gpus / per + 1e-9))
+        if workers >= cpus:
+            raise ExtractError(f"{workers} GPU workers need {workers} CPUs and the cluster has {cpus}; "
+                               "none would be left for decoding")
+        return dict(device=device, workers=workers, options=dict(num_gpus=per, num_cpus=1),
+                    threads=settings.threads_per_worker, cpus=cpus, gpus=gpus)
+    workers = settings.workers or max(1, cpus // 8)
+    if workers >= cpus:
+        raise ExtractError(f"{workers} CPU detector workers on a Ray cluster with {cpus} CPUs leave none for "
+                           "decoding; use fewer --workers")
+    threads = settings.threads_per_worker or max(1, cpus // workers)
+    return dict(device="cpu", workers=workers, options=dict(num_cpus=1), threads=threads, cpus=cpus, gpus=gpus)
+
+
+def _check_detector_matches(out: Path, description: dict) -> None:
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return
+    try:
+        old = json.loads(manifest_path.read_text()).get("detector") or {}
+    except (OSError, json.JSONDecodeError):
+        return  # the writer reports a broken manifest itself
+    if old.get("config_hash") != description["config_hash"] or old.get("weights_sha256") != description["weights_sha256"]:
+        def said(d):
+            return (f"preset {d.get('preset')!r}, config {str(d.get('config_hash'))[:12]}, "
+                    f"weights {str(d.get('weights_sha256'))[:12]}")
+        raise StoreError(f"{out} holds features of another detector ({said(old)}); this run uses "
+                         f"{said(description)}. Write to another folder, or pass --overwrite to replace them.")
+
+
+def _remove_worker_files(out: Path) -> None:
+    for path in out.glob(f"{WORKER_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> dict:
+    """What a run would do: counts, bytes, what is already done, and a time estimate from
+    running the detector here on a few images."""
+    from vlp.detectors import load_detector
+    from vlp.schemas import FeatureStore
+
+    images_dir, out = Path(images_dir), Path(out)
+    found = discover(images_dir, file_list=settings.file_list, glob=settings.glob, limit=settings.limit)
+    done_ids, failed = set(), set()
+    if (out / MANIFEST_NAME).is_file() and not settings.overwrite:
+        store = FeatureStore(out, warn=False)
+        done_ids = {p for p in found.paths if image_id_of(p) in store}
+        store.close()
+        failed = {e.get("path") for e in ErrorLog(out / ERRORS_NAME).read()}
+    todo = [p for p in found.paths if p not in done_ids and p not in failed]
+    estimate = None
+    if todo:
+        detector = load_detector(device=settings.device, batch_size=settings.batch_size,
+                                 **settings.detector_kwargs())
+        timed = 0.0
+        measured = 0
+        for relative in todo[:50]:  # the first sample + 1 decodable images
+            if measured > sample:
+                break
+            try:
+                image = decode_file(images_dir / relative, max_pixels=settings.max_pixels)
+            except DecodeError:
+                continue
+            start = time.perf_counter()
+            detector.detect([image])
+            if measured or len(todo) == 1:  # the first call warms up
+                timed += time.perf_counter() - start
+            measured += 1
+        timed_count = measured - 1 if measured > 1 else measured
+        if timed_count:
+            per_image = timed / timed_count
+            estimate = {"seconds_per_image_one_worker": per_image,
+                        "seconds_one_worker": per_image * len(todo), "device": str(detector.device)}
+    return {"images": len(found), "bytes": found.total_bytes(), "skipped_files": found.skipped,
+            "symlink_loops": found.loops, "missing": found.missing, "already_stored": len(done_ids),
+            "already_failed": len(failed & set(found.paths)), "to_do": len(todo), "estimate": estimate}
+
+
+def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
+                on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Extract features for every image under ``images_dir`` into the store at ``out``.
+
+    Rerunning the same call continues an interrupted run. Returns the stats dict that is
+    also written to ``out/stats.json``. ``on_progress(counts)`` is called after every
+    chunk (tests use it to inject faults at a chosen moment).
+    """
+    import ray
+
+    from vlp.detectors.inference import describe_detector
+    from vlp.schemas import FeatureStoreWriter
+
+    settings = settings or ExtractSettings()
+    images_dir, out = Path(images_dir), Path(out)
+    wall_start = time.perf_counter()
+    description = describe_detector(**settings.detector_kwargs())
+    found = discover(images_dir, file_list=settings.file_list, glob=settings.glob, limit=settings.limit)
+    if settings.overwrite:
+        if (out / MANIFEST_NAME).is_file():
+            shutil.rmtree(out)
+        else:
+            for name in (ERRORS_NAME, STATS_NAME):
+                (out / name).unlink(missing_ok=True)
+    else:
+        _check_detector_matches(out, description)
+    out.mkdir(parents=True, exist_ok=True)
+    resumed = (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).is_file()
+    writer = FeatureStoreWriter(out, storage=settings.storage, shard_size=settings.shard_size,
+                                feature_dim=description["feature_dim"], detector=description, mode="append",
+                                extra={"source": {"kind": "extract", "images_dir": str(images_dir.resolve())}})
+    _remove_worker_files(out)
+    errors_before = ErrorLog(out / ERRORS_NAME).read()
+    logged = {entry.get("path") for entry in errors_before}
+    already_stored = sum(1 for p in found.paths if image_id_of(p) in writer)
+    progress = Progress(len(found.paths), "extract", mode=settings.progress)
+    run = _Run(images_dir, out, settings, description, found, progress, on_progress)
+    run.writer = writer
+    for relative, reason in found.skipped:
+        if relative not in logged:
+            kind = "collision" if reason.startswith("image_id collision") else "bad_name"
+            run.log_error(relative, image_id_of(relative), kind, reason)
+    todo = (p for p in found.paths if p not in logged and image_id_of(p) not in writer)
+    already_failed = sum(1 for p in found.paths if p in logged)
+    progress.done = progress._initial = already_stored + already_failed
+
+    started_ray = False
+    workers: list[_Worker] = []
+    plan = {}
+    interrupted = None
+    try:
+        if len(found.paths) > already_stored + already_failed:  # else: nothing to do, no Ray needed
+            started_ray = _ray_init(settings)
+            plan = _plan_workers(settings)
+            _Driver(run, todo, plan, workers).drive()
+    except BaseException as exc:
+        interrupted = exc
+        raise
+    finally:
+        for worker in workers:
+            ray.kill(worker.handle, no_restart=True)
+        run.errors.close()
+        complete = interrupted is None
+        if complete:
+            writer.close(complete=True)
+        else:
+            writer.abort()
+        _remove_worker_files(out)
+        if started_ray:
+            ray.shutdown()
+        wall = time.perf_counter() - wall_start
+        stats = _stats(run, found, plan, wall, already_stored, already_failed, resumed, complete)
+        write_json_atomic(out / STATS_NAME, stats)
+        progress.close(None if complete else
+                       f"extract: stopped ({type(interrupted).__name__}); rerun the same command to continue")
+    return stats
+
+
+class _Driver:
+    """Keeps every actor fed with chunks, adopts finished shards, replaces failed workers."""
+
+    def __init__(self, run: _Run, todo, plan: dict, workers: list):
+        import ray
+
+        from vlp.detectors import make_config
+
+        settings = run.settings
+        self.run, self.plan, self.workers, self.todo = run, plan, workers, todo
+        self.config = ray.put(make_config(settings.preset, dtype=settings.dtype, **settings.overrides))
+        self.decode = ray.remote(num_cpus=1, max_retries=0)(decode_chunk)
+        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(DetectorWorker)
+        self.root = str(run.root.resolve())
+        self.pending: dict = {}  # result ref -> (worker, chunk)
+        self.redo: collections.deque = collections.deque()  # images of a replaced worker's unfinished shard
+        self.isolate: collections.deque = collections.deque()  # images a worker failed on: one per chunk
+        self.todo_done = False
+        self.limit = 1 + max(0, settings.prefetch)
+
+    def start_worker(self) -> _Worker:
+        settings = self.run.settings
+        token = secrets.token_hex(4)
+        handle = self.actor_class.options(**self.plan["options"]).remote(
+            str(self.run.out.resolve()), settings.storage, settings.shard_size, token, settings.detector_kwargs(),
+            self.run.description, self.plan["device"], settings.batch_size, self.plan["threads"])
+        return _Worker(handle, token)
+
+    def next_chunk(self) -> Optional[list]:
+        if self.isolate:
+            return [self.isolate.popleft()]
+        size = max(1, self.run.settings.chunk_size)
+        chunk = []
+        while self.redo and len(chunk) < size:
+            chunk.append(self.redo.popleft())
+        while not self.todo_done and len(chunk) < size:
+            relative = next(self.todo, None)
+            if relative is None:
+                self.todo_done = True
+            else:
+                chunk.append(relative)
+        return chunk or None
+
+    def fill(self) -> None:
+        settings = self.run.settings
+        for worker in self.workers:
+            while worker.in_flight < self.limit:
+                chunk = self.next_chunk()
+                if chunk is None:
+                    return
+                decoded = self.decode.remote(self.root, chunk, self.config, settings.max_pixels)
+                self.pending[worker.handle.process.remote(decoded)] = (worker, chunk)
+                worker.in_flight += 1
+                for relative in chunk:
+                    worker.uncommitted[relative] = False  # True once its chunk is reported
+
+    def replace(self, worker: _Worker, failed_chunk: list, why: str) -> None:
+        import ray
+
+        run = self.run
+        run.worker_failures += 1
+        if run.worker_failures > run.settings.max_worker_failures:
+            raise ExtractError(f"detector workers failed {run.worker_failures} times (last: {why}); giving up. "
+                               "Finished shards are kept: fix the cause and rerun the same command.")
+        log.warning("detector worker %s failed (%s); replacing it and redoing its %d unfinished images",
+                    worker.token, why, len(worker.uncommitted))
+        ray.kill(worker.handle, no_restart=True)
+        for ref in [r for r, (w, _) in self.pending.items() if w is worker]:
+            del self.pending[ref]
+        suspects = set(failed_chunk)
+        reported = 0
+        for relative, was_reported in worker.uncommitted.items():
+            reported += was_reported
+            if relative not in suspects:
+                self.redo.append(relative)
+                continue
+            attempts = run.attempts[relative] = run.attempts.get(relative, 0) + 1
+            if attempts >= 2:
+                run.log_error(relative, image_id_of(relative), "worker_failed",
+                              f"the detector worker failed twice on this image alone ({why})")
+                run.report(1)
+            else:
+                self.isolate.append(relative)
+        run.progress.update(-reported)
+        self.workers[self.workers.index(worker)] = self.start_worker()
+
+    def drive(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        run = self.run
+        self.workers.extend(self.start_worker() for _ in range(self.plan["workers"]))
+        while True:
+            self.fill()
+            while self.pending:
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=5.0)
+                if not ready:
+                    continue
+                worker, chunk = self.pending.pop(ready[0])
+                worker.in_flight -= 1
+                try:
+                    result = ray.get(ready[0])
+                except RayError as exc:
+                    self.replace(worker, chunk, _why(exc, RayActorError))
+                    self.fill()
+                    continue
+                for relative, image_id, kind, reason in result["errors"]:
+                    run.log_error(relative, image_id, kind, reason)
+                    worker.uncommitted.pop(relative, None)
+                for relative in chunk:
+                    if relative in worker.uncommitted:
+                        worker.uncommitted[relative] = True
+                for name, seconds in result["seconds"].items():
+                    run.stage_seconds[name] += seconds
+                for finished in result["finished"]:
+                    run.adopt(worker, finished)
+                run.report(len(chunk))
+                self.fill()
+            # No work left: each worker hands in its last, partly filled shard.
+            for worker in list(self.workers):
+                try:
+                    finished = ray.get(worker.handle.finish.remote())
+                except RayError as exc:
+                    self.replace(worker, [], _why(exc, RayActorError))
+                    continue
+                if finished is not None:
+                    run.adopt(worker, finished)
+            if not (self.redo or self.isolate):
+                return
+
+
+def _why(exc, actor_error) -> str:
+    if isinstance(exc, actor_error):
+        return "the worker process died"
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1][:200] if text else ''}"
+
+
+def _stats(run: _Run, found: Discovery, plan: dict, wall: float, already_stored: int, already_failed: int,
+           resumed: bool, complete: bool) -> dict:
+    processed = run.stats["stored"] + run.stats["failed"]
+    return {
+        "complete": complete,
+        "resumed": resumed,
+        "images_found": len(found.paths) + len(found.skipped),
+        "already_stored": already_stored,
+        "already_failed": already_failed,
+        "stored": run.stats["stored"],
+        "failed": run.stats["failed"],
+        "failures_by_kind": dict(sorted(run.failures_by_kind.items())),
+        "errors_file": ERRORS_NAME if (run.out / ERRORS_NAME).is_file() else None,
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(processed / wall, 3) if wall > 0 else None,
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(run.stage_seconds.items())},
+        "workers": {"count": plan.get("workers"), "device": plan.get("device"),
+                    "threads": plan.get("threads"), "replaced": run.worker_failures,
+                    "cluster_cpus": plan.get("cpus"), "cluster_gpus": plan.get("gpus")},
+        "settings": {"storage": run.settings.storage, "shard_size": run.settings.shard_size,
+                     "chunk_size": run.settings.chunk_size, "prefetch": run.settings.prefetch,
+                     "batch_size": run.settings.batch_size, "max_pixels": run.settings.max_pixels},
+        "detector": {k: run.description[k] for k in ("preset", "config_hash", "weights_sha256", "feature_dim")},
+        "symlink_loops": found.loops,
+        "missing_from_file_list": found.missing,
+    }
+
+
+def summary_lines(stats: dict, out: Path) -> list[str]:
+    """What the CLI prints at the end of a run."""
+    lines = [f"{out}: {stats['stored']} images stored this run"
+             + (f" (+{stats['already_stored']} from earlier runs)" if stats["already_stored"] else "")
+             + f", {stats['failed']} failed"
+             + (f" (see {out / ERRORS_NAME})" if stats["failed"] else "")]
+    if stats["failures_by_kind"]:
+        lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in stats["failures_by_kind"].items()))
+    rate = stats["images_per_second"]
+    lines.append(f"  {format_duration(stats['wall_seconds'])} wall"
+                 + (f", {rate:.1f} images/s" if rate else "")
+                 + f", {stats['workers']['count']} {stats['workers']['device']} worker(s)")
+    return lines

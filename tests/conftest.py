@@ -1,0 +1,112 @@
+"""Shared fixtures: a folder of images as the web delivers them."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width x height, with a tiny IDAT: a decompression bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+
+
+def make_mixed_folder(root: Path, world: Path, num_world: int = 6) -> dict:
+    """Write good and bad images under ``root``; returns what a correct extraction must give.
+
+    ``good``: image_id -> (width, height) as a person sees the image (after EXIF rotation).
+    ``bad``: relative path -> a word the reason must contain.
+    """
+    from skimage import data as skdata
+
+    root.mkdir(parents=True, exist_ok=True)
+    good: dict[str, tuple[int, int]] = {}
+    bad: dict[str, str] = {}
+    for i in range(num_world):
+        src = world / "images" / f"{i + 1}.jpg"
+        dst = root / "world" / f"{i + 1}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+        with Image.open(src) as im:
+            good[f"world/{i + 1}"] = im.size
+    photos = {"astronaut": skdata.astronaut(), "chelsea": skdata.chelsea(), "coffee": skdata.coffee()}
+    for name, array in photos.items():
+        image = Image.fromarray(array).resize((array.shape[1] // 2, array.shape[0] // 2))
+        _save(image, root / "photos" / f"{name}.JPG", quality=90)  # upper-case extension
+        good[f"photos/{name}"] = image.size
+    base = Image.fromarray(skdata.rocket()).resize((300, 200))
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): stored 300x200, seen 200x300.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _save(base, root / "odd" / "rotated.jpg", exif=exif.tobytes(), quality=90)
+    good["odd/rotated"] = (200, 300)
+    _save(base.convert("CMYK"), root / "odd" / "cmyk.jpg", quality=90)
+    good["odd/cmyk"] = (300, 200)
+    gray16 = (np.linspace(0, 65535, 240 * 320).reshape(240, 320)).astype(np.uint16)
+    _save(Image.fromarray(gray16), root / "odd" / "gray16.png")
+    good["odd/gray16"] = (320, 240)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    _save(rgba, root / "odd" / "rgba.png")
+    good["odd/rgba"] = (300, 200)
+    _save(base.convert("P", palette=Image.ADAPTIVE), root / "odd" / "palette.gif")
+    good["odd/palette"] = (300, 200)
+    _save(base.convert("L"), root / "odd" / "gray.webp")
+    good["odd/gray"] = (300, 200)
+    frames = [base.convert("P"), base.transpose(Image.FLIP_LEFT_RIGHT).convert("P")]
+    _save(frames[0], root / "odd" / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    good["odd/animated"] = (300, 200)
+    # a.jpg and a.png want the same image_id: the .jpg (first in sorted order) keeps it.
+    _save(base, root / "dup" / "a.jpg", quality=90)
+    _save(base, root / "dup" / "a.png")
+    good["dup/a"] = (300, 200)
+    bad["dup/a.png"] = "collision"
+
+    broken = root / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "empty.jpg").write_bytes(b"")
+    bad["broken/empty.jpg"] = "empty"
+    buffer = io.BytesIO()
+    base.save(buffer, format="JPEG", quality=90)
+    (broken / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    bad["broken/truncated.jpg"] = "truncated"
+    (broken / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    bad["broken/notes.jpg"] = "not an image"
+    (broken / "bomb.png").write_bytes(huge_png_header(100_000, 100_000))
+    bad["broken/bomb.png"] = "too large"
+    (root / "readme.txt").write_text("not an image extension: ignored by discovery\n")
+    return {"good": good, "bad": bad}
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 24-image synthetic world (seed 5), shared by the extraction tests."""
+    from vlp.synthetic import generate
+
+    root = tmp_path_factory.mktemp("small-world")
+    generate(root, 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory, small_world):
+    root = tmp_path_factory.mktemp("mixed") / "images"
+    expected = make_mixed_folder(root, small_world)
+    return root, expected
