@@ -3,8 +3,9 @@
 1. generates a synthetic world (``vlp.synthetic``, seed 123 — not the demo detector's
    training seed, so the scores below are on unseen images) and adds a few real photos
    that scikit-image ships;
-2. extracts region features from every image with the shipped demo detector
-   (``load_detector(preset="demo")``) into an LMDB feature store;
+2. runs the extraction pipeline of ``vlp-extract`` (Ray decode tasks and a detector
+   actor) with the shipped demo detector over those images plus one truncated JPEG,
+   into an LMDB feature store (the broken file ends up in ``errors.jsonl``);
 3. validates the store as ``vlp inspect`` does;
 4. scores the detections against the world's ground truth (AP@0.5 per category,
    attribute accuracy);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -86,12 +88,13 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
     import collections
 
     import cv2
-    from tqdm import tqdm
 
-    from vlp.detectors import draw, load_detector
+    from vlp.detectors import draw, make_config
     from vlp.detectors.evaluate import evaluate_predictions
     from vlp.detectors.training import load_vg_annotations
-    from vlp.schemas import FeatureStoreWriter, vocab
+    from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
+    from vlp.pipeline.extract import ExtractSettings, run_extract
+    from vlp.schemas import FeatureStore, vocab
     from vlp.schemas.verify import verify_store
     from vlp.synthetic import generate
 
@@ -101,36 +104,33 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
 
     start = time.perf_counter()
     world_dir = out / "world"
-    world = generate(world_dir, num_images=num_images, seed=DEMO_WORLD_SEED, overwrite=True)
+    generate(world_dir, num_images=num_images, seed=DEMO_WORLD_SEED, overwrite=True)
     timings["generate world"] = time.perf_counter() - start
+    # The input folder of the extraction: the world's images, the photos, and one file the
+    # web would send (a truncated JPEG) to show what errors.jsonl is for.
+    inputs_dir = out / "inputs"
+    if inputs_dir.exists():
+        shutil.rmtree(inputs_dir)
+    inputs_dir.mkdir()
+    (inputs_dir / "world").symlink_to(Path("..") / "world" / "images", target_is_directory=True)
     inputs = {f"world/{i}": world_dir / "images" / f"{i}.jpg" for i in range(1, num_images + 1)}
     if photos:
-        inputs.update(_photos(out / "photos"))
+        inputs.update(_photos(inputs_dir / "photos"))
+        data = (inputs_dir / "photos" / f"{PHOTOS[0]}.jpg").read_bytes()
+        (inputs_dir / "web").mkdir()
+        (inputs_dir / "web" / "truncated.jpg").write_bytes(data[: len(data) // 3])
 
-    detector = load_detector(preset="demo")
     store_dir = out / "features"
-    stage = collections.Counter()
-    records = {}
-    bar = tqdm(total=len(inputs), unit="img", desc="extract", disable=not progress)
-    with FeatureStoreWriter(store_dir, storage="lmdb", shard_size=100, feature_dim=detector.feature_dim,
-                            detector=detector.describe(), mode="overwrite") as writer:
-        for image_id, path in inputs.items():
-            t0 = time.perf_counter()
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise RuntimeError(f"{path}: cannot decode a demo image")
-            t1 = time.perf_counter()
-            record = detector.detect([image], image_ids=[image_id])[0]
-            t2 = time.perf_counter()
-            writer.add(record)
-            records[image_id] = record
-            stage["decode"] += t1 - t0
-            stage["detect"] += t2 - t1
-            stage["write"] += time.perf_counter() - t2
-            bar.update(1)
-    bar.close()
-    timings.update({f"extract: {k}": v for k, v in stage.items()})
-    images_per_s = len(inputs) / max(sum(stage.values()), 1e-9)
+    settings = ExtractSettings(preset="demo", shard_size=100, overwrite=True,
+                               progress="auto" if progress else "off")
+    stats = run_extract(inputs_dir, store_dir, settings)
+    timings.update({f"extract: {k}": v for k, v in stats["stage_seconds"].items()})
+    timings["extract: wall"] = stats["wall_seconds"]
+    store = FeatureStore(store_dir)
+    records = {image_id: store.get(image_id) for image_id in inputs}
+    store.close()
+    config = make_config("demo")
+    failures = ErrorLog(store_dir / ERRORS_NAME).read()
 
     start = time.perf_counter()
     report = verify_store(store_dir)
@@ -140,19 +140,19 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
 
     ground_truth = load_vg_annotations(world_dir)
     scores = evaluate_predictions([records[f"world/{gt.image_id}"] for gt in ground_truth], ground_truth,
-                                  score_threshold=detector.detector_config.score_threshold)
+                                  score_threshold=config.score_threshold)
 
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     objects, attributes = vocab.objects(), vocab.attributes()
     kept = collections.Counter()
     for record in records.values():
-        keep = record.objects_conf >= detector.detector_config.score_threshold
+        keep = record.objects_conf >= config.score_threshold
         kept.update(f"{attributes.name(int(a))} {objects.name(int(o))}"
                     for o, a in zip(record.objects_id[keep], record.attrs_id[keep]))
     top = kept.most_common(15)
     _histogram_png(figures / "labels.png", [k for k, _ in top], [c for _, c in top],
-                   f"most frequent labels (confidence >= {detector.detector_config.score_threshold})",
+                   f"most frequent labels (confidence >= {config.score_threshold})",
                    "attribute object")
     box_counts = collections.Counter(r.num_boxes for r in records.values())
     xs = sorted(box_counts)
@@ -166,11 +166,15 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
         png.write_bytes(draw(cv2.imread(str(inputs[image_id])), records[image_id], max_boxes=10))
         drawn.append((image_id, png))
 
+    detector = stats["detector"]
     lines = [f"vlp demo: {len(inputs)} images ({num_images} synthetic, seed {DEMO_WORLD_SEED}; "
-             f"{len(inputs) - num_images} scikit-image photos)",
-             f"detector     {detector.preset} preset, weights sha256 {str(detector.weights_sha256)[:16]}..., "
-             f"config {detector.config_hash}",
-             f"extraction   {images_per_s:.1f} images/s on this machine (in-process, batch 1)",
+             f"{len(inputs) - num_images} scikit-image photos) + {len(failures)} broken file(s)",
+             f"detector     {detector['preset']} preset, weights sha256 {str(detector['weights_sha256'])[:16]}..., "
+             f"config {detector['config_hash']}",
+             f"extraction   vlp-extract pipeline: {stats['workers']['count']} {stats['workers']['device']} worker(s), "
+             f"{stats['images_per_second']:.1f} images/s end to end ({stats['wall_seconds']:.1f} s incl. "
+             "Ray start-up and model load)",
+             *[f"errors.jsonl {entry['path']}: {entry['reason']}" for entry in failures],
              "", *report.summary_lines(), "",
              f"detection quality on the synthetic images (IoU 0.5): mAP {scores['mAP']:.3f}, "
              f"attribute accuracy {scores['attribute_accuracy']:.3f} "

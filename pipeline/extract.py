@@ -237,6 +237,8 @@ class _Run:
         self.stats["stored"] += info.records
 
     def report(self, count: int) -> None:
+        """``count`` images came back from a worker (a negative count: they must be redone)."""
+        self.stats["processed"] += count
         self.progress.update(count, failed=self.stats["failed"])
         if self.on_progress is not None:
             self.on_progress(dict(self.stats))
@@ -510,7 +512,8 @@ class _Driver:
                 run.report(1)
             else:
                 self.isolate.append(relative)
-        run.progress.update(-reported)
+        if reported:
+            run.report(-reported)
         self.workers[self.workers.index(worker)] = self.start_worker()
 
     def drive(self) -> None:

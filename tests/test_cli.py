@@ -103,8 +103,10 @@ def test_demo_writes_report(tmp_path):
     result = CliRunner().invoke(cli.main, ["demo", "--out", str(out), "--images", "8"])
     assert result.exit_code == 0, result.output
     report = (out / "report.txt").read_text()
-    assert "12 images (8 synthetic, seed 123; 4 scikit-image photos)" in report
+    assert "12 images (8 synthetic, seed 123; 4 scikit-image photos) + 1 broken file(s)" in report
     assert "checked      12 record(s): OK" in report
+    assert "errors.jsonl web/truncated.jpg: truncated file" in report
+    assert "vlp-extract pipeline: 1 cpu worker(s)" in report
     scores = json.loads((out / "scores.json").read_text())
     assert scores["num_images"] == 8 and scores["num_gt"] > 8
     assert scores["attribute_accuracy"] > 0.8 and scores["mAP"] > 0.3  # the shipped demo detector, unseen images
