@@ -1,0 +1,385 @@
+"""Pair stores: what ``vlp-build`` writes and the trainer reads.
+
+A pair is one image (two for NLVR2) with one text and kind-specific columns. A pair store
+is a directory of Arrow IPC shards holding pairs of ONE kind::
+
+    manifest.json        format "vlp-pairs", schema_version, kind, columns, num_pairs,
+                         sources, builder stats, shards [{name, records, bytes, sha256}]
+    pairs-00000.arrow    finished shards (memory-mapped by readers: zero-copy columns)
+    pairs-00001.arrow.partial   a shard being written; never read
+
+Columns: the common ones (``pair_id``, ``image_id``, ``text``, ``kind``, ``source``,
+``split``), those of the kind (:data:`KIND_COLUMNS`) and, for any kind, the optional
+``topics`` column (W ∩ L, see :mod:`vlp.builders.topics`). ``pair_id`` is unique within a
+store. Pairs are addressed by row number (0 .. len-1) in shard order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from vlp import __version__
+from vlp.schemas.errors import SchemaError, StoreError
+from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
+from vlp.schemas.shards import PARTIAL_SUFFIX, ShardInfo, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+PAIRS_FORMAT = "vlp-pairs"
+PAIRS_SCHEMA_VERSION = 1
+SUFFIX = ".arrow"
+
+_STR, _I32, _F32 = pa.string(), pa.int32(), pa.float32()
+
+COMMON_COLUMNS = {"pair_id": _STR, "image_id": _STR, "text": _STR, "kind": _STR, "source": _STR, "split": _STR}
+
+#: Columns each kind adds to the common ones.
+KIND_COLUMNS = {
+    "caption": {},
+    # LAMP: one word per label token; word_regions[i] = the region (row in the feature record) of words[i].
+    "objects_labels": {"words": pa.list_(_STR), "word_regions": pa.list_(_I32)},
+    # MSP token stage / IFRS: one category label per region, in region order.
+    "labels_in_order": {"labels": pa.list_(_STR), "label_ids": pa.list_(_I32)},
+    # MSP phrase stage: verb-free VG region phrases of one image joined with commas.
+    "vg_phrases": {"num_phrases": _I32, "num_dropped": _I32},
+    "web": {"url": _STR, "score": _F32},
+    "generated": {"score": _F32, "generator": _STR},
+    # VQA v2 / GQA: answers with soft scores (VQA: min(1, count / 3) per normalized answer).
+    "question": {"question_id": _STR, "answers": pa.list_(_STR), "answer_scores": pa.list_(_F32),
+                 "answer_type": _STR, "question_type": _STR},
+    # NLVR2: a statement about two images; label 1 = true.
+    "nlvr2": {"image_id_2": _STR, "label": _I32},
+    # SNLI-VE: hypothesis text about the image premise; label entailment / neutral / contradiction.
+    "entailment": {"label": _STR},
+    # ITM_HS: for each query image, the most similar other images (text is empty).
+    "hard_negatives": {"negatives": pa.list_(_STR), "negative_scores": pa.list_(_F32)},
+}
+OPTIONAL_COLUMNS = {"topics": pa.list_(_STR)}
+ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def pair_schema(kind: str, optional: Iterable[str] = ()) -> pa.Schema:
+    if kind not in KIND_COLUMNS:
+        raise SchemaError(f"unknown pair kind {kind!r}; known: {', '.join(sorted(KIND_COLUMNS))}")
+    fields = [pa.field(name, dtype, nullable=False) for name, dtype in COMMON_COLUMNS.items()]
+    fields += [pa.field(name, dtype, nullable=True) for name, dtype in KIND_COLUMNS[kind].items()]
+    for name in optional:
+        if name not in OPTIONAL_COLUMNS:
+            raise SchemaError(f"unknown optional pair column {name!r}; known: {', '.join(OPTIONAL_COLUMNS)}")
+        fields.append(pa.field(name, OPTIONAL_COLUMNS[name], nullable=True))
+    return pa.schema(fields)
+
+
+def validate_pair(pair: dict, kind: str, optional: tuple = ()) -> dict:
+    """Check one pair dict against the kind's columns; returns it with defaults filled.
+
+    Raises SchemaError naming the pair and the field.
+    """
+    where = f"pair {pair.get('pair_id')!r}"
+    out = {}
+    for name in COMMON_COLUMNS:
+        value = pair.get(name, "" if name in ("text", "split", "source") else None)
+        if name == "kind":
+            value = pair.get("kind", kind)
+            if value != kind:
+                raise SchemaError(f"{where}: kind {value!r} in a store of kind {kind!r}")
+        if not isinstance(value, str):
+            raise SchemaError(f"{where}: {name} must be a string, got {type(value).__name__}")
+        if name in ("pair_id", "image_id") and not value:
+            raise SchemaError(f"{where}: {name} is empty")
+        out[name] = value
+    columns = {**KIND_COLUMNS[kind], **{k: OPTIONAL_COLUMNS[k] for k in optional}}
+    unknown = set(pair) - set(COMMON_COLUMNS) - set(columns)
+    if unknown:
+        raise SchemaError(f"{where}: unknown column(s) {', '.join(sorted(unknown))} for kind {kind!r}")
+    for name, dtype in columns.items():
+        value = pair.get(name)
+        if value is not None:
+            if pa.types.is_list(dtype):
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                    raise SchemaError(f"{where}: {name} must be a list")
+                value = list(value.tolist() if isinstance(value, np.ndarray) else value)
+            elif dtype == _STR and not isinstance(value, str):
+                raise SchemaError(f"{where}: {name} must be a string")
+            elif dtype in (_I32, _F32) and not isinstance(value, (int, float, np.integer, np.floating)):
+                raise SchemaError(f"{where}: {name} must be a number")
+        out[name] = value
+    if kind == "objects_labels" and out.get("words") is not None:
+        if len(out["words"]) != len(out.get("word_regions") or []):
+            raise SchemaError(f"{where}: words and word_regions differ in length")
+    if kind == "labels_in_order" and out.get("labels") is not None:
+        if len(out["labels"]) != len(out.get("label_ids") or []):
+            raise SchemaError(f"{where}: labels and label_ids differ in length")
+    if kind == "question" and out.get("answers") is not None:
+        if len(out["answers"]) != len(out.get("answer_scores") or []):
+            raise SchemaError(f"{where}: answers and answer_scores differ in length")
+    if kind == "hard_negatives" and out.get("negatives") is not None:
+        if len(out["negatives"]) != len(out.get("negative_scores") or []):
+            raise SchemaError(f"{where}: negatives and negative_scores differ in length")
+    if kind == "entailment" and out.get("label") not in ENTAILMENT_LABELS:
+        raise SchemaError(f"{where}: label must be one of {', '.join(ENTAILMENT_LABELS)}, got {out.get('label')!r}")
+    if kind == "nlvr2" and not out.get("image_id_2"):
+        raise SchemaError(f"{where}: image_id_2 is empty")
+    return out
+
+
+class PairStoreWriter:
+    """Writes pairs of one kind into shards of ``shard_size`` pairs and keeps the manifest current.
+
+    ``mode``: "create" (refuses an existing store) or "overwrite". Use as a context
+    manager: a clean exit marks the store complete; an exception leaves the finished
+    shards listed with ``complete: false``.
+    """
+
+    def __init__(self, root, kind: str, *, shard_size: int = 100_000, mode: str = "create",
+                 optional: Iterable[str] = (), sources: Optional[list] = None, batch_rows: int = 4096):
+        if mode not in ("create", "overwrite"):
+            raise ValueError(f"mode must be create or overwrite, got {mode!r}")
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self.root, self.kind = Path(root), kind
+        self.optional = tuple(optional)
+        self.schema = pair_schema(kind, self.optional)
+        self.shard_size, self.batch_rows = shard_size, batch_rows
+        self.sources = list(sources or [])
+        self.stats: dict = {}
+        if (self.root / MANIFEST_NAME).exists():
+            if mode == "create":
+                raise StoreError(f"{self.root}: already holds a store; pass overwrite to replace it")
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stray in self.root.glob(f"pairs-*{SUFFIX}*"):
+            stray.unlink()
+        self.shards: list[ShardInfo] = []
+        self.num_pairs = 0
+        self._ids: set = set()
+        self._rows: list[dict] = []
+        self._shard_rows = 0
+        self._writer = None
+        self._sink = None
+        self._partial: Optional[Path] = None
+        self._closed = False
+        self._write_manifest(complete=False)
+
+    def add(self, pair: dict) -> None:
+        """Validate and append one pair; raises SchemaError/StoreError (writing nothing) on bad input."""
+        row = validate_pair(pair, self.kind, self.optional)
+        if row["pair_id"] in self._ids:
+            raise StoreError(f"{self.root}: pair_id {row['pair_id']!r} is already in the store")
+        self._ids.add(row["pair_id"])
+        self._rows.append(row)
+        if len(self._rows) >= self.batch_rows:
+            self._flush()
+        if self._shard_rows + len(self._rows) >= self.shard_size:
+            self._flush()
+            self._finish_shard()
+
+    def add_many(self, pairs: Iterable[dict]) -> None:
+        for pair in pairs:
+            self.add(pair)
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            name = f"pairs-{len(self.shards):05d}{SUFFIX}"
+            self._partial = self.root / (name + PARTIAL_SUFFIX)
+            self._sink = pa.OSFile(str(self._partial), "wb")
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
+        columns = {name: [row.get(name) for row in self._rows] for name in self.schema.names}
+        self._writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=self.schema))
+        self._shard_rows += len(self._rows)
+        self._rows = []
+
+    def _finish_shard(self) -> None:
+        self._flush()
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        final = self._partial.with_name(self._partial.name[: -len(PARTIAL_SUFFIX)])
+        with open(self._partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self._partial, final)
+        fsync_dir(self.root)
+        self.shards.append(ShardInfo(final.name, self._shard_rows, final.stat().st_size, sha256_file(final)))
+        self.num_pairs += self._shard_rows
+        self._writer = self._sink = self._partial = None
+        self._shard_rows = 0
+        self._write_manifest(complete=False)
+
+    def _write_manifest(self, complete: bool) -> None:
+        write_json_atomic(self.root / MANIFEST_NAME, {
+            "format": PAIRS_FORMAT, "schema_version": PAIRS_SCHEMA_VERSION, "kind": self.kind,
+            "complete": complete, "columns": {f.name: str(f.type) for f in self.schema},
+            "num_pairs": self.num_pairs, "sources": self.sources, "stats": self.stats,
+            "vlp_version": __version__, "updated": now_iso(),
+            "shards": [s.manifest_entry() for s in self.shards]})
+
+    def close(self, complete: bool = True) -> None:
+        if self._closed:
+            return
+        self._finish_shard()
+        self._write_manifest(complete=complete)
+        self._closed = True
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._rows = []
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._partial.unlink(missing_ok=True)
+            self._writer = None
+        self._write_manifest(complete=False)
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class PairStore:
+    """Read access to a pair store: ``len``, ``store[i]`` (a dict), iteration, columns.
+
+    Shards are memory-mapped lazily in each process; the object pickles as its path, so
+    it can go to DataLoader workers.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root, PAIRS_FORMAT, (PAIRS_SCHEMA_VERSION,))
+        self.kind = self.manifest["kind"]
+        if self.kind not in KIND_COLUMNS:
+            raise StoreError(f"{self.root / MANIFEST_NAME}: unknown pair kind {self.kind!r}")
+        if not self.manifest.get("complete"):
+            log.warning("%s: the pair store is incomplete (its build did not finish)", self.root)
+        counts = [int(s["records"]) for s in self.manifest["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._tables: dict[int, pa.Table] = {}
+
+    def __getstate__(self):
+        return {"root": str(self.root)}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.manifest["columns"])
+
+    def _table(self, shard_no: int) -> pa.Table:
+        table = self._tables.get(shard_no)
+        if table is None:
+            entry = self.manifest["shards"][shard_no]
+            path = self.root / entry["name"]
+            try:
+                source = pa.memory_map(str(path), "r")
+                table = pa.ipc.open_file(source).read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise StoreError(f"{path}: cannot read pair shard ({exc})") from None
+            if table.num_rows != int(entry["records"]):
+                raise StoreError(f"{path}: {table.num_rows} rows, the manifest says {entry['records']}")
+            self._tables[shard_no] = table
+        return table
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} out of range (store holds {len(self)})")
+        shard_no = int(np.searchsorted(self._starts, index, side="right") - 1)
+        table = self._table(shard_no)
+        row = index - int(self._starts[shard_no])
+        return {name: table.column(name)[row].as_py() for name in table.column_names}
+
+    def shard_tables(self) -> Iterator[pa.Table]:
+        for shard_no in range(len(self.manifest["shards"])):
+            yield self._table(shard_no)
+
+    def column(self, name: str) -> list:
+        """One column of every pair, as Python values (small columns: ids, texts)."""
+        values: list = []
+        for table in self.shard_tables():
+            values.extend(table.column(name).to_pylist())
+        return values
+
+    def __iter__(self) -> Iterator[dict]:
+        for table in self.shard_tables():
+            yield from table.to_pylist()
+
+    def image_ids(self) -> set:
+        ids = set(self.column("image_id"))
+        if self.kind == "nlvr2":
+            ids |= set(self.column("image_id_2"))
+        return ids
+
+    def __repr__(self) -> str:
+        return f"PairStore({str(self.root)!r}, {len(self)} pairs, kind {self.kind})"
+
+
+@dataclasses.dataclass
+class JoinReport:
+    """How a pair store meets a feature store: which pairs have no features for their image."""
+
+    pairs: int
+    pairs_missing_images: int
+    missing_image_ids: list  # sorted, distinct
+
+    def summary(self) -> str:
+        if not self.pairs_missing_images:
+            return f"all {self.pairs} pairs have features"
+        shown = ", ".join(self.missing_image_ids[:5]) + (" ..." if len(self.missing_image_ids) > 5 else "")
+        return (f"{self.pairs_missing_images} of {self.pairs} pairs have no features "
+                f"({len(self.missing_image_ids)} image ids missing from the feature store: {shown})")
+
+
+def join_report(pairs: PairStore, features) -> JoinReport:
+    """Check every pair's image(s) against ``features`` (a FeatureStore or a set of ids)."""
+    ids = pairs.column("image_id")
+    second = pairs.column("image_id_2") if pairs.kind == "nlvr2" else [None] * len(ids)
+    missing: set = set()
+    bad_pairs = 0
+    for first, other in zip(ids, second):
+        lacking = [i for i in (first, other) if i is not None and i not in features]
+        if lacking:
+            bad_pairs += 1
+            missing.update(lacking)
+    return JoinReport(len(ids), bad_pairs, sorted(missing))
+
+
+def joined(pairs: PairStore, features, *, on_missing: str = "skip") -> Iterator[tuple[dict, list]]:
+    """Yield ``(pair, [FeatureRecord, ...])`` (one record, two for nlvr2).
+
+    on_missing: "skip" (log a count at the end) or "error" (StoreError naming the pair).
+    """
+    if on_missing not in ("skip", "error"):
+        raise ValueError("on_missing must be skip or error")
+    skipped = 0
+    for pair in pairs:
+        wanted = [pair["image_id"]] + ([pair["image_id_2"]] if pairs.kind == "nlvr2" else [])
+        if any(i not in features for i in wanted):
+            if on_missing == "error":
+                raise StoreError(f"pair {pair['pair_id']!r}: image {wanted} has no features in {features}")
+            skipped += 1
+            continue
+        yield pair, [features.get(i) for i in wanted]
+    if skipped:
+        log.warning("%s: %d pair(s) skipped: their image has no features", pairs.root, skipped)
