@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -41,6 +42,7 @@ from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
 from vlp.pipeline.progress import Progress, format_duration
 from vlp.schemas.errors import StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, write_json_atomic
+from vlp.schemas.store import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,15 @@ def _remove_worker_files(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _remove_created(paths: list) -> None:
+    for path in reversed(paths):  # files first, the folder (when this run made it) last
+        if path.is_dir() and path.name != INDEX_NAME:
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> dict:
     """What a run would do: counts, bytes, what is already done, and a time estimate from
     running the detector here on a few images."""
@@ -377,8 +388,10 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
                 (out / name).unlink(missing_ok=True)
     else:
         _check_detector_matches(out, description)
-    out.mkdir(parents=True, exist_ok=True)
     resumed = (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).is_file()
+    created = [] if resumed else [p for p in (out, out / ERRORS_NAME, out / STATS_NAME, out / INDEX_NAME,
+                                                out / MANIFEST_NAME) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
     writer = FeatureStoreWriter(out, storage=settings.storage, shard_size=settings.shard_size,
                                 feature_dim=description["feature_dim"], detector=description, mode="append",
                                 extra={"source": {"kind": "extract", "images_dir": str(images_dir.resolve())}})
@@ -423,7 +436,10 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
             ray.shutdown()
         wall = time.perf_counter() - wall_start
         stats = _stats(run, found, plan, wall, already_stored, already_failed, resumed, complete)
-        write_json_atomic(out / STATS_NAME, stats)
+        if not complete and created and writer.num_records == 0:
+            _remove_created(created)  # a run that failed before storing anything leaves no trace
+        else:
+            write_json_atomic(out / STATS_NAME, stats)
         progress.close(None if complete else
                        f"extract: stopped ({type(interrupted).__name__}); rerun the same command to continue")
     return stats
@@ -522,6 +538,10 @@ class _Driver:
 
         run = self.run
         self.workers.extend(self.start_worker() for _ in range(self.plan["workers"]))
+        try:  # a detector that cannot load (wrong checkpoint, no GPU memory) stops the run at once
+            ray.get([worker.handle.pid.remote() for worker in self.workers])
+        except RayActorError as exc:
+            raise ExtractError(f"the detector could not be loaded in a worker: {_error_text(exc)}") from None
         while True:
             self.fill()
             while self.pending:
@@ -561,9 +581,18 @@ class _Driver:
                 return
 
 
+def _error_text(exc) -> str:
+    """The exception at the end of a Ray error's traceback text ("CheckpointError: ...")."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", lines[i]):
+            return "\n".join(lines[i:])
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _why(exc, actor_error) -> str:
     if isinstance(exc, actor_error):
-        return "the worker process died"
+        return "the worker process died" + (f": {_error_text(exc)}" if "creation task" in str(exc) else "")
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1][:200] if text else ''}"

@@ -351,3 +351,16 @@ def test_cli_errors_are_one_clean_line(tmp_path, mixed_folder):
                             text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: preset 'butd-10-100' needs weights") and "Traceback" not in result.stderr
+
+
+def test_a_detector_that_cannot_load_stops_the_run_and_leaves_nothing(ray_session, mixed_folder, tmp_path):
+    from vlp.detectors.inference import WEIGHTS_DIR
+    from vlp.pipeline.extract import ExtractError
+
+    root, _ = mixed_folder
+    out = tmp_path / "features"
+    # The demo weights do not fit the R101 architecture: every worker would fail to load them.
+    settings = ExtractSettings(preset="butd-36", weights=str(WEIGHTS_DIR / "demo-detector.pt"), progress="off")
+    with pytest.raises(ExtractError, match="could not be loaded in a worker: .*CheckpointError.*does not match"):
+        run_extract(root, out, settings)
+    assert not out.exists()
