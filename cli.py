@@ -378,11 +378,334 @@ def _print_dry_run(plan: dict, workers: int) -> None:
 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="vlp-build")
-def build_main():
-    """Build pair shards (image + text) from feature stores and annotation files.
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def build_main(verbose):
+    """Build pair stores (image + text) from feature stores and annotation files.
 
-    No builders are available in this version yet (see README, "Status").
+    Every sub-command writes one pair store (Arrow shards of one pair kind + manifest.json
+    with the builder's counts) to --out, lists unusable input rows in --out/errors.jsonl,
+    and prints a one-paragraph summary. See README, "vlp-build".
     """
+    _setup_logging(verbose)
+
+
+def _build_options(func):
+    options = [
+        click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output pair-store folder."),
+        click.option("--overwrite", is_flag=True, help="Replace a pair store already at --out."),
+        click.option("--shard-size", type=click.IntRange(min=1), default=100_000, show_default=True,
+                     help="Pairs per shard."),
+        click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto",
+                     show_default=True, help="Progress bar, periodic log lines, or none."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _input_options(func):
+    """Options of builders that read annotation files."""
+    options = [
+        click.option("--features", type=click.Path(exists=True, file_okay=False),
+                     help="Check the pairs against this feature store and report images it lacks "
+                          "(pairs are kept either way)."),
+        click.option("--strict", is_flag=True, help="Stop at the first malformed input row (default: "
+                                                    "count it, log it to --out/errors.jsonl, go on)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _id_template_option(default: str, fields: str):
+    return click.option("--image-id-template", default=default, show_default=True,
+                        help=f"How a dataset image becomes a store image_id (Python format string; fields: {fields}).")
+
+
+def _done(result) -> None:
+    click.echo(result.summary())
+
+
+_NAMES = click.Choice(["display", "synonyms"])
+_NAMES_HELP = ("display: the first name of a vocab line ('gray,grey' -> gray); synonyms: one of the line's "
+               "names per region, picked by a stable hash of image and region.")
+
+
+@build_main.command("objects-labels", cls=_Command, context_settings=CONTEXT)
+@click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
+@_build_options
+@click.option("--attr-conf-floor", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Prefix a region's attribute when its confidence is at least this (BUTD's demo threshold).")
+@click.option("--obj-conf-floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Skip regions whose object confidence is below this.")
+@click.option("--names", type=_NAMES, default="display", show_default=True, help=_NAMES_HELP)
+@click.option("--split", default="", help="Split name written into every pair.")
+def build_objects_labels_cmd(features_dir, out, overwrite, shard_size, progress, attr_conf_floor,
+                             obj_conf_floor, names, split):
+    """LAMP objects-labels pairs: per image, 'attribute category' of each region.
+
+    words / word_regions give the region row of every word, text = words joined by spaces,
+    pair_id = IMAGE_ID#objects_labels.
+    """
+    from vlp.builders.labels import build_objects_labels
+
+    _done(build_objects_labels(features_dir, out, attr_conf_floor=attr_conf_floor, obj_conf_floor=obj_conf_floor,
+                               names=names, overwrite=overwrite, shard_size=shard_size, split=split,
+                               progress=progress))
+
+
+@build_main.command("labels-in-order", cls=_Command, context_settings=CONTEXT)
+@click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
+@_build_options
+@click.option("--names", type=_NAMES, default="display", show_default=True, help=_NAMES_HELP)
+@click.option("--split", default="", help="Split name written into every pair.")
+def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress, names, split):
+    """MSP token-stage / IFRS pairs: one category label per region, in region order.
+
+    labels and label_ids align 1:1 with the regions; pair_id = IMAGE_ID#labels_in_order.
+    """
+    from vlp.builders.labels import build_labels_in_order
+
+    _done(build_labels_in_order(features_dir, out, names=names, overwrite=overwrite, shard_size=shard_size,
+                                split=split, progress=progress))
+
+
+@build_main.command("vg-phrases", cls=_Command, context_settings=CONTEXT)
+@click.argument("vg_dir", type=click.Path(exists=True, file_okay=False))
+@_build_options
+@_input_options
+@click.option("--max-phrases", type=click.IntRange(min=1), default=20, show_default=True,
+              help="At most this many phrases per image.")
+@click.option("--max-chars", type=click.IntRange(min=1), default=512, show_default=True,
+              help="At most this many characters of text per image.")
+@click.option("--verb-rule", type=click.Choice(["vb", "no-vbn"]), default="vb", show_default=True,
+              help="vb: a token tagged VB* (Penn) makes a verb phrase; no-vbn: VB* except VBN "
+                   "(past participles like 'striped' count as adjectives).")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="spaCy tagger processes [1: on 2 cores a second process was slower, see README].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Phrases per spaCy batch.")
+@_id_template_option("{image_id}", "{image_id}, {folder} (VG_100K or VG_100K_2, from image_data.json), {coco_id}")
+def build_vg_phrases_cmd(vg_dir, out, overwrite, shard_size, progress, features, strict, max_phrases, max_chars,
+                         verb_rule, processes, batch_size, image_id_template):
+    """MSP phrase-stage pairs: VG region phrases without verbs, joined with ', ' per image.
+
+    Reads VG_DIR/region_descriptions.json (+ image_data.json when present; both id
+    variants: region_id / id, image_id / id). Verbs are found with spaCy en_core_web_sm's
+    tagger. pair_id = IMAGE_ID#vg_phrases.
+    """
+    from vlp.builders.vg_phrases import build_vg_phrases
+
+    _done(build_vg_phrases(vg_dir, out, max_phrases=max_phrases, max_chars=max_chars, verb_rule=verb_rule,
+                           n_process=processes, batch_size=batch_size, image_id_template=image_id_template,
+                           features=features, overwrite=overwrite, strict=strict, shard_size=shard_size,
+                           progress=progress))
+
+
+def _import_kw(out, overwrite, shard_size, progress, features, strict) -> dict:
+    return dict(overwrite=overwrite, shard_size=shard_size, progress=progress, features=features, strict=strict)
+
+
+_FILES = click.Path(exists=True, dir_okay=False)
+
+
+@build_main.command("import-coco", cls=_Command, context_settings=CONTEXT)
+@click.argument("caption_files", nargs=-1, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--karpathy", type=_FILES, help="Karpathy dataset_coco.json: its splits (train/restval/val/test); "
+                                             "alone (no CAPTION_FILES) its sentences are imported.")
+@click.option("--split", default=None, help="Split of every pair [from --karpathy, else the file name].")
+@_id_template_option("{stem}", "{stem} (file_name without extension), {file_name}, {id}")
+def import_coco_cmd(caption_files, out, overwrite, shard_size, progress, features, strict, karpathy, split,
+                    image_id_template):
+    """COCO captions json (captions_train2014.json ...) -> caption pairs (pair_id coco/ANNOTATION_ID)."""
+    from vlp.builders.imports import import_coco
+
+    _done(import_coco(caption_files, out, karpathy=karpathy, split=split, image_id_template=image_id_template,
+                      **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-flickr30k", cls=_Command, context_settings=CONTEXT)
+@click.argument("karpathy_json", type=_FILES)
+@_build_options
+@_input_options
+@click.option("--split", default=None, help="Split of every pair [the Karpathy split of each image].")
+@_id_template_option("{stem}", "{stem} (filename without extension), {filename}, {filepath}, {id}")
+def import_flickr30k_cmd(karpathy_json, out, overwrite, shard_size, progress, features, strict, split,
+                         image_id_template):
+    """Flickr30k Karpathy json (dataset_flickr30k.json) -> caption pairs (pair_id flickr30k/SENTID)."""
+    from vlp.builders.imports import import_karpathy
+
+    _done(import_karpathy(karpathy_json, out, dataset="flickr30k", split=split, image_id_template=image_id_template,
+                          **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+def _web_options(func):
+    options = [
+        click.option("--split", default="train", show_default=True, help="Split of every pair."),
+        click.option("--samples-per-shard", type=click.IntRange(min=1), default=10_000, show_default=True,
+                     help="img2dataset's number_sample_per_shard (defines {shard}/{folder}/{key})."),
+        _id_template_option("{folder}/{key}", "{row} (0-based), {key}, {shard}, {folder}, {url}; default = "
+                                              "vlp-extract over an img2dataset output folder"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@build_main.command("import-cc", cls=_Command, context_settings=CONTEXT)
+@click.argument("source", type=click.Path(exists=True))
+@_build_options
+@_input_options
+@click.option("--columns", type=click.Choice(["auto", "caption,url", "url,caption"]), default="auto",
+              show_default=True, help="TSV column order; auto: the column that looks like a URL is the url "
+                                      "(CC3M is caption,url; CC12M url,caption).")
+@_web_options
+def import_cc_cmd(source, out, overwrite, shard_size, progress, features, strict, columns, split,
+                  samples_per_shard, image_id_template):
+    """Conceptual Captions TSV, or an img2dataset output folder -> caption pairs with url.
+
+    The TSV is streamed; pair_id = cc/ROW. From an img2dataset folder only rows with
+    status success are imported (pair_id img2dataset/KEY).
+    """
+    from vlp.builders.imports import import_cc
+
+    _done(import_cc(source, out, columns=columns, split=split, samples_per_shard=samples_per_shard,
+                    image_id_template=image_id_template,
+                    **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-sbu", cls=_Command, context_settings=CONTEXT)
+@click.argument("sbu_json", type=_FILES)
+@_build_options
+@_input_options
+@_web_options
+def import_sbu_cmd(sbu_json, out, overwrite, shard_size, progress, features, strict, split, samples_per_shard,
+                   image_id_template):
+    """SBU captions json (parallel lists image_urls / captions) -> caption pairs with url (pair_id sbu/ROW)."""
+    from vlp.builders.imports import import_sbu
+
+    _done(import_sbu(sbu_json, out, split=split, samples_per_shard=samples_per_shard,
+                     image_id_template=image_id_template,
+                     **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-vqa", cls=_Command, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--min-answer-count", type=click.IntRange(min=1), default=9, show_default=True,
+              help="Answer vocabulary: normalized consensus answers of at least this many questions.")
+@click.option("--vocab-splits", default="train", show_default=True,
+              help="Comma-separated splits whose annotations build the vocabulary (train,val: the "
+                   "bottom-up-attention recipe).")
+@click.option("--answer-vocab", type=_FILES, help="Use this json list of answers as the vocabulary instead.")
+@click.option("--score-scheme", type=click.Choice(["vqa", "butd"]), default="vqa", show_default=True,
+              help="Soft score of an answer given by c annotators: vqa min(1, c/3); butd min(1, 0.3c).")
+@_id_template_option("COCO_{subtype}_{image_id:012d}", "{image_id}, {subtype} (the file's data_subtype)")
+def import_vqa_cmd(files, out, overwrite, shard_size, progress, features, strict, min_answer_count, vocab_splits,
+                   answer_vocab, score_scheme, image_id_template):
+    """VQA v2 questions + annotations json -> question pairs with normalized, soft-scored answers.
+
+    FILES: questions and annotations files in any order (matched by question_id). The
+    answer vocabulary goes to OUT/answer_vocab.json; pair_id = vqa/QUESTION_ID.
+    """
+    from vlp.builders.imports import import_vqa
+
+    _done(import_vqa(files, out, min_count=min_answer_count,
+                     vocab_splits=tuple(s.strip() for s in vocab_splits.split(",") if s.strip()),
+                     answer_vocab=answer_vocab, score_scheme=score_scheme, image_id_template=image_id_template,
+                     **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-gqa", cls=_Command, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--split", default=None, help="Split of every pair [from each file name].")
+@_id_template_option("{image_id}", "{image_id} (the question's imageId)")
+def import_gqa_cmd(files, out, overwrite, shard_size, progress, features, strict, split, image_id_template):
+    """GQA questions json (train_balanced_questions.json ...) -> question pairs (pair_id gqa/QID)."""
+    from vlp.builders.imports import import_gqa
+
+    _done(import_gqa(files, out, split=split, image_id_template=image_id_template,
+                     **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-nlvr2", cls=_Command, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@_id_template_option("{stem}", "{stem} (SPLIT-SET-PAIR-img0/1), {split}, {directory} (train's folder number)")
+def import_nlvr2_cmd(files, out, overwrite, shard_size, progress, features, strict, image_id_template):
+    """NLVR2 json lines (train.json, dev.json, ...) -> nlvr2 pairs with two images (pair_id nlvr2/IDENTIFIER)."""
+    from vlp.builders.imports import import_nlvr2
+
+    _done(import_nlvr2(files, out, image_id_template=image_id_template,
+                       **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-snli-ve", cls=_Command, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--split", default=None, help="Split of every pair [from each file name].")
+@_id_template_option("{flickr_id}", "{flickr_id} (Flickr30K_ID)")
+def import_snli_ve_cmd(files, out, overwrite, shard_size, progress, features, strict, split, image_id_template):
+    """SNLI-VE json lines (snli_ve_train.jsonl ...) -> entailment pairs (pair_id snli-ve/PAIRID)."""
+    from vlp.builders.imports import import_snli_ve
+
+    _done(import_snli_ve(files, out, split=split, image_id_template=image_id_template,
+                         **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("hard-negatives", cls=_Command, context_settings=CONTEXT)
+@click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
+@_build_options
+@click.option("--top-m", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Negatives per image: the M most similar other images.")
+@click.option("--captions", type=click.Path(exists=True, file_okay=False),
+              help="A caption pair store: images sharing an identical caption (case and spacing ignored) "
+                   "with the query are never its negatives.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32: every score in fp32. bf16: bf16 candidates, fp32 rescoring, certified per row "
+                   "(same result; faster on CPUs with bf16 units).")
+@click.option("--block", type=click.IntRange(min=1), default=1024, show_default=True, help="Query rows per matmul.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def build_hard_negatives_cmd(features_dir, out, overwrite, shard_size, progress, top_m, captions, precision, block,
+                             device):
+    """ITM hard negatives: per image, the top-M most similar other images.
+
+    Cosine similarity of mean-pooled region features (fp32), exact search in blocks
+    (torch matmul + topk, GPU when present). pair_id = IMAGE_ID#hard_negatives.
+    """
+    from vlp.builders.hard_negatives import build_hard_negatives
+
+    _done(build_hard_negatives(features_dir, out, top_m=top_m, captions=captions, block=block, device=device,
+                               precision=precision, overwrite=overwrite, shard_size=shard_size, progress=progress))
+
+
+@build_main.command("topics", cls=_Command, context_settings=CONTEXT)
+@click.argument("pairs_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--features", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The feature store whose region labels define L.")
+@_build_options
+@click.option("--obj-conf-floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Ignore regions whose object confidence is below this.")
+def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, obj_conf_floor):
+    """Copy a pair store adding the topics column: text words that are region labels (W ∩ L).
+
+    Words are singularized by rule ("dogs" -> dog) and matched against every synonym
+    of the image's object labels; pairs whose image has no features get no topics.
+    """
+    from vlp.builders.topics import build_topics
+
+    _done(build_topics(pairs_dir, features, out, obj_conf_floor=obj_conf_floor, overwrite=overwrite,
+                       shard_size=shard_size, progress=progress))
+
+
+# --- end of vlp-build ---
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)

@@ -43,7 +43,8 @@ COMMON_COLUMNS = {"pair_id": _STR, "image_id": _STR, "text": _STR, "kind": _STR,
 
 #: Columns each kind adds to the common ones.
 KIND_COLUMNS = {
-    "caption": {},
+    # url: where a web caption's image came from (CC, SBU, img2dataset); empty for COCO-style data.
+    "caption": {"url": _STR},
     # LAMP: one word per label token; word_regions[i] = the region (row in the feature record) of words[i].
     "objects_labels": {"words": pa.list_(_STR), "word_regions": pa.list_(_I32)},
     # MSP token stage / IFRS: one category label per region, in region order.
@@ -383,3 +384,85 @@ def joined(pairs: PairStore, features, *, on_missing: str = "skip") -> Iterator[
         yield pair, [features.get(i) for i in wanted]
     if skipped:
         log.warning("%s: %d pair(s) skipped: their image has no features", pairs.root, skipped)
+
+
+@dataclasses.dataclass
+class PairVerifyReport:
+    """What :func:`verify_pairs` found; ``ok`` when no error (warnings do not count)."""
+
+    root: str
+    pairs_checked: int = 0
+    errors: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        head = f"{self.root}: {self.pairs_checked} pairs checked, {len(self.errors)} error(s)"
+        return "\n".join([head] + [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings])
+
+
+def verify_pairs(root) -> PairVerifyReport:
+    """Check a pair store against its manifest: every shard's sha256 and size, row counts,
+    the schema of each shard, ``num_pairs`` and that ``pair_id`` is unique in the store.
+
+    Never raises for a damaged store: every problem becomes a line in ``errors``.
+    """
+    root = Path(root)
+    report = PairVerifyReport(str(root))
+    try:
+        manifest = read_manifest(root, PAIRS_FORMAT, (PAIRS_SCHEMA_VERSION,))
+    except StoreError as exc:
+        report.errors.append(str(exc))
+        return report
+    kind = manifest.get("kind")
+    if kind not in KIND_COLUMNS:
+        report.errors.append(f"{root / MANIFEST_NAME}: unknown pair kind {kind!r}")
+        return report
+    if not manifest.get("complete"):
+        report.warnings.append(f"{root}: the store is incomplete (its build did not finish)")
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(p.name for p in root.glob(f"pairs-*{SUFFIX}*") if p.name not in listed):
+        report.warnings.append(f"{root / stray}: not listed in the manifest (ignored by readers)")
+    seen: set = set()
+    duplicates = 0
+    total = 0
+    for entry in manifest["shards"]:
+        path = root / entry["name"]
+        if not path.is_file():
+            report.errors.append(f"{path}: listed in the manifest but missing")
+            continue
+        if path.stat().st_size != int(entry.get("bytes", -1)):
+            report.errors.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
+        digest = sha256_file(path)
+        if digest != entry.get("sha256"):
+            report.errors.append(f"{path}: sha256 {digest[:12]}... differs from the manifest's "
+                                 f"{str(entry.get('sha256'))[:12]}...")
+            continue
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        except (OSError, pa.ArrowInvalid) as exc:
+            report.errors.append(f"{path}: cannot read ({exc})")
+            continue
+        if table.num_rows != int(entry["records"]):
+            report.errors.append(f"{path}: {table.num_rows} rows, the manifest says {entry['records']}")
+        missing = [name for name in list(COMMON_COLUMNS) + list(KIND_COLUMNS[kind]) if name not in table.column_names]
+        if missing:
+            report.errors.append(f"{path}: column(s) {', '.join(missing)} missing for kind {kind!r}")
+            continue
+        for pair_id in table.column("pair_id").to_pylist():
+            if pair_id in seen:
+                duplicates += 1
+                if duplicates <= 5:
+                    report.errors.append(f"{path}: pair_id {pair_id!r} occurs more than once")
+            seen.add(pair_id)
+        total += table.num_rows
+    if duplicates > 5:
+        report.errors.append(f"{root}: {duplicates} duplicate pair_ids in all")
+    if total != int(manifest.get("num_pairs", -1)) and not report.errors:
+        report.errors.append(f"{root / MANIFEST_NAME}: num_pairs {manifest.get('num_pairs')} but the shards "
+                             f"hold {total} pairs")
+    report.pairs_checked = total
+    return report

