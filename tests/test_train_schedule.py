@@ -1,0 +1,136 @@
+"""Multi-stage schedules from YAML: hand-over, skip finished stages, resume across stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from vlp.schemas.pairs import PairStoreWriter
+from vlp.trainer.schedule import (build_encoder, build_tokenizer, hand_over, load_config, run_stages,
+                                  shipped_configs, validate_config)
+from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
+from vlp.trainer.toydata import world_stores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    from vlp.schemas.vocab import objects
+    from vlp.synthetic import generate
+
+    root = tmp_path_factory.mktemp("schedule")
+    generate(root / "world", 30, seed=4, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16)
+    with PairStoreWriter(root / "stores" / "labels", "objects_labels") as writer:
+        for image_id in features.keys():
+            names = [objects().name(int(i)) for i in features.get(image_id).objects_id]
+            writer.add({"pair_id": f"labels-{image_id}", "image_id": image_id, "text": " ".join(names),
+                        "words": names, "word_regions": list(range(len(names)))})
+    common = dict(steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=0, bucket_batches=2)
+    config = {
+        "seed": 0,
+        "model": {"vocab": str(vocab), "bert": {"hidden": 32, "layers": 2, "heads": 2},
+                  "visual": {"feature_dim": 16, "box_dims": 5}},
+        "data": {"features": str(root / "stores" / "features"), "max_text_len": 24},
+        "stages": [
+            {"name": "labels", "pairs": str(root / "stores" / "labels"), "tasks": {"MLM": 1.0, "MOC": 1.0},
+             **common},
+            {"name": "captions", "pairs": str(captions.root), "tasks": {"MLM": 1.0, "ITM": 0.5},
+             **common, "schedule": "cosine", "grad_accum": 2},
+        ],
+    }
+    path = root / "schedule.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _losses(summaries):
+    return [h["loss"] for s in summaries for h in s.get("history", [])]
+
+
+def test_two_stages_resume_across_the_boundary(config, tmp_path):
+    cfg = load_config(config)
+    full = run_stages(cfg, tmp_path / "full")
+    assert [s["stage"] for s in full] == ["labels", "captions"]
+    assert full[1]["carried_heads"] == ["MLM"]
+    assert (tmp_path / "full" / "01-labels" / "checkpoint-0000004.pt").is_file()
+    assert json.loads((tmp_path / "full" / "02-captions" / "last.json").read_text())["step"] == 4
+    reference = _losses(full)
+    assert len(reference) == 8
+
+    # interrupted mid stage 1, then mid stage 2, then finished: the same losses, exactly
+    parts = run_stages(cfg, tmp_path / "cut", stop_after_steps=3)
+    parts += run_stages(cfg, tmp_path / "cut", stop_after_steps=3)
+    parts += run_stages(cfg, tmp_path / "cut")
+    # resumed from checkpoints at step 2 of each stage: steps 3 are redone, identically
+    redone = [h for s in parts for h in s.get("history", [])]
+    by_stage_step = {}
+    for s in parts:
+        for h in s.get("history", []):
+            by_stage_step[(s["stage"], h["step"])] = h["loss"]
+    again = [by_stage_step[(s, k)] for s in ("labels", "captions") for k in range(1, 5)]
+    assert again == reference
+    assert len(redone) > 8
+
+    # a finished schedule is skipped entirely
+    rerun = run_stages(cfg, tmp_path / "full")
+    assert all(s["skipped"] for s in rerun)
+
+
+def test_hand_over_copies_encoder_and_shared_heads(config):
+    cfg = load_config(config)
+    tok = build_tokenizer(cfg)
+    ctx = TaskContext.from_tokenizer(tok)
+    torch.manual_seed(0)
+    first = PretrainModel(build_encoder(cfg, tok), make_tasks(["MLM", "MOC"]), ctx)
+    torch.manual_seed(1)
+    second = PretrainModel(build_encoder(cfg, tok), make_tasks(["MLM", "ITM"]), ctx)
+    itm_before = second.heads["ITM"].weight.clone()
+    assert hand_over(second, first.state_dict()) == ["MLM"]
+    a, b = first.state_dict(), second.state_dict()
+    for key in a:
+        if key.startswith(("encoder.", "heads.MLM.")):
+            assert torch.equal(a[key], b[key]), key
+    assert torch.equal(second.heads["ITM"].weight, itm_before)
+
+
+def test_shipped_configs_validate():
+    configs = shipped_configs()
+    assert {"lamp", "vl_bert", "imagebert"} <= set(configs)
+    for path in configs.values():
+        load_config(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("stages"), "stages"),
+    (lambda c: c["stages"][0].update(lr_typo=1), "lr_typo"),
+    (lambda c: c["stages"][1].update(name="labels"), "distinct"),
+    (lambda c: c["model"].pop("vocab"), "text_checkpoint"),
+])
+def test_config_errors_name_the_key(config, change, message):
+    cfg = yaml.safe_load(config.read_text())
+    change(cfg)
+    with pytest.raises(ValueError, match=message):
+        validate_config(cfg)
+
+
+def test_lxmert_s_schedule(config, tmp_path):
+    cfg = load_config(config)
+    cfg["model"] = {"architecture": "lxmert_s", "vocab": cfg["model"]["vocab"],
+                    "lxmert": {"hidden": 32, "heads": 2, "x_layers": 1},
+                    "visual": {"feature_dim": 16, "box_dims": 4}}
+    cfg["stages"] = [dict(cfg["stages"][1], steps=2)]
+    summary = run_stages(cfg, tmp_path / "lx")
+    assert summary[0]["end_step"] == 2 and all(h["loss"] > 0 for h in summary[0]["history"])
+    with pytest.raises(ValueError, match="architecture"):
+        build_encoder(dict(cfg, model=dict(cfg["model"], architecture="two_tower")), build_tokenizer(cfg))

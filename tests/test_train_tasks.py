@@ -1,0 +1,259 @@
+"""Pretraining tasks: masking rules, conditional masking, IFRS, topics, losses and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlp.trainer.data import IGNORE, load_tokenizer
+from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
+from vlp.trainer.tasks import (ITM, PretrainModel, TaskContext, ifrs_restore, make_tasks, mask_regions,
+                               mask_tokens, prepare_batch, shuffle_triplets)
+from vlp.trainer.toydata import write_vocab
+
+WORDS = ["a", "red", "blue", "circle", "star", "heart", "and", "near", "the", "large", "small", "person"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt", WORDS))
+
+
+@pytest.fixture(scope="module")
+def ctx(tok):
+    return TaskContext.from_tokenizer(tok)
+
+
+def make_batch(tok, batch=4, regions=6, dim=8, seed=0, texts=None):
+    from vlp.schemas import vocab
+
+    g = torch.Generator().manual_seed(seed)
+    texts = texts or ["a red circle near the blue star", "a heart", "the large heart and a small star",
+                      "a circle"][:batch]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    region_mask = torch.ones(batch, regions, dtype=torch.bool)
+    region_mask[1, regions - 2:] = False
+    names = ["circle", "star", "heart"]
+    objects = torch.tensor([vocab.objects().id(names[i % 3]) for i in range(regions)]).repeat(batch, 1)
+    objects[~region_mask] = IGNORE
+    attrs = torch.randint(0, 400, (batch, regions), generator=g).masked_fill(~region_mask, IGNORE)
+    return {
+        "index": torch.arange(batch), "pair_id": [f"p{i}" for i in range(batch)],
+        "image_id": [f"img{i}" for i in range(batch)], "text": texts,
+        "input_ids": enc["input_ids"], "text_mask": enc["attention_mask"].bool(),
+        "token_regions": torch.full(enc["input_ids"].shape, -1, dtype=torch.long),
+        "region_features": torch.randn(batch, regions, dim, generator=g) * region_mask.unsqueeze(-1),
+        "region_boxes": torch.rand(batch, regions, 5, generator=g),
+        "region_mask": region_mask, "objects_id": objects, "attrs_id": attrs,
+        "objects_conf": torch.ones(batch, regions), "attrs_conf": torch.ones(batch, regions),
+        "cls_prob": torch.softmax(torch.randn(batch, regions, 1601, generator=g), -1),
+    }
+
+
+def make_model(tok, ctx, spec, positions="shared", seed=0):
+    torch.manual_seed(seed)
+    encoder = SingleStreamEncoder(tiny_bert_config(len(tok)), VisualConfig(feature_dim=8, region_positions=positions))
+    return PretrainModel(encoder, make_tasks(spec), ctx)
+
+
+def test_mlm_masking_statistics_and_specials(tok, ctx):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (400, 50), generator=g)
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    ids[:, 40:49] = tok.pad_token_id
+    text_mask = ids != tok.pad_token_id
+    out, labels = mask_tokens(ids, text_mask, ctx, g)
+    masked = labels != IGNORE
+    specials = torch.isin(ids, torch.tensor(ctx.special_ids))
+    assert not (masked & specials).any()  # never [CLS]/[SEP]/[PAD]
+    assert (out[specials] == ids[specials]).all()
+    rate = masked.sum() / (~specials).sum()
+    assert abs(rate.item() - 0.15) < 0.01
+    as_mask = (out[masked] == tok.mask_token_id).float().mean().item()
+    kept = (out[masked] == ids[masked]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.03  # random swap may hit the same id rarely
+    swapped = masked & (out != ids) & (out != tok.mask_token_id)
+    assert abs(swapped.sum().item() / masked.sum().item() - 0.1) < 0.03
+    assert not torch.isin(out[swapped], torch.tensor(ctx.special_ids)).any()
+    assert (labels[masked] == ids[masked]).all()
+
+
+def test_region_masking_split():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(200, 40, 4, generator=g) + 5.0  # no zero rows by chance
+    region_mask = torch.ones(200, 40, dtype=torch.bool)
+    region_mask[:, 35:] = False
+    out, masked, how = mask_regions(features, region_mask, g)
+    assert not masked[:, 35:].any()
+    assert abs(masked.sum().item() / region_mask.sum().item() - 0.15) < 0.01
+    zero = (out[masked] == 0).all(-1)
+    keep = (out[masked] == features[masked]).all(-1)
+    other = ~zero & ~keep
+    n = masked.sum().item()
+    assert abs(zero.sum().item() / n - 0.8) < 0.03
+    assert abs(keep.sum().item() / n - 0.1) < 0.03
+    assert abs(other.sum().item() / n - 0.1) < 0.03
+    # a random replacement is a real region of the batch
+    pool = features[region_mask]
+    for row in out[masked][other][:20]:
+        assert ((pool - row).abs().sum(-1) == 0).any()
+    assert (out[~masked] == features[~masked]).all()
+
+
+def test_itm_negatives_and_conditional_masking(tok, ctx):
+    batch = make_batch(tok)
+    batch["token_regions"][:, 2] = 0
+    g = torch.Generator().manual_seed(3)
+    tasks = make_tasks(["ITM", "MLM", "MOC"])
+    counts = 0
+    for _ in range(50):
+        prepared = prepare_batch(batch, tasks, g, ctx)
+        matched = prepared["matched"]
+        counts += (~matched).sum().item()
+        for row in torch.nonzero(~matched).flatten().tolist():
+            shown = prepared["shown_image_id"][row]
+            j = int(shown[3:])
+            assert shown != batch["image_id"][row]
+            mask = prepared["region_mask"][row]
+            assert torch.equal(mask, batch["region_mask"][j])
+            assert torch.equal(prepared["objects_id"][row], batch["objects_id"][j])
+            assert (prepared["token_regions"][row] == -1).all()
+    assert abs(counts / 200 - 0.5) < 0.1
+    # every pair a negative: masked losses vanish, ITM does not
+    model = make_model(tok, ctx, ["ITM", "MLM", "MOC", "MRFR"])
+    prepared = prepare_batch(batch, model.tasks, g, ctx)
+    prepared["matched"] = torch.zeros(4, dtype=torch.bool)
+    total, losses, _ = model(prepared, g, prepared=True)
+    assert losses["MLM"].item() == 0 and losses["MOC"].item() == 0 and losses["MRFR"].item() == 0
+    assert losses["ITM"].item() > 0
+    prepared["matched"][:] = True
+    _, losses, _ = model(prepared, g, prepared=True)
+    assert losses["MLM"].item() > 0 and losses["MOC"].item() > 0 and losses["MRFR"].item() > 0
+
+
+def test_itm_hs_uses_hard_negative(tok, ctx):
+    batch = make_batch(tok)
+    neg = make_batch(tok, regions=9, seed=7)
+    batch["negative"] = {k: neg[k] for k in ("region_features", "region_boxes", "region_mask", "objects_id",
+                                             "attrs_id", "objects_conf", "attrs_conf", "cls_prob")}
+    batch["negative"]["image_id"] = [f"hard{i}" for i in range(4)]
+    g = torch.Generator().manual_seed(0)
+    prepared = prepare_batch(batch, make_tasks(["ITM_HS"]), g, ctx)
+    rows = torch.nonzero(~prepared["matched"]).flatten().tolist()
+    assert rows and prepared["region_features"].shape[1] == 9
+    for r in rows:
+        assert prepared["shown_image_id"][r] == f"hard{r}"
+        assert torch.equal(prepared["region_features"][r], neg["region_features"][r])
+    for r in set(range(4)) - set(rows):
+        assert torch.equal(prepared["region_features"][r, :6], batch["region_features"][r])
+        assert not prepared["region_mask"][r, 6:].any()
+
+
+def test_ifrs_shuffle_and_perfect_restore():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 12, 8, generator=g)
+    boxes = torch.rand(64, 12, 5, generator=g)
+    region_mask = torch.ones(64, 12, dtype=torch.bool)
+    region_mask[0, 10:] = False  # 10 real regions: 3 triplets, region 9 never moves
+    shuffled, sboxes, moved, source = shuffle_triplets(features, boxes, region_mask, g, prob=0.3)
+    assert moved.any() and not moved[0, 9:].any()
+    rate = moved.view(64, 4, 3).any(-1).float().mean().item()
+    assert 0.15 < rate < 0.45
+    for b in range(64):  # a permutation within each triplet
+        for t in range(4):
+            assert sorted(source[b, 3 * t:3 * t + 3].tolist()) == [3 * t, 3 * t + 1, 3 * t + 2]
+    assert torch.equal(shuffled, torch.gather(features, 1, source.unsqueeze(-1).expand(-1, -1, 8)))
+    # a perfect model predicts the original feature at each position: order restored
+    order = ifrs_restore(features, shuffled, moved)
+    restored = torch.gather(shuffled, 1, order.unsqueeze(-1).expand(-1, -1, 8))
+    assert torch.equal(restored, features)
+    assert shuffle_triplets(features, boxes, region_mask, g, prob=0.0)[2].sum() == 0
+
+
+def test_ifrs_requires_region_positions(tok, ctx):
+    with pytest.raises(ValueError, match="region_positions"):
+        make_model(tok, ctx, ["IFRS"])
+    model = make_model(tok, ctx, [{"name": "IFRS", "prob": 0.5}], positions="index")
+    batch = make_batch(tok)
+    g = torch.Generator().manual_seed(0)
+    prepared = prepare_batch(batch, model.tasks, g, ctx)
+    # labels follow their region
+    src = prepared["ifrs_source"]
+    assert torch.equal(prepared["objects_id"], torch.gather(batch["objects_id"], 1, src))
+    total, losses, _ = model(prepared, g, prepared=True)
+    assert losses["IFRS"].item() > 0
+
+
+def test_pair_topics_from_object_ids():
+    from vlp.schemas import vocab
+    from vlp.trainer.topics import pair_topics
+
+    ids = [vocab.objects().id(n) for n in ("circle", "star", "heart", "circle")]
+    assert sorted(pair_topics("Two circles near a star.", ids)) == ["circle", "star"]
+
+
+def test_tits_targets(tok, ctx):
+    batch = make_batch(tok)
+    model = make_model(tok, ctx, ["TITP", "TITS"])
+    g = torch.Generator().manual_seed(0)
+    prepared = prepare_batch(batch, model.tasks, g, ctx)
+    target = prepared["topic_targets"]
+    vocab = tok.get_vocab()
+    # image labels: circle, star, heart; text 0 mentions circle and star (and red, blue: not labels)
+    assert {i for i in torch.nonzero(target[0]).flatten().tolist()} == {vocab["circle"], vocab["star"]}
+    assert torch.nonzero(target[1]).flatten().tolist() == [vocab["heart"]]
+    # a precomputed topics column wins
+    prepared = prepare_batch(dict(batch, topics=[["person"], [], [], []]), model.tasks, g, ctx)
+    assert torch.nonzero(prepared["topic_targets"][0]).flatten().tolist() == [vocab["person"]]
+    assert prepared["topic_targets"][1:].sum() == 0
+    total, losses, _ = model(prepared, g, prepared=True)
+    assert torch.isfinite(total)
+
+
+ALL = ["MLM", "MOC", "MOC_KL", "MRFR", "ITM", "TITP", "TITS"]
+
+
+@pytest.mark.parametrize("name", ALL + ["IFRS"])
+def test_each_loss_finite_with_gradients(tok, ctx, name):
+    spec = [{"name": name, "prob": 0.5}] if name == "IFRS" else [name]
+    model = make_model(tok, ctx, spec, positions="index")
+    batch = make_batch(tok)
+    g = torch.Generator().manual_seed(0)
+    # enough masking that every masked loss has targets
+    prepared = prepare_batch(batch, model.tasks, g, ctx, text_prob=0.5, region_prob=0.5)
+    total, losses, _ = model(prepared, g, prepared=True)
+    assert torch.isfinite(total) and total.item() > 0
+    total.backward()
+    params = dict(model.named_parameters())
+    head = [p for n, p in params.items() if n.startswith(f"heads.{model.tasks[0].name}.")]
+    assert head and all(p.grad is not None and torch.isfinite(p.grad).all() for p in head)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    layer = params["encoder.bert.encoder.layer.0.attention.self.query.weight"]
+    assert layer.grad is not None and layer.grad.abs().sum() > 0
+    if name in ("MOC", "MOC_KL", "MRFR", "IFRS", "TITS", "ITM"):
+        assert params["encoder.feature_proj.0.weight"].grad.abs().sum() > 0
+    if name == "MLM":  # the decoder is tied to the word embeddings
+        assert params["encoder.bert.embeddings.word_embeddings.weight"].grad.abs().sum() > 0
+
+
+def test_all_tasks_together_and_names(tok, ctx):
+    model = make_model(tok, ctx, {"MLM": 1.0, "MOC": 1.0, "MOR": 0.5, "VLM": 1.0, "TITS": 0.2})
+    assert [t.name for t in model.tasks] == ["MLM", "MOC", "MRFR", "ITM", "TITS"]
+    total, losses, _ = model(make_batch(tok), torch.Generator().manual_seed(0))
+    assert torch.isfinite(total)
+    expected = sum(t.weight * losses[t.name] for t in model.tasks)
+    torch.testing.assert_close(total, expected)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_tasks(["XYZ"])
+    with pytest.raises(ValueError, match="one of them"):
+        make_tasks(["ITM", "ITM_HS"])

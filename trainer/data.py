@@ -1,0 +1,363 @@
+"""Training examples from a pair store joined with a feature store.
+
+:class:`PairDataset` turns pair ``i`` into tensors: ``[CLS] text [SEP]`` token ids
+(BertTokenizerFast, truncated to ``max_text_len``), region features (float32), normalized
+box geometry, detector labels for MOC, optional ``cls_prob`` soft labels for MOC-KL and,
+for ``objects_labels`` pairs, the region of each label token (LAMP). :func:`collate` pads a
+list of examples into a batch with masks; :class:`LengthBucketBatchSampler` groups
+examples of similar length, deterministically from ``(seed, epoch)`` so a run can resume
+at an exact batch.
+
+Pairs whose image has no features are skipped and counted (``dataset.skipped``,
+``dataset.missing_image_ids``), never silently dropped: the count is logged at build time.
+
+Everything random here is a pure function of ``(seed, epoch, index)``; masking
+randomness lives in the training loop's generator (see :mod:`vlp.trainer.tasks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+BOX_DIMS = (4, 5, 7)
+IGNORE = -100  # label value ignored by the losses (padding, missing labels)
+
+
+# -- tokenizer ---------------------------------------------------------------------
+
+def load_tokenizer(path, *, lowercase: Optional[bool] = None):
+    """A BertTokenizerFast from a checkpoint directory (its vocab.txt) or a vocab file.
+
+    ``lowercase`` defaults to the directory's tokenizer_config.json ``do_lower_case``
+    (True when absent, as for uncased BERT).
+    """
+    import json
+
+    from transformers import BertTokenizerFast
+
+    path = Path(path)
+    vocab_file = path / "vocab.txt" if path.is_dir() else path
+    if not vocab_file.is_file():
+        raise FileNotFoundError(f"{vocab_file}: no BERT vocabulary (vocab.txt) found")
+    if lowercase is None:
+        lowercase = True
+        config = vocab_file.parent / "tokenizer_config.json"
+        if config.is_file():
+            lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+    import inspect
+
+    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
+        return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=lowercase)
+    # transformers 5.x: the vocabulary as a token -> id dict (one token a line, id = line number)
+    lines = vocab_file.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    table = {}
+    for index, token in enumerate(lines):
+        table.setdefault(token.rstrip("\r"), index)
+    return BertTokenizerFast(vocab=table, do_lower_case=lowercase)
+
+
+# -- geometry ----------------------------------------------------------------------
+
+def box_geometry(boxes: np.ndarray, width: int, height: int, dims: int = 5) -> np.ndarray:
+    """Normalized box geometry, float32 [N, dims].
+
+    4: x1/W, y1/H, x2/W, y2/H; 5: + area/(W*H); 7: + w/W, h/H (in that order).
+    Values are clipped to [0, 1] (stores tolerate boxes a pixel past the border).
+    """
+    if dims not in BOX_DIMS:
+        raise ValueError(f"box geometry must be 4, 5 or 7-d, got {dims}")
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    norm = np.clip(boxes / scale, 0.0, 1.0)
+    w = norm[:, 2] - norm[:, 0]
+    h = norm[:, 3] - norm[:, 1]
+    columns = [norm]
+    if dims >= 5:
+        columns.append((w * h)[:, None])
+    if dims == 7:
+        columns += [w[:, None], h[:, None]]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+# -- dataset -----------------------------------------------------------------------
+
+def _stable_seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode("utf-8"))
+
+
+class PairDataset(Dataset):
+    """Examples of a (PairStore, FeatureStore) join.
+
+    ``max_regions``: keep the first N regions of each record (stores keep regions in
+    detector-score order). ``hard_negatives``: a PairStore of kind ``hard_negatives``;
+    each example then carries ``negative`` (the regions of one of its image's hard
+    negatives that have features, chosen from the ``hard_negative_top`` best by a pure
+    function of seed, epoch and index).
+    """
+
+    def __init__(self, pairs, features, tokenizer, *, max_text_len: int = 40,
+                 max_regions: Optional[int] = None, box_dims: int = 5,
+                 hard_negatives=None, hard_negative_top: int = 5, seed: int = 0):
+        if box_dims not in BOX_DIMS:
+            raise ValueError(f"box_dims must be 4, 5 or 7, got {box_dims}")
+        if max_text_len < 2:
+            raise ValueError("max_text_len must leave room for [CLS] and [SEP]")
+        self.pairs, self.features, self.tokenizer = pairs, features, tokenizer
+        self.kind = pairs.kind
+        self.max_text_len, self.max_regions, self.box_dims = max_text_len, max_regions, box_dims
+        self.seed, self.epoch = seed, 0
+        image_ids = pairs.column("image_id")
+        present: dict[str, bool] = {}
+        keep, missing = [], set()
+        for index, image_id in enumerate(image_ids):
+            ok = present.get(image_id)
+            if ok is None:
+                ok = present[image_id] = image_id in features
+            if ok:
+                keep.append(index)
+            else:
+                missing.add(image_id)
+        self.indices = np.asarray(keep, dtype=np.int64)
+        self.skipped = len(image_ids) - len(keep)
+        self.missing_image_ids = sorted(missing)
+        if self.skipped:
+            shown = ", ".join(self.missing_image_ids[:5]) + (" ..." if len(missing) > 5 else "")
+            log.warning("%s: %d of %d pair(s) skipped: their image has no features in %s (%s)",
+                        getattr(pairs, "root", pairs), self.skipped, len(image_ids),
+                        getattr(features, "root", features), shown)
+        self.hard_negatives: Optional[dict[str, list[str]]] = None
+        self.hard_negative_top = hard_negative_top
+        if hard_negatives is not None:
+            if hard_negatives.kind != "hard_negatives":
+                raise ValueError(f"{hard_negatives}: expected a pair store of kind hard_negatives")
+            table = {}
+            for row in hard_negatives:
+                order = np.argsort(-np.asarray(row.get("negative_scores") or [], dtype=np.float64),
+                                   kind="stable")
+                negs = [row["negatives"][j] for j in order]
+                negs = [n for n in negs if n != row["image_id"] and present.get(n, n in features)]
+                if negs:
+                    table[row["image_id"]] = negs
+            self.hard_negatives = table
+        self._lengths: Optional[np.ndarray] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    # -- lengths for bucketing -----------------------------------------------------
+    def text_lengths(self) -> np.ndarray:
+        """Token count of every example's text ([CLS] and [SEP] included, truncated)."""
+        if self._lengths is None:
+            texts = self.pairs.column("text")
+            if self.kind == "objects_labels":
+                words = self.pairs.column("words")
+                texts = [" ".join(w) if w else t for t, w in zip(texts, words)]
+            texts = [texts[i] for i in self.indices]
+            lengths = np.zeros(len(texts), dtype=np.int64)
+            for start in range(0, len(texts), 4096):
+                enc = self.tokenizer(texts[start:start + 4096], truncation=True,
+                                     max_length=self.max_text_len, add_special_tokens=True)
+                lengths[start:start + len(enc["input_ids"])] = [len(x) for x in enc["input_ids"]]
+            self._lengths = lengths
+        return self._lengths
+
+    # -- examples ------------------------------------------------------------------
+    def _tokenize(self, pair: dict):
+        words = pair.get("words") if self.kind == "objects_labels" else None
+        if words:
+            enc = self.tokenizer(list(words), is_split_into_words=True, truncation=True,
+                                 max_length=self.max_text_len)
+            regions = pair.get("word_regions") or []
+            token_regions = [regions[w] if w is not None else -1 for w in enc.word_ids()]
+        else:
+            enc = self.tokenizer(pair.get("text") or "", truncation=True, max_length=self.max_text_len)
+            token_regions = [-1] * len(enc["input_ids"])
+        return enc["input_ids"], token_regions
+
+    def _regions(self, image_id: str) -> dict:
+        record = self.features.get(image_id)
+        n = record.num_boxes if self.max_regions is None else min(record.num_boxes, self.max_regions)
+        feats = torch.from_numpy(np.array(record.features[:n], copy=True)).float()
+        out = {
+            "region_features": feats,
+            "region_boxes": torch.from_numpy(box_geometry(record.boxes[:n], record.image_w,
+                                                          record.image_h, self.box_dims)),
+        }
+        if record.objects_id is not None:
+            out["objects_id"] = torch.from_numpy(np.asarray(record.objects_id[:n], dtype=np.int64))
+            out["attrs_id"] = torch.from_numpy(np.asarray(record.attrs_id[:n], dtype=np.int64))
+            out["objects_conf"] = torch.from_numpy(np.array(record.objects_conf[:n], dtype=np.float32))
+            out["attrs_conf"] = torch.from_numpy(np.array(record.attrs_conf[:n], dtype=np.float32))
+        if record.cls_prob is not None:
+            out["cls_prob"] = torch.from_numpy(np.array(record.cls_prob[:n], copy=True)).float()
+        if record.image_feature is not None:
+            out["image_feature"] = torch.from_numpy(np.array(record.image_feature, copy=True)).float()
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        pair = self.pairs[index]
+        input_ids, token_regions = self._tokenize(pair)
+        example = {
+            "index": i,
+            "pair_id": pair["pair_id"],
+            "image_id": pair["image_id"],
+            "text": pair.get("text") or "",
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "token_regions": torch.tensor(token_regions, dtype=torch.long),
+        }
+        example.update(self._regions(pair["image_id"]))
+        n = example["region_features"].shape[0]
+        # Label tokens whose region was cut by max_regions lose their spatial link.
+        example["token_regions"][example["token_regions"] >= n] = -1
+        if pair.get("topics") is not None:
+            example["topics"] = list(pair["topics"])
+        if self.hard_negatives is not None:
+            negs = self.hard_negatives.get(pair["image_id"])
+            if negs:
+                top = negs[: self.hard_negative_top]
+                rng = np.random.default_rng(_stable_seed(self.seed, self.epoch, index))
+                negative_id = top[int(rng.integers(len(top)))]
+                example["negative"] = {"image_id": negative_id, **self._regions(negative_id)}
+        return example
+
+
+# -- collate -----------------------------------------------------------------------
+
+def _pad(tensors: Sequence[torch.Tensor], value) -> torch.Tensor:
+    length = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
+    for row, t in enumerate(tensors):
+        out[row, : t.shape[0]] = t
+    return out
+
+
+def _collate_regions(examples: list[dict], feature_dim: Optional[int] = None) -> dict:
+    lengths = torch.tensor([e["region_features"].shape[0] for e in examples])
+    batch = {
+        "region_features": _pad([e["region_features"] for e in examples], 0.0),
+        "region_boxes": _pad([e["region_boxes"] for e in examples], 0.0),
+        "region_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None],
+    }
+    if all("objects_id" in e for e in examples):
+        batch["objects_id"] = _pad([e["objects_id"] for e in examples], IGNORE)
+        batch["attrs_id"] = _pad([e["attrs_id"] for e in examples], IGNORE)
+        batch["objects_conf"] = _pad([e["objects_conf"] for e in examples], 0.0)
+        batch["attrs_conf"] = _pad([e["attrs_conf"] for e in examples], 0.0)
+    if all("cls_prob" in e for e in examples):
+        batch["cls_prob"] = _pad([e["cls_prob"] for e in examples], 0.0)
+    if all("image_feature" in e for e in examples):
+        batch["image_feature"] = torch.stack([e["image_feature"] for e in examples])
+    return batch
+
+
+def collate(examples: list[dict], pad_token_id: int = 0) -> dict:
+    """Pad a list of examples into a batch.
+
+    Text: ``input_ids`` [B,T] (pad ``pad_token_id``), ``text_mask`` [B,T] bool,
+    ``token_regions`` [B,T] (-1: no region). Regions: ``region_features`` [B,N,D],
+    ``region_boxes`` [B,N,G], ``region_mask`` [B,N]; labels ``objects_id``/``attrs_id``
+    [B,N] padded with -100; ``cls_prob`` [B,N,1601] when every example has it.
+    ``negative`` (hard negatives) is collated the same way when any example has one;
+    ``negative["negative_valid"]`` [B] says which rows really have one.
+    """
+    ids = [e["input_ids"] for e in examples]
+    lengths = torch.tensor([len(t) for t in ids])
+    batch = {
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "pair_id": [e["pair_id"] for e in examples],
+        "image_id": [e["image_id"] for e in examples],
+        "text": [e["text"] for e in examples],
+        "input_ids": _pad(ids, pad_token_id),
+        "text_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None],
+        "token_regions": _pad([e["token_regions"] for e in examples], -1),
+    }
+    batch.update(_collate_regions(examples))
+    if all("topics" in e for e in examples):
+        batch["topics"] = [e["topics"] for e in examples]
+    if any("negative" in e for e in examples):
+        # rows without a hard negative hold their own image and negative_valid False
+        negatives = [e.get("negative") or {"image_id": e["image_id"], **e} for e in examples]
+        batch["negative"] = _collate_regions(negatives)
+        batch["negative"]["image_id"] = [n["image_id"] for n in negatives]
+        batch["negative"]["negative_valid"] = torch.tensor(["negative" in e for e in examples])
+    return batch
+
+
+class Collator:
+    """Picklable collate_fn bound to a pad token id (for DataLoader workers)."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        return collate(examples, self.pad_token_id)
+
+
+# -- length-bucketed batches -------------------------------------------------------
+
+class LengthBucketBatchSampler(Sampler):
+    """Batches of examples of similar length, reproducible from ``(seed, epoch)``.
+
+    Each epoch: shuffle all indices, cut them into buckets of ``bucket_batches`` batches,
+    sort each bucket by length, cut it into batches, shuffle the batch order. Padding
+    drops sharply while batches stay random. ``batches(epoch)`` gives an epoch's list, so
+    a resumed run can skip the batches it has already seen.
+    """
+
+    def __init__(self, lengths, batch_size: int, *, bucket_batches: int = 50, shuffle: bool = True,
+                 drop_last: bool = False, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.bucket_batches = batch_size, max(1, bucket_batches)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+        self.start_batch = 0  # batches of the current epoch to skip (resume)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            batches = [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(n)
+            bucket = self.batch_size * self.bucket_batches
+            batches = []
+            for start in range(0, n, bucket):
+                chunk = perm[start:start + bucket]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+            order = rng.permutation(len(batches))
+            batches = [batches[i] for i in order]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        return batches
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.lengths) // self.batch_size
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches(self.epoch)
+        yield from batches[self.start_batch:]

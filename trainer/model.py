@@ -1,0 +1,172 @@
+"""Single-stream V&L encoder (VL-BERT / VisualBERT / ImageBERT / LAMP) on transformers' BertModel.
+
+Input sequence: ``[CLS] text [SEP]`` followed by the regions (optionally led by a
+whole-image token), padded text and padded regions each masked out::
+
+    text token  = word + segment A + position              (+ spatial(region) for LAMP label tokens)
+    region      = LN(Linear(features)) + LN(Linear(geometry)) + segment B + position
+
+Word, position and segment embeddings and the final embedding LayerNorm are BertModel's
+own (so any BERT checkpoint directory initializes the text side); the visual projections
+are new. We pass ``inputs_embeds`` with explicit ``position_ids`` / ``token_type_ids`` to
+``BertModel.forward`` so its embedding layer adds position and segment and applies its
+LayerNorm. Region positions: ``"shared"`` (VL-BERT: every region gets the position right
+after ``[SEP]``) or ``"index"`` (region j gets ``text_len + j``; needed by tasks that
+restore region order, e.g. IFRS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class VisualConfig:
+    feature_dim: int = 2048
+    box_dims: int = 5
+    region_positions: str = "shared"  # or "index"
+    image_token: bool = False  # prepend a whole-image token to the regions
+    label_spatial: bool = True  # LAMP: label tokens get their region's spatial embedding
+    visual_segment: int = 1  # token type id of region tokens
+
+    def __post_init__(self):
+        if self.region_positions not in ("shared", "index"):
+            raise ValueError(f"region_positions must be shared or index, got {self.region_positions!r}")
+        if self.box_dims not in (4, 5, 7):
+            raise ValueError(f"box_dims must be 4, 5 or 7, got {self.box_dims}")
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    text: torch.Tensor  # [B, T, H]
+    regions: torch.Tensor  # [B, N, H] (the image token, when used, is not included)
+    pooled: torch.Tensor  # [B, H] BERT pooler on [CLS]
+    image: Optional[torch.Tensor] = None  # [B, H] the whole-image token, when used
+    sequence: Optional[torch.Tensor] = None  # [B, L, H]
+
+
+def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 2, **kwargs):
+    """A small BertConfig (tests, smoke runs)."""
+    from transformers import BertConfig
+
+    defaults = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, intermediate_size=hidden * 4,
+                    max_position_embeddings=256, type_vocab_size=2)
+    defaults.update(kwargs)
+    return BertConfig(**defaults)
+
+
+class SingleStreamEncoder(nn.Module):
+    def __init__(self, bert_config, visual: Optional[VisualConfig] = None, *, bert=None):
+        super().__init__()
+        from transformers import BertModel
+
+        self.visual = visual or VisualConfig()
+        if bert_config.type_vocab_size < 2:
+            raise ValueError("the visual segment needs type_vocab_size >= 2 (got "
+                             f"{bert_config.type_vocab_size}); pass a config with 2 token types")
+        self.config = bert_config
+        self.bert = bert if bert is not None else BertModel(bert_config, add_pooling_layer=True)
+        hidden = bert_config.hidden_size
+        eps = bert_config.layer_norm_eps
+        self.feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, hidden), nn.LayerNorm(hidden, eps=eps))
+        self.box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, hidden), nn.LayerNorm(hidden, eps=eps))
+        for module in (self.feature_proj, self.box_proj):
+            module.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, self.config.initializer_range)
+            module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    @classmethod
+    def from_pretrained_text(cls, path, visual: Optional[VisualConfig] = None, **config_overrides):
+        """Text side (embeddings, encoder, pooler) from a BERT checkpoint directory; visual side new.
+
+        A checkpoint with one token type (e.g. RoBERTa-style) gets a second, new segment
+        embedding initialised from the first.
+        """
+        from transformers import BertConfig, BertModel
+
+        path = Path(path)
+        config = BertConfig.from_pretrained(path, **config_overrides)
+        bert = BertModel.from_pretrained(path, config=config, add_pooling_layer=True)
+        if config.type_vocab_size < 2:
+            old = bert.embeddings.token_type_embeddings
+            new = nn.Embedding(2, config.hidden_size)
+            new.weight.data[:] = old.weight.data[0]
+            bert.embeddings.token_type_embeddings = new
+            bert.embeddings.register_buffer(
+                "token_type_ids", torch.zeros_like(bert.embeddings.position_ids), persistent=False)
+            config.type_vocab_size = 2
+        return cls(config, visual, bert=bert)
+
+    # -- forward -------------------------------------------------------------------
+    def region_embeddings(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.feature_proj(features) + self.box_proj(boxes)
+
+    def forward(self, input_ids, text_mask, region_features, region_boxes, region_mask,
+                token_regions=None, image_feature=None, **_) -> EncoderOutput:
+        batch, text_len = input_ids.shape
+        num_regions = region_features.shape[1]
+        device = input_ids.device
+        text = self.word_embeddings(input_ids)
+        if self.visual.label_spatial and token_regions is not None and (token_regions >= 0).any():
+            # LAMP: a label token gets the spatial (geometry) embedding of its region.
+            gather = token_regions.clamp(min=0).unsqueeze(-1).expand(-1, -1, region_boxes.shape[-1])
+            spatial = self.box_proj(torch.gather(region_boxes, 1, gather))
+            text = text + spatial * (token_regions >= 0).unsqueeze(-1).to(text.dtype)
+        regions = self.region_embeddings(region_features, region_boxes)
+        region_mask = region_mask.bool()
+        if self.visual.image_token:
+            if image_feature is None:  # mean of the real regions
+                weights = region_mask.unsqueeze(-1).to(region_features.dtype)
+                image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
+            whole = torch.zeros(batch, self.visual.box_dims, device=device, dtype=region_boxes.dtype)
+            whole[:, 2:4] = 1.0
+            if self.visual.box_dims >= 5:
+                whole[:, 4:] = 1.0
+            image = self.region_embeddings(image_feature, whole).unsqueeze(1)
+            regions = torch.cat([image, regions], 1)
+            region_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), region_mask], 1)
+        visual_len = regions.shape[1]
+        text_lengths = text_mask.long().sum(1, keepdim=True)  # [B,1]
+        text_pos = torch.arange(text_len, device=device).expand(batch, -1)
+        if self.visual.region_positions == "shared":
+            region_pos = text_lengths.expand(-1, visual_len)
+        else:
+            region_pos = text_lengths + torch.arange(visual_len, device=device)
+        position_ids = torch.cat([text_pos, region_pos], 1)
+        if int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"sequence needs position {int(position_ids.max())}, the model has "
+                             f"{self.config.max_position_embeddings} positions; use fewer regions/tokens")
+        token_type_ids = torch.cat([torch.zeros_like(input_ids),
+                                    torch.full((batch, visual_len), self.visual.visual_segment,
+                                               dtype=torch.long, device=device)], 1)
+        embeds = torch.cat([text, regions], 1)
+        mask = torch.cat([text_mask.bool(), region_mask], 1).long()
+        out = self.bert(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                        token_type_ids=token_type_ids)
+        sequence = out.last_hidden_state
+        vis = sequence[:, text_len:]
+        image = None
+        if self.visual.image_token:
+            image, vis = vis[:, 0], vis[:, 1:]
+        return EncoderOutput(text=sequence[:, :text_len], regions=vis, pooled=out.pooler_output,
+                             image=image, sequence=sequence)
