@@ -51,7 +51,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "709fe4855f838f52a5e2ed93ea18ce72c41542e032619380aae85c40ae584c70"),
+    "demo": ("demo-detector.pt", "8725aa5c380074e404b5a5ad29f724f77505573b83f6535fa04fda623f45caa2"),
 }
 
 

@@ -648,6 +648,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-images", type=int, default=50, help="evaluate on the first N images of it")
     parser.add_argument("--eval-every", type=int, default=0, help="iterations between evaluations (0: only at the end)")
     parser.add_argument("--fp32", action="store_true", help="write float32 weights (default float16)")
+    parser.add_argument("--threads", type=int, default=TrainSettings.threads,
+                        help="torch CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
     eval_ids = None
     eval_world = args.eval_world or args.world
@@ -663,7 +665,7 @@ def main(argv=None) -> int:
                             eval_image_ids=eval_ids, eval_every=args.eval_every or None, eval_vg_dir=eval_world,
                             half=not args.fp32, lr=args.lr, rois_per_image=args.rois_per_image,
                             roi_positive_fraction=args.roi_positive_fraction, norm=args.norm,
-                            warmup_iterations=args.warmup, init_weights=args.init_weights)
+                            warmup_iterations=args.warmup, init_weights=args.init_weights, threads=args.threads)
     print(json.dumps({k: record[k] for k in ("iterations_done", "seconds", "sha256")}))
     if record["evaluations"]:
         print(json.dumps(record["evaluations"][-1]))

@@ -31,6 +31,7 @@ def test_presets_are_documented_values():
 def test_demo_preset_is_registered_and_registry_is_open():
     demo = get_preset("demo")
     assert demo.preset == "demo" and demo.arch.pooler == "roialign" and demo.arch.feature_dim == 384
+    assert (demo.selection, demo.boxes) == ("per_class", "regressed")  # trained with box regression
     assert get_preset("butd-10-100").arch.pooler == "roipool"
     RESERVED_PRESETS["test-only-reserved"] = "a later issue"
     try:
