@@ -482,7 +482,7 @@ def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress
               help="vb: a token tagged VB* (Penn) makes a verb phrase; no-vbn: VB* except VBN "
                    "(past participles like 'striped' count as adjectives).")
 @click.option("--processes", type=click.IntRange(min=1), default=None,
-              help="spaCy tagger processes [1: on 2 cores a second process was slower, see README].")
+              help="Tagger processes [one per CPU].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Phrases per spaCy batch.")
 @_id_template_option("{image_id}", "{image_id}, {folder} (VG_100K or VG_100K_2, from image_data.json), {coco_id}")

@@ -3,7 +3,7 @@
 1. ``vg-phrases``: phrases/s of the whole builder (read json, verb test with spaCy's
    tagger, write the pair store) on VG-style region descriptions drawn from the
    synthetic world's templates (scenes sampled, not rendered), with 1 and 2 tagger
-   processes. Target: >= 5,000 phrases/s on 2 cores.
+   worker processes. Target: >= 5,000 phrases/s on 2 cores.
 2. ``hard-negatives``: top-M search over N random non-negative mean features of D dims
    (default 100,000 x 2048, M = 10), on the CPU: the certified bf16 path on all N and
    the fp32 path on ``--fp32-images`` (its time scales with N^2, so the full-size figure is

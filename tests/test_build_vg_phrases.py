@@ -124,3 +124,19 @@ def test_cli_vg_phrases_with_feature_check(world, tmp_path):
     assert store.manifest["stats"]["missing_image_ids_sample"] == ["26", "27", "28", "29", "30"]
     missing = runner.invoke(build_main, ["vg-phrases", str(tmp_path), "--out", str(tmp_path / "q")])
     assert missing.exit_code == 1 and "region_descriptions.json: no such file" in missing.output
+
+
+def test_tagger_worker_processes_give_the_same_flags_in_order(monkeypatch):
+    import vlp.builders.vg_phrases as vg
+
+    phrases = ["a red circle", "the star is touching the ring", "large blue box", "a man riding a horse",
+               "white clouds", "dog sitting on a bench", "green heart", "the cat sleeps"] * 5
+    tagger = VerbTagger(n_process=1)
+    expected = tagger.has_verb(phrases)
+    assert expected[:8] == [False, True, False, True, False, True, False, True]
+    monkeypatch.setattr(vg, "WORKER_CHUNK", 7)  # 6 chunks over 2 spawned workers
+    parallel = VerbTagger(n_process=2)
+    assert parallel.processes_for(len(phrases)) == 2
+    seen = []
+    assert parallel.has_verb(phrases, progress=seen.append) == expected
+    assert sum(seen) == len(phrases)
