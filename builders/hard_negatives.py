@@ -76,6 +76,21 @@ def bf16_outside_bound(weakest, r_query, r_max: float, dim: int):
     return weakest + u * 1.01 * (weakest.abs() + r_query + r_max + acc) + r_max + r_query * (1 + r_max) + acc
 
 
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 matrix products are native here (the certified bf16 path then pays off:
+    ~4x the fp32 rate on AVX-512-BF16 / AMX CPUs; Ampere or newer GPUs)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def top_similar(vectors: np.ndarray, top_m: int, *, block: int = 1024, device: str = "auto",
                 precision: str = "fp32", candidates: Optional[int] = None,
                 exclude: Optional[dict] = None, progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -83,10 +98,12 @@ def top_similar(vectors: np.ndarray, top_m: int, *, block: int = 1024, device: s
     scores [N, M] float32, info). Rows with fewer than M candidates are padded with -1 / nan."""
     import torch
 
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "bf16" if fast_bf16(device) else "fp32"
     n = len(vectors)
     m = min(top_m, max(n - 1, 0))
     x = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
@@ -152,7 +169,7 @@ def top_similar(vectors: np.ndarray, top_m: int, *, block: int = 1024, device: s
 
 
 def build_hard_negatives(features_dir, out, *, top_m: int = 10, captions=None, block: int = 1024,
-                         device: str = "auto", precision: str = "fp32", overwrite: bool = False,
+                         device: str = "auto", precision: str = "auto", overwrite: bool = False,
                          shard_size: int = 100_000, progress: str = "auto") -> BuildResult:
     """One ``hard_negatives`` pair per image of the feature store (text empty)."""
     if top_m < 1:
