@@ -6,7 +6,9 @@
 2. runs the extraction pipeline of ``vlp-extract`` (Ray decode tasks and a detector
    actor) with the shipped demo detector over those images plus one truncated JPEG,
    into an LMDB feature store (the broken file ends up in ``errors.jsonl``);
-3. validates the store as ``vlp inspect`` does;
+3. validates the store as ``vlp inspect`` does, then builds pair stores from it and the
+   world's annotation files as ``vlp-build`` does (objects-labels, COCO captions,
+   verb-free VG phrases, hard negatives);
 4. scores the detections against the world's ground truth (AP@0.5 per category,
    attribute accuracy);
 5. writes ``report.html`` (+ ``report.txt``, PNGs of detections, label and box-count
@@ -82,6 +84,35 @@ def _histogram_png(path: Path, labels: list[str], counts: list[int], title: str,
     plt.close(fig)
 
 
+def _build_pairs(out: Path, world_dir: Path, store_dir: Path, progress: bool) -> list[str]:
+    """The vlp-build stage: pair stores from the features and the world's annotation files."""
+    from vlp.builders.hard_negatives import build_hard_negatives
+    from vlp.builders.imports import import_coco
+    from vlp.builders.labels import build_objects_labels
+    from vlp.builders.vg_phrases import build_vg_phrases
+
+    pairs = out / "pairs"
+    mode = "auto" if progress else "off"
+    annotations = world_dir / "annotations"
+    results = [
+        build_objects_labels(store_dir, pairs / "objects-labels", overwrite=True, progress=mode),
+        # The world's COCO file names are "<n>.jpg"; vlp-extract named them "world/<n>".
+        import_coco(sorted(annotations.glob("captions_*.json")), pairs / "coco-captions",
+                    karpathy=annotations / "dataset_coco.json", image_id_template="world/{stem}",
+                    features=store_dir, overwrite=True, progress=mode),
+        build_vg_phrases(world_dir, pairs / "vg-phrases", image_id_template="world/{image_id}",
+                         features=store_dir, overwrite=True, progress=mode),
+        build_hard_negatives(store_dir, pairs / "hard-negatives", top_m=5, overwrite=True, progress=mode),
+    ]
+    lines = []
+    for result in results:
+        line = f"  {result.out.name:<16} {result.num_pairs:6d} {result.kind} pairs"
+        if result.missing_report is not None:
+            line += f"; {result.missing_report}"
+        lines.append(line)
+    return lines
+
+
 def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool = True,
              draw_count: int = 6) -> Path:
     """Run the whole demo into ``out``; returns the path of report.html."""
@@ -135,6 +166,9 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
     start = time.perf_counter()
     report = verify_store(store_dir)
     timings["validate store"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pair_lines = _build_pairs(out, world_dir, store_dir, progress)
+    timings["build pair stores"] = time.perf_counter() - start
     if not report.ok:
         raise RuntimeError(f"the demo store {store_dir} failed validation: {report.errors}")
 
@@ -175,7 +209,7 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
              f"{stats['images_per_second']:.1f} images/s end to end ({stats['wall_seconds']:.1f} s incl. "
              "Ray start-up and model load)",
              *[f"errors.jsonl {entry['path']}: {entry['reason']}" for entry in failures],
-             "", *report.summary_lines(), "",
+             "", *report.summary_lines(), "", "pair stores (vlp-build) in pairs/:", *pair_lines, "",
              f"detection quality on the synthetic images (IoU 0.5): mAP {scores['mAP']:.3f}, "
              f"attribute accuracy {scores['attribute_accuracy']:.3f} "
              f"({scores['attribute_matches']} matched boxes), precision {scores['precision']:.3f} / "

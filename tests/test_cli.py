@@ -107,6 +107,8 @@ def test_demo_writes_report(tmp_path):
     assert "checked      12 record(s): OK" in report
     assert "errors.jsonl web/truncated.jpg: truncated file" in report
     assert "vlp-extract pipeline: 1 cpu worker(s)" in report
+    assert "12 objects_labels pairs" in report and "40 caption pairs; all 40 pairs have features" in report
+    assert "8 vg_phrases pairs; all 8 pairs have features" in report and "12 hard_negatives pairs" in report
     scores = json.loads((out / "scores.json").read_text())
     assert scores["num_images"] == 8 and scores["num_gt"] > 8
     assert scores["attribute_accuracy"] > 0.8 and scores["mAP"] > 0.3  # the shipped demo detector, unseen images
