@@ -712,10 +712,50 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="vlp-train")
 def train_main():
-    """Pretrain and finetune V&L transformers on feature stores and pair shards.
+    """Pretrain V&L transformers on feature stores and pair stores (finetuning: not yet)."""
 
-    No trainer commands are available in this version yet (see README, "Status").
+
+@train_main.command("pretrain")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: one sub-folder per stage with checkpoints and history.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False),
+              help="A BERT checkpoint directory for the text side (replaces model.text_checkpoint).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def train_pretrain_cmd(config_path, out, init_from, device):
+    """Run the stages of a YAML schedule CONFIG, one after the other.
+
+    Each stage names its pair store, tasks and weights, steps, batch size and learning
+    rate schedule; the model carries over between stages. Rerunning the same command
+    resumes a killed run from its last checkpoint and skips finished stages. Example
+    configs: vlp/trainer/configs/ (lamp.yaml, vl_bert.yaml, imagebert.yaml).
     """
+    import torch
+
+    from vlp.trainer.pretrain import NonFiniteLossError
+    from vlp.trainer.schedule import load_config, run_stages
+
+    try:
+        config = load_config(config_path)
+        if init_from:
+            config["model"]["text_checkpoint"] = init_from
+            config["model"].pop("vocab", None)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        summaries = run_stages(config, out, device=device)
+    except NonFiniteLossError as exc:
+        raise click.ClickException(str(exc)) from None
+    for summary in summaries:
+        if summary["skipped"]:
+            click.echo(f"stage {summary['stage']}: already finished")
+            continue
+        history = summary.get("history") or []
+        last = f", last loss {history[-1]['loss']:.4f}" if history else ""
+        click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
+                   f"({summary['dir']})")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,23 @@ def test_lxmert_s_schedule(config, tmp_path):
     assert summary[0]["end_step"] == 2 and all(h["loss"] > 0 for h in summary[0]["history"])
     with pytest.raises(ValueError, match="architecture"):
         build_encoder(dict(cfg, model=dict(cfg["model"], architecture="two_tower")), build_tokenizer(cfg))
+
+
+def test_cli_pretrain_runs_resumes_and_reports_config_errors(config, tmp_path):
+    from click.testing import CliRunner
+
+    from vlp.cli import train_main
+
+    out = tmp_path / "run"
+    # A killed run is simulated by the library's step budget; the command resumes it.
+    run_stages(load_config(config), out, stop_after_steps=3)
+    rest = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu"])
+    assert rest.exit_code == 0, rest.output
+    assert "stage labels: steps 2 -> 4, last loss" in rest.output  # from the step-2 checkpoint
+    assert "stage captions: steps 0 -> 4" in rest.output
+    again = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu"])
+    assert "stage labels: already finished" in again.output and "stage captions: already finished" in again.output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(config.read_text().replace("tasks:", "taskz:", 1))
+    bad = CliRunner().invoke(train_main, ["pretrain", str(broken), "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "Error:" in bad.output and "Traceback" not in bad.output
