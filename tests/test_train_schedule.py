@@ -15,12 +15,7 @@ from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
 from vlp.trainer.toydata import world_stores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,14 @@ import torch
 
 from vlp.trainer.data import IGNORE, load_tokenizer
 from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
-from vlp.trainer.tasks import (ITM, PretrainModel, TaskContext, ifrs_restore, make_tasks, mask_regions,
+from vlp.trainer.tasks import (PretrainModel, TaskContext, ifrs_restore, make_tasks, mask_regions,
                                mask_tokens, prepare_batch, shuffle_triplets)
 from vlp.trainer.toydata import write_vocab
 
 WORDS = ["a", "red", "blue", "circle", "star", "heart", "and", "near", "the", "large", "small", "person"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
