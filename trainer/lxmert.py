@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vlp.trainer.model import EncoderOutput, VisualConfig
+from vlp.trainer.model import BertStyleInit, EncoderOutput, VisualConfig
 
 
-class CrossModalEncoder(nn.Module):
+class CrossModalEncoder(BertStyleInit, nn.Module):
     def __init__(self, lxmert_config, visual: VisualConfig):
         super().__init__()
         from transformers import LxmertModel
@@ -85,14 +85,6 @@ class CrossModalEncoder(nn.Module):
                 copied[key] = value
         self.lxmert.load_state_dict(copied, strict=False)
         return sorted(copied)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, self.config.initializer_range)
-            module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
 
     @property
     def hidden_size(self) -> int:

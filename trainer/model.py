@@ -61,7 +61,20 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
     return BertConfig(**defaults)
 
 
-class SingleStreamEncoder(nn.Module):
+class BertStyleInit:
+    """``_init_weights``: BERT's initialisation (normal(0, initializer_range) weights, zero
+    biases, unit LayerNorms) for layers an encoder adds; task heads use it too."""
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, self.config.initializer_range)
+            module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+
+class SingleStreamEncoder(BertStyleInit, nn.Module):
     def __init__(self, bert_config, visual: Optional[VisualConfig] = None, *, bert=None):
         super().__init__()
         from transformers import BertModel
@@ -78,14 +91,6 @@ class SingleStreamEncoder(nn.Module):
         self.box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, hidden), nn.LayerNorm(hidden, eps=eps))
         for module in (self.feature_proj, self.box_proj):
             module.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, self.config.initializer_range)
-            module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
 
     @property
     def hidden_size(self) -> int:
@@ -124,7 +129,6 @@ class SingleStreamEncoder(nn.Module):
     def forward(self, input_ids, text_mask, region_features, region_boxes, region_mask,
                 token_regions=None, image_feature=None, **_) -> EncoderOutput:
         batch, text_len = input_ids.shape
-        num_regions = region_features.shape[1]
         device = input_ids.device
         text = self.word_embeddings(input_ids)
         if self.visual.label_spatial and token_regions is not None and (token_regions >= 0).any():
