@@ -29,7 +29,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class DecodeError(ValueError):
-    """An image that cannot be used; ``str()`` is the reason for errors.jsonl."""
+    """An image that cannot be used: ``str()`` is the reason and ``kind`` its class for
+    errors.jsonl (empty, not_an_image, truncated, too_large, unreadable, undecodable)."""
+
+    def __init__(self, reason: str, kind: str = "undecodable"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -68,12 +73,12 @@ def decode_file(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             size = os.fstat(handle.fileno()).st_size
             return _decode(handle, size, max_pixels)
     except OSError as exc:
-        raise DecodeError(f"cannot read the file: {exc.strerror or exc}") from None
+        raise DecodeError(f"cannot read the file: {exc.strerror or exc}", "unreadable") from None
 
 
 def _decode(source, size: int, max_pixels: int) -> np.ndarray:
     if size == 0:
-        raise DecodeError("empty file (0 bytes)")
+        raise DecodeError("empty file (0 bytes)", "empty")
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         # Pillow refuses images above twice its own cap outright; a larger cap of ours lifts it.
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -83,18 +88,18 @@ def _decode(source, size: int, max_pixels: int) -> np.ndarray:
         try:
             image = Image.open(source)
         except UnidentifiedImageError:
-            raise DecodeError(f"not an image file (unrecognised format, {size} bytes)") from None
+            raise DecodeError(f"not an image file (unrecognised format, {size} bytes)", "not_an_image") from None
         except Image.DecompressionBombError as exc:
-            raise DecodeError(f"too large (decompression-bomb guard): {exc}") from None
+            raise DecodeError(f"too large (decompression-bomb guard): {exc}", "too_large") from None
         except (OSError, SyntaxError, ValueError) as exc:
-            raise DecodeError(f"unreadable image header: {exc}") from None
+            raise DecodeError(f"unreadable image header: {exc}", "unreadable") from None
         width, height = image.size
         if width < 1 or height < 1:
             raise DecodeError(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise DecodeError(f"too large: {width}x{height} = {width * height:,} pixels exceeds the "
                               f"cap of {max_pixels:,} (decompression-bomb guard; raise --max-pixels "
-                              "to allow it)")
+                              "to allow it)", "too_large")
         try:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
@@ -103,11 +108,11 @@ def _decode(source, size: int, max_pixels: int) -> np.ndarray:
             rgb = _to_rgb(image)
             array = np.asarray(rgb)
         except Image.DecompressionBombError as exc:
-            raise DecodeError(f"too large (decompression-bomb guard): {exc}") from None
+            raise DecodeError(f"too large (decompression-bomb guard): {exc}", "too_large") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             reason = str(exc) or type(exc).__name__
             if "truncated" in reason.lower():
-                raise DecodeError(f"truncated file ({size} bytes): {reason}") from None
+                raise DecodeError(f"truncated file ({size} bytes): {reason}", "truncated") from None
             raise DecodeError(f"cannot decode {image.format or 'image'}: {reason}") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise DecodeError(f"unexpected decoded layout {array.shape} {array.dtype}")

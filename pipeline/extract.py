@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -41,8 +40,9 @@ from vlp.pipeline.discover import Discovery, discover, image_id_of
 from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
 from vlp.pipeline.progress import Progress, format_duration
 from vlp.schemas.errors import StoreError
-from vlp.schemas.manifest import MANIFEST_NAME, write_json_atomic
-from vlp.schemas.store import INDEX_NAME
+from vlp.schemas.manifest import MANIFEST_NAME, read_manifest, write_json_atomic
+from vlp.schemas.record import SCHEMA_VERSION
+from vlp.schemas.store import FEATURES_FORMAT, INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,11 @@ def decode_chunk(root: str, paths: list, config, max_pixels: int):
             image = decode_file(os.path.join(root, relative), max_pixels=max_pixels)
             item.prepared = prepare_image(image, config)
         except DecodeError as exc:
-            item.error = (_decode_kind(str(exc)), str(exc))
+            item.error = (exc.kind, str(exc))
         except ValueError as exc:  # prepare_image: too elongated to run
             item.error = ("unusable_shape", str(exc))
         items.append(item)
     return items, time.perf_counter() - start
-
-
-def _decode_kind(reason: str) -> str:
-    for prefix, kind in (("empty file", "empty"), ("not an image", "not_an_image"), ("truncated", "truncated"),
-                         ("too large", "too_large"), ("cannot read", "unreadable"), ("unreadable", "unreadable")):
-        if reason.startswith(prefix):
-            return kind
-    return "undecodable"
 
 
 class DetectorWorker:
@@ -199,24 +191,23 @@ class DetectorWorker:
 class _Worker:
     handle: object
     token: str
-    uncommitted: dict = dataclasses.field(default_factory=dict)  # path -> attempts, sent since its last shard
+    # path -> whether its chunk has come back (and was counted); every image sent since its last shard
+    uncommitted: dict = dataclasses.field(default_factory=dict)
     in_flight: int = 0
 
 
 class _Run:
     def __init__(self, images_dir: Path, out: Path, settings: ExtractSettings, description: dict,
-                 discovery: Discovery, progress: Progress, on_progress):
+                 writer, progress: Progress, on_progress):
         self.root, self.out, self.settings = images_dir, out, settings
-        self.description, self.discovery = description, discovery
+        self.description, self.writer = description, writer
         self.progress, self.on_progress = progress, on_progress
         self.errors = ErrorLog(out / ERRORS_NAME)
         self.stats = collections.Counter()
         self.failures_by_kind = collections.Counter()
         self.stage_seconds = collections.Counter()
-        self.retry: collections.deque = collections.deque()  # (path, attempts)
-        self.attempts: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  # path -> times a worker failed on a chunk holding it
         self.worker_failures = 0
-        self.writer = None
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -287,13 +278,9 @@ def _plan_workers(settings: ExtractSettings) -> dict:
 
 
 def _check_detector_matches(out: Path, description: dict) -> None:
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file():
+    if not (out / MANIFEST_NAME).is_file():
         return
-    try:
-        old = json.loads(manifest_path.read_text()).get("detector") or {}
-    except (OSError, json.JSONDecodeError):
-        return  # the writer reports a broken manifest itself
+    old = read_manifest(out, FEATURES_FORMAT, (SCHEMA_VERSION,)).get("detector") or {}
     if old.get("config_hash") != description["config_hash"] or old.get("weights_sha256") != description["weights_sha256"]:
         def said(d):
             return (f"preset {d.get('preset')!r}, config {str(d.get('config_hash'))[:12]}, "
@@ -312,11 +299,11 @@ def _remove_worker_files(out: Path) -> None:
 
 def _remove_created(paths: list) -> None:
     for path in reversed(paths):  # files first, the folder (when this run made it) last
-        if path.is_dir() and path.name != INDEX_NAME:
+        if path.is_dir():
             if not any(path.iterdir()):
                 path.rmdir()
-        elif path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            path.unlink(missing_ok=True)
 
 
 def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> dict:
@@ -338,10 +325,9 @@ def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> d
     if todo:
         detector = load_detector(device=settings.device, batch_size=settings.batch_size,
                                  **settings.detector_kwargs())
-        timed = 0.0
-        measured = 0
+        seconds = []
         for relative in todo[:50]:  # the first sample + 1 decodable images
-            if measured > sample:
+            if len(seconds) > sample:
                 break
             try:
                 image = decode_file(images_dir / relative, max_pixels=settings.max_pixels)
@@ -349,12 +335,10 @@ def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> d
                 continue
             start = time.perf_counter()
             detector.detect([image])
-            if measured or len(todo) == 1:  # the first call warms up
-                timed += time.perf_counter() - start
-            measured += 1
-        timed_count = measured - 1 if measured > 1 else measured
-        if timed_count:
-            per_image = timed / timed_count
+            seconds.append(time.perf_counter() - start)
+        if seconds:
+            timed = seconds[1:] or seconds  # the first call also warms up: left out when there are others
+            per_image = sum(timed) / len(timed)
             estimate = {"seconds_per_image_one_worker": per_image,
                         "seconds_one_worker": per_image * len(todo), "device": str(detector.device)}
     return {"images": len(found), "bytes": found.total_bytes(), "skipped_files": found.skipped,
@@ -396,19 +380,17 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
                                 feature_dim=description["feature_dim"], detector=description, mode="append",
                                 extra={"source": {"kind": "extract", "images_dir": str(images_dir.resolve())}})
     _remove_worker_files(out)
-    errors_before = ErrorLog(out / ERRORS_NAME).read()
-    logged = {entry.get("path") for entry in errors_before}
+    logged = {entry.get("path") for entry in ErrorLog(out / ERRORS_NAME).read()}
     already_stored = sum(1 for p in found.paths if image_id_of(p) in writer)
-    progress = Progress(len(found.paths), "extract", mode=settings.progress)
-    run = _Run(images_dir, out, settings, description, found, progress, on_progress)
-    run.writer = writer
+    already_failed = sum(1 for p in found.paths if p in logged)
+    progress = Progress(len(found.paths), "extract", mode=settings.progress,
+                        initial=already_stored + already_failed)
+    run = _Run(images_dir, out, settings, description, writer, progress, on_progress)
     for relative, reason in found.skipped:
         if relative not in logged:
             kind = "collision" if reason.startswith("image_id collision") else "bad_name"
             run.log_error(relative, image_id_of(relative), kind, reason)
     todo = (p for p in found.paths if p not in logged and image_id_of(p) not in writer)
-    already_failed = sum(1 for p in found.paths if p in logged)
-    progress.done = progress._initial = already_stored + already_failed
 
     started_ray = False
     workers: list[_Worker] = []

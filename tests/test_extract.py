@@ -102,13 +102,14 @@ def test_decoding_converts_what_the_web_sends(mixed_folder):
     assert rotated.shape == (300, 200, 3)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("broken/empty.jpg", "empty file"), ("broken/truncated.jpg", "truncated"),
-    ("broken/notes.jpg", "not an image"), ("broken/bomb.png", "too large")])
-def test_decoding_refuses_bad_files_with_a_reason(mixed_folder, name, reason):
+@pytest.mark.parametrize("name, reason, kind", [
+    ("broken/empty.jpg", "empty file", "empty"), ("broken/truncated.jpg", "truncated", "truncated"),
+    ("broken/notes.jpg", "not an image", "not_an_image"), ("broken/bomb.png", "too large", "too_large")])
+def test_decoding_refuses_bad_files_with_a_reason(mixed_folder, name, reason, kind):
     root, _ = mixed_folder
-    with pytest.raises(DecodeError, match=reason):
+    with pytest.raises(DecodeError, match=reason) as info:
         decode_file(root / name)
+    assert info.value.kind == kind
 
 
 def test_pixel_cap_is_checked_before_decoding(mixed_folder):
