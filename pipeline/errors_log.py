@@ -40,9 +40,15 @@ class ErrorLog:
         if not self.path.is_file():
             return
         with open(self.path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return  # the usual case: no need to read the log
+            handle.seek(0)
             data = handle.read()
-            if data and not data.endswith(b"\n"):
-                handle.truncate(data.rfind(b"\n") + 1)
+            handle.truncate(data.rfind(b"\n") + 1)
 
     def add(self, entry: dict) -> None:
         if self._handle is None:
