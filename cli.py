@@ -722,17 +722,26 @@ def train_main():
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="A BERT checkpoint directory for the text side (replaces model.text_checkpoint).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def train_pretrain_cmd(config_path, out, init_from, device):
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel workers (Ray Train DDP: gloo on CPU, nccl on GPU); 1: this process.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Override every stage's precision (autocast; fp16 needs a GPU).")
+@click.option("--progress", default="auto", show_default=True,
+              type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display (single process).")
+def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precision, progress):
     """Run the stages of a YAML schedule CONFIG, one after the other.
 
-    Each stage names its pair store, tasks and weights, steps, batch size and learning
+    Each stage names its data (one pair store, or several sources with their own tasks
+    and mixing ratios), tasks and weights, steps or epochs, batch size and learning
     rate schedule; the model carries over between stages. Rerunning the same command
-    resumes a killed run from its last checkpoint and skips finished stages. Example
-    configs: vlp/trainer/configs/ (lamp.yaml, vl_bert.yaml, imagebert.yaml).
+    resumes a killed run from its last checkpoint and skips finished stages. Writes
+    OUT/NN-stage/ (checkpoints, history.jsonl, eval.jsonl, tensorboard/) and
+    OUT/loss_curves.png. Example configs: vlp/trainer/configs/.
     """
     import torch
 
     from vlp.trainer.pretrain import NonFiniteLossError
+    from vlp.trainer.reporting import plot_loss_curves, summarize
     from vlp.trainer.schedule import load_config, run_stages
 
     try:
@@ -740,13 +749,16 @@ def train_pretrain_cmd(config_path, out, init_from, device):
         if init_from:
             config["model"]["text_checkpoint"] = init_from
             config["model"].pop("vocab", None)
+        if precision:
+            for stage in config["stages"]:
+                stage["precision"] = precision
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    if device == "auto":
+    if device == "auto" and num_workers == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        summaries = run_stages(config, out, device=device)
-    except NonFiniteLossError as exc:
+        summaries = run_stages(config, out, device=device, num_workers=num_workers, progress=progress)
+    except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     for summary in summaries:
         if summary["skipped"]:
@@ -756,6 +768,11 @@ def train_pretrain_cmd(config_path, out, init_from, device):
         last = f", last loss {history[-1]['loss']:.4f}" if history else ""
         click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
                    f"({summary['dir']})")
+    click.echo(summarize(out))
+    try:
+        click.echo(f"loss curves: {plot_loss_curves(out)}")
+    except FileNotFoundError:
+        pass
 
 
 if __name__ == "__main__":

@@ -132,8 +132,8 @@ def test_non_finite_loss_names_step_and_pairs(world, tmp_path):
     model, dataset = build(world, ["MLM", "MRFR"])
 
     class Poisoned(type(dataset)):
-        def __getitem__(self, i):
-            example = super().__getitem__(i)
+        def example(self, i, epoch=0):
+            example = super().example(i, epoch)
             if example["pair_id"] == poisoned_id:
                 example["region_features"][0, 0] = float("nan")
             return example
@@ -142,7 +142,7 @@ def test_non_finite_loss_names_step_and_pairs(world, tmp_path):
     poisoned.__dict__.update(dataset.__dict__)
     stage = StageConfig(tasks=["MLM", "MRFR"], steps=50, batch_size=8, log_every=0, seed=2)
     trainer = Pretrainer(model, poisoned, stage, tmp_path / "run")
-    batches = trainer.sampler.batches(0)
+    batches = trainer.plan.samplers[0].batches(0)
     poisoned_id = dataset[batches[2][3]]["pair_id"]  # in the third batch
     with pytest.raises(NonFiniteLossError) as info:
         trainer.train()

@@ -17,6 +17,7 @@ randomness lives in the training loop's generator (see :mod:`vlp.trainer.tasks`)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import zlib
@@ -93,7 +94,7 @@ def box_geometry(boxes: np.ndarray, width: int, height: int, dims: int = 5) -> n
 
 # -- dataset -----------------------------------------------------------------------
 
-def _stable_seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode("utf-8"))
 
 
@@ -109,7 +110,8 @@ class PairDataset(Dataset):
 
     def __init__(self, pairs, features, tokenizer, *, max_text_len: int = 40,
                  max_regions: Optional[int] = None, box_dims: int = 5,
-                 hard_negatives=None, hard_negative_top: int = 5, seed: int = 0):
+                 hard_negatives=None, hard_negative_top: int = 5, seed: int = 0,
+                 append_labels: int = 0):
         if box_dims not in BOX_DIMS:
             raise ValueError(f"box_dims must be 4, 5 or 7, got {box_dims}")
         if max_text_len < 2:
@@ -117,6 +119,9 @@ class PairDataset(Dataset):
         self.pairs, self.features, self.tokenizer = pairs, features, tokenizer
         self.kind = pairs.kind
         self.max_text_len, self.max_regions, self.box_dims = max_text_len, max_regions, box_dims
+        if append_labels and self.kind == "objects_labels":
+            raise ValueError("append_labels is for caption-like pairs; objects_labels pairs are labels already")
+        self.append_labels = int(append_labels)
         self.seed, self.epoch = seed, 0
         image_ids = pairs.column("image_id")
         present: dict[str, bool] = {}
@@ -177,7 +182,7 @@ class PairDataset(Dataset):
         return self._lengths
 
     # -- examples ------------------------------------------------------------------
-    def _tokenize(self, pair: dict):
+    def _tokenize(self, pair: dict, record=None):
         words = pair.get("words") if self.kind == "objects_labels" else None
         if words:
             enc = self.tokenizer(list(words), is_split_into_words=True, truncation=True,
@@ -187,10 +192,31 @@ class PairDataset(Dataset):
         else:
             enc = self.tokenizer(pair.get("text") or "", truncation=True, max_length=self.max_text_len)
             token_regions = [-1] * len(enc["input_ids"])
-        return enc["input_ids"], token_regions
+        input_ids = list(enc["input_ids"])
+        if self.append_labels and record is not None:
+            label_ids, label_regions = self._label_tokens(record)
+            if label_ids:
+                input_ids += label_ids + [self.tokenizer.sep_token_id]
+                token_regions += label_regions + [-1]
+        return input_ids, token_regions
 
-    def _regions(self, image_id: str) -> dict:
-        record = self.features.get(image_id)
+    def _label_tokens(self, record) -> tuple[list[int], list[int]]:
+        """LAMP's label augmentation: the detector labels of the first ``append_labels``
+        regions, each word linked to its region (so it gets the region's spatial embedding)."""
+        from vlp.builders.labels import region_label_words
+
+        if record.objects_id is None:
+            return [], []
+        limit = record.num_boxes if self.max_regions is None else min(record.num_boxes, self.max_regions)
+        words, regions, _ = region_label_words(record)
+        kept = [(w, r) for w, r in zip(words, regions) if r < min(limit, self.append_labels)]
+        if not kept:
+            return [], []
+        enc = self.tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
+        return list(enc["input_ids"]), [kept[w][1] for w in enc.word_ids()]
+
+    def _regions(self, image_id: str, record=None) -> dict:
+        record = record if record is not None else self.features.get(image_id)
         n = record.num_boxes if self.max_regions is None else min(record.num_boxes, self.max_regions)
         feats = torch.from_numpy(np.array(record.features[:n], copy=True)).float()
         out = {
@@ -210,9 +236,14 @@ class PairDataset(Dataset):
         return out
 
     def __getitem__(self, i: int) -> dict:
+        return self.example(i, self.epoch)
+
+    def example(self, i: int, epoch: int = 0) -> dict:
+        """Example ``i``; ``epoch`` only picks which hard negative it shows."""
         index = int(self.indices[i])
         pair = self.pairs[index]
-        input_ids, token_regions = self._tokenize(pair)
+        record = self.features.get(pair["image_id"])
+        input_ids, token_regions = self._tokenize(pair, record)
         example = {
             "index": i,
             "pair_id": pair["pair_id"],
@@ -221,7 +252,7 @@ class PairDataset(Dataset):
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "token_regions": torch.tensor(token_regions, dtype=torch.long),
         }
-        example.update(self._regions(pair["image_id"]))
+        example.update(self._regions(pair["image_id"], record))
         n = example["region_features"].shape[0]
         # Label tokens whose region was cut by max_regions lose their spatial link.
         example["token_regions"][example["token_regions"] >= n] = -1
@@ -231,7 +262,7 @@ class PairDataset(Dataset):
             negs = self.hard_negatives.get(pair["image_id"])
             if negs:
                 top = negs[: self.hard_negative_top]
-                rng = np.random.default_rng(_stable_seed(self.seed, self.epoch, index))
+                rng = np.random.default_rng(stable_seed(self.seed, epoch, index))
                 negative_id = top[int(rng.integers(len(top)))]
                 example["negative"] = {"image_id": negative_id, **self._regions(negative_id)}
         return example
@@ -290,6 +321,9 @@ def collate(examples: list[dict], pad_token_id: int = 0) -> dict:
     batch.update(_collate_regions(examples))
     if all("topics" in e for e in examples):
         batch["topics"] = [e["topics"] for e in examples]
+    for key in ("source", "micro_batch"):  # set by MixedDataset: the same for the whole batch
+        if key in examples[0]:
+            batch[key] = examples[0][key]
     if any("negative" in e for e in examples):
         # rows without a hard negative hold their own image and negative_valid False
         negatives = [e.get("negative") or {"image_id": e["image_id"], **e} for e in examples]
@@ -361,3 +395,125 @@ class LengthBucketBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches(self.epoch)
         yield from batches[self.start_batch:]
+
+
+# -- mixtures of sources -----------------------------------------------------------
+
+@dataclasses.dataclass
+class DataSource:
+    """One pair store of a stage: its examples, the tasks trained on its batches, and its
+    share of the stage's batches (``ratio``; None: proportional to its batch count, i.e.
+    as if the sources were concatenated)."""
+
+    name: str
+    dataset: PairDataset
+    tasks: tuple = ()
+    ratio: Optional[float] = None
+
+
+class MixturePlan:
+    """Which source, epoch and batch every global micro-batch ``j`` reads.
+
+    The source of ``j`` is drawn with probabilities proportional to the ratios from a
+    generator seeded by ``(seed, j // BLOCK)``; each source walks through its own epochs
+    of length-bucketed batches. Everything is a pure function of ``j``, so a checkpoint
+    only needs ``j`` to resume, and DDP ranks agree on the plan without talking.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, samplers: Sequence["LengthBucketBatchSampler"], ratios: Sequence[float], seed: int = 0):
+        if not samplers:
+            raise ValueError("a stage needs at least one data source")
+        self.samplers = list(samplers)
+        self.batches_per_epoch = [len(s) for s in self.samplers]
+        empty = [k for k, n in enumerate(self.batches_per_epoch) if n == 0]
+        if empty:
+            raise ValueError(f"data source {empty[0]} is empty: no pair has features")
+        ratios = np.asarray(ratios, dtype=np.float64)
+        if len(ratios) != len(self.samplers) or (ratios < 0).any() or ratios.sum() <= 0:
+            raise ValueError(f"mixing ratios must be non-negative with a positive sum, got {ratios.tolist()}")
+        self.probabilities = ratios / ratios.sum()
+        self.seed = seed
+        self._block: tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._epoch_batches: dict[tuple[int, int], list[list[int]]] = {}
+
+    def _sources_of_block(self, block: int) -> np.ndarray:
+        if self._block[0] != block:
+            if len(self.samplers) == 1:
+                draw = np.zeros(self.BLOCK, dtype=np.int64)
+            else:
+                rng = np.random.default_rng([self.seed, 0x5EED, block])
+                draw = rng.choice(len(self.samplers), size=self.BLOCK, p=self.probabilities)
+            self._block = (block, draw)
+        return self._block[1]
+
+    def source_of(self, j: int) -> int:
+        return int(self._sources_of_block(j // self.BLOCK)[j % self.BLOCK])
+
+    def counts_before(self, j: int) -> list[int]:
+        """How many micro-batches each source gave to ``0 .. j-1``."""
+        counts = np.zeros(len(self.samplers), dtype=np.int64)
+        full, rest = divmod(j, self.BLOCK)
+        for block in range(full):
+            counts += np.bincount(self._sources_of_block(block), minlength=len(counts))
+        if rest:
+            counts += np.bincount(self._sources_of_block(full)[:rest], minlength=len(counts))
+        return counts.tolist()
+
+    def batch(self, source: int, count: int) -> tuple[int, int, list[int]]:
+        """The ``count``-th batch a source gives: (epoch, batch in epoch, example indices)."""
+        epoch, position = divmod(count, self.batches_per_epoch[source])
+        key = (source, epoch)
+        if key not in self._epoch_batches:
+            self._epoch_batches = {k: v for k, v in self._epoch_batches.items() if k[0] != source}
+            self._epoch_batches[key] = self.samplers[source].batches(epoch)
+        return epoch, position, self._epoch_batches[key][position]
+
+    def locate(self, j: int) -> tuple[int, int, int]:
+        """(source, epoch, batch in epoch) of micro-batch ``j``."""
+        source = self.source_of(j)
+        epoch, position, _ = self.batch(source, self.counts_before(j)[source])
+        return source, epoch, position
+
+    def iterate(self, start: int = 0, *, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
+        """``(j, source, epoch, batch in epoch, indices)`` for ``j = start, start+1, ...``
+        that belong to ``rank`` (``j % world_size == rank``); endless."""
+        counts = self.counts_before(start)
+        j = start
+        while True:
+            source = self.source_of(j)
+            if j % world_size == rank:
+                epoch, position, indices = self.batch(source, counts[source])
+                yield j, source, epoch, position, indices
+            counts[source] += 1
+            j += 1
+
+
+class MixedBatchSampler(Sampler):
+    """Batch sampler over a :class:`MixedDataset`: each batch is one source's micro-batch,
+    as keys ``(j, source, epoch, index)``; starts at micro-batch ``start``."""
+
+    def __init__(self, plan: MixturePlan, start: int = 0, *, rank: int = 0, world_size: int = 1):
+        self.plan, self.start, self.rank, self.world_size = plan, start, rank, world_size
+
+    def __iter__(self):
+        for j, source, epoch, _, indices in self.plan.iterate(self.start, rank=self.rank,
+                                                              world_size=self.world_size):
+            yield [(j, source, epoch, i) for i in indices]
+
+
+class MixedDataset(Dataset):
+    """The sources of a stage behind one Dataset; keys come from :class:`MixedBatchSampler`."""
+
+    def __init__(self, datasets: Sequence[PairDataset]):
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, key) -> dict:
+        j, source, epoch, index = key
+        example = self.datasets[source].example(index, epoch)
+        example["source"], example["micro_batch"] = source, j
+        return example

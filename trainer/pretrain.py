@@ -1,12 +1,19 @@
-"""Single-process pretraining loop over one stage.
+"""The pretraining loop over one stage, single process or one rank of a DDP group.
 
-A stage is a set of tasks with weights plus optimisation settings (:class:`StageConfig`).
-:class:`Pretrainer` runs it: AdamW (no decay on biases and LayerNorm weights), linear /
-cosine / constant schedule with warmup, gradient accumulation, clipping, and a
-checkpoint every ``checkpoint_every`` optimizer steps holding model, optimizer,
-scheduler, RNG states (torch global + the masking generator) and the data position
-(epoch, batch within the epoch). ``resume`` continues bit-for-bit on CPU: the batches,
-the masking and the dropout of a resumed run equal those of the uninterrupted one.
+A stage is a set of tasks with weights plus optimisation settings (:class:`StageConfig`)
+over one or more data sources (:class:`~vlp.trainer.data.DataSource`, each with its own
+tasks and mixing ratio). :class:`Pretrainer` runs it: AdamW (no decay on biases and
+LayerNorm weights), linear / cosine / constant schedule with warmup, gradient
+accumulation, clipping, autocast (bf16 on CPU or GPU, fp16 with loss scaling on GPU) and a
+checkpoint every ``checkpoint_every`` optimizer steps holding model, optimizer, scheduler,
+loss scaler and the data position.
+
+Reproducibility: micro-batches are numbered globally (``j``); which source and batch ``j``
+reads (:class:`~vlp.trainer.data.MixturePlan`) and every random draw made while training
+on it (masking, negatives, dropout) are pure functions of ``(seed, j)``. Hence a resumed
+run continues bit-for-bit on CPU, and ``W`` DDP ranks with ``grad_accum`` A compute the
+same gradients as one process with ``grad_accum`` W*A: rank ``r`` takes the micro-batches
+``j = r mod W``.
 
 A non-finite loss or gradient stops the run with :class:`NonFiniteLossError`, naming the
 optimizer step, the micro-batch and its pair ids.
@@ -14,6 +21,7 @@ optimizer step, the micro-batch and its pair ids.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,13 +34,16 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from vlp.trainer.data import Collator, LengthBucketBatchSampler, PairDataset
+from vlp.trainer.data import (Collator, DataSource, LengthBucketBatchSampler, MixedBatchSampler,
+                              MixedDataset, MixturePlan, stable_seed)
 from vlp.trainer.tasks import PretrainModel, prepare_batch
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 CHECKPOINT_FORMAT = "vlp-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,7 +56,8 @@ class NonFiniteLossError(RuntimeError):
 class StageConfig:
     name: str = "stage1"
     tasks: object = dataclasses.field(default_factory=lambda: ["MLM"])
-    steps: int = 1000  # optimizer steps
+    steps: int = 0  # optimizer steps; or:
+    epochs: float = 0.0  # passes over all of the stage's batches (sources together)
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-4
@@ -64,11 +76,19 @@ class StageConfig:
     num_workers: int = 0
     text_mask_prob: float = 0.15
     region_mask_prob: float = 0.15
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: at the end only)
 
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if bool(self.steps) == bool(self.epochs):
+            raise ValueError("give a stage either steps or epochs (one of them)")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError("steps and epochs must be positive")
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         self.betas = tuple(self.betas)
@@ -127,71 +147,169 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class Pretrainer:
-    """Runs one stage. ``out_dir`` receives ``checkpoint-STEP.pt``, ``last.json`` and
-    ``history.jsonl`` (one line of losses/metrics per optimizer step)."""
+class _Distributed:
+    """The collective operations the loop needs; no-ops in a single process."""
 
-    def __init__(self, model: PretrainModel, dataset: PairDataset, stage: StageConfig, out_dir,
-                 *, device: str = "cpu"):
-        self.model, self.dataset, self.stage = model.to(device), dataset, stage
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError(f"world_size {world_size} needs an initialized torch.distributed process group")
+            self.dist = dist
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def any(self, flag: bool, device) -> bool:
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            self.dist.barrier()
+
+
+def _merge_means(parts: list[dict]) -> dict:
+    """{name: (sum, count)} dicts from micro-batches / ranks -> {name: mean}."""
+    totals: dict = {}
+    for part in parts:
+        for name, (value, count) in part.items():
+            old = totals.get(name, (0.0, 0))
+            totals[name] = (old[0] + value, old[1] + count)
+    return {name: value / count for name, (value, count) in totals.items() if count}
+
+
+def _sources(data, model: PretrainModel) -> list[DataSource]:
+    if isinstance(data, DataSource):
+        data = [data]
+    if not isinstance(data, (list, tuple)):
+        data = [DataSource("pairs", data)]
+    names = [t.name for t in model.tasks]
+    out = []
+    for source in data:
+        tasks = tuple(source.tasks) or tuple(names)
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            raise ValueError(f"data source {source.name!r}: task(s) {unknown} are not among the stage's {names}")
+        out.append(dataclasses.replace(source, tasks=tasks))
+    return out
+
+
+class Pretrainer:
+    """Runs one stage. ``out_dir`` receives ``checkpoint-STEP.pt``, ``last.json``,
+    ``history.jsonl`` (one line per optimizer step) and ``eval.jsonl``; with
+    ``world_size > 1`` only rank 0 writes.
+
+    ``data``: a :class:`PairDataset` (all tasks on it) or a list of
+    :class:`DataSource`. ``evaluator``: called with the model every ``eval_every`` steps
+    and at the end of the stage (rank 0); returns a flat dict of metrics.
+    """
+
+    def __init__(self, model: PretrainModel, data, stage: StageConfig, out_dir, *, device: str = "cpu",
+                 rank: int = 0, world_size: int = 1, evaluator: Optional[Callable] = None,
+                 progress: str = "off", step_offset: int = 0):
+        from vlp.trainer.reporting import TrainingLog
+
         self.device = torch.device(device)
+        self.model, self.stage = model.to(self.device), stage
+        self.sources = _sources(data, model)
+        self.dist = _Distributed(rank, world_size)
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        samplers = [LengthBucketBatchSampler(s.dataset.text_lengths(), stage.batch_size,
+                                             bucket_batches=stage.bucket_batches, seed=stage.seed + 7919 * k)
+                    for k, s in enumerate(self.sources)]
+        for source, sampler in zip(self.sources, samplers):
+            if len(sampler) == 0:
+                raise ValueError(f"data source {source.name!r} is empty: no pair has features")
+        ratios = [s.ratio if s.ratio is not None else len(sampler) for s, sampler in zip(self.sources, samplers)]
+        self.plan = MixturePlan(samplers, ratios, seed=stage.seed)
+        per_step = stage.grad_accum * world_size
+        if not stage.steps:
+            stage = self.stage = dataclasses.replace(
+                stage, steps=max(1, math.ceil(stage.epochs * sum(self.plan.batches_per_epoch) / per_step)),
+                epochs=0.0)
+        dtype = PRECISIONS[stage.precision]
+        if stage.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 training needs a GPU (loss scaling); use precision bf16 on CPU")
+        self.autocast = dict(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+        self.scaler = torch.amp.GradScaler("cuda") if stage.precision == "fp16" else None
         self.optimizer = make_optimizer(model, stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage))
-        self.sampler = LengthBucketBatchSampler(dataset.text_lengths(), stage.batch_size,
-                                                bucket_batches=stage.bucket_batches, seed=stage.seed)
-        if len(self.sampler) == 0:
-            raise ValueError("the dataset is empty: no pair has features")
-        self.generator = torch.Generator().manual_seed(stage.seed)  # masking randomness
+        self.generator = torch.Generator()  # masking randomness, reseeded per micro-batch
+        self.forward = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # sources train different task subsets, so some heads sit out some steps
+            self.forward = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         self.step = 0
-        self.epoch, self.batch_in_epoch = 0, 0
+        self.micro_batch = 0  # global index of the next micro-batch
         self.history: list[dict] = []
-        torch.manual_seed(stage.seed)
+        self.evaluator = evaluator
+        self.progress_mode = progress if rank == 0 else "off"
+        self.log = TrainingLog(self.out_dir, stage_name=stage.name, global_step_offset=step_offset) \
+            if rank == 0 else None
 
-    # -- data position -------------------------------------------------------------
-    def _batches(self):
-        """Micro-batches from the current position on, across epochs."""
-        pad_id = self.model.ctx.pad_id
-        while True:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=Collator(pad_id),
-                                num_workers=self.stage.num_workers,
-                                generator=torch.Generator().manual_seed(self.stage.seed + self.epoch),
-                                persistent_workers=False)
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+    @property
+    def epoch(self) -> int:
+        """Epochs of the first source completed so far (the position of single-source stages)."""
+        return self.plan.counts_before(self.micro_batch)[0] // self.plan.batches_per_epoch[0]
 
-    def _to_device(self, batch):
-        return to_device(batch, self.device)
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.plan.counts_before(self.micro_batch)[0] % self.plan.batches_per_epoch[0]
+
+    # -- data ----------------------------------------------------------------------
+    def _loader(self):
+        sampler = MixedBatchSampler(self.plan, self.micro_batch, rank=self.dist.rank,
+                                    world_size=self.dist.world_size)
+        loader = DataLoader(MixedDataset([s.dataset for s in self.sources]), batch_sampler=sampler,
+                            collate_fn=Collator(self.model.ctx.pad_id), num_workers=self.stage.num_workers,
+                            generator=torch.Generator().manual_seed(self.stage.seed),
+                            pin_memory=self.device.type == "cuda")
+        return iter(loader)
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "stage": self.stage.to_dict(), "step": self.step,
-            "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "position": {"micro_batch": self.micro_batch, "world_size": self.dist.world_size},
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "masking": self.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "tasks": [{"name": t.name, "weight": t.weight} for t in self.model.tasks],
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
         path = self.out_dir / f"checkpoint-{self.step:07d}.pt"
-        _atomic_save(self.state_dict(), path)
-        tmp = self.out_dir / "last.json.partial"
-        tmp.write_text(json.dumps({"checkpoint": path.name, "step": self.step}))
-        os.replace(tmp, self.out_dir / "last.json")
-        old = sorted(self.out_dir.glob("checkpoint-*.pt"))
-        for stale in old[:-self.stage.keep_checkpoints] if self.stage.keep_checkpoints > 0 else []:
-            stale.unlink()
-        log.info("saved %s", path)
+        if self.dist.rank == 0:
+            _atomic_save(self.state_dict(), path)
+            tmp = self.out_dir / "last.json.partial"
+            tmp.write_text(json.dumps({"checkpoint": path.name, "step": self.step, "steps": self.stage.steps}))
+            os.replace(tmp, self.out_dir / "last.json")
+            old = sorted(self.out_dir.glob("checkpoint-*.pt"))
+            for stale in old[:-self.stage.keep_checkpoints] if self.stage.keep_checkpoints > 0 else []:
+                stale.unlink()
+            log.info("saved %s", path)
+        self.dist.barrier()
         return path
 
     def load_checkpoint(self, path) -> None:
@@ -204,6 +322,9 @@ class Pretrainer:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a vlp-train checkpoint")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {state.get('version')}, this vlp reads "
+                             f"version {CHECKPOINT_VERSION}")
         names = [t["name"] for t in state["tasks"]]
         if names != [t.name for t in self.model.tasks]:
             raise ValueError(f"{path}: checkpoint tasks {names} differ from this stage's "
@@ -211,91 +332,146 @@ class Pretrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.epoch = int(state["position"]["epoch"])
-        self.batch_in_epoch = int(state["position"]["batch_in_epoch"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["masking"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self._truncate_history()
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
-                 self.batch_in_epoch)
-
-    def _truncate_history(self) -> None:
-        """Drop history lines of steps after the checkpoint (they will be redone)."""
-        path = self.out_dir / "history.jsonl"
-        if not path.is_file():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        self.micro_batch = int(state["position"]["micro_batch"])
+        saved_world = int(state["position"].get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            log.warning("%s was written by %d worker(s), resuming with %d: the data continues from micro-batch "
+                        "%d, but batches per step change", path, saved_world, self.dist.world_size, self.micro_batch)
+        if self.log is not None:
+            self.log.truncate(self.step)
+        log.info("resumed from %s at step %d (micro-batch %d)", path, self.step, self.micro_batch)
 
     # -- training ------------------------------------------------------------------
     def _check(self, value: torch.Tensor, what: str, micro: int, batch: dict, losses: dict) -> None:
-        if torch.isfinite(value).all():
+        bad = not bool(torch.isfinite(value).all())
+        if not self.dist.any(bad, value.device):
             return
         shown = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
                  for k, v in losses.items()}
-        ids = list(batch.get("pair_id", []))
-        message = (f"non-finite {what} at step {self.step + 1} (micro-batch {micro} of "
-                   f"{self.stage.grad_accum}, epoch {self.epoch}, batch {self.batch_in_epoch - 1}); "
-                   f"task losses {shown}; pair ids: {', '.join(map(str, ids))}")
+        ids = list(batch.get("pair_id", [])) if bad else []
+        where = f"rank {self.dist.rank}: " if self.dist.enabled else ""
+        source = self.sources[batch.get("source", 0)].name
+        message = (f"{where}non-finite {what} at step {self.step + 1} (micro-batch {micro} of "
+                   f"{self.stage.grad_accum}, global micro-batch {batch.get('micro_batch')}, source {source}); "
+                   f"task losses {shown}; pair ids: {', '.join(map(str, ids)) or 'on another rank'}")
         raise NonFiniteLossError(message, self.step + 1, micro, ids, shown)
 
+    def _micro_step(self, batch: dict, micro: int, sync: bool):
+        """Forward + backward of one micro-batch; returns ({task: (loss, 1)}, {metric: (value, 1)}, size)."""
+        stage = self.stage
+        source = self.sources[batch.get("source", 0)]
+        seed = stable_seed(stage.seed, batch["micro_batch"])
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout
+        batch = to_device(batch, self.device)
+        prepared = prepare_batch(batch, self.model.select(source.tasks), self.generator, self.model.ctx,
+                                 stage.text_mask_prob, stage.region_mask_prob)
+        context = self.forward.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        with context:
+            with torch.autocast(**self.autocast):
+                loss, losses, metrics = self.forward(prepared, self.generator, prepared=True, tasks=source.tasks)
+            self._check(loss.detach(), "loss", micro, batch, losses)
+            scaled = loss / stage.grad_accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        task_losses = {"loss": (loss.item(), 1)}
+        task_losses.update({k: (v.item(), 1) for k, v in losses.items()})
+        return task_losses, {k: (float(v), 1) for k, v in metrics.items()}, len(batch["pair_id"])
+
     def train(self, max_steps: Optional[int] = None, callback: Optional[Callable] = None) -> list[dict]:
-        """Train until ``stage.steps`` (or ``max_steps`` more steps); returns this call's history."""
+        """Train until ``stage.steps`` (or ``max_steps`` more steps); returns this call's history.
+
+        ``callback(trainer, entry)`` runs after each optimizer step (gradients still set).
+        """
+        from vlp.pipeline.progress import Progress
+
         stage = self.stage
         end = stage.steps if max_steps is None else min(stage.steps, self.step + max_steps)
-        batches = self._batches()
+        batches = self._loader()
         self.model.train()
         run_history = []
-        started = time.perf_counter()
-        while self.step < end:
-            self.optimizer.zero_grad(set_to_none=True)
-            total_loss, task_losses, metrics = 0.0, {}, {}
-            for micro in range(1, stage.grad_accum + 1):
-                batch = self._to_device(next(batches))
-                prepared = prepare_batch(batch, self.model.tasks, self.generator, self.model.ctx,
-                                         stage.text_mask_prob, stage.region_mask_prob)
-                loss, losses, batch_metrics = self.model(prepared, self.generator, prepared=True)
-                self._check(loss.detach(), "loss", micro, batch, losses)
-                (loss / stage.grad_accum).backward()
-                total_loss += loss.item() / stage.grad_accum
-                for k, v in losses.items():
-                    task_losses[k] = task_losses.get(k, 0.0) + v.item() / stage.grad_accum
-                for k, v in batch_metrics.items():
-                    metrics.setdefault(k, []).append(v)
-            if stage.clip_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), stage.clip_norm)
-            else:
-                norm = torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters()
-                                               if p.grad is not None]))
-            self._check(norm.detach(), "gradient norm", stage.grad_accum, batch, task_losses)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            entry = {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": float(norm),
-                     "losses": task_losses,
-                     "metrics": {k: sum(v) / len(v) for k, v in metrics.items()}}
-            run_history.append(entry)
-            self.history.append(entry)
-            with open(self.out_dir / "history.jsonl", "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            if stage.log_every and self.step % stage.log_every == 0:
-                log.info("step %d loss %.4f lr %.2e %s (%.1f s)", self.step, total_loss, lr,
-                         " ".join(f"{k}={v:.3f}" for k, v in entry["metrics"].items()),
-                         time.perf_counter() - started)
-            if callback is not None:
-                callback(self, entry)
-            if stage.checkpoint_every and self.step % stage.checkpoint_every == 0:
-                self.save_checkpoint()
-        if self.step == stage.steps and not (stage.checkpoint_every and self.step % stage.checkpoint_every == 0):
-            self.save_checkpoint()
+        progress = Progress(stage.steps, f"stage {stage.name}", unit="step", mode=self.progress_mode,
+                            initial=self.step)
+        try:
+            while self.step < end:
+                started = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                losses, metrics, samples = [], [], 0
+                for micro in range(1, stage.grad_accum + 1):
+                    batch = next(batches)
+                    task_losses, batch_metrics, size = self._micro_step(batch, micro, sync=micro == stage.grad_accum)
+                    losses.append(task_losses)
+                    metrics.append(batch_metrics)
+                    samples += size
+                entry = self._optimizer_step(batch, losses, metrics, samples, started)
+                run_history.append(entry)
+                if callback is not None:
+                    callback(self, entry)
+                progress.update(1, loss=f"{entry['loss']:.3f}", **{"samples/s": f"{entry['samples_per_s']:.0f}"})
+                if stage.checkpoint_every and self.step % stage.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stage.eval_every and self.step % stage.eval_every == 0 and self.step < stage.steps:
+                    self.run_evaluation()
+            if self.step == stage.steps:
+                if not (stage.checkpoint_every and self.step % stage.checkpoint_every == 0):
+                    self.save_checkpoint()
+                self.run_evaluation()
+        finally:
+            progress.close()
+            del batches  # stops DataLoader workers of the endless sampler
         return run_history
+
+    def _optimizer_step(self, batch, losses, metrics, samples, started) -> dict:
+        stage = self.stage
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if stage.clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, stage.clip_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+        merged_losses = _merge_means([m for part in self.dist.gather(losses) for m in part])
+        if self.scaler is None:  # with loss scaling an overflow just skips the step
+            self._check(norm.detach(), "gradient norm", stage.grad_accum, batch, merged_losses)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.micro_batch += stage.grad_accum * self.dist.world_size
+        samples = sum(self.dist.gather(samples))
+        elapsed = time.perf_counter() - started
+        total = merged_losses.pop("loss")
+        entry = {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(norm),
+                 "losses": merged_losses,
+                 "metrics": _merge_means([m for part in self.dist.gather(metrics) for m in part]),
+                 "samples": samples, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
+        self.history.append(entry)
+        if self.log is not None:
+            self.log.log_step(entry)
+        if stage.log_every and self.step % stage.log_every == 0:
+            log.info("step %d loss %.4f lr %.2e %s (%.0f samples/s)", self.step, total, lr,
+                     " ".join(f"{k}={v:.3f}" for k, v in entry["metrics"].items()), entry["samples_per_s"])
+        return entry
+
+    def run_evaluation(self) -> Optional[dict]:
+        """Held-out metrics from the evaluator (rank 0; the others wait)."""
+        result = None
+        if self.evaluator is not None and self.dist.rank == 0:
+            result = self.evaluator(self.model)
+            self.log.log_eval(self.step, result)
+            log.info("step %d eval %s", self.step, " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+        self.dist.barrier()
+        return result
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 @torch.no_grad()

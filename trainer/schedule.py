@@ -47,7 +47,11 @@ log = logging.getLogger(__name__)
 from vlp.trainer.pretrain import StageConfig
 
 STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
-STAGE_DATA_KEYS = {"pairs", "hard_negatives", "hard_negative_top", "max_text_len", "max_regions"}
+SOURCE_KEYS = {"name", "pairs", "features", "tasks", "ratio", "hard_negatives", "hard_negative_top",
+               "max_text_len", "max_regions", "append_labels"}
+STAGE_DATA_KEYS = (SOURCE_KEYS - {"name", "tasks", "ratio"}) | {"sources"}
+EVAL_KEYS = {"pairs", "features", "batch_size", "max_batches", "retrieval_images", "max_text_len",
+             "max_regions"}
 
 
 def load_config(path) -> dict:
@@ -60,30 +64,66 @@ def load_config(path) -> dict:
     return config
 
 
+def source_specs(stage: dict) -> list[dict]:
+    """The data sources of a stage config: its ``sources`` list, or the one source given
+    by its own ``pairs`` (+ hard_negatives, ...) keys."""
+    if stage.get("sources"):
+        return [dict(spec, name=spec.get("name") or f"source{k + 1}") for k, spec in enumerate(stage["sources"])]
+    return [{"name": "pairs", **{k: v for k, v in stage.items() if k in SOURCE_KEYS - {"name"}}}]
+
+
 def validate_config(config: dict, where: str = "config") -> None:
+    from vlp.trainer.tasks import make_task, make_tasks
+
     if not isinstance(config, dict):
         raise ValueError(f"{where}: the config must be a mapping")
-    unknown = set(config) - {"model", "data", "stages", "seed"}
+    unknown = set(config) - {"model", "data", "stages", "seed", "eval"}
     if unknown:
         raise ValueError(f"{where}: unknown top-level key(s): {', '.join(sorted(unknown))}")
     model = config.get("model") or {}
     if not model.get("text_checkpoint") and not model.get("vocab"):
         raise ValueError(f"{where}: model needs text_checkpoint (a BERT directory) or vocab")
-    if not (config.get("data") or {}).get("features"):
-        raise ValueError(f"{where}: data.features (a feature store directory) is required")
+    evaluation = config.get("eval")
+    if evaluation is not None:
+        if not isinstance(evaluation, dict) or not evaluation.get("pairs"):
+            raise ValueError(f"{where}: eval needs pairs (a held-out pair store directory)")
+        bad = set(evaluation) - EVAL_KEYS
+        if bad:
+            raise ValueError(f"{where}: eval: unknown key(s): {', '.join(sorted(bad))}")
     stages = config.get("stages")
     if not stages:
         raise ValueError(f"{where}: stages: at least one stage is required")
     names = []
     for i, stage in enumerate(stages):
         label = f"{where}: stages[{i}]"
-        if not stage.get("pairs"):
-            raise ValueError(f"{label}: pairs (a pair store directory) is required")
         if not stage.get("tasks"):
             raise ValueError(f"{label}: tasks are required")
         bad = set(stage) - STAGE_KEYS - STAGE_DATA_KEYS
         if bad:
             raise ValueError(f"{label}: unknown key(s): {', '.join(sorted(bad))}")
+        if stage.get("sources") and stage.get("pairs"):
+            raise ValueError(f"{label}: give either pairs or sources, not both")
+        try:
+            StageConfig(**{k: v for k, v in stage.items() if k in STAGE_KEYS})
+            stage_tasks = [t.name for t in make_tasks(stage["tasks"])]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{label}: {error}") from None
+        for k, spec in enumerate(source_specs(stage)):
+            where_source = f"{label}.sources[{k}]" if stage.get("sources") else label
+            if not spec.get("pairs"):
+                raise ValueError(f"{where_source}: pairs (a pair store directory) is required")
+            bad = set(spec) - SOURCE_KEYS
+            if bad:
+                raise ValueError(f"{where_source}: unknown key(s): {', '.join(sorted(bad))}")
+            if not spec.get("features") and not (config.get("data") or {}).get("features"):
+                raise ValueError(f"{where_source}: no feature store: set data.features or the source's features")
+            try:
+                wanted = [make_task(t).name for t in spec.get("tasks") or []]
+            except ValueError as error:
+                raise ValueError(f"{where_source}: {error}") from None
+            missing = [t for t in wanted if t not in stage_tasks]
+            if missing:
+                raise ValueError(f"{where_source}: task(s) {missing} are not among the stage's tasks {stage_tasks}")
         names.append(stage.get("name", f"stage{i + 1}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: stage names must be distinct: {names}")
@@ -124,7 +164,7 @@ def _stage_dir(out_dir: Path, index: int, name: str) -> Path:
     return out_dir / f"{index + 1:02d}-{name}"
 
 
-def _final_state(stage_dir: Path, steps: int) -> Optional[dict]:
+def _final_state(stage_dir: Path) -> Optional[dict]:
     """The checkpoint state of a finished stage, or None."""
     import json
 
@@ -132,7 +172,7 @@ def _final_state(stage_dir: Path, steps: int) -> Optional[dict]:
     if not pointer.is_file():
         return None
     info = json.loads(pointer.read_text())
-    if int(info["step"]) < steps:
+    if int(info["step"]) < int(info["steps"]):
         return None
     return torch.load(stage_dir / info["checkpoint"], map_location="cpu", weights_only=True)
 
@@ -155,66 +195,143 @@ def hand_over(model, state: dict) -> list[str]:
     return carried
 
 
-def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: Optional[int] = None) -> list[dict]:
+class _Stores:
+    """Feature and pair stores opened once per run (sources of several stages share them)."""
+
+    def __init__(self):
+        self._open: dict = {}
+
+    def features(self, path):
+        from vlp.schemas import FeatureStore
+
+        key = ("features", str(path))
+        if key not in self._open:
+            self._open[key] = FeatureStore(path)
+        return self._open[key]
+
+    def pairs(self, path):
+        from vlp.schemas.pairs import PairStore
+
+        key = ("pairs", str(path))
+        if key not in self._open:
+            self._open[key] = PairStore(path)
+        return self._open[key]
+
+
+def _dataset(spec: dict, config: dict, stores: _Stores, tokenizer, box_dims: int, seed: int):
+    from vlp.trainer.data import PairDataset
+
+    data = config.get("data") or {}
+    hard = stores.pairs(spec["hard_negatives"]) if spec.get("hard_negatives") else None
+    return PairDataset(stores.pairs(spec["pairs"]), stores.features(spec.get("features") or data["features"]),
+                       tokenizer, max_text_len=int(spec.get("max_text_len", data.get("max_text_len", 40))),
+                       max_regions=spec.get("max_regions", data.get("max_regions")), box_dims=box_dims,
+                       hard_negatives=hard, hard_negative_top=int(spec.get("hard_negative_top", 5)),
+                       seed=seed, append_labels=int(spec.get("append_labels", 0)))
+
+
+def _evaluator(config: dict, stores: _Stores, tokenizer, box_dims: int):
+    """A callable model -> metrics on the config's held-out pairs (``eval:``), or None."""
+    spec = config.get("eval")
+    if not spec:
+        return None
+    from vlp.trainer.evaluation import evaluate_during_training
+
+    dataset = _dataset(spec, config, stores, tokenizer, box_dims, seed=0)
+    options = dict(batch_size=int(spec.get("batch_size", 64)), max_batches=spec.get("max_batches", 20),
+                   retrieval_images=int(spec.get("retrieval_images", 100)))
+    return lambda model: evaluate_during_training(model, dataset, **options)
+
+
+def stage_trainer(config: dict, index: int, out_dir, *, encoder, tokenizer, stores: Optional[_Stores] = None,
+                  previous_state: Optional[dict] = None, device: str = "cpu", rank: int = 0,
+                  world_size: int = 1, progress: str = "off", step_offset: int = 0):
+    """The :class:`Pretrainer` of stage ``index`` (heads of shared tasks handed over from
+    ``previous_state``), resumed from its directory's last checkpoint when there is one.
+    Returns ``(trainer, carried_heads)``."""
+    from vlp.trainer.data import DataSource
+    from vlp.trainer.pretrain import Pretrainer
+    from vlp.trainer.tasks import PretrainModel, TaskContext, make_task, make_tasks
+
+    stores = stores or _Stores()
+    raw = dict(config["stages"][index])
+    name = raw.setdefault("name", f"stage{index + 1}")
+    stage = StageConfig(**{k: v for k, v in raw.items() if k in STAGE_KEYS})
+    torch.manual_seed(stage.seed + index)  # new heads: the same init in a fresh or a resumed run
+    model = PretrainModel(encoder, make_tasks(stage.tasks), TaskContext.from_tokenizer(tokenizer))
+    carried = hand_over(model, previous_state) if previous_state is not None else []
+    sources = []
+    for k, spec in enumerate(source_specs(raw)):
+        dataset = _dataset(spec, config, stores, tokenizer, encoder.visual.box_dims, seed=stage.seed + k)
+        sources.append(DataSource(spec["name"], dataset, tuple(make_task(t).name for t in spec.get("tasks") or ()),
+                                  spec.get("ratio")))
+    stage_dir = _stage_dir(Path(out_dir), index, name)
+    trainer = Pretrainer(model, sources, stage, stage_dir, device=device, rank=rank, world_size=world_size,
+                         evaluator=_evaluator(config, stores, tokenizer, encoder.visual.box_dims),
+                         progress=progress, step_offset=step_offset)
+    if (stage_dir / "last.json").is_file():
+        trainer.load_checkpoint(stage_dir)
+    return trainer, carried
+
+
+def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: Optional[int] = None,
+               num_workers: int = 1, progress: str = "off", rank: int = 0, world_size: int = 1) -> list[dict]:
     """Run every stage of ``config`` in order; returns one summary per stage.
 
     ``stop_after_steps``: stop the whole run after this many optimizer steps (tests /
-    preemption drills); a later call resumes.
+    preemption drills); a later call resumes. ``num_workers > 1``: data-parallel on that
+    many Ray Train workers (:func:`vlp.trainer.distributed.run_distributed`).
+    ``rank``/``world_size`` are set by those workers.
     """
-    from vlp.schemas import FeatureStore
-    from vlp.schemas.pairs import PairStore
-    from vlp.trainer.data import PairDataset
-    from vlp.trainer.pretrain import Pretrainer
-    from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
+    if num_workers > 1:
+        from vlp.trainer.distributed import run_distributed
 
+        return run_distributed(config, out_dir, num_workers=num_workers, device=device,
+                               stop_after_steps=stop_after_steps)
     validate_config(config)
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(config)
-    ctx = TaskContext.from_tokenizer(tokenizer)
-    data = config["data"]
-    features = FeatureStore(data["features"])
-    seed = int(config.get("seed", 0))
-    torch.manual_seed(seed)
+    stores = _Stores()
+    torch.manual_seed(int(config.get("seed", 0)))
     encoder = build_encoder(config, tokenizer)
     previous_state: Optional[dict] = None
     summaries = []
     budget = stop_after_steps
+    step_offset = 0  # optimizer steps of the earlier stages (one time axis in TensorBoard)
     for index, raw in enumerate(config["stages"]):
-        raw = dict(raw)
-        name = raw.setdefault("name", f"stage{index + 1}")
-        stage = StageConfig(**{k: v for k, v in raw.items() if k in STAGE_KEYS})
+        name = raw.get("name", f"stage{index + 1}")
         stage_dir = _stage_dir(out_dir, index, name)
-        torch.manual_seed(stage.seed + index)  # new heads: the same init in a fresh or a resumed run
-        model = PretrainModel(encoder, make_tasks(stage.tasks), ctx)
-        carried = hand_over(model, previous_state) if previous_state is not None else []
-        finished = _final_state(stage_dir, stage.steps)
+        finished = _final_state(stage_dir)
         if finished is not None:
+            from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
+
+            model = PretrainModel(encoder, make_tasks(raw["tasks"]), TaskContext.from_tokenizer(tokenizer))
             model.load_state_dict(finished["model"])
             log.info("stage %s: already finished, skipped", name)
-            summaries.append({"stage": name, "dir": str(stage_dir), "skipped": True, "carried_heads": carried})
+            summaries.append({"stage": name, "dir": str(stage_dir), "skipped": True})
             previous_state = finished["model"]
+            step_offset += int(finished["step"])
             continue
-        pairs = PairStore(raw["pairs"])
-        hard = PairStore(raw["hard_negatives"]) if raw.get("hard_negatives") else None
-        dataset = PairDataset(pairs, features, tokenizer,
-                              max_text_len=int(raw.get("max_text_len", data.get("max_text_len", 40))),
-                              max_regions=raw.get("max_regions", data.get("max_regions")),
-                              box_dims=encoder.visual.box_dims, hard_negatives=hard,
-                              hard_negative_top=int(raw.get("hard_negative_top", 5)), seed=stage.seed)
-        trainer = Pretrainer(model, dataset, stage, stage_dir, device=device)
-        if (stage_dir / "last.json").is_file():
-            trainer.load_checkpoint(stage_dir)
+        trainer, carried = stage_trainer(config, index, out_dir, encoder=encoder, tokenizer=tokenizer,
+                                         stores=stores, previous_state=previous_state, device=device,
+                                         rank=rank, world_size=world_size, progress=progress,
+                                         step_offset=step_offset)
         start = trainer.step
-        history = trainer.train(max_steps=budget)
+        try:
+            history = trainer.train(max_steps=budget)
+        finally:
+            trainer.close()
         summaries.append({"stage": name, "dir": str(stage_dir), "skipped": False, "start_step": start,
-                          "end_step": trainer.step, "carried_heads": carried,
-                          "skipped_pairs": dataset.skipped, "history": history})
+                          "end_step": trainer.step, "steps": trainer.stage.steps, "carried_heads": carried,
+                          "skipped_pairs": {s.name: s.dataset.skipped for s in trainer.sources},
+                          "history": history})
         if budget is not None:
             budget -= trainer.step - start
-        if trainer.step < stage.steps:
-            log.info("stage %s: stopped at step %d of %d", name, trainer.step, stage.steps)
+        if trainer.step < trainer.stage.steps:
+            log.info("stage %s: stopped at step %d of %d", name, trainer.step, trainer.stage.steps)
             break
-        previous_state = copy.deepcopy(model.state_dict())
+        previous_state = copy.deepcopy(trainer.model.state_dict())
+        step_offset += trainer.step
     return summaries
 
 

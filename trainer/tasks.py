@@ -553,15 +553,26 @@ class PretrainModel(nn.Module):
     def head(self, name):
         return self.heads[name] if name in self.heads else None
 
-    def forward(self, batch: dict, generator, *, prepared: bool = False):
+    def select(self, names=None) -> list[Task]:
+        """The tasks named (all when ``names`` is None), in the model's order."""
+        if names is None:
+            return list(self.tasks)
+        unknown = set(names) - {t.name for t in self.tasks}
+        if unknown:
+            raise ValueError(f"task(s) {sorted(unknown)} have no head in this model")
+        return [t for t in self.tasks if t.name in names]
+
+    def forward(self, batch: dict, generator, *, prepared: bool = False, tasks=None):
+        """``tasks``: names of the tasks to run on this batch (default: all of the model's)."""
+        tasks = self.select(tasks)
         if not prepared:
-            batch = prepare_batch(batch, self.tasks, generator, self.ctx)
+            batch = prepare_batch(batch, tasks, generator, self.ctx)
         out = self.encoder(**{k: v for k, v in batch.items() if k in (
             "input_ids", "text_mask", "region_features", "region_boxes", "region_mask",
             "token_regions", "image_feature")})
         losses, metrics = {}, {}
         total = None
-        for task in self.tasks:
+        for task in tasks:
             loss, task_metrics = task.loss(out, batch, self.head(task.name), self.ctx)
             losses[task.name] = loss
             metrics.update({k: v for k, v in task_metrics.items() if v is not None})

@@ -1,0 +1,125 @@
+"""Data-parallel pretraining on Ray Train workers (``vlp-train pretrain --num-workers N``).
+
+Each worker is one DDP rank (gloo on CPU, nccl on GPU; Ray Train sets up the process
+group) and runs :func:`vlp.trainer.schedule.run_stages` with its rank: it reads the
+micro-batches ``j = rank mod N`` of every stage's plan, gradients are averaged by DDP,
+and rank 0 writes checkpoints, history and TensorBoard events. The run directory must be
+reachable by every worker (one machine, or a shared file system on a cluster).
+
+Because the micro-batches and all the randomness spent on them depend only on the
+global micro-batch index, N workers with ``grad_accum`` A take the same optimizer steps
+as one process with ``grad_accum`` N*A (up to the order of float additions), and a run
+can resume with a different number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def _worker_loop(settings: dict) -> None:
+    import ray.train
+    from ray.train.torch import get_device
+    import torch
+
+    from vlp.trainer.schedule import run_stages
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(settings["threads"])))
+    device = str(get_device()) if settings["use_gpu"] else "cpu"
+    summaries = run_stages(settings["config"], settings["out_dir"], device=device,
+                           stop_after_steps=settings["stop_after_steps"], rank=rank, world_size=world_size)
+    if rank == 0:
+        for summary in summaries:
+            summary.pop("history", None)
+        path = Path(settings["out_dir"]) / SUMMARY_FILE
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(summaries, indent=1))
+        os.replace(tmp, path)
+
+
+def run_distributed(config: dict, out_dir, *, num_workers: int, device: str = "auto",
+                    stop_after_steps: Optional[int] = None, address: Optional[str] = None,
+                    cpus_per_worker: Optional[int] = None) -> list[dict]:
+    """Run ``config`` on ``num_workers`` Ray Train workers; returns the stage summaries
+    (without per-step history: read ``history.jsonl``).
+
+    ``device``: ``cuda`` (one GPU per worker), ``cpu``, or ``auto`` (GPUs when the Ray
+    cluster has at least ``num_workers``). Without ``address`` a local Ray instance is
+    started for the run and stopped after it.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vlp.trainer.schedule import validate_config
+
+    if num_workers < 1:
+        raise ValueError("num_workers must be at least 1")
+    validate_config(config)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = False
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+        started = True
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if device == "auto":
+            use_gpu = gpus >= num_workers
+        elif device in ("cuda", "gpu"):
+            if gpus < num_workers:
+                raise ValueError(f"--device cuda with {num_workers} workers needs {num_workers} GPUs; "
+                                 f"the Ray cluster has {gpus}")
+            use_gpu = True
+        elif device == "cpu":
+            use_gpu = False
+        else:
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        cpus = int(resources.get("CPU", 1))
+        per_worker = cpus_per_worker or max(1, cpus // num_workers)
+        if not use_gpu and per_worker * num_workers > cpus:
+            raise ValueError(f"{num_workers} workers x {per_worker} CPUs need {num_workers * per_worker} CPUs; "
+                             f"the Ray cluster has {cpus}")
+        settings = {"config": config, "out_dir": str(out_dir), "stop_after_steps": stop_after_steps,
+                    "use_gpu": use_gpu, "threads": per_worker}
+        trainer = TorchTrainer(
+            _worker_loop, train_loop_config=settings,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": per_worker}),
+            run_config=RunConfig(storage_path=str(out_dir / ".ray-train"), name="pretrain"))
+        log.info("training on %d Ray worker(s), %s, %d CPU(s) each", num_workers, "GPU" if use_gpu else "CPU",
+                 per_worker)
+        try:
+            trainer.fit()
+        except Exception as error:  # the worker's own exception is the useful part
+            raise RuntimeError(f"distributed training failed: {_root_message(error)}") from error
+    finally:
+        if started:
+            ray.shutdown()
+    return json.loads((out_dir / SUMMARY_FILE).read_text())
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost message of a chain of wrapped worker errors."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or getattr(error, "cause", None) or error.__context__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        error = inner
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
