@@ -192,3 +192,46 @@ def test_hard_negatives_through_collate_and_itm_hs(stores, tokenizer, tmp_path):
     n3 = features.get("img3").num_boxes
     np.testing.assert_array_equal(prepared["region_features"][0, :n3].numpy(),
                                   features.get("img3").features.astype(np.float32))
+
+
+def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
+    from vlp.builders.labels import region_label_words
+
+    features, captions, labels = stores
+    plain = PairDataset(captions, features, tokenizer, max_text_len=12)
+    augmented = PairDataset(captions, features, tokenizer, max_text_len=12, append_labels=2)
+    a, b = plain[3], augmented[3]
+    n = len(a["input_ids"])
+    assert torch.equal(b["input_ids"][:n], a["input_ids"])  # caption (and its [SEP]) unchanged
+    assert b["input_ids"][-1].item() == tokenizer.sep_token_id
+    words, regions, _ = region_label_words(features.get(a["image_id"]))
+    kept = [(w, r) for w, r in zip(words, regions) if r < 2]
+    expected = tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
+    assert b["input_ids"][n:-1].tolist() == expected["input_ids"]
+    assert b["token_regions"][n:-1].tolist() == [kept[w][1] for w in expected.word_ids()]
+    assert (b["token_regions"][:n] == -1).all() and b["token_regions"][-1] == -1
+    with pytest.raises(ValueError, match="objects_labels"):
+        PairDataset(labels, features, tokenizer, append_labels=2)
+
+
+def test_mixture_plan_is_a_pure_function_of_the_micro_batch():
+    from vlp.trainer.data import MixturePlan
+
+    samplers = [LengthBucketBatchSampler(np.arange(40) % 7, 4, seed=1),   # 10 batches an epoch
+                LengthBucketBatchSampler(np.arange(12) % 5, 4, seed=2)]   # 3 batches an epoch
+    plan = MixturePlan(samplers, [3, 1], seed=5)
+    walk = list(zip(range(400), plan.iterate(0)))
+    sources = np.array([item[1] for _, item in walk])
+    assert 0.68 < (sources == 0).mean() < 0.82  # ratio 3:1
+    for j, (jj, source, epoch, position, indices) in walk:
+        assert jj == j and plan.locate(j) == (source, epoch, position)
+        assert indices == samplers[source].batches(epoch)[position]
+    # starting anywhere continues the same walk; ranks split it by j mod world size
+    assert [x[0] for x in zip(plan.iterate(137), range(5))] == [item for _, item in walk[137:142]]
+    rank1 = [x[0] for x in zip(plan.iterate(0, rank=1, world_size=2), range(50))]
+    assert rank1 == [item for j, item in walk if j % 2 == 1][:50]
+    # each source runs through whole epochs: every example once per epoch
+    seen = [i for _, (j, s, e, p, idx) in walk if s == 1 and e == 0 for i in idx]
+    assert sorted(seen) == list(range(12))
+    with pytest.raises(ValueError, match="ratios"):
+        MixturePlan(samplers, [0, 0])

@@ -70,8 +70,9 @@ def test_tasks_train_and_ifrs_is_refused(tok):
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["encoder.lxmert.encoder.visn_fc.visn_fc.weight"].abs().sum() > 0
     assert grads["encoder.lxmert.embeddings.word_embeddings.weight"].abs().sum() > 0
-    with pytest.raises(ValueError, match="positions"):
-        PretrainModel(_encoder(tok), make_tasks(["IFRS"]), ctx)
+    ifrs = PretrainModel(_encoder(tok), make_tasks([{"name": "IFRS", "prob": 0.5}]), ctx)
+    prepared = prepare_batch(_batch(tok), ifrs.tasks, g, ctx)
+    assert ifrs(prepared, g, prepared=True)[1]["IFRS"].item() > 0
     with pytest.raises(ValueError):
         _encoder(tok, image_token=True)
 

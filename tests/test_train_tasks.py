@@ -166,6 +166,7 @@ def test_ifrs_shuffle_and_perfect_restore():
         for t in range(4):
             assert sorted(source[b, 3 * t:3 * t + 3].tolist()) == [3 * t, 3 * t + 1, 3 * t + 2]
     assert torch.equal(shuffled, torch.gather(features, 1, source.unsqueeze(-1).expand(-1, -1, 8)))
+    assert torch.equal(sboxes, boxes)  # only features move
     # a perfect model predicts the original feature at each position: order restored
     order = ifrs_restore(features, shuffled, moved)
     restored = torch.gather(shuffled, 1, order.unsqueeze(-1).expand(-1, -1, 8))
@@ -173,16 +174,15 @@ def test_ifrs_shuffle_and_perfect_restore():
     assert shuffle_triplets(features, boxes, region_mask, g, prob=0.0)[2].sum() == 0
 
 
-def test_ifrs_requires_region_positions(tok, ctx):
-    with pytest.raises(ValueError, match="region_positions"):
-        make_model(tok, ctx, ["IFRS"])
-    model = make_model(tok, ctx, [{"name": "IFRS", "prob": 0.5}], positions="index")
+def test_ifrs_moves_features_and_their_labels_not_boxes(tok, ctx):
+    model = make_model(tok, ctx, [{"name": "IFRS", "prob": 0.5}])  # shared positions: boxes tell
     batch = make_batch(tok)
     g = torch.Generator().manual_seed(0)
     prepared = prepare_batch(batch, model.tasks, g, ctx)
-    # labels follow their region
     src = prepared["ifrs_source"]
+    assert prepared["ifrs_moved"].any()
     assert torch.equal(prepared["objects_id"], torch.gather(batch["objects_id"], 1, src))
+    assert torch.equal(prepared["region_boxes"], batch["region_boxes"])
     total, losses, _ = model(prepared, g, prepared=True)
     assert losses["IFRS"].item() > 0
 

@@ -3,8 +3,8 @@
 ``l_layers = r_layers = 0``: text embeddings and projected regions meet directly in
 ``x_layers`` cross-modality layers (each: cross-attention both ways, then self-attention
 and FFN per stream). Same interface as :class:`~vlp.trainer.model.SingleStreamEncoder`
-(``forward(**batch) -> EncoderOutput``), so every task that needs no region positions
-works with it (IFRS does not: LXMERT regions carry no order).
+(``forward(**batch) -> EncoderOutput``), so every task works with it (IFRS moves features
+between boxes, which the box embedding reveals without region positions).
 
 Regions: LxmertModel's visual encoder, ``(LN(Linear(features)) + LN(Linear(geometry))) / 2``,
 geometry of ``box_dims`` (4, 5 or 7). With ``label_spatial``, label tokens (LAMP) get the

@@ -12,8 +12,8 @@ MRFR (MOR)    masked regions: L2 regression of the original region features
 ITM (VLM)     50% of pairs get another image of the batch; binary matched/not on [CLS]
 ITM_HS        as ITM, but the negative image is the pair's hard negative (the dataset's
               ``negative``, from a ``hard_negatives`` pair store)
-IFRS          region triplets shuffled with p=0.05; regress the original feature at each
-              moved position (needs ``region_positions="index"``)
+IFRS          the features of region triplets shuffled with p=0.05 while boxes (and
+              positions) stay; regress the original feature at each moved position
 TITP / TITS   multi-label BCE over the vocabulary for the topic set W ∩ L; TITP predicts
               from [CLS] (pooled), TITS from the mean of the region outputs
 ============  ===========================================================================
@@ -118,10 +118,12 @@ def mask_regions(features, region_mask, generator, prob: float = 0.15):
 
 
 def shuffle_triplets(features, boxes, region_mask, generator, prob: float = 0.05):
-    """IFRS: permute consecutive region triplets with probability ``prob`` each.
+    """IFRS: permute the features of consecutive region triplets with probability ``prob`` each.
 
     Returns (features, boxes, moved bool [B,N], source index [B,N]); position j of the
-    result holds region ``source[j]`` of the input. Identity permutations are redrawn, so
+    result holds the features of region ``source[j]``. Boxes stay where they are: a moved
+    feature then sits at a location that is not its own, which every encoder can notice
+    (LXMERT-S has no region order, only boxes). Identity permutations are never drawn, so
     every chosen triplet really moves.
     """
     batch, n = region_mask.shape
@@ -140,7 +142,6 @@ def shuffle_triplets(features, boxes, region_mask, generator, prob: float = 0.05
     source = source.to(features.device)
     gather = source.unsqueeze(-1)
     features = torch.gather(features, 1, gather.expand(-1, -1, features.shape[-1]))
-    boxes = torch.gather(boxes, 1, gather.expand(-1, -1, boxes.shape[-1]))
     return features, boxes, moved, source
 
 
@@ -402,8 +403,6 @@ class IFRS(Task):
     name = "IFRS"
 
     def build_head(self, encoder, ctx):
-        if encoder.visual.region_positions != "index":
-            raise ValueError("IFRS needs region positions (VisualConfig(region_positions='index'))")
         return nn.Linear(encoder.hidden_size, encoder.visual.feature_dim)
 
     def prepare(self, batch, generator, ctx):
@@ -414,7 +413,7 @@ class IFRS(Task):
         batch["ifrs_moved"] = moved
         batch["ifrs_source"] = source
         batch["region_features"], batch["region_boxes"] = feats, boxes
-        # per-region labels follow their region
+        # detector labels describe the features, so they move with them
         for field in ("objects_id", "attrs_id", "objects_conf", "attrs_conf", "cls_prob"):
             if field in batch:
                 t = batch[field]
