@@ -472,27 +472,3 @@ class Pretrainer:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
-
-
-@torch.no_grad()
-def evaluate(model: PretrainModel, dataset, *, batch_size: int = 64, seed: int = 1234,
-             text_mask_prob: float = 0.15, region_mask_prob: float = 0.15, max_batches: Optional[int] = None) -> dict:
-    """Mean task metrics over ``dataset`` with fixed masking (``seed``), model in eval mode."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    sampler = LengthBucketBatchSampler(dataset.text_lengths(), batch_size, shuffle=False)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model.ctx.pad_id))
-    sums: dict = {}
-    device = next(model.parameters()).device
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = to_device(batch, device)
-        prepared = prepare_batch(batch, model.tasks, generator, model.ctx, text_mask_prob, region_mask_prob)
-        _, losses, metrics = model(prepared, generator, prepared=True)
-        for k, v in list(metrics.items()) + [(f"loss_{k}", l.item()) for k, l in losses.items()]:
-            total, count = sums.get(k, (0.0, 0))
-            sums[k] = (total + v, count + 1)
-    model.train(was_training)
-    return {k: total / count for k, (total, count) in sums.items()}
