@@ -69,7 +69,7 @@ def source_specs(stage: dict) -> list[dict]:
     by its own ``pairs`` (+ hard_negatives, ...) keys."""
     if stage.get("sources"):
         return [dict(spec, name=spec.get("name") or f"source{k + 1}") for k, spec in enumerate(stage["sources"])]
-    return [{"name": "pairs", **{k: v for k, v in stage.items() if k in SOURCE_KEYS - {"name"}}}]
+    return [{"name": "pairs", **{k: v for k, v in stage.items() if k in SOURCE_KEYS - {"name", "tasks", "ratio"}}}]
 
 
 def validate_config(config: dict, where: str = "config") -> None:
@@ -81,6 +81,9 @@ def validate_config(config: dict, where: str = "config") -> None:
     if unknown:
         raise ValueError(f"{where}: unknown top-level key(s): {', '.join(sorted(unknown))}")
     model = config.get("model") or {}
+    bad = set(model) - {"architecture", "text_checkpoint", "vocab", "visual", "bert", "lxmert"}
+    if bad:
+        raise ValueError(f"{where}: model: unknown key(s): {', '.join(sorted(bad))}")
     if not model.get("text_checkpoint") and not model.get("vocab"):
         raise ValueError(f"{where}: model needs text_checkpoint (a BERT directory) or vocab")
     evaluation = config.get("eval")
@@ -239,7 +242,7 @@ def _evaluator(config: dict, stores: _Stores, tokenizer, box_dims: int):
 
     dataset = _dataset(spec, config, stores, tokenizer, box_dims, seed=0)
     options = dict(batch_size=int(spec.get("batch_size", 64)), max_batches=spec.get("max_batches", 20),
-                   retrieval_images=int(spec.get("retrieval_images", 100)))
+                   retrieval_images=int(spec.get("retrieval_images", 100)), prefix="")
     return lambda model: evaluate_during_training(model, dataset, **options)
 
 
