@@ -2,12 +2,16 @@
 
 Modules (import them directly; this package imports nothing heavy):
 
-* :mod:`vlp.trainer.data` - PairDataset over (PairStore, FeatureStore), collate, length buckets;
+* :mod:`vlp.trainer.data` - PairDataset over (PairStore, FeatureStore), collate, length buckets,
+  the mixture plan of a stage's sources;
 * :mod:`vlp.trainer.model` - single-stream encoder on transformers' BertModel;
 * :mod:`vlp.trainer.lxmert` - LXMERT-S cross-modal encoder on LxmertModel;
 * :mod:`vlp.trainer.tasks` - pretraining tasks (MLM, MOC, MOC_KL, MRFR, ITM, ITM_HS, IFRS, TITP, TITS);
-* :mod:`vlp.trainer.pretrain` - the single-process training loop with exact resume;
+* :mod:`vlp.trainer.pretrain` - the training loop (one process or one DDP rank) with exact resume;
+* :mod:`vlp.trainer.distributed` - DDP on Ray Train workers;
+* :mod:`vlp.trainer.evaluation` - held-out accuracies and zero-shot retrieval with the ITM head;
+* :mod:`vlp.trainer.reporting` - history / TensorBoard logging, loss-curve PNGs, run summaries;
 * :mod:`vlp.trainer.schedule` - multi-stage YAML schedules (examples in ``configs/``);
-* :mod:`vlp.trainer.topics` - interim W ∩ L topic sets;
+* :mod:`vlp.trainer.topics` - W ∩ L topic sets (the builders' implementation);
 * :mod:`vlp.trainer.toydata` - tiny stores for tests and smoke runs.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -47,9 +48,58 @@ def _worker_loop(settings: dict) -> None:
         os.replace(tmp, path)
 
 
+class _HistoryWatcher(threading.Thread):
+    """Shows the workers' progress on the driver by reading rank 0's ``history.jsonl``
+    (worker output does not reach the driver)."""
+
+    def __init__(self, config: dict, out_dir: Path, mode: str, every_s: float = 2.0):
+        super().__init__(daemon=True)
+        from vlp.trainer.schedule import _stage_dir
+
+        self.stages = [(raw.get("name", f"stage{i + 1}"), _stage_dir(out_dir, i, raw.get("name", f"stage{i + 1}")),
+                        int(raw.get("steps") or 0)) for i, raw in enumerate(config["stages"])]
+        self.mode, self.every_s = mode, every_s
+        self.stopped = threading.Event()
+
+    def _latest(self, path: Path) -> Optional[dict]:
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(max(0, path.stat().st_size - 4096))
+                lines = handle.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    def run(self) -> None:
+        from vlp.pipeline.progress import Progress
+
+        bars: dict = {}
+        while not self.stopped.wait(self.every_s):
+            for name, stage_dir, steps in self.stages:
+                entry = self._latest(stage_dir / "history.jsonl")
+                if entry is None:
+                    continue
+                bar = bars.get(name)
+                if bar is None:
+                    for other in bars.values():
+                        other.close()
+                    bar = bars[name] = Progress(steps, f"stage {name}", unit="step", mode=self.mode,
+                                                initial=entry["step"])
+                if entry["step"] > bar.done:
+                    bar.update(entry["step"] - bar.done, loss=f"{entry['loss']:.3f}",
+                               **{"samples/s": f"{entry.get('samples_per_s', 0):.0f}"})
+        for bar in bars.values():
+            bar.close()
+
+
 def run_distributed(config: dict, out_dir, *, num_workers: int, device: str = "auto",
                     stop_after_steps: Optional[int] = None, address: Optional[str] = None,
-                    cpus_per_worker: Optional[int] = None) -> list[dict]:
+                    cpus_per_worker: Optional[int] = None, progress: str = "off") -> list[dict]:
     """Run ``config`` on ``num_workers`` Ray Train workers; returns the stage summaries
     (without per-step history: read ``history.jsonl``).
 
@@ -102,10 +152,17 @@ def run_distributed(config: dict, out_dir, *, num_workers: int, device: str = "a
             run_config=RunConfig(storage_path=str(out_dir / ".ray-train"), name="pretrain"))
         log.info("training on %d Ray worker(s), %s, %d CPU(s) each", num_workers, "GPU" if use_gpu else "CPU",
                  per_worker)
+        watcher = _HistoryWatcher(config, out_dir, progress) if progress != "off" else None
+        if watcher is not None:
+            watcher.start()
         try:
             trainer.fit()
         except Exception as error:  # the worker's own exception is the useful part
             raise RuntimeError(f"distributed training failed: {_root_message(error)}") from error
+        finally:
+            if watcher is not None:
+                watcher.stopped.set()
+                watcher.join()
     finally:
         if started:
             ray.shutdown()

@@ -290,7 +290,7 @@ def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: 
         from vlp.trainer.distributed import run_distributed
 
         return run_distributed(config, out_dir, num_workers=num_workers, device=device,
-                               stop_after_steps=stop_after_steps)
+                               stop_after_steps=stop_after_steps, progress=progress)
     validate_config(config)
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(config)
