@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -715,6 +717,28 @@ def train_main():
     """Pretrain V&L transformers on feature stores and pair stores (finetuning: not yet)."""
 
 
+def _check_run_folder(out: Path, config: dict, resume: bool) -> None:
+    """A run folder holds one run: continuing it takes --resume, and the config it was
+    started with is kept beside it (a changed config is named, not silently mixed in)."""
+    import yaml
+
+    saved = out / "config.yaml"
+    started = sorted(p.parent.name for p in out.glob("*/last.json"))
+    if started and not resume:
+        raise click.ClickException(f"{out} already holds a run (stages {', '.join(started)}); pass --resume "
+                                   f"to continue it, or choose another --out")
+    if saved.is_file() and resume:
+        before = yaml.safe_load(saved.read_text())
+        if before != config:
+            changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
+            click.echo(f"warning: the config differs from the one {out} was started with "
+                       f"(changed: {', '.join(changed)}); finished stages are kept as they are", err=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_name(saved.name + ".partial")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, saved)
+
+
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -727,8 +751,10 @@ def train_main():
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Override every stage's precision (autocast; fp16 needs a GPU).")
 @click.option("--progress", default="auto", show_default=True,
-              type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display (single process).")
-def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precision, progress):
+              type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUT from its last checkpoints (finished stages are skipped).")
+def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precision, progress, resume):
     """Run the stages of a YAML schedule CONFIG, one after the other.
 
     Each stage names its data (one pair store, or several sources with their own tasks
@@ -756,6 +782,7 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         raise click.ClickException(str(exc)) from None
     if device == "auto" and num_workers == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_run_folder(Path(out), config, resume)
     try:
         summaries = run_stages(config, out, device=device, num_workers=num_workers, progress=progress)
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:

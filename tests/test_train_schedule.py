@@ -139,11 +139,16 @@ def test_cli_pretrain_runs_resumes_and_reports_config_errors(config, tmp_path):
     out = tmp_path / "run"
     # A killed run is simulated by the library's step budget; the command resumes it.
     run_stages(load_config(config), out, stop_after_steps=3)
-    rest = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu"])
+    refused = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu"])
+    assert refused.exit_code == 1 and "already holds a run (stages 01-labels); pass --resume" in refused.output
+    rest = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu",
+                                           "--resume"])
     assert rest.exit_code == 0, rest.output
     assert "stage labels: steps 2 -> 4, last loss" in rest.output  # from the step-2 checkpoint
     assert "stage captions: steps 0 -> 4" in rest.output
-    again = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu"])
+    assert (out / "config.yaml").is_file() and (out / "loss_curves.png").is_file()
+    again = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu",
+                                            "--resume"])
     assert "stage labels: already finished" in again.output and "stage captions: already finished" in again.output
     broken = tmp_path / "broken.yaml"
     broken.write_text(config.read_text().replace("tasks:", "taskz:", 1))
