@@ -218,7 +218,9 @@ class PairDataset(Dataset):
     def _regions(self, image_id: str, record=None) -> dict:
         record = record if record is not None else self.features.get(image_id)
         n = record.num_boxes if self.max_regions is None else min(record.num_boxes, self.max_regions)
-        feats = torch.from_numpy(np.array(record.features[:n], copy=True)).float()
+        # fp16 -> fp32 in numpy: one thread, where torch's copy would split a 36x2048 record
+        # over the DataLoader process's threads and wait on a busy core
+        feats = torch.from_numpy(np.array(record.features[:n], dtype=np.float32))
         out = {
             "region_features": feats,
             "region_boxes": torch.from_numpy(box_geometry(record.boxes[:n], record.image_w,
@@ -230,9 +232,9 @@ class PairDataset(Dataset):
             out["objects_conf"] = torch.from_numpy(np.array(record.objects_conf[:n], dtype=np.float32))
             out["attrs_conf"] = torch.from_numpy(np.array(record.attrs_conf[:n], dtype=np.float32))
         if record.cls_prob is not None:
-            out["cls_prob"] = torch.from_numpy(np.array(record.cls_prob[:n], copy=True)).float()
+            out["cls_prob"] = torch.from_numpy(np.array(record.cls_prob[:n], dtype=np.float32))
         if record.image_feature is not None:
-            out["image_feature"] = torch.from_numpy(np.array(record.image_feature, copy=True)).float()
+            out["image_feature"] = torch.from_numpy(np.array(record.image_feature, dtype=np.float32))
         return out
 
     def __getitem__(self, i: int) -> dict:
