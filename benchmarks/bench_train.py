@@ -180,7 +180,7 @@ def worker(spec: dict) -> dict:
     batches = []
     if spec["kind"] in ("ours", "visualbert"):
         from vlp.trainer.data import stable_seed
-        from vlp.trainer.pretrain import to_device
+        from vlp.trainer.data import to_device
 
         batches = in_memory_batches(spec, dataset, tokenizer.pad_token_id, spec["distinct_batches"])
         if spec["kind"] == "visualbert":  # masked beforehand, as a VisualBERT collator would

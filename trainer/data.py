@@ -335,6 +335,16 @@ def collate(examples: list[dict], pad_token_id: int = 0) -> dict:
     return batch
 
 
+def to_device(value, device):
+    """Tensors of a batch (also inside dicts, e.g. the hard negatives) moved to ``device``;
+    the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 class Collator:
     """Picklable collate_fn bound to a pad token id (for DataLoader workers)."""
 

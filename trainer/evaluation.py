@@ -20,31 +20,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from vlp.trainer.data import IGNORE, LengthBucketBatchSampler, collate
-from vlp.trainer.tasks import IFRS, ITM, ITM_HS, MLM, MOC, MOC_KL, MRFR, prepare_batch
+from vlp.trainer.data import LengthBucketBatchSampler, collate, to_device
+from vlp.trainer.tasks import IFRS, ITM, ITM_HS, MRFR, prepare_batch
 
 log = logging.getLogger(__name__)
 
-ENCODER_INPUTS = ("input_ids", "text_mask", "region_features", "region_boxes", "region_mask",
-                  "token_regions", "image_feature")
 RECALL_KS = (1, 5, 10)
-
-
-def _to_device(value, device):
-    # a local copy of pretrain.to_device: pretrain may import this module
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _encode(model, batch):
-    return model.encoder(**{k: v for k, v in batch.items() if k in ENCODER_INPUTS})
 
 
 class _eval_mode:
@@ -67,54 +52,26 @@ class _eval_mode:
 
 # -- held-out task metrics -------------------------------------------------------------
 
-def _counts(task, out, batch, head) -> dict:
-    """{metric: (correct, total)} for one batch, selecting targets exactly as the task's loss does."""
-    matched = batch.get("matched")
-    if isinstance(task, MLM):
-        labels = batch["mlm_labels"]
-        if matched is not None:
-            labels = labels.masked_fill(~matched.unsqueeze(1), IGNORE)
-        chosen = labels != IGNORE
-        if not chosen.any():
-            return {"mlm": (0, 0)}
-        hit = head(out.text[chosen]).argmax(-1) == labels[chosen]
-        return {"mlm": (int(hit.sum()), int(chosen.sum()))}
-    if isinstance(task, MOC):
-        masked = batch["region_masked"]
-        if matched is not None:
-            masked = masked & matched.unsqueeze(1)
-        min_conf = float(task.options.get("min_conf", 0.0))
-        result = {}
-        parts = [("moc_obj", "objects", "objects_id", "objects_conf")]
-        if task.options.get("attributes", True):
-            parts.append(("moc_attr", "attributes", "attrs_id", "attrs_conf"))
-        for key, part, ids, conf in parts:
-            ok = masked & (batch[ids] != IGNORE) & (batch[conf] >= min_conf)
-            if ok.any():
-                hit = head[part](out.regions[ok]).argmax(-1) == batch[ids][ok]
-                result[key] = (int(hit.sum()), int(ok.sum()))
-            else:
-                result[key] = (0, 0)
-        return result
-    if isinstance(task, MOC_KL) and "cls_prob" in batch:
-        masked = batch["region_masked"]
-        if matched is not None:
-            masked = masked & matched.unsqueeze(1)
-        if not masked.any():
-            return {"moc_kl_agree": (0, 0)}
-        hit = head(out.regions[masked]).argmax(-1) == batch["cls_prob"][masked].argmax(-1)
-        return {"moc_kl_agree": (int(hit.sum()), int(masked.sum()))}
-    if isinstance(task, ITM):  # ITM_HS too
-        target = batch["matched"].long()
-        hit = head(out.pooled).argmax(-1) == target
-        return {"itm": (int(hit.sum()), len(target))}
-    return {}
+def _tally(metrics: dict) -> dict:
+    """{name: (correct, total)} from what a task's loss reports: each rate (``<name>_acc``
+    or ``moc_kl_agree``) with its count ``<name>_n``; a rate of None counts (0, 0)."""
+    tally = {}
+    for key, value in metrics.items():
+        if key.endswith("_n"):
+            continue
+        name = key[:-4] if key.endswith("_acc") else key
+        if value is None:
+            tally[name] = (0, 0)
+        elif f"{name}_n" in metrics:
+            n = int(metrics[f"{name}_n"])
+            tally[name] = (round(value * n), n)  # a rate of n items times n is a whole number
+    return tally
 
 
-def _scored(task, counts: dict, metrics: dict) -> bool:
+def _scored(task, tally: dict, metrics: dict) -> bool:
     """Whether the task had targets in the batch (its loss is a placeholder 0 otherwise)."""
-    if counts:
-        return any(n for _, n in counts.values())
+    if tally:
+        return any(n for _, n in tally.values())
     if isinstance(task, (MRFR, IFRS)):
         return bool(metrics)  # they report their MSE only when something was masked/moved
     return True
@@ -164,15 +121,14 @@ def heldout_metrics(model, dataset, *, batch_size: int = 64, seed: int = 1234,
     seen = 0
     with _eval_mode(model):
         for rows in batches:  # no DataLoader: its iterator draws a seed from the global RNG
-            batch = _to_device(collate([dataset[i] for i in rows], model.ctx.pad_id), device)
+            batch = to_device(collate([dataset[i] for i in rows], model.ctx.pad_id), device)
             prepared = prepare_batch(batch, tasks, generator, model.ctx, text_mask_prob, region_mask_prob)
-            out = _encode(model, prepared)
+            out = model.encode(prepared)
             total = 0.0
             for task in tasks:
-                head = model.head(task.name)
-                loss, metrics = task.loss(out, prepared, head, model.ctx)
+                loss, metrics = task.loss(out, prepared, model.head(task.name), model.ctx)
                 total += task.weight * loss.item()
-                found = _counts(task, out, prepared, head)
+                found = _tally(metrics)
                 for key, (hit, n) in found.items():
                     old = counts.get(key, (0, 0))
                     counts[key] = (old[0] + hit, old[1] + n)
@@ -266,7 +222,7 @@ def retrieval_scores(model, dataset, indices: Sequence[int], *, batch_size: int 
     examples = [dataset[int(i)] for i in indices]
     n = len(examples)
     device = _device(model)
-    batch = _to_device(collate(examples, model.ctx.pad_id), device)
+    batch = to_device(collate(examples, model.ctx.pad_id), device)
     # label tokens (LAMP) point at regions of their own image: dropped for every pair, or
     # the true pair alone would carry them
     batch["token_regions"] = torch.full_like(batch["token_regions"], -1)
@@ -284,7 +240,7 @@ def retrieval_scores(model, dataset, indices: Sequence[int], *, batch_size: int 
                 pairs[key] = batch[key][cols, :r]
             if "image_feature" in batch:
                 pairs["image_feature"] = batch["image_feature"][cols]
-            logits = head(_encode(model, pairs).pooled).float()
+            logits = head(model.encode(pairs).pooled).float()
             scores[start:start + len(flat)] = (logits[:, 1] - logits[:, 0]).cpu()
     return scores.view(n, n)
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.trainer.data import (Collator, DataSource, LengthBucketBatchSampler, MixedBatchSampler,
-                              MixedDataset, MixturePlan, stable_seed)
+                              MixedDataset, MixturePlan, stable_seed, to_device)
 from vlp.trainer.tasks import PretrainModel, prepare_batch
 
 log = logging.getLogger(__name__)
@@ -128,15 +128,6 @@ def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Op
     groups = [{"params": decay, "weight_decay": stage.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)
-
-
-def to_device(value, device):
-    """Tensors (also inside dicts, e.g. the hard negatives) moved to ``device``; the rest as is."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -432,7 +423,9 @@ class Pretrainer:
             norm = torch.nn.utils.clip_grad_norm_(params, stage.clip_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
-        merged_losses = _merge_means([m for part in self.dist.gather(losses) for m in part])
+        # one collective for what the log needs from every rank
+        gathered = self.dist.gather((losses, metrics, samples))
+        merged_losses = _merge_means([m for part, _, _ in gathered for m in part])
         if self.scaler is None:  # with loss scaling an overflow just skips the step
             self._check(norm.detach(), "gradient norm", stage.grad_accum, batch, merged_losses)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -444,12 +437,12 @@ class Pretrainer:
         self.scheduler.step()
         self.step += 1
         self.micro_batch += stage.grad_accum * self.dist.world_size
-        samples = sum(self.dist.gather(samples))
+        samples = sum(n for _, _, n in gathered)
         elapsed = time.perf_counter() - started
         total = merged_losses.pop("loss")
         entry = {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(norm),
                  "losses": merged_losses,
-                 "metrics": _merge_means([m for part in self.dist.gather(metrics) for m in part]),
+                 "metrics": _merge_means([m for _, part, _ in gathered for m in part]),
                  "samples": samples, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
         self.history.append(entry)
         if self.log is not None:

@@ -40,6 +40,8 @@ from torch import nn
 from vlp.trainer.data import IGNORE
 from vlp.trainer.model import EncoderOutput
 
+ENCODER_INPUTS = ("input_ids", "text_mask", "region_features", "region_boxes", "region_mask",
+                  "token_regions", "image_feature")
 REGION_FIELDS = ("region_features", "region_boxes", "region_mask", "objects_id", "attrs_id",
                  "objects_conf", "attrs_conf", "cls_prob")
 _PAD_VALUE = {"objects_id": IGNORE, "attrs_id": IGNORE, "region_mask": False}
@@ -202,6 +204,9 @@ class Task:
         """Task-specific changes of the batch before the shared masking (in place)."""
 
     def loss(self, out: EncoderOutput, batch: dict, head, ctx: TaskContext):
+        """``(loss, metrics)``. An accuracy-like metric ``<name>_acc`` (or ``moc_kl_agree``)
+        comes with its count ``<name>_n``, so held-out evaluation can sum correct/total;
+        it is None when the batch had nothing to score."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -269,17 +274,20 @@ class MOC(Task):
         obj_ok = masked & (batch["objects_id"] != IGNORE) & (batch["objects_conf"] >= min_conf)
         att_ok = masked & (batch["attrs_id"] != IGNORE) & (batch["attrs_conf"] >= min_conf)
         loss = _zero_loss(head["objects"](out.regions[:, :1]))
-        metrics = {"moc_obj_acc": None, "moc_attr_acc": None}
+        attributes = self.options.get("attributes", True)
+        metrics = {"moc_obj_acc": None, **({"moc_attr_acc": None} if attributes else {})}
         if obj_ok.any():
             logits = head["objects"](out.regions[obj_ok])
             target = batch["objects_id"][obj_ok]
             loss = loss + F.cross_entropy(logits, target)
             metrics["moc_obj_acc"] = (logits.argmax(-1) == target).float().mean().item()
-        if att_ok.any() and self.options.get("attributes", True):
+            metrics["moc_obj_n"] = int(obj_ok.sum())
+        if att_ok.any() and attributes:
             logits = head["attributes"](out.regions[att_ok])
             target = batch["attrs_id"][att_ok]
             loss = loss + F.cross_entropy(logits, target)
             metrics["moc_attr_acc"] = (logits.argmax(-1) == target).float().mean().item()
+            metrics["moc_attr_n"] = int(att_ok.sum())
         return loss, metrics
 
 
@@ -295,13 +303,14 @@ class MOC_KL(Task):
     def loss(self, out, batch, head, ctx):
         masked = _masked_regions(batch)
         if not masked.any():
-            return _zero_loss(head(out.regions[:, :1])), {}
+            return _zero_loss(head(out.regions[:, :1])), ({"moc_kl_agree": None} if "cls_prob" in batch else {})
         logits = head(out.regions[masked])
         if "cls_prob" in batch:
             target = batch["cls_prob"][masked]
             target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
             loss = F.kl_div(F.log_softmax(logits, -1), target, reduction="batchmean")
-            return loss, {"moc_kl_agree": (logits.argmax(-1) == target.argmax(-1)).float().mean().item()}
+            return loss, {"moc_kl_agree": (logits.argmax(-1) == target.argmax(-1)).float().mean().item(),
+                          "moc_kl_agree_n": int(masked.sum())}
         target = batch["objects_id"][masked]
         ok = target != IGNORE
         if not ok.any():
@@ -364,7 +373,7 @@ class ITM(Task):
         logits = head(out.pooled)
         target = batch["matched"].long()
         loss = F.cross_entropy(logits, target)
-        return loss, {"itm_acc": (logits.argmax(-1) == target).float().mean().item()}
+        return loss, {"itm_acc": (logits.argmax(-1) == target).float().mean().item(), "itm_n": len(target)}
 
 
 class ITM_HS(ITM):
@@ -561,14 +570,16 @@ class PretrainModel(nn.Module):
             raise ValueError(f"task(s) {sorted(unknown)} have no head in this model")
         return [t for t in self.tasks if t.name in names]
 
+    def encode(self, batch: dict):
+        """The encoder's output for a (prepared) batch; other keys of the batch are ignored."""
+        return self.encoder(**{k: v for k, v in batch.items() if k in ENCODER_INPUTS})
+
     def forward(self, batch: dict, generator, *, prepared: bool = False, tasks=None):
         """``tasks``: names of the tasks to run on this batch (default: all of the model's)."""
         tasks = self.select(tasks)
         if not prepared:
             batch = prepare_batch(batch, tasks, generator, self.ctx)
-        out = self.encoder(**{k: v for k, v in batch.items() if k in (
-            "input_ids", "text_mask", "region_features", "region_boxes", "region_mask",
-            "token_regions", "image_feature")})
+        out = self.encode(batch)
         losses, metrics = {}, {}
         total = None
         for task in tasks:
