@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.schemas.pairs import PairStoreWriter
 from vlp.trainer.data import LengthBucketBatchSampler, MixturePlan
 from vlp.trainer.schedule import build_encoder, build_tokenizer, run_stages, stage_trainer
 from vlp.trainer.toydata import world_stores
@@ -27,17 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    from vlp.schemas.vocab import objects
+    from vlp.builders.labels import build_objects_labels
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("ddp")
     generate(root / "world", 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16)
-    with PairStoreWriter(root / "stores" / "labels", "objects_labels") as writer:
-        for image_id in features.keys():
-            names = [objects().name(int(i)) for i in features.get(image_id).objects_id]
-            writer.add({"pair_id": f"labels-{image_id}", "image_id": image_id, "text": " ".join(names),
-                        "words": names, "word_regions": list(range(len(names)))})
+    build_objects_labels(features.root, root / "stores" / "labels", progress="off")
     # Two sources with different tasks: heads sit out some micro-batches (DDP must cope).
     # The seed is the first whose plan puts both sources into the first step.
     dummy = [LengthBucketBatchSampler(np.ones(12), 6)] * 2

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from vlp.schemas.pairs import PairStoreWriter
 from vlp.trainer.schedule import (build_encoder, build_tokenizer, hand_over, load_config, run_stages,
                                   shipped_configs, validate_config)
 from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
@@ -20,17 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    from vlp.schemas.vocab import objects
+    from vlp.builders.labels import build_objects_labels
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("schedule")
     generate(root / "world", 30, seed=4, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16)
-    with PairStoreWriter(root / "stores" / "labels", "objects_labels") as writer:
-        for image_id in features.keys():
-            names = [objects().name(int(i)) for i in features.get(image_id).objects_id]
-            writer.add({"pair_id": f"labels-{image_id}", "image_id": image_id, "text": " ".join(names),
-                        "words": names, "word_regions": list(range(len(names)))})
+    build_objects_labels(features.root, root / "stores" / "labels", progress="off")
     common = dict(steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=0, bucket_batches=2)
     config = {
         "seed": 0,

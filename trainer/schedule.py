@@ -270,7 +270,7 @@ def stage_trainer(config: dict, index: int, out_dir, *, encoder, tokenizer, stor
                                   spec.get("ratio")))
     stage_dir = _stage_dir(Path(out_dir), index, name)
     trainer = Pretrainer(model, sources, stage, stage_dir, device=device, rank=rank, world_size=world_size,
-                         evaluator=_evaluator(config, stores, tokenizer, encoder.visual.box_dims),
+                         evaluator=_evaluator(config, stores, tokenizer, encoder.visual.box_dims) if rank == 0 else None,
                          progress=progress, step_offset=step_offset)
     if (stage_dir / "last.json").is_file():
         trainer.load_checkpoint(stage_dir)
@@ -305,11 +305,7 @@ def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: 
         name = raw.get("name", f"stage{index + 1}")
         stage_dir = _stage_dir(out_dir, index, name)
         finished = _final_state(stage_dir)
-        if finished is not None:
-            from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
-
-            model = PretrainModel(encoder, make_tasks(raw["tasks"]), TaskContext.from_tokenizer(tokenizer))
-            model.load_state_dict(finished["model"])
+        if finished is not None:  # its weights reach the next stage through hand_over
             log.info("stage %s: already finished, skipped", name)
             summaries.append({"stage": name, "dir": str(stage_dir), "skipped": True})
             previous_state = finished["model"]
