@@ -106,6 +106,11 @@ def test_shipped_configs_validate():
     (lambda c: c["stages"][0].update(lr_typo=1), "lr_typo"),
     (lambda c: c["stages"][1].update(name="labels"), "distinct"),
     (lambda c: c["model"].pop("vocab"), "text_checkpoint"),
+    (lambda c: c["stages"][0].update(sources=[{"pairs": c["stages"][0].pop("pairs"), "ratio": -1}]),
+     r"stages\[0\]\.sources\[0\]: ratio must be a positive number"),
+    (lambda c: c["stages"][0].update(sources=[{"pairs": c["stages"][0].pop("pairs"), "tasks": ["ITM"]}]),
+     r"stages\[0\]\.sources\[0\]: task\(s\) \['ITM'\] are not among the stage's tasks"),
+    (lambda c: c["stages"][0].update(epochs=2), "either steps or epochs"),
 ])
 def test_config_errors_name_the_key(config, change, message):
     cfg = yaml.safe_load(config.read_text())

@@ -118,6 +118,9 @@ def validate_config(config: dict, where: str = "config") -> None:
             bad = set(spec) - SOURCE_KEYS
             if bad:
                 raise ValueError(f"{where_source}: unknown key(s): {', '.join(sorted(bad))}")
+            ratio = spec.get("ratio")
+            if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
+                raise ValueError(f"{where_source}: ratio must be a positive number, got {ratio!r}")
             if not spec.get("features") and not (config.get("data") or {}).get("features"):
                 raise ValueError(f"{where_source}: no feature store: set data.features or the source's features")
             try:
