@@ -214,6 +214,21 @@ def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
         PairDataset(labels, features, tokenizer, append_labels=2)
 
 
+def test_mixing_probabilities():
+    from vlp.trainer.data import mixing_probabilities
+
+    # no ratios: as if concatenated; all ratios: relative weights
+    assert mixing_probabilities([None, None], [300, 100]).tolist() == [0.75, 0.25]
+    assert mixing_probabilities([3, 1], [10, 1000]).tolist() == [0.75, 0.25]
+    # some ratios: shares of all batches, the rest split by batch count
+    assert np.allclose(mixing_probabilities([None, 0.5], [2300, 40]), [0.5, 0.5])
+    assert np.allclose(mixing_probabilities([0.2, None, None], [5, 300, 100]), [0.2, 0.6, 0.2])
+    with pytest.raises(ValueError, match=r"ratios \[0.7, None, 0.4\] add up to 1.1"):
+        mixing_probabilities([0.7, None, 0.4], [1, 1, 1])
+    with pytest.raises(ValueError, match="must be positive"):
+        mixing_probabilities([0, 1], [1, 1])
+
+
 def test_mixture_plan_is_a_pure_function_of_the_micro_batch():
     from vlp.trainer.data import MixturePlan
 

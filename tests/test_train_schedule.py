@@ -94,6 +94,25 @@ def test_hand_over_copies_encoder_and_shared_heads(config):
     assert torch.equal(second.heads["ITM"].weight, itm_before)
 
 
+def test_top_level_seed_reaches_the_stages(config, tmp_path):
+    from vlp.trainer.schedule import stage_trainer
+
+    def first_batches(cfg):
+        tok = build_tokenizer(cfg)
+        trainer, _ = stage_trainer(cfg, 0, tmp_path / str(cfg["seed"]), encoder=build_encoder(cfg, tok),
+                                   tokenizer=tok)
+        trainer.close()
+        return trainer.stage.seed, [item[-1] for _, item in zip(range(3), trainer.plan.iterate(0))]
+
+    cfg = load_config(config)
+    seed0, batches0 = first_batches(cfg)
+    cfg["seed"] = 1
+    seed1, batches1 = first_batches(cfg)
+    assert (seed0, seed1) == (0, 1) and batches0 != batches1
+    cfg["seed"], cfg["stages"][0]["seed"] = 5, 0  # a stage's own seed wins
+    assert first_batches(cfg) == (0, batches0)
+
+
 def test_shipped_configs_validate():
     configs = shipped_configs()
     assert {"lamp", "vl_bert", "imagebert"} <= set(configs)
@@ -111,6 +130,23 @@ def test_shipped_configs_validate():
     (lambda c: c["stages"][0].update(sources=[{"pairs": c["stages"][0].pop("pairs"), "tasks": ["ITM"]}]),
      r"stages\[0\]\.sources\[0\]: task\(s\) \['ITM'\] are not among the stage's tasks"),
     (lambda c: c["stages"][0].update(epochs=2), "either steps or epochs"),
+    # YAML reads 1e-4 (no dot) as a string
+    (lambda c: c["stages"][0].update(lr="1e-4"), r"stages\[0\]: lr must be a number.*write it with a dot"),
+    (lambda c: c["stages"][0].update(batch_size=8.5), r"stages\[0\]: batch_size must be a whole number"),
+    (lambda c: c["stages"][0].update(text_mask_prob=1.5), r"text_mask_prob must be between 0 and 1"),
+    (lambda c: c["data"].update(max_region=36), r"data: unknown key\(s\): max_region"),
+    (lambda c: c["data"].update(max_regions=0), r"data: max_regions must be a whole number of at least 1"),
+    (lambda c: c.update(seed="1"), "seed must be a non-negative whole number"),
+    (lambda c: c["stages"][0].update(tasks=[{"name": "MOC", "min_confidence": 0.2}]),
+     r"task MOC: unknown option\(s\) min_confidence \(its options: min_conf, attributes\)"),
+    (lambda c: c["stages"][0].update(sources=[{"pairs": c["stages"][0].pop("pairs")}], max_regions=36),
+     r"stages\[0\]: with sources, max_regions belong\(s\) on each source"),
+    (lambda c: c["stages"][1].update(tasks={"MLM": 1.0, "ITM_HS": 1.0}),
+     r"stages\[1\]: ITM_HS needs hard_negatives"),
+    # a ratio beside a source without one is a share of all batches: below 1
+    (lambda c: c["stages"][0].update(sources=[{"pairs": c["stages"][0]["pairs"]},
+                                              {"pairs": c["stages"][0].pop("pairs"), "ratio": 1}]),
+     r"stages\[0\]: the sources' ratios \[None, 1\] add up to 1"),
 ])
 def test_config_errors_name_the_key(config, change, message):
     cfg = yaml.safe_load(config.read_text())

@@ -414,8 +414,7 @@ class LengthBucketBatchSampler(Sampler):
 @dataclasses.dataclass
 class DataSource:
     """One pair store of a stage: its examples, the tasks trained on its batches, and its
-    share of the stage's batches (``ratio``; None: proportional to its batch count, i.e.
-    as if the sources were concatenated)."""
+    mixing ``ratio`` (see :func:`mixing_probabilities`)."""
 
     name: str
     dataset: PairDataset
@@ -423,18 +422,49 @@ class DataSource:
     ratio: Optional[float] = None
 
 
+def mixing_probabilities(ratios: Sequence[Optional[float]], batch_counts: Sequence[int]) -> np.ndarray:
+    """The probability that a micro-batch comes from each source.
+
+    - No source has a ratio: in proportion to the batch counts (as if the sources were
+      concatenated).
+    - Every source has one: the ratios are relative weights (``[3, 1]`` = 75% / 25%).
+    - Some have one: those are shares of all micro-batches (their sum must be below 1),
+      and the rest is split among the others in proportion to their batch counts.
+    """
+    if len(ratios) != len(batch_counts):
+        raise ValueError(f"{len(ratios)} mixing ratios for {len(batch_counts)} sources")
+    given = [r for r in ratios if r is not None]
+    if any(not r > 0 for r in given):
+        raise ValueError(f"mixing ratios must be positive, got {list(ratios)}")
+    counts = np.asarray(batch_counts, dtype=np.float64)
+    if not given:
+        return counts / counts.sum()
+    if len(given) == len(ratios):
+        weights = np.asarray(given, dtype=np.float64)
+        return weights / weights.sum()
+    share = float(sum(given))
+    if share >= 1:
+        raise ValueError(f"the sources' ratios {list(ratios)} add up to {share:g}: when only some sources "
+                         "have a ratio, those are shares of all batches and must add up to less than 1")
+    unset = np.array([r is None for r in ratios])
+    probabilities = np.where(unset, 0.0, np.asarray([r or 0.0 for r in ratios], dtype=np.float64))
+    probabilities[unset] = (1 - share) * counts[unset] / counts[unset].sum()
+    return probabilities
+
+
 class MixturePlan:
     """Which source, epoch and batch every global micro-batch ``j`` reads.
 
-    The source of ``j`` is drawn with probabilities proportional to the ratios from a
-    generator seeded by ``(seed, j // BLOCK)``; each source walks through its own epochs
+    The source of ``j`` is drawn with :func:`mixing_probabilities` (``ratios``: one entry
+    per sampler, None where unset) from a generator seeded by ``(seed, j // BLOCK)``; each source walks through its own epochs
     of length-bucketed batches. Everything is a pure function of ``j``, so a checkpoint
     only needs ``j`` to resume, and DDP ranks agree on the plan without talking.
     """
 
     BLOCK = 4096
 
-    def __init__(self, samplers: Sequence["LengthBucketBatchSampler"], ratios: Sequence[float], seed: int = 0):
+    def __init__(self, samplers: Sequence["LengthBucketBatchSampler"], ratios: Sequence[Optional[float]],
+                 seed: int = 0):
         if not samplers:
             raise ValueError("a stage needs at least one data source")
         self.samplers = list(samplers)
@@ -442,10 +472,7 @@ class MixturePlan:
         empty = [k for k, n in enumerate(self.batches_per_epoch) if n == 0]
         if empty:
             raise ValueError(f"data source {empty[0]} is empty: no pair has features")
-        ratios = np.asarray(ratios, dtype=np.float64)
-        if len(ratios) != len(self.samplers) or (ratios < 0).any() or ratios.sum() <= 0:
-            raise ValueError(f"mixing ratios must be non-negative with a positive sum, got {ratios.tolist()}")
-        self.probabilities = ratios / ratios.sum()
+        self.probabilities = mixing_probabilities(ratios, self.batches_per_epoch)
         self.seed = seed
         self._block: tuple[int, Optional[np.ndarray]] = (-1, None)
         self._epoch_batches: dict[tuple[int, int], list[list[int]]] = {}

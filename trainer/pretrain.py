@@ -80,18 +80,29 @@ class StageConfig:
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: at the end only)
 
     def __post_init__(self):
+        for name in _INT_FIELDS:
+            setattr(self, name, _checked_number(name, getattr(self, name), integer=True))
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, _checked_number(name, getattr(self, name), integer=False))
+        for name in ("warmup_ratio", "text_mask_prob", "region_mask_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        self.betas = tuple(_checked_number("betas", b, integer=False) for b in self.betas)
+        if self.lr <= 0 or self.eps <= 0:
+            raise ValueError(f"lr and eps must be positive, got lr={self.lr}, eps={self.eps}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if bool(self.steps) == bool(self.epochs):
             raise ValueError("give a stage either steps or epochs (one of them)")
-        if self.steps < 0 or self.epochs < 0:
-            raise ValueError("steps and epochs must be positive")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        self.betas = tuple(self.betas)
 
     @property
     def warmup(self) -> int:
@@ -101,6 +112,34 @@ class StageConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+_INT_FIELDS = ("steps", "batch_size", "grad_accum", "warmup_steps", "checkpoint_every", "keep_checkpoints",
+               "log_every", "seed", "bucket_batches", "num_workers", "eval_every")
+_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "eps", "warmup_ratio", "clip_norm", "text_mask_prob",
+                 "region_mask_prob")
+
+
+def _checked_number(name: str, value, *, integer: bool):
+    """``value`` as an int / float, or a ValueError naming the field (YAML reads ``1e-4``
+    without a dot as a string, the most common slip)."""
+    if isinstance(value, str):
+        hint = ""
+        try:
+            float(value)
+            hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
+        except ValueError:
+            pass
+        raise ValueError(f"{name} must be a number, got the string {value!r}{hint}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return value
 
 
 def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
@@ -195,6 +234,9 @@ def _sources(data, model: PretrainModel) -> list[DataSource]:
         unknown = [t for t in tasks if t not in names]
         if unknown:
             raise ValueError(f"data source {source.name!r}: task(s) {unknown} are not among the stage's {names}")
+        if "ITM_HS" in tasks and getattr(source.dataset, "hard_negatives", None) is None:
+            raise ValueError(f"data source {source.name!r} trains ITM_HS but has no hard negatives: "
+                             "give its PairDataset hard_negatives=PairStore(...)")
         out.append(dataclasses.replace(source, tasks=tasks))
     return out
 
@@ -227,8 +269,7 @@ class Pretrainer:
         for source, sampler in zip(self.sources, samplers):
             if len(sampler) == 0:
                 raise ValueError(f"data source {source.name!r} is empty: no pair has features")
-        ratios = [s.ratio if s.ratio is not None else len(sampler) for s, sampler in zip(self.sources, samplers)]
-        self.plan = MixturePlan(samplers, ratios, seed=stage.seed)
+        self.plan = MixturePlan(samplers, [s.ratio for s in self.sources], seed=stage.seed)
         per_step = stage.grad_accum * world_size
         if not stage.steps:
             stage = self.stage = dataclasses.replace(

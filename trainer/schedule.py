@@ -52,6 +52,10 @@ SOURCE_KEYS = {"name", "pairs", "features", "tasks", "ratio", "hard_negatives", 
 STAGE_DATA_KEYS = (SOURCE_KEYS - {"name", "tasks", "ratio"}) | {"sources"}
 EVAL_KEYS = {"pairs", "features", "batch_size", "max_batches", "retrieval_images", "max_text_len",
              "max_regions"}
+DATA_KEYS = {"features", "max_text_len", "max_regions"}
+# whole numbers wherever they appear (data, eval, a stage or one of its sources)
+COUNT_KEYS = {"max_text_len", "max_regions", "append_labels", "hard_negative_top", "batch_size", "max_batches",
+              "retrieval_images"}
 
 
 def load_config(path) -> dict:
@@ -73,6 +77,7 @@ def source_specs(stage: dict) -> list[dict]:
 
 
 def validate_config(config: dict, where: str = "config") -> None:
+    from vlp.trainer.data import mixing_probabilities
     from vlp.trainer.tasks import make_task, make_tasks
 
     if not isinstance(config, dict):
@@ -80,6 +85,16 @@ def validate_config(config: dict, where: str = "config") -> None:
     unknown = set(config) - {"model", "data", "stages", "seed", "eval"}
     if unknown:
         raise ValueError(f"{where}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{where}: seed must be a non-negative whole number, got {seed!r}")
+    data = config.get("data") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: data must be a mapping")
+    bad = set(data) - DATA_KEYS
+    if bad:
+        raise ValueError(f"{where}: data: unknown key(s): {', '.join(sorted(bad))} (known: {', '.join(sorted(DATA_KEYS))})")
+    _check_counts(data, f"{where}: data")
     model = config.get("model") or {}
     bad = set(model) - {"architecture", "text_checkpoint", "vocab", "visual", "bert", "lxmert"}
     if bad:
@@ -93,6 +108,7 @@ def validate_config(config: dict, where: str = "config") -> None:
         bad = set(evaluation) - EVAL_KEYS
         if bad:
             raise ValueError(f"{where}: eval: unknown key(s): {', '.join(sorted(bad))}")
+        _check_counts(evaluation, f"{where}: eval")
     stages = config.get("stages")
     if not stages:
         raise ValueError(f"{where}: stages: at least one stage is required")
@@ -104,20 +120,25 @@ def validate_config(config: dict, where: str = "config") -> None:
         bad = set(stage) - STAGE_KEYS - STAGE_DATA_KEYS
         if bad:
             raise ValueError(f"{label}: unknown key(s): {', '.join(sorted(bad))}")
-        if stage.get("sources") and stage.get("pairs"):
-            raise ValueError(f"{label}: give either pairs or sources, not both")
+        if stage.get("sources"):
+            shared = sorted(set(stage) & (STAGE_DATA_KEYS - {"sources"}))
+            if shared:
+                raise ValueError(f"{label}: with sources, {', '.join(shared)} belong(s) on each source, "
+                                 "not on the stage")
         try:
             StageConfig(**{k: v for k, v in stage.items() if k in STAGE_KEYS})
             stage_tasks = [t.name for t in make_tasks(stage["tasks"])]
         except (TypeError, ValueError) as error:
             raise ValueError(f"{label}: {error}") from None
-        for k, spec in enumerate(source_specs(stage)):
+        specs = source_specs(stage)
+        for k, spec in enumerate(specs):
             where_source = f"{label}.sources[{k}]" if stage.get("sources") else label
-            if not spec.get("pairs"):
+            if not isinstance(spec, dict) or not spec.get("pairs"):
                 raise ValueError(f"{where_source}: pairs (a pair store directory) is required")
             bad = set(spec) - SOURCE_KEYS
             if bad:
                 raise ValueError(f"{where_source}: unknown key(s): {', '.join(sorted(bad))}")
+            _check_counts(spec, where_source)
             ratio = spec.get("ratio")
             if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
                 raise ValueError(f"{where_source}: ratio must be a positive number, got {ratio!r}")
@@ -130,9 +151,25 @@ def validate_config(config: dict, where: str = "config") -> None:
             missing = [t for t in wanted if t not in stage_tasks]
             if missing:
                 raise ValueError(f"{where_source}: task(s) {missing} are not among the stage's tasks {stage_tasks}")
+            if "ITM_HS" in (wanted or stage_tasks) and not spec.get("hard_negatives"):
+                raise ValueError(f"{where_source}: ITM_HS needs hard_negatives (a pair store of kind "
+                                 "hard_negatives, from vlp-build hard-negatives)")
+        ratios = [spec.get("ratio") for spec in specs]
+        if None in ratios and any(r is not None for r in ratios):
+            try:
+                mixing_probabilities(ratios, [1] * len(ratios))
+            except ValueError as error:
+                raise ValueError(f"{label}: {error}") from None
         names.append(stage.get("name", f"stage{i + 1}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: stage names must be distinct: {names}")
+
+
+def _check_counts(spec: dict, where: str) -> None:
+    for key in sorted(COUNT_KEYS & set(spec)):
+        value, least = spec[key], 0 if key == "append_labels" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{where}: {key} must be a whole number of at least {least}, got {value!r}")
 
 
 def build_tokenizer(config: dict):
@@ -262,6 +299,7 @@ def stage_trainer(config: dict, index: int, out_dir, *, encoder, tokenizer, stor
     stores = stores or _Stores()
     raw = dict(config["stages"][index])
     name = raw.setdefault("name", f"stage{index + 1}")
+    raw.setdefault("seed", int(config.get("seed", 0)))  # a stage may set its own
     stage = StageConfig(**{k: v for k, v in raw.items() if k in STAGE_KEYS})
     torch.manual_seed(stage.seed + index)  # new heads: the same init in a fresh or a resumed run
     model = PretrainModel(encoder, make_tasks(stage.tasks), TaskContext.from_tokenizer(tokenizer))
