@@ -173,6 +173,12 @@ def test_resume_refuses_other_tasks(world, tmp_path):
         other.load_checkpoint(tmp_path / "run")
 
 
+def test_itm_hs_needs_a_hard_negatives_store(world, tmp_path):
+    model, dataset = build(world, ["MLM", "ITM_HS"], hidden=32)
+    with pytest.raises(ValueError, match="data source 'pairs' trains ITM_HS but has no hard negatives"):
+        Pretrainer(model, dataset, _stage(tasks=["MLM", "ITM_HS"]), tmp_path / "run")
+
+
 def test_dataloader_workers_give_the_same_run(world, tmp_path):
     losses = []
     for workers in (0, 2):

@@ -105,7 +105,10 @@ def test_region_masking_split():
 
 def test_itm_negatives_and_conditional_masking(tok, ctx):
     batch = make_batch(tok)
+    # label tokens (LAMP): token 2 -> region 0, token 3 -> region 5 (image 1 has only 4 regions)
     batch["token_regions"][:, 2] = 0
+    batch["token_regions"][:, 3] = 5
+    batch["token_regions"][1, 3] = -1
     g = torch.Generator().manual_seed(3)
     tasks = make_tasks(["ITM", "MLM", "MOC"])
     counts = 0
@@ -113,6 +116,7 @@ def test_itm_negatives_and_conditional_masking(tok, ctx):
         prepared = prepare_batch(batch, tasks, g, ctx)
         matched = prepared["matched"]
         counts += (~matched).sum().item()
+        assert torch.equal(prepared["token_regions"][matched], batch["token_regions"][matched])
         for row in torch.nonzero(~matched).flatten().tolist():
             shown = prepared["shown_image_id"][row]
             j = int(shown[3:])
@@ -120,7 +124,10 @@ def test_itm_negatives_and_conditional_masking(tok, ctx):
             mask = prepared["region_mask"][row]
             assert torch.equal(mask, batch["region_mask"][j])
             assert torch.equal(prepared["objects_id"][row], batch["objects_id"][j])
-            assert (prepared["token_regions"][row] == -1).all()
+            # labels take the geometry of the shown image's k-th region, if it has one
+            links = prepared["token_regions"][row]
+            assert links[2] == 0 and links[3] == (-1 if j == 1 or row == 1 else 5)
+            assert (links[[0, 1]] == -1).all() and (links[4:] == -1).all()
     assert abs(counts / 200 - 0.5) < 0.1
     # every pair a negative: masked losses vanish, ITM does not
     model = make_model(tok, ctx, ["ITM", "MLM", "MOC", "MRFR"])
@@ -150,6 +157,28 @@ def test_itm_hs_uses_hard_negative(tok, ctx):
     for r in set(range(4)) - set(rows):
         assert torch.equal(prepared["region_features"][r, :6], batch["region_features"][r])
         assert not prepared["region_mask"][r, 6:].any()
+
+
+def test_itm_hs_falls_back_to_in_batch_negatives(tok, ctx):
+    # no pair of the batch has a hard negative: collate adds no "negative" at all
+    batch = make_batch(tok)
+    g = torch.Generator().manual_seed(0)
+    prepared = prepare_batch(batch, make_tasks(["ITM_HS"]), g, ctx)
+    rows = torch.nonzero(~prepared["matched"]).flatten().tolist()
+    assert rows
+    for r in rows:
+        j = int(prepared["shown_image_id"][r][3:])
+        assert j != r and torch.equal(prepared["region_mask"][r], batch["region_mask"][j])
+
+
+def test_task_options_are_checked():
+    assert make_tasks([{"name": "IFRS", "prob": 0.1}])[0].options == {"prob": 0.1}
+    with pytest.raises(ValueError, match=r"task IFRS: unknown option\(s\) p \(its options: prob\)"):
+        make_tasks([{"name": "IFRS", "p": 0.1}])
+    with pytest.raises(ValueError, match=r"task MLM: unknown option\(s\) prob \(its options: none\)"):
+        make_tasks([{"name": "MLM", "prob": 0.2}])
+    with pytest.raises(ValueError, match="task ITM: weight must be a non-negative number"):
+        make_tasks({"ITM": "1"})
 
 
 def test_ifrs_shuffle_and_perfect_restore():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vlp.trainer.data import LengthBucketBatchSampler, collate, to_device
-from vlp.trainer.tasks import IFRS, ITM, ITM_HS, MRFR, prepare_batch
+from vlp.trainer.tasks import IFRS, ITM, ITM_HS, MRFR, link_to_shown_regions, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,6 @@ def retrieval_scores(model, dataset, indices: Sequence[int], *, batch_size: int 
     n = len(examples)
     device = _device(model)
     batch = to_device(collate(examples, model.ctx.pad_id), device)
-    # label tokens (LAMP) point at regions of their own image: dropped for every pair, or
-    # the true pair alone would carry them
-    batch["token_regions"] = torch.full_like(batch["token_regions"], -1)
     text_len = batch["text_mask"].long().sum(1)
     region_len = batch["region_mask"].long().sum(1)
     scores = torch.empty(n * n)
@@ -234,10 +231,11 @@ def retrieval_scores(model, dataset, indices: Sequence[int], *, batch_size: int 
             flat = torch.arange(start, min(start + batch_size, n * n), device=device)
             rows, cols = flat // n, flat % n
             t, r = int(text_len[rows].max()), int(region_len[cols].max())  # trim padding
-            pairs = {"input_ids": batch["input_ids"][rows, :t], "text_mask": batch["text_mask"][rows, :t],
-                     "token_regions": batch["token_regions"][rows, :t]}
+            pairs = {"input_ids": batch["input_ids"][rows, :t], "text_mask": batch["text_mask"][rows, :t]}
             for key in ("region_features", "region_boxes", "region_mask"):
                 pairs[key] = batch[key][cols, :r]
+            # as in ITM training: label tokens take the geometry of the shown image's regions
+            pairs["token_regions"] = link_to_shown_regions(batch["token_regions"][rows, :t], pairs["region_mask"])
             if "image_feature" in batch:
                 pairs["image_feature"] = batch["image_feature"][cols]
             logits = head(model.encode(pairs).pooled).float()

@@ -159,6 +159,15 @@ def ifrs_restore(predicted, shuffled, moved):
     return torch.where(moved, nearest, order)
 
 
+def link_to_shown_regions(token_regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    """Label tokens (LAMP) keep their region index into whatever image the row shows, and
+    lose the link (-1) where that image has no such region. A swapped-in image thus gives
+    its labels the geometry of its own k-th region: matched and mismatched pairs both
+    carry label geometry, so its presence tells nothing about the match."""
+    counts = region_mask.long().sum(1, keepdim=True)
+    return torch.where(token_regions < counts, token_regions, torch.full_like(token_regions, -1))
+
+
 def _swap_images(batch: dict, rows: torch.Tensor, source: dict, source_rows: torch.Tensor) -> None:
     """Put the regions of ``source[source_rows]`` into ``batch`` at ``rows`` (pads N as needed)."""
     n_batch = batch["region_features"].shape[1]
@@ -192,8 +201,15 @@ class Task:
     masks_text = False
     masks_regions = False
     matching = False  # makes negatives (ITM-like)
+    option_names: tuple = ()  # the keyword options the task reads
 
     def __init__(self, weight: float = 1.0, **options):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"task {self.name}: weight must be a non-negative number, got {weight!r}")
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            known = ", ".join(self.option_names) or "none"
+            raise ValueError(f"task {self.name}: unknown option(s) {', '.join(unknown)} (its options: {known})")
         self.weight = float(weight)
         self.options = options
 
@@ -258,6 +274,7 @@ def _masked_regions(batch):
 
 class MOC(Task):
     name = "MOC"
+    option_names = ("min_conf", "attributes")
     masks_regions = True
 
     def build_head(self, encoder, ctx):
@@ -336,6 +353,7 @@ class MRFR(Task):
 
 class ITM(Task):
     name = "ITM"
+    option_names = ("negative_prob",)
     matching = True
 
     def build_head(self, encoder, ctx):
@@ -365,9 +383,7 @@ class ITM(Task):
         matched = torch.tensor([a == b for a, b in zip(image_ids, original)], dtype=torch.bool, device=device)
         batch["matched"] = matched
         batch["shown_image_id"] = image_ids
-        # label tokens of swapped rows point at regions of the wrong image
-        batch["token_regions"] = batch["token_regions"].clone()
-        batch["token_regions"][rows] = -1
+        batch["token_regions"] = link_to_shown_regions(batch["token_regions"], batch["region_mask"])
 
     def loss(self, out, batch, head, ctx):
         logits = head(out.pooled)
@@ -387,10 +403,11 @@ class ITM_HS(ITM):
         size = batch["input_ids"].shape[0]
         negative = torch.rand(size, generator=generator) < float(self.options.get("negative_prob", 0.5))
         offsets = torch.randint(1, max(size, 2), (size,), generator=generator)
-        if "negative" not in batch:
-            raise KeyError("ITM_HS needs hard negatives: build the dataset with hard_negatives=PairStore(...)")
-        valid = batch["negative"].get("negative_valid")
-        valid = torch.ones(size, dtype=torch.bool) if valid is None else valid.cpu()
+        if "negative" in batch:
+            valid = batch["negative"].get("negative_valid")
+            valid = torch.ones(size, dtype=torch.bool) if valid is None else valid.cpu()
+        else:  # no pair of this batch has a hard negative
+            valid = torch.zeros(size, dtype=torch.bool)
         hard_rows = torch.nonzero(negative & valid).flatten()
         batch_rows = torch.nonzero(negative & ~valid).flatten() if size > 1 else torch.zeros(0, dtype=torch.long)
         image_ids = list(batch["image_id"])
@@ -410,6 +427,7 @@ class ITM_HS(ITM):
 
 class IFRS(Task):
     name = "IFRS"
+    option_names = ("prob",)
 
     def build_head(self, encoder, ctx):
         return nn.Linear(encoder.hidden_size, encoder.visual.feature_dim)
