@@ -96,11 +96,21 @@ def test_region_masking_split():
     assert abs(zero.sum().item() / n - 0.8) < 0.03
     assert abs(keep.sum().item() / n - 0.1) < 0.03
     assert abs(other.sum().item() / n - 0.1) < 0.03
-    # a random replacement is a real region of the batch
+    # a random replacement is another real region of the batch, never the region itself
+    assert torch.equal(other, (how[masked] == 1))
     pool = features[region_mask]
-    for row in out[masked][other][:20]:
+    for row in out[masked][other]:
         assert ((pool - row).abs().sum(-1) == 0).any()
     assert (out[~masked] == features[~masked]).all()
+    # two real regions (and padding): a random replacement is always the other one
+    two = torch.tensor([[[1.0], [2.0], [0.0]]])
+    replaced = 0
+    for _ in range(100):
+        out, masked, how = mask_regions(two, torch.tensor([[True, True, False]]), g, prob=1.0)
+        for k in torch.nonzero(how[0, :2] == 1).flatten().tolist():
+            assert out[0, k, 0] == two[0, 1 - k, 0]
+            replaced += 1
+    assert replaced > 5
 
 
 def test_itm_negatives_and_conditional_masking(tok, ctx):

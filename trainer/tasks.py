@@ -114,8 +114,10 @@ def mask_regions(features, region_mask, generator, prob: float = 0.15):
     rand_rows = masked & (how == 1)
     if rand_rows.any():
         pool = features[region_mask]  # every real region of the batch
-        pick = torch.randint(0, pool.shape[0], (int(rand_rows.sum()),), generator=generator).to(device)
-        out[rand_rows] = pool[pick]
+        if pool.shape[0] > 1:  # another region than the masked one itself
+            own = (region_mask.flatten().long().cumsum(0) - 1).view(region_mask.shape)[rand_rows]
+            pick = torch.randint(0, pool.shape[0] - 1, (int(rand_rows.sum()),), generator=generator).to(device)
+            out[rand_rows] = pool[pick + (pick >= own).long()]
     return out, masked, how
 
 
