@@ -45,7 +45,8 @@ def test_mlm_and_moc_accuracy_rise_above_chance(world, tmp_path):
     features, pairs, tokenizer = world
     model, dataset = build(world, ["MLM", "MOC"])
     before = heldout_metrics(model, dataset, max_batches=6)
-    stage = StageConfig(tasks=["MLM", "MOC"], steps=600, batch_size=32, lr=1e-3, warmup_ratio=0.1, log_every=0)
+    # 900 steps: at 600 the attribute accuracy was 1.4-1.6x chance depending on the seed
+    stage = StageConfig(tasks=["MLM", "MOC"], steps=900, batch_size=32, lr=1e-3, warmup_ratio=0.1, log_every=0)
     Pretrainer(model, dataset, stage, tmp_path / "run").train()
     after = heldout_metrics(model, dataset, max_batches=6)
     # chance = always answering the most frequent class
@@ -59,11 +60,11 @@ def test_mlm_and_moc_accuracy_rise_above_chance(world, tmp_path):
     assert after["mlm_acc"] > max(2 * mlm_chance, 0.35)
     assert after["moc_obj_acc"] > 2 * obj_chance
     assert after["moc_attr_acc"] > 1.5 * attr_chance
-    # losses fall clearly (measured: MLM 4.78 -> 2.55, MOC 13.5 -> 3.9)
+    # losses fall clearly (measured: MLM 4.81 -> 2.23, MOC 13.3 -> 3.8)
     assert after["loss_MLM"] < 0.7 * before["loss_MLM"] and after["loss_MOC"] < 0.5 * before["loss_MOC"]
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 600 and history[-1]["step"] == 600
-    assert (tmp_path / "run" / "checkpoint-0000600.pt").is_file()
+    assert len(history) == 900 and history[-1]["step"] == 900
+    assert (tmp_path / "run" / "checkpoint-0000900.pt").is_file()
 
 
 TASKS = ["MLM", "MOC", "MRFR", "ITM"]

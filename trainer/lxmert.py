@@ -40,6 +40,11 @@ class CrossModalEncoder(BertStyleInit, nn.Module):
         self.visual = visual
         self.config = lxmert_config
         self.lxmert = LxmertModel(lxmert_config)
+        # a bias-free feature projection, as in the single-stream encoder: zeroed (masked)
+        # regions then reach the LayerNorm as exact zeros instead of a near-constant vector
+        visn = self.lxmert.encoder.visn_fc
+        visn.visn_fc = nn.Linear(lxmert_config.visual_feat_dim, lxmert_config.hidden_size, bias=False)
+        self._init_weights(visn.visn_fc)
 
     @staticmethod
     def make_config(vocab_size: int, visual: VisualConfig, *, hidden: int = 768, heads: int = 12,

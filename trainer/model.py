@@ -68,7 +68,8 @@ class BertStyleInit:
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             module.weight.data.normal_(0.0, self.config.initializer_range)
-            module.bias.data.zero_()
+            if module.bias is not None:
+                module.bias.data.zero_()
         elif isinstance(module, nn.LayerNorm):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
@@ -87,7 +88,12 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
         self.bert = bert if bert is not None else BertModel(bert_config, add_pooling_layer=True)
         hidden = bert_config.hidden_size
         eps = bert_config.layer_norm_eps
-        self.feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, hidden), nn.LayerNorm(hidden, eps=eps))
+        # no bias: a masked (zeroed) region then enters the LayerNorm as exact zeros and
+        # comes out as its learned shift, a [MASK] region embedding. With a bias, the
+        # LayerNorm of a near-constant vector (eps 1e-12) sends gradients of ~1e5 into it,
+        # and gradient clipping then freezes the rest of the model on those steps.
+        self.feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, hidden, bias=False),
+                                          nn.LayerNorm(hidden, eps=eps))
         self.box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, hidden), nn.LayerNorm(hidden, eps=eps))
         for module in (self.feature_proj, self.box_proj):
             module.apply(self._init_weights)
