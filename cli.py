@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -727,16 +729,30 @@ def _check_run_folder(out: Path, config: dict, resume: bool) -> None:
     if started and not resume:
         raise click.ClickException(f"{out} already holds a run (stages {', '.join(started)}); pass --resume "
                                    f"to continue it, or choose another --out")
-    if saved.is_file() and resume:
+    if saved.is_file() and started:  # the record of what the run was started with stays
         before = yaml.safe_load(saved.read_text())
-        if before != config:
-            changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
-            click.echo(f"warning: the config differs from the one {out} was started with "
-                       f"(changed: {', '.join(changed)}); finished stages are kept as they are", err=True)
+        changes = _config_changes(before, config)
+        if changes:
+            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            click.echo(f"warning: the config differs from {saved}, the one the run was started with: {shown}. "
+                       "Finished stages are kept as they are (more steps for a finished stage are ignored); "
+                       f"{saved} is left unchanged", err=True)
+        return
     out.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_name(saved.name + ".partial")
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     os.replace(tmp, saved)
+
+
+def _config_changes(before, after, path: str = "") -> list[str]:
+    """Dotted key paths where two configs differ, with both values."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in list(before) + [k for k in after if k not in before]
+                for change in _config_changes(before.get(key), after.get(key), f"{path}.{key}" if path else key)]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [change for i, (a, b) in enumerate(zip(before, after))
+                for change in _config_changes(a, b, f"{path}[{i}]")]
+    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
 @train_main.command("pretrain")
@@ -759,16 +775,17 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
 
     Each stage names its data (one pair store, or several sources with their own tasks
     and mixing ratios), tasks and weights, steps or epochs, batch size and learning
-    rate schedule; the model carries over between stages. Rerunning the same command
-    resumes a killed run from its last checkpoint and skips finished stages. Writes
-    OUT/NN-stage/ (checkpoints, history.jsonl, eval.jsonl, tensorboard/) and
-    OUT/loss_curves.png. Example configs: vlp/trainer/configs/.
+    rate schedule; the model carries over between stages. The same command with --resume
+    continues a stopped run from its last checkpoints and skips finished stages. Writes
+    OUT/config.yaml, OUT/NN-stage/ (checkpoints, history.jsonl, eval.jsonl, tensorboard/)
+    and OUT/loss_curves.png. Example configs: vlp/trainer/configs/ (trainer/configs/ in
+    the repository).
     """
     import torch
 
     from vlp.trainer.pretrain import NonFiniteLossError
     from vlp.trainer.reporting import plot_loss_curves, summarize
-    from vlp.trainer.schedule import load_config, run_stages
+    from vlp.trainer.schedule import check_stores, load_config, run_stages
 
     try:
         config = load_config(config_path)
@@ -778,15 +795,30 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         if precision:
             for stage in config["stages"]:
                 stage["precision"] = precision
+        check_stores(config)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if device == "auto" and num_workers == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_run_folder(Path(out), config, resume)
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
+
+    single_process = num_workers == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if single_process else None
     try:
-        summaries = run_stages(config, out, device=device, num_workers=num_workers, progress=progress)
+        summaries = run_stages(config, out, device=device, num_workers=num_workers, progress=progress,
+                               should_stop=stop.is_set if single_process else None)
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     for summary in summaries:
         if summary["skipped"]:
             click.echo(f"stage {summary['stage']}: already finished")
@@ -800,6 +832,12 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         click.echo(f"loss curves: {plot_loss_curves(out)}")
     except FileNotFoundError:
         pass
+    last = summaries[-1] if summaries else {"skipped": True}
+    if stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
+        click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
+                   f"(checkpoint saved); continue with: vlp-train pretrain {config_path} --out {out} --resume",
+                   err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -136,6 +138,9 @@ def test_shipped_configs_validate():
     (lambda c: c["stages"][0].update(text_mask_prob=1.5), r"text_mask_prob must be between 0 and 1"),
     (lambda c: c["data"].update(max_region=36), r"data: unknown key\(s\): max_region"),
     (lambda c: c["data"].update(max_regions=0), r"data: max_regions must be a whole number of at least 1"),
+    (lambda c: c["model"]["visual"].update(box_dim=4), r"model\.visual: unknown key\(s\): box_dim \(known: "),
+    (lambda c: c["model"]["bert"].update(layer=2), r"model\.bert: unknown key\(s\): layer \(known: heads, "),
+    (lambda c: c["model"]["visual"].update(box_dims=6), r"model\.visual: box_dims must be 4, 5 or 7"),
     (lambda c: c.update(seed="1"), "seed must be a non-negative whole number"),
     (lambda c: c["stages"][0].update(tasks=[{"name": "MOC", "min_confidence": 0.2}]),
      r"task MOC: unknown option\(s\) min_confidence \(its options: min_conf, attributes\)"),
@@ -186,7 +191,82 @@ def test_cli_pretrain_runs_resumes_and_reports_config_errors(config, tmp_path):
     again = CliRunner().invoke(train_main, ["pretrain", str(config), "--out", str(out), "--device", "cpu",
                                             "--resume"])
     assert "stage labels: already finished" in again.output and "stage captions: already finished" in again.output
+    assert "warning" not in again.output
+    # a changed config is named key by key; the record of the run stays the one it started with
+    changed = yaml.safe_load(config.read_text())
+    changed["stages"][1]["lr"] = 5e-4
+    changed["stages"][1]["steps"] = 6
+    changed_path = tmp_path / "changed.yaml"
+    changed_path.write_text(yaml.safe_dump(changed))
+    warned = CliRunner().invoke(train_main, ["pretrain", str(changed_path), "--out", str(out), "--device", "cpu",
+                                             "--resume"])
+    assert warned.exit_code == 0, warned.output
+    assert "stages[1].steps: 4 -> 6" in warned.output and "stages[1].lr: 0.001 -> 0.0005" in warned.output, warned.output
+    assert "more steps for a finished stage are ignored" in warned.output
+    assert yaml.safe_load((out / "config.yaml").read_text()) == load_config(config)
+    # stores are opened before anything is written; errors name the key
+    for key, value, message in [
+            ("pairs", str(tmp_path / "nope"), r"stages\[1\]\.pairs: .*nope"),
+            ("feature_dim", 32, r"data\.features: .* holds 16-d features, model\.visual\.feature_dim is 32: "
+                                r"set model\.visual\.feature_dim: 16")]:
+        wrong = yaml.safe_load(config.read_text())
+        if key == "pairs":
+            wrong["stages"][1]["pairs"] = value
+        else:
+            wrong["model"]["visual"]["feature_dim"] = value
+        wrong_path = tmp_path / f"wrong-{key}.yaml"
+        wrong_path.write_text(yaml.safe_dump(wrong))
+        result = CliRunner().invoke(train_main, ["pretrain", str(wrong_path), "--out", str(tmp_path / key)])
+        assert result.exit_code == 1 and re.search(message, result.output), result.output
+        assert not (tmp_path / key).exists()
     broken = tmp_path / "broken.yaml"
     broken.write_text(config.read_text().replace("tasks:", "taskz:", 1))
     bad = CliRunner().invoke(train_main, ["pretrain", str(broken), "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 1 and "Error:" in bad.output and "Traceback" not in bad.output
+
+
+def test_stop_request_checkpoints_and_resumes_exactly(config, tmp_path):
+    cfg = load_config(config)
+    reference = _losses(run_stages(cfg, tmp_path / "full"))
+    asked = []
+
+    def stop_at_step_3():  # asked after every optimizer step; checkpoint_every is 2
+        asked.append(1)
+        return len(asked) == 3
+
+    first = run_stages(cfg, tmp_path / "cut", should_stop=stop_at_step_3)
+    assert [s["end_step"] for s in first] == [3]
+    assert (tmp_path / "cut" / "01-labels" / "checkpoint-0000003.pt").is_file()
+    rest = run_stages(cfg, tmp_path / "cut")
+    assert rest[0]["start_step"] == 3
+    assert _losses(first) + _losses(rest) == reference
+
+
+def test_ctrl_c_stops_the_cli_after_a_step_with_a_checkpoint(config, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["stages"] = [dict(cfg["stages"][0], steps=100_000, checkpoint_every=0)]
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", "from vlp.cli import train_main; train_main()",
+                             "pretrain", str(path), "--out", str(out),
+                             "--device", "cpu", "--progress", "off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    history = out / "01-labels" / "history.jsonl"
+    deadline = time.time() + 120
+    while not (history.is_file() and history.read_text().count("\n") >= 2) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "stopping after this step" in output and "--resume" in output and "Traceback" not in output
+    step = json.loads((out / "01-labels" / "last.json").read_text())["step"]
+    assert 2 <= step < 100_000 and (out / "01-labels" / f"checkpoint-{step:07d}.pt").is_file()
+    assert f"interrupted at step {step} of 100000 in stage labels" in output

@@ -101,6 +101,7 @@ def validate_config(config: dict, where: str = "config") -> None:
         raise ValueError(f"{where}: model: unknown key(s): {', '.join(sorted(bad))}")
     if not model.get("text_checkpoint") and not model.get("vocab"):
         raise ValueError(f"{where}: model needs text_checkpoint (a BERT directory) or vocab")
+    _check_model_options(model, f"{where}: model")
     evaluation = config.get("eval")
     if evaluation is not None:
         if not isinstance(evaluation, dict) or not evaluation.get("pairs"):
@@ -163,6 +164,82 @@ def validate_config(config: dict, where: str = "config") -> None:
         names.append(stage.get("name", f"stage{i + 1}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: stage names must be distinct: {names}")
+
+
+def _check_model_options(model: dict, where: str) -> None:
+    """Unknown keys under model.visual / model.bert / model.lxmert are typos, not options."""
+    import inspect
+
+    from transformers import BertConfig, LxmertConfig
+
+    from vlp.trainer.lxmert import CrossModalEncoder
+    from vlp.trainer.model import VisualConfig, tiny_bert_config
+
+    def known_config_key(config_class, key):
+        return hasattr(config_class(), key)
+
+    def parameters(function):
+        return {name for name, p in inspect.signature(function).parameters.items()
+                if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
+
+    for section in ("visual", "bert", "lxmert"):
+        options = model.get(section)
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise ValueError(f"{where}.{section} must be a mapping")
+        if section == "visual":
+            known = {f.name for f in dataclasses.fields(VisualConfig)}
+            bad = sorted(set(options) - known)
+        elif section == "lxmert":
+            known = parameters(CrossModalEncoder.make_config)
+            bad = sorted(k for k in options if k not in known and not known_config_key(LxmertConfig, k))
+        elif model.get("text_checkpoint"):  # overrides of the checkpoint's BertConfig
+            known = set()
+            bad = sorted(k for k in options if not known_config_key(BertConfig, k))
+        else:  # a new small BERT: tiny_bert_config's names, or BertConfig's
+            known = parameters(tiny_bert_config)
+            bad = sorted(k for k in options if k not in known and not known_config_key(BertConfig, k))
+        if bad:
+            hint = f" (known: {', '.join(sorted(known))}, or a {'Lxmert' if section == 'lxmert' else 'Bert'}Config field)" \
+                if section != "visual" else f" (known: {', '.join(sorted(known))})"
+            raise ValueError(f"{where}.{section}: unknown key(s): {', '.join(bad)}{hint}")
+    try:
+        VisualConfig(**(model.get("visual") or {}))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}.visual: {error}") from None
+
+
+def check_stores(config: dict) -> None:
+    """Open every store the config names, before anything is trained or written: a
+    missing or wrong store, or a feature store whose feature size is not the model's
+    ``visual.feature_dim``, is reported with its key."""
+    from vlp.schemas import FeatureStore
+    from vlp.schemas.pairs import PairStore
+    from vlp.trainer.model import VisualConfig
+
+    feature_dim = VisualConfig(**(config["model"].get("visual") or {})).feature_dim
+    data = config.get("data") or {}
+    places = [("eval", config["eval"])] if config.get("eval") else []
+    for i, stage in enumerate(config["stages"]):
+        for k, spec in enumerate(source_specs(stage)):
+            places.append((f"stages[{i}]" + (f".sources[{k}]" if stage.get("sources") else ""), spec))
+    checked: set = set()
+    for where, spec in places:
+        for key, store_class in (("pairs", PairStore), ("hard_negatives", PairStore), ("features", FeatureStore)):
+            path, label = spec.get(key), f"{where}.{key}"
+            if not path and key == "features":
+                path, label = data.get("features"), "data.features"
+            if not path or (key, str(path)) in checked:
+                continue
+            try:
+                store = store_class(path)
+            except Exception as error:  # the stores' own errors say what is wrong with the folder
+                raise ValueError(f"{label}: {error}") from None
+            if key == "features" and store.feature_dim != feature_dim:
+                raise ValueError(f"{label}: {path} holds {store.feature_dim}-d features, model.visual.feature_dim "
+                                 f"is {feature_dim}: set model.visual.feature_dim: {store.feature_dim}")
+            checked.add((key, str(path)))
 
 
 def _check_counts(spec: dict, where: str) -> None:
@@ -319,11 +396,14 @@ def stage_trainer(config: dict, index: int, out_dir, *, encoder, tokenizer, stor
 
 
 def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: Optional[int] = None,
-               num_workers: int = 1, progress: str = "off", rank: int = 0, world_size: int = 1) -> list[dict]:
+               num_workers: int = 1, progress: str = "off", rank: int = 0, world_size: int = 1,
+               should_stop=None) -> list[dict]:
     """Run every stage of ``config`` in order; returns one summary per stage.
 
     ``stop_after_steps``: stop the whole run after this many optimizer steps (tests /
-    preemption drills); a later call resumes. ``num_workers > 1``: data-parallel on that
+    preemption drills); a later call resumes. ``should_stop()``: asked after every
+    optimizer step (single process); when true, the stage writes a checkpoint and the run
+    stops there, to be resumed. ``num_workers > 1``: data-parallel on that
     many Ray Train workers (:func:`vlp.trainer.distributed.run_distributed`).
     ``rank``/``world_size`` are set by those workers.
     """
@@ -333,6 +413,7 @@ def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: 
         return run_distributed(config, out_dir, num_workers=num_workers, device=device,
                                stop_after_steps=stop_after_steps, progress=progress)
     validate_config(config)
+    check_stores(config)
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(config)
     stores = _Stores()
@@ -358,7 +439,7 @@ def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: 
                                          step_offset=step_offset)
         start = trainer.step
         try:
-            history = trainer.train(max_steps=budget)
+            history = trainer.train(max_steps=budget, should_stop=should_stop)
         finally:
             trainer.close()
         summaries.append({"stage": name, "dir": str(stage_dir), "skipped": False, "start_step": start,
