@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -241,6 +242,12 @@ def _sources(data, model: PretrainModel) -> list[DataSource]:
     return out
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which stops after the
+    current step (a worker dying of it would end the run with a DataLoader error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Pretrainer:
     """Runs one stage. ``out_dir`` receives ``checkpoint-STEP.pt``, ``last.json``,
     ``history.jsonl`` (one line per optimizer step) and ``eval.jsonl``; with
@@ -315,7 +322,8 @@ class Pretrainer:
         loader = DataLoader(MixedDataset([s.dataset for s in self.sources]), batch_sampler=sampler,
                             collate_fn=Collator(self.model.ctx.pad_id), num_workers=self.stage.num_workers,
                             generator=torch.Generator().manual_seed(self.stage.seed),
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            worker_init_fn=_ignore_interrupts if self.stage.num_workers else None)
         return iter(loader)
 
     # -- checkpoints -------------------------------------------------------------
@@ -412,10 +420,13 @@ class Pretrainer:
         task_losses.update({k: (v.item(), 1) for k, v in losses.items()})
         return task_losses, {k: (float(v), 1) for k, v in metrics.items()}, len(batch["pair_id"])
 
-    def train(self, max_steps: Optional[int] = None, callback: Optional[Callable] = None) -> list[dict]:
+    def train(self, max_steps: Optional[int] = None, callback: Optional[Callable] = None,
+              should_stop: Optional[Callable[[], bool]] = None) -> list[dict]:
         """Train until ``stage.steps`` (or ``max_steps`` more steps); returns this call's history.
 
         ``callback(trainer, entry)`` runs after each optimizer step (gradients still set).
+        ``should_stop()`` is asked after each optimizer step; when it says so (Ctrl-C), a
+        checkpoint is written and training stops, to be resumed from that step.
         """
         from vlp.pipeline.progress import Progress
 
@@ -442,8 +453,13 @@ class Pretrainer:
                 if callback is not None:
                     callback(self, entry)
                 progress.update(1, loss=f"{entry['loss']:.3f}", **{"samples/s": f"{entry['samples_per_s']:.0f}"})
-                if stage.checkpoint_every and self.step % stage.checkpoint_every == 0:
+                saved = stage.checkpoint_every and self.step % stage.checkpoint_every == 0
+                if saved:
                     self.save_checkpoint()
+                if should_stop is not None and self.step < stage.steps and should_stop():
+                    if not saved:
+                        self.save_checkpoint()
+                    break
                 if stage.eval_every and self.step % stage.eval_every == 0 and self.step < stage.steps:
                     self.run_evaluation()
             if self.step == stage.steps:
