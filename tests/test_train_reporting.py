@@ -204,3 +204,17 @@ def test_missing_or_empty_history_is_a_clear_error(tmp_path):
         plot_loss_curves(tmp_path / "nowhere")
     assert "no training history" in summarize(empty)
     assert not (empty / "loss_curves.png").exists()
+
+
+def test_eval_panels_hold_rates_apart_from_counts_and_ranks(tmp_path):
+    with TrainingLog(tmp_path / "01-a", stage_name="a", tensorboard=False) as tlog:
+        for step in (1, 2):
+            tlog.log_step(entry(step, ["MLM", "ITM"]))
+            tlog.log_eval(step, {"loss": 9.0, "loss_MLM": 4.0, "batches": 20, "mlm_acc": 0.3, "mlm_n": 640,
+                                 "ir_r1": 0.1, "ir_mean_rank": 12.5})
+    panels, kinds = reporting._series(load_run(tmp_path))
+    assert set(panels["eval accuracy / recall"]) == {"mlm_acc", "ir_r1"}
+    assert set(panels["eval (other)"]) == {"ir_mean_rank"}
+    # the held-out total sums every task; training batches carry only their source's tasks
+    assert "eval" not in panels["loss"] and "eval" in panels["MLM"]
+    assert not any(name in curves for curves in panels.values() for name in ("mlm_n", "batches", "loss"))

@@ -446,9 +446,9 @@ def _auto_weight(points: int) -> float:
 
 
 def _eval_loss_panel(key: str) -> Optional[str]:
-    """The loss panel an evaluation metric belongs to: loss -> total, loss_MLM / loss/MLM -> MLM."""
-    if key == "loss":
-        return "loss"
+    """The task loss panel an evaluation metric belongs to: loss_MLM / loss/MLM -> MLM.
+    The held-out total (every task on every batch) is not drawn over the training total,
+    whose batches carry only their source's tasks."""
     for prefix in ("loss_", "loss/"):
         if key.startswith(prefix) and len(key) > len(prefix):
             return key[len(prefix):]
@@ -496,18 +496,24 @@ def _series(stages: list[StageLog]):
                                         [r["metrics"][name] for r in rows]))
     if rates:
         panels["train metrics"], kinds["train metrics"] = rates, "metrics"
-    other_evals = {}
+    eval_rates, eval_other = {}, {}
     for name in eval_names:
+        if name in ("loss", "batches") or name.endswith("_n"):  # totals and counts, not curves
+            continue
         curves = [(stage, [int(r["step"]) for r in stage.evals if name in r],
                    [r[name] for r in stage.evals if name in r]) for stage in stages]
         curves = [c for c in curves if c[1]]
         target = _eval_loss_panel(name)
         if target in panels and kinds[target] == "loss":
             panels[target]["eval"] = curves
-        else:
-            other_evals[name] = curves
-    if other_evals:
-        panels["eval metrics"], kinds["eval metrics"] = other_evals, "eval"
+        elif target is None:
+            values = [_number(v) for c in curves for v in c[2]]
+            is_rate = all(v is None or not math.isfinite(v) or 0.0 <= v <= 1.0 for v in values)
+            (eval_rates if is_rate else eval_other)[name] = curves
+    if eval_rates:
+        panels["eval accuracy / recall"], kinds["eval accuracy / recall"] = eval_rates, "eval"
+    if eval_other:
+        panels["eval (other)"], kinds["eval (other)"] = eval_other, "eval"
     if not any(c[1] for c in panels["loss"].get("train", [])) and "eval" not in panels["loss"]:
         del panels["loss"]
     return panels, kinds
