@@ -214,6 +214,24 @@ def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
         PairDataset(labels, features, tokenizer, append_labels=2)
 
 
+def test_split_keeps_only_the_pairs_of_a_split(stores, tokenizer, tmp_path):
+    features = stores[0]
+    with PairStoreWriter(tmp_path / "karpathy", "caption") as w:
+        for i, split in enumerate(["train", "train", "val", "test", "train", "restval", "val"]):
+            w.add({"pair_id": f"k{i}", "image_id": f"img{i}", "text": "a red circle", "split": split})
+    pairs = PairStore(tmp_path / "karpathy")
+    everything = PairDataset(pairs, features, tokenizer)
+    assert len(everything) == 6 and everything.skipped == 1  # img6 has no features
+    train = PairDataset(pairs, features, tokenizer, split="train")
+    assert [train[i]["pair_id"] for i in range(len(train))] == ["k0", "k1", "k4"] and train.skipped == 0
+    both = PairDataset(pairs, features, tokenizer, split=["train", "restval"])
+    assert len(both) == 4
+    val = PairDataset(pairs, features, tokenizer, split="val")
+    assert [val[i]["pair_id"] for i in range(len(val))] == ["k2"] and val.skipped == 1
+    with pytest.raises(ValueError, match=r"karpathy: no pair of split dev \(the store has: train 3, val 2, "):
+        PairDataset(pairs, features, tokenizer, split="dev")
+
+
 def test_mixing_probabilities():
     from vlp.trainer.data import mixing_probabilities
 

@@ -141,6 +141,7 @@ def test_shipped_configs_validate():
     (lambda c: c["model"]["visual"].update(box_dim=4), r"model\.visual: unknown key\(s\): box_dim \(known: "),
     (lambda c: c["model"]["bert"].update(layer=2), r"model\.bert: unknown key\(s\): layer \(known: heads, "),
     (lambda c: c["model"]["visual"].update(box_dims=6), r"model\.visual: box_dims must be 4, 5 or 7"),
+    (lambda c: c["stages"][0].update(split=3), r"stages\[0\]: split must be a split name or a list of them"),
     (lambda c: c.update(seed="1"), "seed must be a non-negative whole number"),
     (lambda c: c["stages"][0].update(tasks=[{"name": "MOC", "min_confidence": 0.2}]),
      r"task MOC: unknown option\(s\) min_confidence \(its options: min_conf, attributes\)"),
@@ -270,3 +271,14 @@ def test_ctrl_c_stops_the_cli_after_a_step_with_a_checkpoint(config, tmp_path):
     step = json.loads((out / "01-labels" / "last.json").read_text())["step"]
     assert 2 <= step < 100_000 and (out / "01-labels" / f"checkpoint-{step:07d}.pt").is_file()
     assert f"interrupted at step {step} of 100000 in stage labels" in output
+
+
+def test_check_stores_names_a_split_the_store_lacks(config):
+    from vlp.trainer.schedule import check_stores
+
+    cfg = load_config(config)
+    cfg["stages"][1]["split"] = "train"  # the synthetic world's captions are all train
+    check_stores(cfg)
+    cfg["stages"][1]["split"] = "val"
+    with pytest.raises(ValueError, match=r"stages\[1\]\.split: .*no pair of split val \(the store has: train "):
+        check_stores(cfg)

@@ -17,6 +17,7 @@ randomness lives in the training loop's generator (see :mod:`vlp.trainer.tasks`)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -94,6 +95,21 @@ def box_geometry(boxes: np.ndarray, width: int, height: int, dims: int = 5) -> n
 
 # -- dataset -----------------------------------------------------------------------
 
+def split_filter(pairs, split) -> Optional[list[bool]]:
+    """Which rows of ``pairs`` belong to ``split`` (a name or a list of names); None: all."""
+    if split is None:
+        return None
+    names = {split} if isinstance(split, str) else set(split)
+    column = pairs.column("split")
+    wanted = [value in names for value in column]
+    if not any(wanted):
+        counts = collections.Counter(value or "(none)" for value in column)
+        found = ", ".join(f"{name} {n}" for name, n in counts.most_common())
+        raise ValueError(f"{getattr(pairs, 'root', pairs)}: no pair of split {'/'.join(sorted(names))} "
+                         f"(the store has: {found})")
+    return wanted
+
+
 def stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode("utf-8"))
 
@@ -105,13 +121,15 @@ class PairDataset(Dataset):
     detector-score order). ``hard_negatives``: a PairStore of kind ``hard_negatives``;
     each example then carries ``negative`` (the regions of one of its image's hard
     negatives that have features, chosen from the ``hard_negative_top`` best by a pure
-    function of seed, epoch and index).
+    function of seed, epoch and index). ``split``: keep only pairs of this split (a name
+    or a list of names, from the store's ``split`` column), e.g. ``train`` of a store
+    imported from a Karpathy split file.
     """
 
     def __init__(self, pairs, features, tokenizer, *, max_text_len: int = 40,
                  max_regions: Optional[int] = None, box_dims: int = 5,
                  hard_negatives=None, hard_negative_top: int = 5, seed: int = 0,
-                 append_labels: int = 0):
+                 append_labels: int = 0, split=None):
         if box_dims not in BOX_DIMS:
             raise ValueError(f"box_dims must be 4, 5 or 7, got {box_dims}")
         if max_text_len < 2:
@@ -124,9 +142,13 @@ class PairDataset(Dataset):
         self.append_labels = int(append_labels)
         self.seed, self.epoch = seed, 0
         image_ids = pairs.column("image_id")
+        wanted = split_filter(pairs, split)
         present: dict[str, bool] = {}
-        keep, missing = [], set()
+        keep, missing, considered = [], set(), 0
         for index, image_id in enumerate(image_ids):
+            if wanted is not None and not wanted[index]:
+                continue
+            considered += 1
             ok = present.get(image_id)
             if ok is None:
                 ok = present[image_id] = image_id in features
@@ -135,12 +157,12 @@ class PairDataset(Dataset):
             else:
                 missing.add(image_id)
         self.indices = np.asarray(keep, dtype=np.int64)
-        self.skipped = len(image_ids) - len(keep)
+        self.skipped = considered - len(keep)
         self.missing_image_ids = sorted(missing)
         if self.skipped:
             shown = ", ".join(self.missing_image_ids[:5]) + (" ..." if len(missing) > 5 else "")
             log.warning("%s: %d of %d pair(s) skipped: their image has no features in %s (%s)",
-                        getattr(pairs, "root", pairs), self.skipped, len(image_ids),
+                        getattr(pairs, "root", pairs), self.skipped, considered,
                         getattr(features, "root", features), shown)
         self.hard_negatives: Optional[dict[str, list[str]]] = None
         self.hard_negative_top = hard_negative_top

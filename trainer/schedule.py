@@ -48,10 +48,10 @@ from vlp.trainer.pretrain import StageConfig
 
 STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 SOURCE_KEYS = {"name", "pairs", "features", "tasks", "ratio", "hard_negatives", "hard_negative_top",
-               "max_text_len", "max_regions", "append_labels"}
+               "max_text_len", "max_regions", "append_labels", "split"}
 STAGE_DATA_KEYS = (SOURCE_KEYS - {"name", "tasks", "ratio"}) | {"sources"}
 EVAL_KEYS = {"pairs", "features", "batch_size", "max_batches", "retrieval_images", "max_text_len",
-             "max_regions"}
+             "max_regions", "split"}
 DATA_KEYS = {"features", "max_text_len", "max_regions"}
 # whole numbers wherever they appear (data, eval, a stage or one of its sources)
 COUNT_KEYS = {"max_text_len", "max_regions", "append_labels", "hard_negative_top", "batch_size", "max_batches",
@@ -110,6 +110,7 @@ def validate_config(config: dict, where: str = "config") -> None:
         if bad:
             raise ValueError(f"{where}: eval: unknown key(s): {', '.join(sorted(bad))}")
         _check_counts(evaluation, f"{where}: eval")
+        _check_split(evaluation, f"{where}: eval")
     stages = config.get("stages")
     if not stages:
         raise ValueError(f"{where}: stages: at least one stage is required")
@@ -140,6 +141,7 @@ def validate_config(config: dict, where: str = "config") -> None:
             if bad:
                 raise ValueError(f"{where_source}: unknown key(s): {', '.join(sorted(bad))}")
             _check_counts(spec, where_source)
+            _check_split(spec, where_source)
             ratio = spec.get("ratio")
             if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
                 raise ValueError(f"{where_source}: ratio must be a positive number, got {ratio!r}")
@@ -216,6 +218,7 @@ def check_stores(config: dict) -> None:
     ``visual.feature_dim``, is reported with its key."""
     from vlp.schemas import FeatureStore
     from vlp.schemas.pairs import PairStore
+    from vlp.trainer.data import split_filter
     from vlp.trainer.model import VisualConfig
 
     feature_dim = VisualConfig(**(config["model"].get("visual") or {})).feature_dim
@@ -230,16 +233,28 @@ def check_stores(config: dict) -> None:
             path, label = spec.get(key), f"{where}.{key}"
             if not path and key == "features":
                 path, label = data.get("features"), "data.features"
-            if not path or (key, str(path)) in checked:
+            if not path or (key, str(path), spec.get("split") if key == "pairs" else None) in checked:
                 continue
             try:
                 store = store_class(path)
             except Exception as error:  # the stores' own errors say what is wrong with the folder
                 raise ValueError(f"{label}: {error}") from None
+            if key == "pairs" and spec.get("split") is not None:
+                try:
+                    split_filter(store, spec["split"])
+                except ValueError as error:
+                    raise ValueError(f"{where}.split: {error}") from None
             if key == "features" and store.feature_dim != feature_dim:
                 raise ValueError(f"{label}: {path} holds {store.feature_dim}-d features, model.visual.feature_dim "
                                  f"is {feature_dim}: set model.visual.feature_dim: {store.feature_dim}")
-            checked.add((key, str(path)))
+            checked.add((key, str(path), spec.get("split") if key == "pairs" else None))
+
+
+def _check_split(spec: dict, where: str) -> None:
+    split = spec.get("split")
+    if split is not None and not (isinstance(split, str) and split or isinstance(split, list) and split
+                                  and all(isinstance(x, str) and x for x in split)):
+        raise ValueError(f"{where}: split must be a split name or a list of them (e.g. train), got {split!r}")
 
 
 def _check_counts(spec: dict, where: str) -> None:
@@ -347,7 +362,7 @@ def _dataset(spec: dict, config: dict, stores: _Stores, tokenizer, box_dims: int
                        tokenizer, max_text_len=int(spec.get("max_text_len", data.get("max_text_len", 40))),
                        max_regions=spec.get("max_regions", data.get("max_regions")), box_dims=box_dims,
                        hard_negatives=hard, hard_negative_top=int(spec.get("hard_negative_top", 5)),
-                       seed=seed, append_labels=int(spec.get("append_labels", 0)))
+                       seed=seed, append_labels=int(spec.get("append_labels", 0)), split=spec.get("split"))
 
 
 def _evaluator(config: dict, stores: _Stores, tokenizer, box_dims: int):
@@ -445,7 +460,7 @@ def run_stages(config: dict, out_dir, *, device: str = "cpu", stop_after_steps: 
         summaries.append({"stage": name, "dir": str(stage_dir), "skipped": False, "start_step": start,
                           "end_step": trainer.step, "steps": trainer.stage.steps, "carried_heads": carried,
                           "skipped_pairs": {s.name: s.dataset.skipped for s in trainer.sources},
-                          "history": history})
+                          "last_loss": history[-1]["loss"] if history else None, "history": history})
         if budget is not None:
             budget -= trainer.step - start
         if trainer.step < trainer.stage.steps:
