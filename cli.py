@@ -800,6 +800,10 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         raise click.ClickException(str(exc)) from None
     if device == "auto" and num_workers == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if progress != "bar":  # transformers' own "Loading weights" bar
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     _check_run_folder(Path(out), config, resume)
     stop = threading.Event()
 
@@ -823,8 +827,7 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         if summary["skipped"]:
             click.echo(f"stage {summary['stage']}: already finished")
             continue
-        history = summary.get("history") or []
-        last = f", last loss {history[-1]['loss']:.4f}" if history else ""
+        last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
         click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
                    f"({summary['dir']})")
     click.echo(summarize(out))

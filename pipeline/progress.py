@@ -40,6 +40,7 @@ class Progress:
         self.every_s = every_s
         self._extra: dict = {}
         self._bar = None
+        self._closed = False
         if mode == "bar":
             from tqdm import tqdm
 
@@ -76,6 +77,10 @@ class Progress:
         print(", ".join(parts), file=self.stream, flush=True)
 
     def close(self, message: Optional[str] = None) -> None:
+        """Finish the display; closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -130,6 +130,7 @@ def test_run_stages_on_two_workers_matches_one_process(config, ray_cluster, tmp_
     assert [h["step"] for h in ddp] == [1, 2, 3]
     for a, b in zip(ddp, single):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"]
+    assert summaries[0]["last_loss"] == ddp[-1]["loss"]  # what the command prints as "last loss"
     # the model: the same after 3 AdamW steps (fp32 tolerance)
     a = torch.load(stage_dir / "checkpoint-0000003.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "single" / "01-mixed" / "checkpoint-0000003.pt", weights_only=True)["model"]
