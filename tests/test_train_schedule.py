@@ -273,7 +273,7 @@ def test_ctrl_c_stops_the_cli_after_a_step_with_a_checkpoint(config, tmp_path):
     assert f"interrupted at step {step} of 100000 in stage labels" in output
 
 
-def test_check_stores_names_a_split_the_store_lacks(config):
+def test_check_stores_names_a_missing_split_and_a_wrong_store_kind(config):
     from vlp.trainer.schedule import check_stores
 
     cfg = load_config(config)
@@ -281,4 +281,8 @@ def test_check_stores_names_a_split_the_store_lacks(config):
     check_stores(cfg)
     cfg["stages"][1]["split"] = "val"
     with pytest.raises(ValueError, match=r"stages\[1\]\.split: .*no pair of split val \(the store has: train "):
+        check_stores(cfg)
+    cfg["stages"][1].update(split="train", tasks={"MLM": 1.0, "ITM_HS": 1.0}, hard_negatives=cfg["stages"][1]["pairs"])
+    validate_config(cfg)
+    with pytest.raises(ValueError, match=r"stages\[1\]\.hard_negatives: .* holds caption pairs, not hard_negatives"):
         check_stores(cfg)

@@ -203,9 +203,10 @@ def _check_model_options(model: dict, where: str) -> None:
             known = parameters(tiny_bert_config)
             bad = sorted(k for k in options if k not in known and not known_config_key(BertConfig, k))
         if bad:
-            hint = f" (known: {', '.join(sorted(known))}, or a {'Lxmert' if section == 'lxmert' else 'Bert'}Config field)" \
-                if section != "visual" else f" (known: {', '.join(sorted(known))})"
-            raise ValueError(f"{where}.{section}: unknown key(s): {', '.join(bad)}{hint}")
+            hint = ", ".join(sorted(known))
+            if section != "visual":
+                hint += (", or " if hint else "") + ("an LxmertConfig" if section == "lxmert" else "a BertConfig") + " field"
+            raise ValueError(f"{where}.{section}: unknown key(s): {', '.join(bad)} (known: {hint})")
     try:
         VisualConfig(**(model.get("visual") or {}))
     except (TypeError, ValueError) as error:
@@ -239,6 +240,9 @@ def check_stores(config: dict) -> None:
                 store = store_class(path)
             except Exception as error:  # the stores' own errors say what is wrong with the folder
                 raise ValueError(f"{label}: {error}") from None
+            if key == "hard_negatives" and store.kind != "hard_negatives":
+                raise ValueError(f"{label}: {path} holds {store.kind} pairs, not hard_negatives "
+                                 "(build it with vlp-build hard-negatives)")
             if key == "pairs" and spec.get("split") is not None:
                 try:
                     split_filter(store, spec["split"])
