@@ -75,6 +75,16 @@ def _open_features(features_dir) -> FeatureStore:
     return FeatureStore(features_dir)
 
 
+def _records_with_labels(store: FeatureStore, build: Build):
+    """The store's records that carry detector labels; each other one is reported as bad."""
+    for record in store:
+        if record.objects_id is None:
+            build.bad.add(store.root, f"image {record.image_id}", "record has no objects_id (labels)")
+        else:
+            yield record
+        build.progress.update()
+
+
 def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_ATTR_CONF_FLOOR,
                          obj_conf_floor: float = DEFAULT_OBJ_CONF_FLOOR, names: str = "display",
                          overwrite: bool = False, shard_size: int = 100_000, split: str = "",
@@ -87,14 +97,9 @@ def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_
                total=len(store), desc="objects-labels", unit="img", progress=progress) as build:
         build.stats = totals
         build.stats.update({"attr_conf_floor": attr_conf_floor, "obj_conf_floor": obj_conf_floor, "names": names})
-        for record in store:
-            try:
-                words, regions, counts = region_label_words(
-                    record, attr_conf_floor=attr_conf_floor, obj_conf_floor=obj_conf_floor, names=names)
-            except KeyError:
-                build.bad.add(store.root, f"image {record.image_id}", "record has no objects_id (labels)")
-                build.progress.update()
-                continue
+        for record in _records_with_labels(store, build):
+            words, regions, counts = region_label_words(
+                record, attr_conf_floor=attr_conf_floor, obj_conf_floor=obj_conf_floor, names=names)
             totals["images"] += 1
             for key, value in counts.items():
                 totals[key] += value
@@ -104,7 +109,6 @@ def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_
             build.add({"pair_id": f"{record.image_id}#objects_labels", "image_id": record.image_id,
                        "text": " ".join(words), "source": "features", "split": split,
                        "words": words, "word_regions": regions})
-            build.progress.update()
     store.close()
     return build.result
 
@@ -119,11 +123,7 @@ def build_labels_in_order(features_dir, out, *, names: str = "display", overwrit
     with Build(out, "labels_in_order", overwrite=overwrite, sources=[features_dir], shard_size=shard_size,
                total=len(store), desc="labels-in-order", unit="img", progress=progress) as build:
         build.stats = {"images": 0, "regions": 0}
-        for record in store:
-            if record.objects_id is None:
-                build.bad.add(store.root, f"image {record.image_id}", "record has no objects_id (labels)")
-                build.progress.update()
-                continue
+        for record in _records_with_labels(store, build):
             ids = [int(i) for i in record.objects_id]
             labels = [_pick_name(objects, i, names, record.image_id, row, "o") for row, i in enumerate(ids)]
             build.stats["images"] += 1
@@ -131,7 +131,6 @@ def build_labels_in_order(features_dir, out, *, names: str = "display", overwrit
             build.add({"pair_id": f"{record.image_id}#labels_in_order", "image_id": record.image_id,
                        "text": " ".join(labels), "source": "features", "split": split,
                        "labels": labels, "label_ids": ids})
-            build.progress.update()
     store.close()
     return build.result
 
