@@ -267,6 +267,15 @@ class MLMHead(nn.Module):
         return self.transform(hidden) @ self.embeddings[0].weight.t() + self.bias
 
 
+def _feature_regression(out, head, selected, targets, metric: str):
+    """L2 between the head's prediction at the ``selected`` regions and their ``targets``
+    (MRFR: masked regions, original features; IFRS: moved regions, features they held)."""
+    if not selected.any():
+        return _zero_loss(head(out.regions[:, :1])), {}
+    loss = F.mse_loss(head(out.regions[selected]), targets[selected])
+    return loss, {metric: loss.item()}
+
+
 def _masked_regions(batch):
     masked = batch["region_masked"]
     if "matched" in batch:
@@ -345,12 +354,7 @@ class MRFR(Task):
         return nn.Linear(encoder.hidden_size, encoder.visual.feature_dim)
 
     def loss(self, out, batch, head, ctx):
-        masked = _masked_regions(batch)
-        if not masked.any():
-            return _zero_loss(head(out.regions[:, :1])), {}
-        predicted = head(out.regions[masked])
-        loss = F.mse_loss(predicted, batch["region_targets"][masked])
-        return loss, {"mrfr_mse": loss.item()}
+        return _feature_regression(out, head, _masked_regions(batch), batch["region_targets"], "mrfr_mse")
 
 
 class ITM(Task):
@@ -450,12 +454,7 @@ class IFRS(Task):
                 batch[field] = torch.gather(t, 1, index)
 
     def loss(self, out, batch, head, ctx):
-        moved = batch["ifrs_moved"]
-        if not moved.any():
-            return _zero_loss(head(out.regions[:, :1])), {}
-        predicted = head(out.regions[moved])
-        loss = F.mse_loss(predicted, batch["ifrs_targets"][moved])
-        return loss, {"ifrs_mse": loss.item()}
+        return _feature_regression(out, head, batch["ifrs_moved"], batch["ifrs_targets"], "ifrs_mse")
 
 
 class TITP(Task):
