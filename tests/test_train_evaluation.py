@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlp.trainer.data import IGNORE, LengthBucketBatchSampler, PairDataset, collate, load_tokenizer
+from vlp.trainer.data import IGNORE, LengthBucketBatchSampler, PairDataset, collate
 from vlp.trainer.evaluation import (evaluate_during_training, heldout_metrics, retrieval_examples,
                                     retrieval_recall, retrieval_scores, zero_shot_retrieval)
 from vlp.trainer.pretrain import Pretrainer, StageConfig
 from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
 from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks, prepare_batch
-from vlp.trainer.toydata import world_stores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,14 +73,8 @@ def test_recall_rejects_bad_matrices():
 # -- a synthetic world ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vlp.synthetic import generate
-
-    root = tmp_path_factory.mktemp("eval-world")
-    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
-    features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
-    tokenizer = load_tokenizer(vocab)
-    return features, pairs, tokenizer
+def world(train_world):
+    return train_world
 
 
 def build(world, tasks, *, seed=0, hidden=32, **config):

@@ -9,26 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.trainer.data import PairDataset, load_tokenizer
+from vlp.trainer.data import PairDataset
 from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
 from vlp.trainer.evaluation import heldout_metrics
 from vlp.trainer.pretrain import NonFiniteLossError, Pretrainer, StageConfig, lr_lambda
 from vlp.trainer.tasks import PretrainModel, TaskContext, make_tasks
-from vlp.trainer.toydata import world_stores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vlp.synthetic import generate
-
-    root = tmp_path_factory.mktemp("train-world")
-    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
-    features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
-    tokenizer = load_tokenizer(vocab)
-    return features, pairs, tokenizer
+def world(train_world):
+    return train_world
 
 
 def build(world, tasks, *, seed=0, hidden=64, positions="shared"):
