@@ -23,12 +23,13 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from isolated import run_worker
 
 
 def make_images(count: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
@@ -111,11 +112,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_config(spec: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(os.path.abspath(__file__), spec, str(spec))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

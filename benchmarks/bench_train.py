@@ -44,13 +44,14 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from isolated import run_worker
 
 SIZES = {
     # hidden, layers, heads, intermediate, batch, precisions
@@ -340,12 +341,7 @@ def data_worker(spec: dict, tokenizer, dataset, device) -> dict:
 
 
 def run_config(spec: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed for {spec['kind']} {spec['size']} {spec.get('precision')}:\n"
-                         f"{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(os.path.abspath(__file__), spec, f"{spec['kind']} {spec['size']} {spec.get('precision')}")
 
 
 # -- driver --------------------------------------------------------------------------
