@@ -469,7 +469,7 @@ def mixing_probabilities(ratios: Sequence[Optional[float]], batch_counts: Sequen
         raise ValueError(f"the sources' ratios {list(ratios)} add up to {share:g}: when only some sources "
                          "have a ratio, those are shares of all batches and must add up to less than 1")
     unset = np.array([r is None for r in ratios])
-    probabilities = np.where(unset, 0.0, np.asarray([r or 0.0 for r in ratios], dtype=np.float64))
+    probabilities = np.array([0.0 if r is None else r for r in ratios], dtype=np.float64)
     probabilities[unset] = (1 - share) * counts[unset] / counts[unset].sum()
     return probabilities
 
