@@ -361,7 +361,7 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
 
 
 def _print_dry_run(plan: dict, workers: int) -> None:
-    from vlp.pipeline.progress import format_duration
+    from vlp.core.progress import format_duration
 
     click.echo(f"{plan['images']} images, {plan['bytes'] / 1e6:.1f} MB")
     if plan["already_stored"] or plan["already_failed"]:

@@ -123,7 +123,7 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
     from vlp.detectors import draw, make_config
     from vlp.detectors.evaluate import evaluate_predictions
     from vlp.detectors.training import load_vg_annotations
-    from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
+    from vlp.core.errors_log import ERRORS_NAME, ErrorLog
     from vlp.pipeline.extract import ExtractSettings, run_extract
     from vlp.schemas import FeatureStore, vocab
     from vlp.schemas.verify import verify_store

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
-from vlp.pipeline.progress import Progress
+from vlp.core.errors_log import ERRORS_NAME, ErrorLog
+from vlp.core.progress import Progress
 from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.pairs import PairStore, PairStoreWriter, join_report
 

@@ -14,61 +14,10 @@ corpus sees every synonym while the same store is rebuilt byte-identically.
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-
 from vlp.builders.common import Build, BuildResult
 from vlp.schemas import FeatureStore, vocab
-
-#: BUTD's demo prints an attribute when its score exceeds 0.1 (attr_thresh); we keep that.
-DEFAULT_ATTR_CONF_FLOOR = 0.1
-DEFAULT_OBJ_CONF_FLOOR = 0.0
-NAME_MODES = ("display", "synonyms")
-
-
-def _pick_name(voc, index: int, mode: str, image_id: str, row: int, salt: str) -> str:
-    if mode == "display":
-        return voc.name(index)
-    synonyms = voc.synonyms[index] if 0 <= index < len(voc) else (voc.name(index),)
-    if len(synonyms) == 1:
-        return synonyms[0]
-    digest = hashlib.blake2b(f"{image_id}\x00{row}\x00{salt}".encode(), digest_size=4).digest()
-    return synonyms[int.from_bytes(digest, "little") % len(synonyms)]
-
-
-def region_label_words(record, *, attr_conf_floor: float = DEFAULT_ATTR_CONF_FLOOR,
-                       obj_conf_floor: float = DEFAULT_OBJ_CONF_FLOOR, names: str = "display"
-                       ) -> tuple[list[str], list[int], dict]:
-    """``(words, word_regions, counts)`` of one feature record (see module doc).
-
-    A region below ``obj_conf_floor`` is skipped; its attribute is used when
-    ``attrs_conf >= attr_conf_floor``. Multi-word names ("tennis racket") give one word
-    each, all pointing at the region.
-    """
-    if names not in NAME_MODES:
-        raise ValueError(f"names must be one of {NAME_MODES}, got {names!r}")
-    if record.objects_id is None:
-        raise KeyError("objects_id")
-    objects, attributes = vocab.objects(), vocab.attributes()
-    words: list[str] = []
-    regions: list[int] = []
-    counts = {"regions": 0, "regions_skipped": 0, "attributes_used": 0}
-    obj_conf = record.objects_conf if record.objects_conf is not None else np.ones(record.num_boxes)
-    has_attrs = record.attrs_id is not None and record.attrs_conf is not None
-    for row in range(record.num_boxes):
-        if float(obj_conf[row]) < obj_conf_floor:
-            counts["regions_skipped"] += 1
-            continue
-        counts["regions"] += 1
-        label = _pick_name(objects, int(record.objects_id[row]), names, record.image_id, row, "o")
-        if has_attrs and float(record.attrs_conf[row]) >= attr_conf_floor:
-            label = _pick_name(attributes, int(record.attrs_id[row]), names, record.image_id, row, "a") + " " + label
-            counts["attributes_used"] += 1
-        for word in label.split():
-            words.append(word)
-            regions.append(row)
-    return words, regions, counts
+from vlp.schemas.labels import (DEFAULT_ATTR_CONF_FLOOR, DEFAULT_OBJ_CONF_FLOOR, NAME_MODES, pick_name,
+                               region_label_words)
 
 
 def _open_features(features_dir) -> FeatureStore:
@@ -125,7 +74,7 @@ def build_labels_in_order(features_dir, out, *, names: str = "display", overwrit
         build.stats = {"images": 0, "regions": 0}
         for record in _records_with_labels(store, build):
             ids = [int(i) for i in record.objects_id]
-            labels = [_pick_name(objects, i, names, record.image_id, row, "o") for row, i in enumerate(ids)]
+            labels = [pick_name(objects, i, names, record.image_id, row, "o") for row, i in enumerate(ids)]
             build.stats["images"] += 1
             build.stats["regions"] += len(ids)
             build.add({"pair_id": f"{record.image_id}#labels_in_order", "image_id": record.image_id,

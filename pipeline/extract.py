@@ -37,8 +37,8 @@ from typing import Callable, Optional
 
 from vlp.pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from vlp.pipeline.discover import Discovery, discover, image_id_of
-from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
-from vlp.pipeline.progress import Progress, format_duration
+from vlp.core.errors_log import ERRORS_NAME, ErrorLog
+from vlp.core.progress import Progress, format_duration
 from vlp.schemas.errors import StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, read_manifest, write_json_atomic
 from vlp.schemas.record import SCHEMA_VERSION

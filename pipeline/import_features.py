@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from vlp.pipeline.errors_log import ERRORS_NAME, ErrorLog
+from vlp.core.errors_log import ERRORS_NAME, ErrorLog
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, SchemaError, StoreError
 
 log = logging.getLogger(__name__)

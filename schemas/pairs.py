@@ -10,7 +10,7 @@ is a directory of Arrow IPC shards holding pairs of ONE kind::
 
 Columns: the common ones (``pair_id``, ``image_id``, ``text``, ``kind``, ``source``,
 ``split``), those of the kind (:data:`KIND_COLUMNS`) and, for any kind, the optional
-``topics`` column (W ∩ L, see :mod:`vlp.builders.topics`). ``pair_id`` is unique within a
+``topics`` column (W ∩ L, see :mod:`vlp.schemas.labels`). ``pair_id`` is unique within a
 store. Pairs are addressed by row number (0 .. len-1) in shard order.
 """
 

@@ -301,7 +301,7 @@ def test_import_cli_help_errors_and_feature_check(world, tmp_path):
                                         "--image-id-template", "{filename}"])
     assert result.exit_code == 1 and "unknown field(s) filename" in result.output
 
-    from vlp.builders.oracle import truth_feature_store
+    from vlp.synthetic.oracle import truth_feature_store
 
     truth_feature_store(world, tmp_path / "f", feature_dim=4, image_ids=list(range(1, 11)))
     ann = world / "annotations"

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from vlp.builders.labels import build_labels_in_order, build_objects_labels
-from vlp.builders.oracle import truth_feature_store
+from vlp.synthetic.oracle import truth_feature_store
 from vlp.cli import build_main
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, vocab
 from vlp.schemas.pairs import PairStore, verify_pairs

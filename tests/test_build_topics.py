@@ -1,9 +1,9 @@
-"""W ∩ L (builders/topics.py) and vlp-build topics."""
+"""W ∩ L (schemas/labels.py) and vlp-build topics."""
 
 import numpy as np
 from click.testing import CliRunner
 
-from vlp.builders.topics import image_labels, singular_forms, topics
+from vlp.schemas.labels import image_labels, singular_forms, topics
 from vlp.cli import build_main
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, vocab
 from vlp.schemas.pairs import PairStore, PairStoreWriter

@@ -110,7 +110,7 @@ def test_image_id_template_and_image_data_folder(world, tmp_path):
 
 
 def test_cli_vg_phrases_with_feature_check(world, tmp_path):
-    from vlp.builders.oracle import truth_feature_store
+    from vlp.synthetic.oracle import truth_feature_store
 
     truth_feature_store(world, tmp_path / "f", feature_dim=4, image_ids=list(range(1, 26)))  # 26..30 missing
     runner = CliRunner()

@@ -20,7 +20,7 @@ import pytest
 
 from vlp.pipeline.decode import DecodeError, decode_file, decode_image
 from vlp.pipeline.discover import discover, image_id_of
-from vlp.pipeline.errors_log import ErrorLog
+from vlp.core.errors_log import ErrorLog
 from vlp.pipeline.extract import ExtractSettings, run_extract
 from vlp.schemas import FeatureStore
 from vlp.schemas.verify import verify_store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from vlp.pipeline.progress import Progress
+from vlp.core.progress import Progress
 
 
 def test_lines_mode_prints_one_final_line_however_often_closed():

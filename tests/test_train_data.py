@@ -195,7 +195,7 @@ def test_hard_negatives_through_collate_and_itm_hs(stores, tokenizer, tmp_path):
 
 
 def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
-    from vlp.builders.labels import region_label_words
+    from vlp.schemas.labels import region_label_words
 
     features, captions, labels = stores
     plain = PairDataset(captions, features, tokenizer, max_text_len=12)

@@ -12,6 +12,6 @@ Modules (import them directly; this package imports nothing heavy):
 * :mod:`vlp.trainer.evaluation` - held-out accuracies and zero-shot retrieval with the ITM head;
 * :mod:`vlp.trainer.reporting` - history / TensorBoard logging, loss-curve PNGs, run summaries;
 * :mod:`vlp.trainer.schedule` - multi-stage YAML schedules (examples in ``configs/``);
-* :mod:`vlp.trainer.topics` - W ∩ L topic sets (the builders' implementation);
+* :mod:`vlp.trainer.topics` - W ∩ L topic sets (:mod:`vlp.schemas.labels`);
 * :mod:`vlp.trainer.toydata` - tiny stores for tests and smoke runs.
 """

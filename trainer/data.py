@@ -225,7 +225,7 @@ class PairDataset(Dataset):
     def _label_tokens(self, record) -> tuple[list[int], list[int]]:
         """LAMP's label augmentation: the detector labels of the first ``append_labels``
         regions, each word linked to its region (so it gets the region's spatial embedding)."""
-        from vlp.builders.labels import region_label_words
+        from vlp.schemas.labels import region_label_words
 
         if record.objects_id is None:
             return [], []

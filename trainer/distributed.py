@@ -76,7 +76,7 @@ class _HistoryWatcher(threading.Thread):
         return None
 
     def run(self) -> None:
-        from vlp.pipeline.progress import Progress
+        from vlp.core.progress import Progress
 
         bars: dict = {}
         while not self.stopped.wait(self.every_s):

@@ -428,7 +428,7 @@ class Pretrainer:
         ``should_stop()`` is asked after each optimizer step; when it says so (Ctrl-C), a
         checkpoint is written and training stops, to be resumed from that step.
         """
-        from vlp.pipeline.progress import Progress
+        from vlp.core.progress import Progress
 
         stage = self.stage
         end = stage.steps if max_steps is None else min(stage.steps, self.step + max_steps)
