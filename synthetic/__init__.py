@@ -1,6 +1,6 @@
 """A deterministic synthetic world of Visual-Genome-vocabulary shapes.
 
-The embedded default of vlp (DESIGN.md §6): images of eight drawable VG object
+The embedded default of vlp (README: `vlp synth`, `vlp demo`): images of eight drawable VG object
 categories (circle, triangle, star, box, heart, cross, ring, diamond) in eight VG
 colours, two sizes and two patterns, with annotations in the real public formats
 (Visual Genome json, COCO captions + Karpathy split, VQA v2, Conceptual Captions
