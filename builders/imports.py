@@ -3,8 +3,10 @@
 Each importer maps the dataset's image naming to store image_ids with a documented
 default template that matches what ``vlp-extract`` produces for the dataset's usual
 folder layout, overridable with ``image_id_template`` (fields per importer below).
-Malformed rows are counted and logged to ``OUT/errors.jsonl`` with ``file:line`` (line
-formats) or ``file:[index]`` (JSON documents); ``strict=True`` stops at the first one.
+Malformed rows (a missing or wrongly typed field, a line that is not UTF-8 or not JSON)
+are counted and logged to ``OUT/errors.jsonl`` with ``file:line`` (line formats) or the
+JSON path (``annotations[3]``) and the field; ``strict=True`` stops at the first one. A
+file unusable as a whole (not JSON, not UTF-8, the wrong structure) is a SchemaError.
 
 =============  =========================  =====================  ==========================================
 importer       input                      kind / pair_id         default image_id (fields)
@@ -16,8 +18,9 @@ cc             TSV caption<TAB>url or     caption / cc/<row>     ``{folder}/{key
                url<TAB>caption, or an                            (row, key, shard, folder, url)
                img2dataset output folder
 sbu            json {image_urls,captions} caption / sbu/<row>    ``{folder}/{key}`` as cc
-vqa            v2 questions + annotations question / vqa/<qid>   ``COCO_{subtype}_{image_id:012d}``
-                                                                 (image_id, subtype)
+vqa            v2 questions + annotations question / vqa/<qid>   ``auto``: the first of VQA_TEMPLATES, or
+                                                                 with ``features`` the one that finds the
+                                                                 most images (image_id, subtype)
 gqa            *_questions.json           question / gqa/<qid>   ``{image_id}`` (image_id)
 nlvr2          *.json(l) lines            nlvr2 / nlvr2/<id>     ``{stem}`` = <split>-<set>-<pair>-img0/1
                                                                  (stem, split, directory)
@@ -33,9 +36,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from vlp.builders.common import (Build, BuildResult, ImageIdTemplate, iter_jsonl, iter_lines, read_json,
-                                 require_list, stem)
+from vlp.builders.common import (Build, BuildResult, ImageIdTemplate, bad_field, count_lines, is_id, is_int,
+                                 iter_jsonl, iter_lines, read_json, require_list, stem)
 from vlp.builders.vqa_answers import answer_vocabulary, scored_answers
+from vlp.core.durable import atomic_write_json
 from vlp.schemas.errors import SchemaError
 
 _URL = re.compile(r"^(https?|ftp)://\S+$", re.IGNORECASE)
@@ -65,6 +69,39 @@ def _common(out, kind, sources, kw) -> Build:
                  desc=kw.get("desc", kind), unit=kw.get("unit", "pair"), progress=kw.get("progress", "auto"))
 
 
+def _image_id(build: Build, template: ImageIdTemplate, where: tuple, **fields) -> Optional[str]:
+    """The template's image id, or None after logging the row (the values do not fit the template)."""
+    try:
+        return template(**fields)
+    except SchemaError as exc:
+        build.bad.add(*where, str(exc), field="image id")
+        return None
+
+
+def _check(build: Build, path, where, row: dict, checks) -> bool:
+    """Check fields of ``row``: ``checks`` = [(field, test, expected)]. The first failing field
+    is logged (file, where, field, reason) and False returned."""
+    for field, test, expected in checks:
+        value = row.get(field)
+        if not test(value):
+            reason = f"missing (expected {expected})" if field not in row else bad_field(value, expected)
+            build.bad.add(path, where, reason, field=field)
+            return False
+    return True
+
+
+def _is_text(value) -> bool:
+    return _text(value) is not None
+
+
+def _optional_text(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_object(row) -> bool:
+    return isinstance(row, dict)
+
+
 # --------------------------------------------------------------------------- COCO + Karpathy
 
 
@@ -82,38 +119,49 @@ def import_coco(caption_files, out, *, karpathy=None, image_id_template: str = "
             raise SchemaError("import-coco needs COCO caption files or --karpathy dataset_coco.json")
         return import_karpathy(karpathy, out, dataset="coco", image_id_template=image_id_template, split=split, **kw)
     template = ImageIdTemplate(image_id_template, ("stem", "file_name", "id"))
-    karpathy_split = {}
-    if karpathy is not None:
-        doc = read_json(karpathy, "Karpathy split file (dataset_coco.json)")
-        for entry in require_list(doc, "images", karpathy, "Karpathy split file"):
-            if isinstance(entry, dict) and "cocoid" in entry:
-                karpathy_split[entry["cocoid"]] = entry.get("split", "")
     sources = [str(p) for p in caption_files] + ([str(karpathy)] if karpathy else [])
     with _common(out, "caption", sources, {**kw, "desc": "import-coco"}) as build:
         stats = build.stats
         stats.update({"captions": 0, "images": 0, "not_in_karpathy_split": 0})
+        karpathy_split = {}
+        if karpathy is not None:
+            doc = read_json(karpathy, "Karpathy split file (dataset_coco.json)")
+            for i, entry in enumerate(require_list(doc, "images", karpathy, "Karpathy split file")):
+                if not isinstance(entry, dict):
+                    build.bad.add(karpathy, f"images[{i}]", bad_field(entry, "an object"))
+                elif _check(build, karpathy, f"images[{i}]", entry, [
+                        ("cocoid", is_int, "an integer COCO image id"), ("split", _is_text, "a split name")]):
+                    karpathy_split[entry["cocoid"]] = entry["split"].strip()
+        docs = []
         for path in caption_files:
             doc = read_json(path, "COCO captions json (images + annotations)")
-            images = require_list(doc, "images", path, "COCO captions json")
-            annotations = require_list(doc, "annotations", path, "COCO captions json")
+            docs.append((path, require_list(doc, "images", path, "COCO captions json"),
+                         require_list(doc, "annotations", path, "COCO captions json")))
+        build.set_total(sum(len(annotations) for _, _, annotations in docs))
+        for path, images, annotations in docs:
             file_split = split if split is not None else _split_from_name(path)
             names = {}
             for i, image in enumerate(images):
-                if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
-                    build.bad.add(path, f"images[{i}]", "image without id or file_name")
-                    continue
-                names[image["id"]] = image["file_name"]
+                where = f"images[{i}]"
+                if not isinstance(image, dict):
+                    build.bad.add(path, where, bad_field(image, "an object"))
+                elif _check(build, path, where, image, [("id", is_id, "an integer image id"),
+                                                        ("file_name", _is_text, "a file name")]):
+                    names[image["id"]] = image["file_name"]
             stats["images"] += len(names)
-            build.progress.total += len(annotations)
             for i, ann in enumerate(annotations):
                 build.progress.update()
-                caption = _text(ann.get("caption")) if isinstance(ann, dict) else None
-                if caption is None or "id" not in ann:
-                    build.bad.add(path, f"annotations[{i}]", "annotation without id or caption text")
+                where = f"annotations[{i}]"
+                if not isinstance(ann, dict):
+                    build.bad.add(path, where, bad_field(ann, "an object"))
                     continue
-                file_name = names.get(ann.get("image_id"))
+                if not _check(build, path, where, ann, [("id", is_id, "an integer annotation id"),
+                                                        ("image_id", is_id, "an integer image id"),
+                                                        ("caption", _is_text, "a caption text")]):
+                    continue
+                file_name = names.get(ann["image_id"])
                 if file_name is None:
-                    build.bad.add(path, f"annotations[{i}]", f"image_id {ann.get('image_id')!r} is not in 'images'")
+                    build.bad.add(path, where, f"image_id {ann['image_id']!r} is not in 'images'", field="image_id")
                     continue
                 pair_split = file_split
                 if karpathy is not None:
@@ -121,9 +169,11 @@ def import_coco(caption_files, out, *, karpathy=None, image_id_template: str = "
                     if pair_split is None:
                         stats["not_in_karpathy_split"] += 1
                         pair_split = ""
-                if build.add({"pair_id": f"coco/{ann['id']}", "text": caption, "source": "coco", "split": pair_split,
-                              "image_id": template(stem=stem(file_name), file_name=file_name, id=ann["image_id"])},
-                             (path, f"annotations[{i}]")):
+                image_id = _image_id(build, template, (path, where), stem=stem(file_name), file_name=file_name,
+                                     id=ann["image_id"])
+                if image_id is not None and build.add(
+                        {"pair_id": f"coco/{ann['id']}", "text": _text(ann["caption"]), "source": "coco",
+                         "split": pair_split, "image_id": image_id}, (path, where)):
                     stats["captions"] += 1
     return build.result
 
@@ -137,28 +187,37 @@ def import_karpathy(path, out, *, dataset: Optional[str] = None, image_id_templa
     template = ImageIdTemplate(image_id_template, ("stem", "filename", "filepath", "id"))
     doc = read_json(path, "Karpathy split file (dataset_*.json)")
     images = require_list(doc, "images", path, "Karpathy split file")
-    dataset = dataset or str(doc.get("dataset") or "karpathy")
+    dataset = dataset or (doc.get("dataset") if _is_text(doc.get("dataset")) else "karpathy")
     with _common(out, "caption", [path], {**kw, "desc": f"import-{dataset}"}) as build:
-        build.progress.total = len(images)
+        build.set_total(len(images))
         build.stats.update({"images": 0, "captions": 0})
         for i, image in enumerate(images):
             build.progress.update()
-            if not isinstance(image, dict) or not isinstance(image.get("filename"), str) \
-                    or not isinstance(image.get("sentences"), list):
-                build.bad.add(path, f"images[{i}]", "image without filename or sentences")
+            where = f"images[{i}]"
+            if not isinstance(image, dict):
+                build.bad.add(path, where, bad_field(image, "an object"))
+                continue
+            if not _check(build, path, where, image, [
+                    ("filename", _is_text, "a file name"), ("sentences", lambda v: isinstance(v, list), "a list"),
+                    ("filepath", _optional_text, "a folder name"), ("split", _optional_text, "a split name")]):
                 continue
             filename = image["filename"]
-            image_id = template(stem=stem(filename), filename=filename, filepath=image.get("filepath", ""),
-                                id=image.get("cocoid", image.get("imgid")))
+            image_id = _image_id(build, template, (path, where), stem=stem(filename), filename=filename,
+                                 filepath=image.get("filepath") or "", id=image.get("cocoid", image.get("imgid")))
+            if image_id is None:
+                continue
             build.stats["images"] += 1
             for k, sentence in enumerate(image["sentences"]):
-                text = _text(sentence.get("raw")) if isinstance(sentence, dict) else None
-                if text is None or "sentid" not in sentence:
-                    build.bad.add(path, f"images[{i}].sentences[{k}]", "sentence without sentid or raw text")
+                swhere = f"{where}.sentences[{k}]"
+                if not isinstance(sentence, dict):
+                    build.bad.add(path, swhere, bad_field(sentence, "an object"))
                     continue
-                if build.add({"pair_id": f"{dataset}/{sentence['sentid']}", "image_id": image_id, "text": text,
-                              "source": dataset, "split": split if split is not None else str(image.get("split", ""))},
-                             (path, f"images[{i}].sentences[{k}]")):
+                if not _check(build, path, swhere, sentence, [("sentid", is_id, "an integer sentence id"),
+                                                              ("raw", _is_text, "the sentence text")]):
+                    continue
+                if build.add({"pair_id": f"{dataset}/{sentence['sentid']}", "image_id": image_id,
+                              "text": _text(sentence["raw"]), "source": dataset,
+                              "split": split if split is not None else (image.get("split") or "")}, (path, swhere)):
                     build.stats["captions"] += 1
     return build.result
 
@@ -191,6 +250,7 @@ def import_cc(source, out, *, columns: str = "auto", image_id_template: str = "{
 
     ``columns``: "auto" (per row, the column that looks like a URL is the url),
     "caption,url" or "url,caption". A first line naming the columns is skipped.
+    Progress counts the file's lines.
     """
     source = Path(source)
     if source.is_dir():
@@ -199,10 +259,13 @@ def import_cc(source, out, *, columns: str = "auto", image_id_template: str = "{
         raise ValueError(f"columns must be auto, caption,url or url,caption, got {columns!r}")
     template = ImageIdTemplate(image_id_template, _WEB_FIELDS)
     keys = Img2datasetKeys(samples_per_shard)
-    with _common(out, "caption", [source], {**kw, "desc": "import-cc"}) as build:
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file (Conceptual Captions TSV)")
+    with _common(out, "caption", [source], {**kw, "desc": "import-cc", "unit": "line"}) as build:
+        build.set_total(count_lines(source))
         build.stats.update({"rows": 0, "header_lines": 0})
         row = -1
-        for number, line in iter_lines(source, "Conceptual Captions TSV"):
+        for number, line in iter_lines(source, "Conceptual Captions TSV", build.bad):
             build.progress.update()
             parts = line.split("\t")
             if number == 1 and {p.strip().lower() for p in parts} <= {"caption", "url", "image_url", "text"} \
@@ -219,50 +282,62 @@ def import_cc(source, out, *, columns: str = "auto", image_id_template: str = "{
                 is_url = [bool(_URL.match(p.strip())) for p in parts]
                 if is_url.count(True) != 1:
                     build.bad.add(source, number, "cannot tell the url column (exactly one column must look like "
-                                                  "a URL; use --columns)")
+                                                  "a URL; use --columns)", field="url")
                     continue
                 url, caption = (parts[0], parts[1]) if is_url[0] else (parts[1], parts[0])
             else:
                 caption, url = parts if columns == "caption,url" else parts[::-1]
             caption, url = _text(caption), url.strip()
             if caption is None or not url:
-                build.bad.add(source, number, "empty caption or url")
+                build.bad.add(source, number, "empty caption or url", field="url" if caption else "caption")
                 continue
-            image_id = template(**keys.fields(row), url=url)
-            if build.add({"pair_id": f"cc/{row}", "image_id": image_id, "text": caption, "source": "cc",
-                          "split": split, "url": url}, (source, number)):
+            image_id = _image_id(build, template, (source, number), **keys.fields(row), url=url)
+            if image_id is not None and build.add({"pair_id": f"cc/{row}", "image_id": image_id, "text": caption,
+                                                   "source": "cc", "split": split, "url": url}, (source, number)):
                 build.stats["rows"] += 1
     return build.result
 
 
 def _import_img2dataset(folder: Path, out, *, image_id_template: str, split: str, **kw) -> BuildResult:
     """Pairs of an img2dataset output folder: the ``*.parquet`` of each shard, successful rows only."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     template = ImageIdTemplate(image_id_template, _WEB_FIELDS)
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder}: no img2dataset *.parquet files (and not a TSV file)")
-    with _common(out, "caption", files, {**kw, "desc": "import-img2dataset"}) as build:
-        build.stats.update({"rows": 0, "not_downloaded": 0})
-        for path in files:
+    tables = []
+    for path in files:
+        try:
             table = pq.read_table(path)
-            missing = {"key", "caption", "url"} - set(table.column_names)
-            if missing:
-                raise SchemaError(f"{path}: not an img2dataset shard table (no {', '.join(sorted(missing))} column)")
+        except (pa.ArrowException, OSError) as exc:
+            raise SchemaError(f"{path}: not a readable parquet table ({exc})") from None
+        missing = {"key", "caption", "url"} - set(table.column_names)
+        if missing:
+            raise SchemaError(f"{path}: not an img2dataset shard table (no {', '.join(sorted(missing))} column)")
+        tables.append((path, table))
+    with _common(out, "caption", files, {**kw, "desc": "import-img2dataset", "unit": "row"}) as build:
+        build.set_total(sum(table.num_rows for _, table in tables))
+        build.stats.update({"rows": 0, "not_downloaded": 0})
+        for path, table in tables:
             statuses = table.column("status").to_pylist() if "status" in table.column_names else None
             for i, (key, caption, url) in enumerate(zip(*(table.column(c).to_pylist() for c in ("key", "caption", "url")))):
                 build.progress.update()
+                where = f"row {i}"
                 if statuses is not None and statuses[i] != "success":
                     build.stats["not_downloaded"] += 1
                     continue
-                caption = _text(caption)
-                if caption is None or not key:
-                    build.bad.add(path, f"row {i}", "empty key or caption")
+                row = {"key": key, "caption": caption, "url": url}
+                if not _check(build, path, where, row, [("key", _is_text, "a key text"),
+                                                        ("caption", _is_text, "a caption text"),
+                                                        ("url", _optional_text, "a url text")]):
                     continue
-                image_id = template(row=i, key=key, shard=path.stem, folder=path.stem, url=url or "")
-                if build.add({"pair_id": f"img2dataset/{key}", "image_id": image_id, "text": caption,
-                              "source": "img2dataset", "split": split, "url": url}, (path, f"row {i}")):
+                image_id = _image_id(build, template, (path, where), row=i, key=key, shard=path.stem,
+                                     folder=path.stem, url=url or "")
+                if image_id is not None and build.add(
+                        {"pair_id": f"img2dataset/{key}", "image_id": image_id, "text": _text(caption),
+                         "source": "img2dataset", "split": split, "url": url}, (path, where)):
                     build.stats["rows"] += 1
     return build.result
 
@@ -276,25 +351,55 @@ def import_sbu(path, out, *, image_id_template: str = "{folder}/{key}", samples_
     urls = require_list(doc, "image_urls", path, "SBU captions json")
     captions = require_list(doc, "captions", path, "SBU captions json")
     with _common(out, "caption", [path], {**kw, "desc": "import-sbu"}) as build:
-        build.progress.total = max(len(urls), len(captions))
+        build.set_total(max(len(urls), len(captions)))
         build.stats.update({"rows": 0, "unpaired_entries": abs(len(urls) - len(captions))})
         for row in range(max(len(urls), len(captions))):
             build.progress.update()
+            where = f"[{row}]"
             url = urls[row] if row < len(urls) else None
             caption = _text(captions[row]) if row < len(captions) else None
-            if not isinstance(url, str) or not url.strip() or caption is None:
-                build.bad.add(path, f"[{row}]", "missing or empty url or caption (the two lists must align)")
+            if not isinstance(url, str) or not url.strip():
+                build.bad.add(path, where, "missing or empty url (the two lists must align)", field="image_urls")
                 continue
-            if build.add({"pair_id": f"sbu/{row}", "image_id": template(**keys.fields(row), url=url.strip()),
-                          "text": caption, "source": "sbu", "split": split, "url": url.strip()}, (path, f"[{row}]")):
+            if caption is None:
+                build.bad.add(path, where, "missing or empty caption (the two lists must align)", field="captions")
+                continue
+            image_id = _image_id(build, template, (path, where), **keys.fields(row), url=url.strip())
+            if image_id is not None and build.add({"pair_id": f"sbu/{row}", "image_id": image_id, "text": caption,
+                                                   "source": "sbu", "split": split, "url": url.strip()},
+                                                  (path, where)):
                 build.stats["rows"] += 1
     return build.result
 
 
 # --------------------------------------------------------------------------- VQA v2, GQA
 
+#: The image namings ``import-vqa`` tries by default (``image_id_template="auto"``), in this
+#: order: vlp-extract over COCO 2014's train2014/ (or over its parent folder), COCO 2017's
+#: zero-padded names, and plain ids (e.g. the synthetic world's images/<id>.jpg).
+VQA_TEMPLATES = ("COCO_{subtype}_{image_id:012d}", "{subtype}/COCO_{subtype}_{image_id:012d}",
+                 "{image_id:012d}", "{image_id}")
 
-def import_vqa(files, out, *, image_id_template: str = "COCO_{subtype}_{image_id:012d}", min_count: int = 9,
+
+def _choose_template(candidates, fields: list[dict], features) -> tuple[str, int]:
+    """The candidate under which most of ``fields``' images are in ``features`` (ties: the
+    earlier one; no features: the first), with its number of matches (-1 unchecked)."""
+    if features is None or not fields:
+        return candidates[0], -1
+    from vlp.schemas import FeatureStore
+
+    store = FeatureStore(features, warn=False) if isinstance(features, (str, Path)) else features
+    best, best_hits = candidates[0], -1
+    for candidate in candidates:
+        hits = sum(candidate.format(**f) in store for f in fields)
+        if hits > best_hits:
+            best, best_hits = candidate, hits
+    if store is not features:
+        store.close()
+    return best, best_hits
+
+
+def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 9,
                vocab_splits=("train",), answer_vocab=None, score_scheme: str = "vqa", **kw) -> BuildResult:
     """VQA v2 questions (+ annotations) json files -> question pairs with soft-scored answers.
 
@@ -304,21 +409,20 @@ def import_vqa(files, out, *, image_id_template: str = "COCO_{subtype}_{image_id
     files whose split is in ``vocab_splits`` (min_count); it is written to
     ``OUT/answer_vocab.json``. Answers outside it are left out of a pair (counted).
     Split = the questions file's data_subtype without digits ("train2014" -> "train").
+    ``image_id_template="auto"``: with ``features``, the one of :data:`VQA_TEMPLATES` that
+    finds the most question images in the feature store; without, the first (COCO 2014).
     """
-    import json
-
-    template = ImageIdTemplate(image_id_template, ("image_id", "subtype"))
+    if image_id_template != "auto":
+        ImageIdTemplate(image_id_template, ("image_id", "subtype"))
     question_docs, annotations = [], {}
     ann_where = {}
+    annotation_files = []
     for path in files:
         doc = read_json(path, "VQA questions or annotations json")
         if isinstance(doc, dict) and isinstance(doc.get("questions"), list):
             question_docs.append((Path(path), doc))
         elif isinstance(doc, dict) and isinstance(doc.get("annotations"), list):
-            for i, ann in enumerate(doc["annotations"]):
-                if isinstance(ann, dict) and "question_id" in ann:
-                    annotations[ann["question_id"]] = ann
-                    ann_where[ann["question_id"]] = (path, f"annotations[{i}]")
+            annotation_files.append((Path(path), doc["annotations"]))
         else:
             raise SchemaError(f"{path}: neither a VQA questions file ('questions' list) nor an annotations "
                               "file ('annotations' list)")
@@ -326,65 +430,93 @@ def import_vqa(files, out, *, image_id_template: str = "COCO_{subtype}_{image_id
         raise SchemaError("import-vqa needs at least one questions file (v2_OpenEnded_mscoco_*_questions.json)")
 
     def subtype_of(path, doc) -> str:
-        return str(doc.get("data_subtype") or _split_from_name(path))
-
-    if answer_vocab is not None:
-        vocab_list = read_json(answer_vocab, "answer vocabulary (a json list of answers)")
-        if not isinstance(vocab_list, list):
-            raise SchemaError(f"{answer_vocab}: expected a json list of answers")
-        vocab_source = str(answer_vocab)
-    else:
-        consensus = []
-        for path, doc in question_docs:
-            if subtype_of(path, doc).rstrip("0123456789") in vocab_splits:
-                for q in doc["questions"]:
-                    ann = annotations.get(q.get("question_id")) if isinstance(q, dict) else None
-                    if ann is not None and isinstance(ann.get("multiple_choice_answer"), str):
-                        consensus.append(ann["multiple_choice_answer"])
-        vocab_list = answer_vocabulary(consensus, min_count)
-        vocab_source = f"answers given by >= {min_count} questions of {','.join(vocab_splits)}"
-    vocabulary = set(vocab_list)
+        subtype = doc.get("data_subtype")
+        return subtype.strip() if _is_text(subtype) else _split_from_name(path)
 
     sources = [str(p) for p in files]
     with _common(out, "question", sources, {**kw, "desc": "import-vqa"}) as build:
-        build.stats.update({"questions": 0, "answer_vocab_size": len(vocab_list), "without_annotations": 0,
-                            "without_answer_in_vocab": 0, "answers_out_of_vocab": 0})
-        build.progress.total = sum(len(doc["questions"]) for _, doc in question_docs)
+        for path, anns in annotation_files:
+            for i, ann in enumerate(anns):
+                where = f"annotations[{i}]"
+                if not isinstance(ann, dict):
+                    build.bad.add(path, where, bad_field(ann, "an object"))
+                elif _check(build, path, where, ann, [("question_id", is_id, "an integer question id")]):
+                    annotations[ann["question_id"]] = ann
+                    ann_where[ann["question_id"]] = (path, where)
+        # The questions that can become pairs, checked once.
+        valid = []
         for path, doc in question_docs:
             subtype = subtype_of(path, doc)
-            pair_split = subtype.rstrip("0123456789")
             for i, q in enumerate(doc["questions"]):
-                build.progress.update()
-                text = _text(q.get("question")) if isinstance(q, dict) else None
-                if text is None or not isinstance(q.get("question_id"), (int, str)) \
-                        or not isinstance(q.get("image_id"), int):
-                    build.bad.add(path, f"questions[{i}]", "question without question_id, integer image_id or text")
+                where = f"questions[{i}]"
+                if not isinstance(q, dict):
+                    build.bad.add(path, where, bad_field(q, "an object"))
+                elif _check(build, path, where, q, [("question_id", is_id, "an integer question id"),
+                                                    ("image_id", is_int, "an integer image id"),
+                                                    ("question", _is_text, "the question text")]):
+                    valid.append((path, where, subtype, q))
+        if answer_vocab is not None:
+            vocab_list = read_json(answer_vocab, "answer vocabulary (a json list of answers)")
+            if not isinstance(vocab_list, list) or not all(isinstance(a, str) for a in vocab_list):
+                raise SchemaError(f"{answer_vocab}: expected a json list of answers (texts)")
+            vocab_source = str(answer_vocab)
+        else:
+            consensus = []
+            for _, _, subtype, q in valid:
+                if subtype.rstrip("0123456789") in vocab_splits:
+                    ann = annotations.get(q["question_id"])
+                    if ann is not None and isinstance(ann.get("multiple_choice_answer"), str):
+                        consensus.append(ann["multiple_choice_answer"])
+            vocab_list = answer_vocabulary(consensus, min_count)
+            vocab_source = f"answers given by >= {min_count} questions of {','.join(vocab_splits)}"
+        vocabulary = set(vocab_list)
+        if image_id_template == "auto":
+            fields = list({(q["image_id"], subtype): {"image_id": q["image_id"], "subtype": subtype}
+                           for _, _, subtype, q in valid}.values())
+            chosen, hits = _choose_template(VQA_TEMPLATES, fields, kw.get("features"))
+            build.stats["image_id_template"] = chosen
+            if hits >= 0:
+                build.stats["images_found_by_template"] = hits
+        else:
+            chosen = image_id_template
+        template = ImageIdTemplate(chosen, ("image_id", "subtype"))
+
+        build.stats.update({"questions": 0, "answer_vocab_size": len(vocab_list), "without_annotations": 0,
+                            "without_answer_in_vocab": 0, "answers_out_of_vocab": 0})
+        build.set_total(len(valid))
+        for path, where, subtype, q in valid:
+            build.progress.update()
+            image_id = _image_id(build, template, (path, where), image_id=q["image_id"], subtype=subtype)
+            if image_id is None:
+                continue
+            ann = annotations.get(q["question_id"])
+            pair = {"pair_id": f"vqa/{q['question_id']}", "text": _text(q["question"]), "source": "vqa",
+                    "split": subtype.rstrip("0123456789"), "question_id": str(q["question_id"]),
+                    "image_id": image_id}
+            if ann is None:
+                build.stats["without_annotations"] += 1
+            else:
+                raw = ann.get("answers")
+                if not isinstance(raw, list) or not all(isinstance(a, dict) and isinstance(a.get("answer"), str)
+                                                        for a in raw):
+                    build.bad.add(*ann_where[q["question_id"]], "expected a list of {answer: text}",
+                                  field="answers")
                     continue
-                ann = annotations.get(q["question_id"])
-                pair = {"pair_id": f"vqa/{q['question_id']}", "text": text, "source": "vqa", "split": pair_split,
-                        "question_id": str(q["question_id"]),
-                        "image_id": template(image_id=q["image_id"], subtype=subtype)}
-                if ann is None:
-                    build.stats["without_annotations"] += 1
-                else:
-                    raw = ann.get("answers")
-                    if not isinstance(raw, list) or not all(isinstance(a, dict) and isinstance(a.get("answer"), str)
-                                                            for a in raw):
-                        build.bad.add(*ann_where[q["question_id"]], "annotation 'answers' is not a list of "
-                                                                    "{answer: text}")
-                        continue
-                    given = [a["answer"] for a in raw]
-                    answers, scores = scored_answers(given, vocabulary, score_scheme)
-                    everything, _ = scored_answers(given, None, score_scheme)
-                    build.stats["answers_out_of_vocab"] += len(everything) - len(answers)
-                    if not answers:
-                        build.stats["without_answer_in_vocab"] += 1
-                    pair.update(answers=answers, answer_scores=scores, answer_type=ann.get("answer_type"),
-                                question_type=ann.get("question_type"))
-                if build.add(pair, (path, f"questions[{i}]")):
-                    build.stats["questions"] += 1
+                if not _check(build, *ann_where[q["question_id"]], ann, [
+                        ("answer_type", _optional_text, "a text"), ("question_type", _optional_text, "a text")]):
+                    continue
+                given = [a["answer"] for a in raw]
+                answers, scores = scored_answers(given, vocabulary, score_scheme)
+                everything, _ = scored_answers(given, None, score_scheme)
+                build.stats["answers_out_of_vocab"] += len(everything) - len(answers)
+                if not answers:
+                    build.stats["without_answer_in_vocab"] += 1
+                pair.update(answers=answers, answer_scores=scores, answer_type=ann.get("answer_type"),
+                            question_type=ann.get("question_type"))
+            if build.add(pair, (path, where)):
+                build.stats["questions"] += 1
         build.stats["vocab_source"] = vocab_source
-    (Path(out) / "answer_vocab.json").write_text(json.dumps(vocab_list, ensure_ascii=False, indent=0))
+        atomic_write_json(build.path / "answer_vocab.json", vocab_list, indent=0)
     return build.result
 
 
@@ -397,28 +529,41 @@ def import_gqa(files, out, *, image_id_template: str = "{image_id}", split=None,
     template = ImageIdTemplate(image_id_template, ("image_id",))
     with _common(out, "question", files, {**kw, "desc": "import-gqa"}) as build:
         build.stats.update({"questions": 0, "without_answer": 0})
+        docs = []
         for path in files:
             doc = read_json(path, "GQA questions json (question id -> question)")
             if not isinstance(doc, dict):
                 raise SchemaError(f"{path}: expected an object of question id -> question")
+            docs.append((path, doc))
+        build.set_total(sum(len(doc) for _, doc in docs))
+        for path, doc in docs:
             pair_split = split if split is not None else _split_from_name(path)
-            build.progress.total += len(doc)
             for qid, q in doc.items():
                 build.progress.update()
-                text = _text(q.get("question")) if isinstance(q, dict) else None
-                if text is None or not isinstance(q.get("imageId"), (str, int)):
-                    build.bad.add(path, f"[{qid!r}]", "question without imageId or question text")
+                where = f"[{qid!r}]"
+                if not isinstance(q, dict):
+                    build.bad.add(path, where, bad_field(q, "an object"))
                     continue
-                types = q.get("types") if isinstance(q.get("types"), dict) else {}
+                types = q.get("types") if q.get("types") is not None else {}
+                row = {**q, "types": types}
+                if not _check(build, path, where, row, [
+                        ("imageId", is_id, "an image id"), ("question", _is_text, "the question text"),
+                        ("types", lambda v: isinstance(v, dict) and all(_optional_text(v.get(k)) for k in
+                                                                        ("structural", "detailed")),
+                         "an object of texts")]):
+                    continue
+                image_id = _image_id(build, template, (path, where), image_id=q["imageId"])
+                if image_id is None:
+                    continue
                 answer = q.get("answer")
-                pair = {"pair_id": f"gqa/{qid}", "image_id": template(image_id=q["imageId"]), "text": text,
+                pair = {"pair_id": f"gqa/{qid}", "image_id": image_id, "text": _text(q["question"]),
                         "source": "gqa", "split": pair_split, "question_id": str(qid),
                         "answer_type": types.get("structural"), "question_type": types.get("detailed")}
                 if isinstance(answer, str) and answer.strip():
                     pair.update(answers=[answer.strip()], answer_scores=[1.0])
                 else:
                     build.stats["without_answer"] += 1
-                if build.add(pair, (path, f"[{qid!r}]")):
+                if build.add(pair, (path, where)):
                     build.stats["questions"] += 1
     return build.result
 
@@ -426,32 +571,46 @@ def import_gqa(files, out, *, image_id_template: str = "{image_id}", split=None,
 # --------------------------------------------------------------------------- NLVR2, SNLI-VE
 
 
+def _lines_total(files) -> int:
+    return sum(count_lines(p) for p in files if Path(p).is_file())
+
+
+def _nlvr2_identifier(value) -> bool:
+    return isinstance(value, str) and value.count("-") >= 3 and all(value.split("-"))
+
+
 def import_nlvr2(files, out, *, image_id_template: str = "{stem}", **kw) -> BuildResult:
     """NLVR2 json-lines files -> nlvr2 pairs (two images, label 1 = "True").
 
     identifier "dev-850-0-0" -> images "dev-850-0-img0" / "dev-850-0-img1" (the image
-    files' stems); split = the identifier's first part.
+    files' stems); split = the identifier's first part. ``label`` must be the text
+    "True" or "False" (any case); ``directory`` (train's folder number) an integer or text.
     """
     template = ImageIdTemplate(image_id_template, ("stem", "split", "directory"))
-    with _common(out, "nlvr2", files, {**kw, "desc": "import-nlvr2"}) as build:
+    with _common(out, "nlvr2", files, {**kw, "desc": "import-nlvr2", "unit": "line"}) as build:
+        build.set_total(_lines_total(files))
         build.stats.update({"statements": 0, "true": 0})
         for path in files:
             for number, row in iter_jsonl(path, "NLVR2 json lines", build.bad):
                 build.progress.update()
-                identifier, text = row.get("identifier"), _text(row.get("sentence"))
-                label = str(row.get("label", "")).lower()
-                if not isinstance(identifier, str) or identifier.count("-") < 3 or text is None \
-                        or label not in ("true", "false"):
-                    build.bad.add(path, number, "needs identifier <split>-<set>-<pair>-<n>, sentence and "
-                                                "label True/False")
+                if not _check(build, path, number, row, [
+                        ("identifier", _nlvr2_identifier, "an identifier <split>-<set>-<pair>-<n>"),
+                        ("sentence", _is_text, "the sentence text"),
+                        ("label", lambda v: isinstance(v, str) and v.strip().lower() in ("true", "false"),
+                         "the text True or False"),
+                        ("directory", lambda v: v is None or is_id(v), "a folder number")]):
                     continue
+                identifier, label = row["identifier"], row["label"].strip().lower()
                 base = identifier.rsplit("-", 1)[0]
                 pair_split = identifier.split("-", 1)[0]
                 fields = {"split": pair_split, "directory": str(row.get("directory", ""))}
-                if build.add({"pair_id": f"nlvr2/{identifier}", "text": text, "source": "nlvr2",
-                              "split": pair_split, "image_id": template(stem=f"{base}-img0", **fields),
-                              "image_id_2": template(stem=f"{base}-img1", **fields), "label": int(label == "true")},
-                             (path, number)):
+                first = _image_id(build, template, (path, number), stem=f"{base}-img0", **fields)
+                second = _image_id(build, template, (path, number), stem=f"{base}-img1", **fields)
+                if first is None or second is None:
+                    continue
+                if build.add({"pair_id": f"nlvr2/{identifier}", "text": _text(row["sentence"]), "source": "nlvr2",
+                              "split": pair_split, "image_id": first, "image_id_2": second,
+                              "label": int(label == "true")}, (path, number)):
                     build.stats["statements"] += 1
                     build.stats["true"] += int(label == "true")
     return build.result
@@ -462,19 +621,25 @@ def import_snli_ve(files, out, *, image_id_template: str = "{flickr_id}", split=
     from vlp.schemas.pairs import ENTAILMENT_LABELS
 
     template = ImageIdTemplate(image_id_template, ("flickr_id",))
-    with _common(out, "entailment", files, {**kw, "desc": "import-snli-ve"}) as build:
+    with _common(out, "entailment", files, {**kw, "desc": "import-snli-ve", "unit": "line"}) as build:
+        build.set_total(_lines_total(files))
         build.stats.update({label: 0 for label in ENTAILMENT_LABELS})
         for path in files:
             pair_split = split if split is not None else _split_from_name(path)
             for number, row in iter_jsonl(path, "SNLI-VE json lines", build.bad):
                 build.progress.update()
-                flickr, text, label = row.get("Flickr30K_ID"), _text(row.get("sentence2")), row.get("gold_label")
-                pair_id = row.get("pairID")
-                if flickr is None or text is None or label not in ENTAILMENT_LABELS or not pair_id:
-                    build.bad.add(path, number, "needs Flickr30K_ID, sentence2, pairID and gold_label "
-                                                f"in {', '.join(ENTAILMENT_LABELS)}")
+                if not _check(build, path, number, row, [
+                        ("Flickr30K_ID", is_id, "a Flickr30k image id"),
+                        ("sentence2", _is_text, "the hypothesis text"),
+                        ("pairID", _is_text, "a pair id text"),
+                        ("gold_label", lambda v: isinstance(v, str) and v in ENTAILMENT_LABELS,
+                         f"one of {', '.join(ENTAILMENT_LABELS)}")]):
                     continue
-                if build.add({"pair_id": f"snli-ve/{pair_id}", "image_id": template(flickr_id=flickr), "text": text,
-                              "source": "snli-ve", "split": pair_split, "label": label}, (path, number)):
+                image_id = _image_id(build, template, (path, number), flickr_id=row["Flickr30K_ID"])
+                label = row["gold_label"]
+                if image_id is not None and build.add(
+                        {"pair_id": f"snli-ve/{row['pairID'].strip()}", "image_id": image_id,
+                         "text": _text(row["sentence2"]), "source": "snli-ve", "split": pair_split, "label": label},
+                        (path, number)):
                     build.stats[label] += 1
     return build.result

@@ -1,10 +1,20 @@
 """VQA answer normalization, answer vocabulary and soft scores.
 
-Normalization follows the official VQA evaluation (vqaEval.py): newlines/tabs to spaces;
-punctuation ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` removed when it touches a space
-or the answer has a digit-comma-digit, otherwise replaced by a space; periods not
-between digits removed; lower case; number words zero..ten (and "none") to digits;
-articles a/an/the dropped; apostrophe-less contractions restored ("dont" -> "don't").
+:func:`normalize_answer` is identical to the official VQA evaluation's treatment of an
+answer (``vqaEval.py`` of the VQA API, GT-Vision-Lab/VQA, PythonEvaluationTools),
+quirks included; ``tests/test_build_vqa_answers.py`` checks it input by input:
+
+1. newlines and tabs become spaces, then outer whitespace is stripped;
+2. *processPunctuation*: for each mark of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``
+   in that order: removed when the (unmodified) answer has the mark next to a space or
+   holds a digit-comma-digit anywhere, else replaced by a space; then periods not
+   followed by a digit are removed, at most 32 of them (the official code passes
+   ``re.UNICODE`` where ``re.sub`` takes its count); apostrophes and colons stay;
+3. *processDigitArticle*: lower case, split on whitespace, number words zero..ten and
+   "none" become digits, the articles a/an/the are dropped, and each word found in the
+   official contraction table is replaced (the table as published: "dont" -> "don't"
+   but "lets" and "shes" stay, "somebody'd" -> "somebodyd", the capitalised keys "Im",
+   "Ive", "Id've", "I'dve" never match a lower-cased word).
 
 Answer vocabulary (the bottom-up-attention / UNITER recipe): count each normalized
 ``multiple_choice_answer`` once per question over the chosen splits and keep those seen
@@ -17,62 +27,74 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA = re.compile(r"(\d)(,)(\d)")
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-# Contractions as annotators type them without the apostrophe(s) -> the written form.
-_FORMS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
-haven't he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll let's ma'am mightn't
-mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've
-shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
-someone's something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
-they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd
-where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've
-y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+# The official lists, in the official order (the order matters: each mark's test looks
+# at the original answer, its replacement at the text so far).
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!")
+# "(?!<=\d)" is a lookahead for the text "<=digit", never true before a "."; so a period is
+# removed unless a digit follows it ("2.5" keeps its period, "2. 5" and "end." lose theirs).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_PERIOD_STRIP_COUNT = int(re.UNICODE)  # 32: the official call passes re.UNICODE as the count
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+# The official contraction table, entry for entry (keys and values exactly as published).
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
 
 
-def _contraction_table() -> dict:
-    table = {}
-    for form in _FORMS:
-        parts = form.split("'")
-        table["".join(parts)] = form
-        if form.count("'") == 2:  # "couldn'tve" and "couldnt've": one apostrophe missing
-            first, second = form.index("'"), form.rindex("'")
-            table[form[:second] + form[second + 1:]] = form
-            table[form[:first] + form[first + 1:]] = form
-    table.pop("its", None)  # "its" is a word, not a missing "it's"
-    table.pop("id", None)
-    table.pop("ill", None)
-    table.pop("wed", None)
-    table.pop("well", None)
-    table.pop("hell", None)
-    table.pop("shell", None)
-    table.pop("were", None)
-    return table
+def process_punctuation(text: str) -> str:
+    """The official processPunctuation."""
+    out = text
+    comma = _COMMA_STRIP.search(text) is not None
+    for mark in PUNCTUATION:
+        if (mark + " " in text or " " + mark in text) or comma:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
-CONTRACTIONS = _contraction_table()
+def process_digit_article(text: str) -> str:
+    """The official processDigitArticle."""
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    words = [word for word in words if word not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
 def normalize_answer(answer: str) -> str:
+    """An answer as the official evaluation compares it (see the module docstring)."""
     text = answer.replace("\n", " ").replace("\t", " ").strip()
-    out = text
-    comma = _COMMA.search(text) is not None
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or comma:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _PERIOD.sub("", out)
-    words = []
-    for word in out.lower().split():
-        word = _NUMBERS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(CONTRACTIONS.get(word, word))
-    return " ".join(words)
+    return process_digit_article(process_punctuation(text))
 
 
 def soft_score(count: int, scheme: str = "vqa") -> float:

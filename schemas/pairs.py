@@ -8,6 +8,9 @@ is a directory of Arrow IPC shards holding pairs of ONE kind::
     pairs-00000.arrow    finished shards (memory-mapped by readers: zero-copy columns)
     pairs-00001.arrow.partial   a shard being written; never read
 
+A store is built in ``DIR.partial`` beside its final folder and renamed into place once
+complete, so a failed build leaves nothing at ``DIR``.
+
 Columns: the common ones (``pair_id``, ``image_id``, ``text``, ``kind``, ``source``,
 ``split``), those of the kind (:data:`KIND_COLUMNS`) and, for any kind, the optional
 ``topics`` column (W ∩ L, see :mod:`vlp.schemas.labels`). ``pair_id`` is unique within a
@@ -17,6 +20,7 @@ store. Pairs are addressed by row number (0 .. len-1) in shard order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -28,8 +32,9 @@ import pyarrow as pa
 
 from vlp import __version__
 from vlp.schemas.errors import SchemaError, StoreError
-from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
-from vlp.schemas.shards import PARTIAL_SUFFIX, ShardInfo, fsync_dir, sha256_file
+from vlp.core.durable import atomic_path, atomic_write_json, fsync_dir
+from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest
+from vlp.schemas.shards import PARTIAL_SUFFIX, ShardInfo, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +140,14 @@ def validate_pair(pair: dict, kind: str, optional: tuple = ()) -> dict:
 class PairStoreWriter:
     """Writes pairs of one kind into shards of ``shard_size`` pairs and keeps the manifest current.
 
-    ``mode``: "create" (refuses an existing store) or "overwrite". Use as a context
-    manager: a clean exit marks the store complete; an exception leaves the finished
-    shards listed with ``complete: false``.
+    The store is built in a sibling folder ``ROOT.partial`` and renamed to ``ROOT`` only
+    when it is complete, so a failed or killed build never leaves a half store at ``ROOT``
+    (a later build removes a stale ``ROOT.partial``). ``mode``: "create" refuses a
+    complete pair store already at ``ROOT`` (an incomplete one, left by an older vlp, is
+    replaced); "overwrite" replaces a pair store. A folder holding anything else is never
+    replaced. Use as a context manager: a clean exit publishes the store; an exception
+    removes the partial one. :meth:`close` with ``publish=False`` finishes the store but
+    leaves it at :attr:`path` for a last look (``publish()`` then moves it into place).
     """
 
     def __init__(self, root, kind: str, *, shard_size: int = 100_000, mode: str = "create",
@@ -152,13 +162,12 @@ class PairStoreWriter:
         self.shard_size, self.batch_rows = shard_size, batch_rows
         self.sources = list(sources or [])
         self.stats: dict = {}
-        if (self.root / MANIFEST_NAME).exists():
-            if mode == "create":
-                raise StoreError(f"{self.root}: already holds a store; pass overwrite to replace it")
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stray in self.root.glob(f"pairs-*{SUFFIX}*"):
-            stray.unlink()
+        _check_target(self.root, mode)
+        #: Where the store is written until it is published.
+        self.path = partial_folder(self.root)
+        if self.path.exists():
+            shutil.rmtree(self.path)  # left by a killed build
+        self.path.mkdir(parents=True)
         self.shards: list[ShardInfo] = []
         self.num_pairs = 0
         self._ids: set = set()
@@ -168,6 +177,7 @@ class PairStoreWriter:
         self._sink = None
         self._partial: Optional[Path] = None
         self._closed = False
+        self._published = False
         self._write_manifest(complete=False)
 
     def add(self, pair: dict) -> None:
@@ -192,7 +202,7 @@ class PairStoreWriter:
             return
         if self._writer is None:
             name = f"pairs-{len(self.shards):05d}{SUFFIX}"
-            self._partial = self.root / (name + PARTIAL_SUFFIX)
+            self._partial = self.path / (name + PARTIAL_SUFFIX)
             self._sink = pa.OSFile(str(self._partial), "wb")
             self._writer = pa.ipc.new_file(self._sink, self.schema)
         columns = {name: [row.get(name) for row in self._rows] for name in self.schema.names}
@@ -207,10 +217,8 @@ class PairStoreWriter:
         self._writer.close()
         self._sink.close()
         final = self._partial.with_name(self._partial.name[: -len(PARTIAL_SUFFIX)])
-        with open(self._partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self._partial, final)
-        fsync_dir(self.root)
+        with atomic_path(final) as tmp:
+            os.rename(self._partial, tmp)
         self.shards.append(ShardInfo(final.name, self._shard_rows, final.stat().st_size, sha256_file(final)))
         self.num_pairs += self._shard_rows
         self._writer = self._sink = self._partial = None
@@ -218,31 +226,62 @@ class PairStoreWriter:
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> None:
-        write_json_atomic(self.root / MANIFEST_NAME, {
+        atomic_write_json(self.path / MANIFEST_NAME, {
             "format": PAIRS_FORMAT, "schema_version": PAIRS_SCHEMA_VERSION, "kind": self.kind,
             "complete": complete, "columns": {f.name: str(f.type) for f in self.schema},
             "num_pairs": self.num_pairs, "sources": self.sources, "stats": self.stats,
             "vlp_version": __version__, "updated": now_iso(),
             "shards": [s.manifest_entry() for s in self.shards]})
 
-    def close(self, complete: bool = True) -> None:
-        if self._closed:
+    def close(self, complete: bool = True, publish: bool = True) -> None:
+        """Finish the last shard and write the manifest; ``publish``: move the store to ROOT."""
+        if not self._closed:
+            self._finish_shard()
+            self._write_manifest(complete=complete)
+            self._closed = True
+        if publish:
+            self.publish()
+
+    def rewrite_manifest(self) -> None:
+        """Write the manifest again (with changed ``stats``) before :meth:`publish`."""
+        if self._published:
+            raise StoreError(f"{self.root}: already published")
+        self._write_manifest(complete=True)
+
+    def publish(self) -> None:
+        """Move the finished store from ``ROOT.partial`` to ``ROOT`` (replacing what
+        :func:`_check_target` allowed at ROOT)."""
+        if self._published:
             return
-        self._finish_shard()
-        self._write_manifest(complete=complete)
-        self._closed = True
+        if not self._closed:
+            raise StoreError(f"{self.root}: close the writer before publishing")
+        old = None
+        if self.root.exists():
+            old = self.root.with_name(self.root.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.root, old)
+        os.rename(self.path, self.root)
+        fsync_dir(self.root.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.path = self.root
+        self._published = True
 
     def abort(self) -> None:
-        if self._closed:
+        """Give up: nothing is left of this build (ROOT is untouched)."""
+        if self._published:
             return
         self._rows = []
         if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
-            self._partial.unlink(missing_ok=True)
+            try:
+                self._writer.close()
+                self._sink.close()
+            except (OSError, pa.ArrowException):
+                pass
             self._writer = None
-        self._write_manifest(complete=False)
         self._closed = True
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -252,6 +291,43 @@ class PairStoreWriter:
             self.close()
         else:
             self.abort()
+
+
+def partial_folder(root) -> Path:
+    """The folder a pair store at ``root`` is built in: ``ROOT.partial`` beside it."""
+    root = Path(root)
+    if not root.name:  # "." or "dir/.."
+        root = root.resolve()
+    return root.with_name(root.name + PARTIAL_SUFFIX)
+
+
+#: Files a pair-store folder may hold besides shards (a folder with only these is replaceable).
+_STORE_FILES = (MANIFEST_NAME, "errors.jsonl", "answer_vocab.json")
+
+
+def _check_target(root: Path, mode: str) -> None:
+    """Refuse to replace what must not be replaced at ``root``."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise StoreError(f"{root}: exists and is not a folder; choose another --out")
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (ValueError, OSError):
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("format") != PAIRS_FORMAT:
+            raise StoreError(f"{root}: holds something other than a pair store ({manifest_path} is not a "
+                             f"{PAIRS_FORMAT} manifest); choose another --out")
+        if manifest.get("complete") and mode == "create":
+            raise StoreError(f"{root}: already holds a pair store; use --overwrite to replace it")
+        return  # an incomplete pair store (a build that did not finish) or overwrite
+    others = [p.name for p in root.iterdir()
+              if p.name not in _STORE_FILES and not p.name.startswith("pairs-")]
+    if others:
+        raise StoreError(f"{root}: not empty and not a pair store (holds {', '.join(sorted(others)[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); choose another --out")
 
 
 class PairStore:

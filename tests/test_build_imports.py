@@ -55,14 +55,14 @@ def test_import_coco_hand_made(tmp_path):
     assert rows(tmp_path / "p", "pair_id", "image_id", "text", "split", "source") == [
         ("coco/1", "COCO_train2014_000000000009", "A plate of food.", "train", "coco"),
         ("coco/2", "COCO_train2014_000000000025", "A giraffe.", "train", "coco")]
-    found = [(e["where"], e["reason"]) for e in errors(tmp_path / "p")]
-    assert [(where, reason[:30]) for where, reason in found[:3]] == [
-        ("images[2]", "image without id or file_name"),
-        ("annotations[2]", "image_id 77 is not in 'images'"),
-        ("annotations[3]", "annotation without id or capti")]
-    assert found[3][0] == "annotations[4]" and "pair_id 'coco/1' is already in the store" in found[3][1]
+    found = [(e["where"], e.get("field"), e["reason"]) for e in errors(tmp_path / "p")]
+    assert found[:3] == [
+        ("images[2]", "file_name", "missing (expected a file name)"),
+        ("annotations[2]", "image_id", "image_id 77 is not in 'images'"),
+        ("annotations[3]", "caption", "missing (expected a caption text)")]
+    assert found[3][0] == "annotations[4]" and "pair_id 'coco/1' is already in the store" in found[3][2]
     assert result.stats["malformed"] == 4 and result.stats["captions"] == 2
-    with pytest.raises(SchemaError, match=r"captions_train2014.json:images\[2\]: image without id"):
+    with pytest.raises(SchemaError, match=r"captions_train2014.json:images\[2\]: file_name: missing"):
         imports.import_coco([path], tmp_path / "q", strict=True, **OFF)
     imports.import_coco([path], tmp_path / "t", image_id_template="train2014/{id:012d}", **OFF)
     assert rows(tmp_path / "t", "image_id")[0] == ("train2014/000000000009",)

@@ -158,26 +158,60 @@ def test_join_report_and_joined_with_missing_images(tmp_path, caplog):
     features.close()
 
 
-def test_incomplete_store_warns_and_keeps_finished_shards(tmp_path, caplog):
+def test_a_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path):
     root = tmp_path / "s"
     with pytest.raises(RuntimeError):
         with PairStoreWriter(root, "caption", shard_size=2) as writer:
+            assert writer.path == tmp_path / "s.partial"
             for i in range(5):
                 writer.add(make_pair("caption", i))
             raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing at s, no s.partial
+    write(root, "caption", [make_pair("caption", i) for i in range(3)])
+    with pytest.raises(RuntimeError):
+        with PairStoreWriter(root, "caption", mode="overwrite") as writer:
+            writer.add(make_pair("caption", 9))
+            raise RuntimeError("killed")
+    assert [p["pair_id"] for p in PairStore(root)] == ["p0", "p1", "p2"]  # the old store is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_an_incomplete_store_warns_and_a_new_build_replaces_it(tmp_path, caplog):
+    # An incomplete store, as older vlp versions left behind after a failed build.
+    root = tmp_path / "s"
+    write(root, "caption", [make_pair("caption", i) for i in range(4)], shard_size=2)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (tmp_path / "s.partial").mkdir()  # and a killed build's folder
+    (tmp_path / "s.partial" / "pairs-00000.arrow.partial").write_bytes(b"torn")
     with caplog.at_level(logging.WARNING):
         store = PairStore(root)
-    assert "incomplete" in caplog.text
-    assert len(store) == 4 and not store.manifest["complete"]
-    assert not list(root.glob("*.partial"))
+    assert "incomplete" in caplog.text and len(store) == 4
     report = verify_pairs(root)
     assert report.ok and any("incomplete" in w for w in report.warnings)
+    store = write(root, "caption", [make_pair("caption", 7)])  # mode "create": no overwrite needed
+    assert [p["pair_id"] for p in store] == ["p7"] and store.manifest["complete"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_only_pair_stores_are_replaced(tmp_path):
+    other = tmp_path / "feats"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format": "vlp-features", "schema_version": 1}))
+    with pytest.raises(StoreError, match="holds something other than a pair store"):
+        PairStoreWriter(other, "caption", mode="overwrite")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(StoreError, match="not empty and not a pair store \\(holds todo.txt\\)"):
+        PairStoreWriter(tmp_path / "notes", "caption", mode="overwrite")
+    assert (other / "manifest.json").exists() and (tmp_path / "notes" / "todo.txt").exists()
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_create_refuses_existing_and_overwrite_replaces(tmp_path):
     root = tmp_path / "s"
     write(root, "caption", [make_pair("caption", i) for i in range(3)])
-    with pytest.raises(StoreError, match="already holds a store"):
+    with pytest.raises(StoreError, match="already holds a pair store; use --overwrite to replace it"):
         PairStoreWriter(root, "caption")
     assert len(PairStore(root)) == 3  # untouched
     store = write(root, "vg_phrases", [make_pair("vg_phrases", 9)], mode="overwrite")
