@@ -719,42 +719,6 @@ def train_main():
     """Pretrain V&L transformers on feature stores and pair stores (finetuning: not yet)."""
 
 
-def _check_run_folder(out: Path, config: dict, resume: bool) -> None:
-    """A run folder holds one run: continuing it takes --resume, and the config it was
-    started with is kept beside it (a changed config is named, not silently mixed in)."""
-    import yaml
-
-    saved = out / "config.yaml"
-    started = sorted(p.parent.name for p in out.glob("*/last.json"))
-    if started and not resume:
-        raise click.ClickException(f"{out} already holds a run (stages {', '.join(started)}); pass --resume "
-                                   f"to continue it, or choose another --out")
-    if saved.is_file() and started:  # the record of what the run was started with stays
-        before = yaml.safe_load(saved.read_text())
-        changes = _config_changes(before, config)
-        if changes:
-            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-            click.echo(f"warning: the config differs from {saved}, the one the run was started with: {shown}. "
-                       "Finished stages are kept as they are (more steps for a finished stage are ignored); "
-                       f"{saved} is left unchanged", err=True)
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_name(saved.name + ".partial")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, saved)
-
-
-def _config_changes(before, after, path: str = "") -> list[str]:
-    """Dotted key paths where two configs differ, with both values."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        return [change for key in list(before) + [k for k in after if k not in before]
-                for change in _config_changes(before.get(key), after.get(key), f"{path}.{key}" if path else key)]
-    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [change for i, (a, b) in enumerate(zip(before, after))
-                for change in _config_changes(a, b, f"{path}[{i}]")]
-    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
-
-
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -781,22 +745,25 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     and OUT/loss_curves.png. Example configs: vlp/trainer/configs/ (trainer/configs/ in
     the repository).
     """
+    import dataclasses
+
     import torch
 
+    from vlp.trainer.config import ConfigError, load_config
     from vlp.trainer.pretrain import NonFiniteLossError
     from vlp.trainer.reporting import plot_loss_curves, summarize
-    from vlp.trainer.schedule import check_stores, load_config, run_stages
+    from vlp.trainer.runs import RunFolderError, prepare_run_folder, train
+    from vlp.trainer.schedule import check_stores
 
     try:
         config = load_config(config_path)
         if init_from:
-            config["model"]["text_checkpoint"] = init_from
-            config["model"].pop("vocab", None)
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, text_checkpoint=init_from,
+                                                                           vocab=None))
         if precision:
-            for stage in config["stages"]:
-                stage["precision"] = precision
+            config = config.replace_stages(precision=precision)
         check_stores(config)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if device == "auto" and num_workers == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -804,7 +771,11 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    _check_run_folder(Path(out), config, resume)
+    try:
+        for warning in prepare_run_folder(out, config, resume=resume):
+            click.echo(f"warning: {warning}", err=True)
+    except (RunFolderError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
     stop = threading.Event()
 
     def on_interrupt(signum, frame):
@@ -816,8 +787,8 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     single_process = num_workers == 1 and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_interrupt) if single_process else None
     try:
-        summaries = run_stages(config, out, device=device, num_workers=num_workers, progress=progress,
-                               should_stop=stop.is_set if single_process else None)
+        summaries = train(config, out, device=device, num_workers=num_workers, progress=progress,
+                          should_stop=stop.is_set if single_process else None)
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -828,6 +799,9 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
             click.echo(f"stage {summary['stage']}: already finished")
             continue
         last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
+        by_source = "".join(f", {name} {value:.4f}" for name, value in (summary.get("source_losses") or {}).items())
+        if by_source:
+            last += f" (running loss by source{by_source})"
         click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
                    f"({summary['dir']})")
     click.echo(summarize(out))
