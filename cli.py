@@ -24,18 +24,37 @@ STORAGE = click.Choice(["lmdb", "arrow"])
 
 
 class _CleanErrors:
-    """Turns the library's input errors into one clean ``Error:`` line (exit status 1)."""
+    """Turns the library's input errors into one clean ``Error:`` line (exit status 1).
+
+    The error classes are looked up only in modules already imported (an exception of a
+    class can exist only once its module is loaded): importing them here would load torch
+    and Ray before every command, ``--help`` included.
+    """
+
+    # module -> error classes in it (or re-exported by it) that are the user's to fix
+    CLEAN_ERRORS = {
+        "vlp.schemas": ("SchemaError", "StoreError"),
+        "vlp.detectors.errors": ("USER_ERRORS",),
+        "vlp.pipeline.extract": ("ExtractError",),
+        "vlp.pipeline.import_features": ("ImportIssue",),
+    }
+
+    @classmethod
+    def _clean_types(cls) -> tuple:
+        types = [FileNotFoundError]
+        for module_name, names in cls.CLEAN_ERRORS.items():
+            module = sys.modules.get(module_name)
+            for name in names if module is not None else ():
+                found = getattr(module, name, ())
+                types.extend(found if isinstance(found, tuple) else [found])
+        return tuple(types)
 
     def invoke(self, ctx):
-        from vlp.detectors import CheckpointError, MissingWeightsError
-        from vlp.pipeline.extract import ExtractError
-        from vlp.pipeline.import_features import ImportIssue
-        from vlp.schemas import SchemaError, StoreError
-
         try:
             return super().invoke(ctx)
-        except (SchemaError, StoreError, ImportIssue, FileNotFoundError, CheckpointError, MissingWeightsError,
-                ExtractError) as exc:
+        except Exception as exc:
+            if isinstance(exc, click.ClickException) or not isinstance(exc, self._clean_types()):
+                raise
             raise click.ClickException(str(exc)) from None
 
 
@@ -237,27 +256,107 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite):
 
 @main.command("train-detector")
 @click.argument("vg_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Checkpoint to write (.pt); <out>.log.json holds the losses.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write (.pt); <out>.log.json holds the losses, <out>.state.pt what --resume needs.")
 @click.option("--preset", default="demo", show_default=True, help="Architecture and input settings.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a detector setting of the preset, e.g. --set min_size=384 (repeatable).")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Training iterations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images per iteration.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--time-limit", type=float, default=None, help="Stop after this many seconds (checkpoint kept).")
-def train_detector_cmd(vg_dir, out, preset, iterations, batch_size, seed, time_limit):
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (init, data order, sampling).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
+              help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Linear warmup iterations (from lr/10), then a cosine decay.")
+@click.option("--min-lr-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="The cosine decays to lr x this.")
+@click.option("--rois-per-image", type=click.IntRange(min=1), default=32, show_default=True,
+              help="RoIs sampled per image for the box head.")
+@click.option("--roi-positive-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Largest share of foreground among them.")
+@click.option("--norm", type=click.Choice(["batchnorm", "affine"]), default="batchnorm", show_default=True,
+              help="Norm layers: batch statistics while training, or fixed statistics with learnt scale/shift.")
+@click.option("--init", "--init-weights", "init_weights", type=click.Path(exists=True, dir_okay=False),
+              help="Start from this checkpoint of the same architecture (fresh optimiser and warmup).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run at --out from <out>.state.pt (same options; --threads may differ).")
+@click.option("--eval-world", type=click.Path(exists=True, file_okay=False),
+              help="VG-format folder to evaluate on [VG_DIR].")
+@click.option("--eval-split", default="test", show_default=True, help="Split of it to evaluate on, or 'all'.")
+@click.option("--eval-images", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Evaluate on the first N images of that split (0: no evaluation).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Iterations between evaluations, keeping the best as <stem>.best.pt (0: only at the end).")
+@click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Iterations per loss line.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=250, show_default=True,
+              help="Iterations between checkpoints (and resumable states).")
+@click.option("--time-limit", type=click.FloatRange(min=0), default=None,
+              help="Stop after this many seconds (checkpoint written, evaluation run).")
+@click.option("--fp32", is_flag=True, help="Write float32 weights (default float16).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Torch CPU threads.")
+def train_detector_cmd(vg_dir, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
+                       rois_per_image, roi_positive_fraction, norm, init_weights, resume, eval_world, eval_split,
+                       eval_images, eval_every, log_every, checkpoint_every, time_limit, fp32, threads):
     """Train a Faster R-CNN with attribute head on a Visual-Genome-format folder.
 
     VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg
     (a world from `vlp synth`, or your own data in VG's format); the train split of
-    splits.json is used when present, otherwise every image.
+    splits.json is used when present, otherwise every image. Ctrl-C saves the run;
+    the same command with --resume continues it exactly.
     """
-    from vlp.detectors.training import train_detector
+    from vlp.detectors.annotations import pick_image_ids
+    from vlp.detectors.config import make_config
+    from vlp.detectors.training import DetectorTrainer, TrainSettings
 
-    log = train_detector(vg_dir, out, preset=preset, iterations=iterations, batch_size=batch_size,
-                         seed=seed, time_limit_s=time_limit)
-    click.echo(f"wrote {out} after {log['iterations_done']} iterations ({log['seconds']:.0f} s)")
+    if resume and init_weights:
+        raise click.UsageError("--resume continues a run; --init starts a new one from weights: pass one")
+    config = make_config(preset, **_parse_overrides(overrides))
+    settings = TrainSettings(iterations=iterations, batch_size=batch_size, seed=seed, lr=lr,
+                             warmup_iterations=warmup, min_lr_fraction=min_lr_fraction, rois_per_image=rois_per_image,
+                             roi_positive_fraction=roi_positive_fraction, norm=norm, threads=threads)
+    eval_ids = None
+    if eval_images:
+        eval_ids = pick_image_ids(eval_world or vg_dir, eval_split, eval_images)
+        if eval_ids is None:
+            click.echo(f"{eval_world or vg_dir} has no splits.json: no evaluation "
+                       f"(--eval-split all evaluates on every image)", err=True)
+    trainer = DetectorTrainer(vg_dir, out, config=config, settings=settings, eval_vg_dir=eval_world,
+                              eval_image_ids=eval_ids, eval_every=eval_every or None, log_every=log_every,
+                              checkpoint_every=checkpoint_every, half=not fp32, init_weights=init_weights,
+                              log=click.echo)
+    if resume:
+        trainer.resume()
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this iteration (Ctrl-C again to abort at once)", err=True)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    try:
+        record = trainer.run(time_limit_s=time_limit, should_stop=stop.is_set)
+    except KeyboardInterrupt:
+        click.echo(f"aborted; the last saved state is in {trainer.paths['state']}", err=True)
+        sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if "interrupted" in record:
+        click.echo(f"interrupted at iteration {record['interrupted']}; to continue, rerun the same command "
+                   f"with --resume", err=True)
+        sys.exit(130)
+    click.echo(f"wrote {out} after {record['iterations_done']} iterations ({record['seconds']:.0f} s)")
+    if record["evaluations"]:
+        last = record["evaluations"][-1]
+        click.echo(f"mAP@0.5 {last['mAP']:.4f}, attribute accuracy {last['attribute_accuracy']:.4f} "
+                   f"on {len(eval_ids)} images")
 
 
 @main.command("demo")
@@ -289,7 +388,7 @@ def _parse_overrides(pairs) -> dict:
 @click.command(cls=_Command, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="vlp-extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store folder.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Feature store folder.")
 @click.option("--preset", default="butd-10-100", show_default=True,
               help="Detector preset: butd-10-100, butd-36, lxmert-36, or demo (the shipped slim detector).")
 @click.option("--weights", type=click.Path(exists=True),
@@ -302,7 +401,8 @@ def _parse_overrides(pairs) -> dict:
               help="Images per shard.")
 @click.option("--overwrite", is_flag=True, help="Delete what --out holds and start fresh (default: continue).")
 @click.option("--file-list", type=click.Path(exists=True, dir_okay=False),
-              help="Extract the images listed in this file (one path per line, relative to IMAGES_DIR).")
+              help="Extract the images listed in this file (one path per line, relative to IMAGES_DIR); "
+                   "entries that lead outside IMAGES_DIR ('..', absolute paths, symlinks) are refused.")
 @click.option("--glob", "glob_pattern", help="Only relative paths matching this pattern, e.g. 'train/*.jpg'.")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N images (stable order).")
 @click.option("--dry-run", is_flag=True, help="Count images and estimate the time; write nothing.")
@@ -335,12 +435,12 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
     used are listed in --out/errors.jsonl with the reason; counts and timings go to
     --out/stats.json.
 
-    Rerunning the same command continues an interrupted run: stored images and logged
-    failures are skipped, unfinished shards are redone.
+    Rerunning the same command continues an interrupted run (kill, crash or Ctrl-C):
+    stored images and logged failures are skipped, unfinished shards are redone.
 
     \b
     Examples:
-      vlp-extract photos/ --out feats/ --preset demo
+      vlp-extract photos/ -o feats/ --preset demo
       vlp-extract coco/val2014 --out coco-feats --weights pytorch_model.bin --set min_boxes=36 --set max_boxes=36
     """
     from vlp.pipeline.extract import ExtractSettings, dry_run as plan_run, run_extract, summary_lines
@@ -354,9 +454,29 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
     if dry_run:
         _print_dry_run(plan_run(images_dir, out, settings), workers or 1)
         return
-    from pathlib import Path
+    stop = threading.Event()
 
-    stats = run_extract(images_dir, out, settings)
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping: committed shards are kept, unfinished ones dropped (Ctrl-C again to abort at once)",
+                   err=True)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    try:
+        stats = run_extract(images_dir, out, settings, should_stop=stop.is_set)
+    except KeyboardInterrupt:
+        stats = {"interrupted": True}
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if stats.get("interrupted"):
+        stored = stats.get("already_stored", 0) + stats.get("stored", 0)
+        click.echo(f"interrupted: {stored} images stored in {out} so far; to continue, rerun the same command",
+                   err=True)
+        sys.exit(130)
     click.echo("\n".join(summary_lines(stats, Path(out))))
 
 
@@ -370,6 +490,8 @@ def _print_dry_run(plan: dict, workers: int) -> None:
         click.echo(f"skipped: {relative}: {reason}")
     for entry in plan["missing"]:
         click.echo(f"missing from the file list: {entry}")
+    for entry, reason in plan["refused"]:
+        click.echo(f"refused from the file list: {entry}: {reason}")
     for loop in plan["symlink_loops"]:
         click.echo(f"symlink loop not followed: {loop}")
     click.echo(f"to extract: {plan['to_do']}")
@@ -430,12 +552,25 @@ def _done(result) -> None:
     click.echo(result.summary())
 
 
+class _BuildCommand(_Command):
+    """A vlp-build sub-command: unreadable files and folders are one ``Error:`` line too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (IsADirectoryError, PermissionError, UnicodeError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            name = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{name}{exc.strerror or exc}") from None
+
+
 _NAMES = click.Choice(["display", "synonyms"])
 _NAMES_HELP = ("display: the first name of a vocab line ('gray,grey' -> gray); synonyms: one of the line's "
                "names per region, picked by a stable hash of image and region.")
 
 
-@build_main.command("objects-labels", cls=_Command, context_settings=CONTEXT)
+@build_main.command("objects-labels", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
 @click.option("--attr-conf-floor", type=click.FloatRange(0, 1), default=0.1, show_default=True,
@@ -458,7 +593,7 @@ def build_objects_labels_cmd(features_dir, out, overwrite, shard_size, progress,
                                progress=progress))
 
 
-@build_main.command("labels-in-order", cls=_Command, context_settings=CONTEXT)
+@build_main.command("labels-in-order", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
 @click.option("--names", type=_NAMES, default="display", show_default=True, help=_NAMES_HELP)
@@ -474,7 +609,7 @@ def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress
                                 split=split, progress=progress))
 
 
-@build_main.command("vg-phrases", cls=_Command, context_settings=CONTEXT)
+@build_main.command("vg-phrases", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("vg_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
 @_input_options
@@ -513,7 +648,7 @@ def _import_kw(out, overwrite, shard_size, progress, features, strict) -> dict:
 _FILES = click.Path(exists=True, dir_okay=False)
 
 
-@build_main.command("import-coco", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-coco", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("caption_files", nargs=-1, type=_FILES)
 @_build_options
 @_input_options
@@ -530,7 +665,7 @@ def import_coco_cmd(caption_files, out, overwrite, shard_size, progress, feature
                       **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-flickr30k", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-flickr30k", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("karpathy_json", type=_FILES)
 @_build_options
 @_input_options
@@ -558,7 +693,7 @@ def _web_options(func):
     return func
 
 
-@build_main.command("import-cc", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-cc", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("source", type=click.Path(exists=True))
 @_build_options
 @_input_options
@@ -580,7 +715,7 @@ def import_cc_cmd(source, out, overwrite, shard_size, progress, features, strict
                     **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-sbu", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-sbu", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("sbu_json", type=_FILES)
 @_build_options
 @_input_options
@@ -595,7 +730,7 @@ def import_sbu_cmd(sbu_json, out, overwrite, shard_size, progress, features, str
                      **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-vqa", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-vqa", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=_FILES)
 @_build_options
 @_input_options
@@ -607,7 +742,9 @@ def import_sbu_cmd(sbu_json, out, overwrite, shard_size, progress, features, str
 @click.option("--answer-vocab", type=_FILES, help="Use this json list of answers as the vocabulary instead.")
 @click.option("--score-scheme", type=click.Choice(["vqa", "butd"]), default="vqa", show_default=True,
               help="Soft score of an answer given by c annotators: vqa min(1, c/3); butd min(1, 0.3c).")
-@_id_template_option("COCO_{subtype}_{image_id:012d}", "{image_id}, {subtype} (the file's data_subtype)")
+@_id_template_option("auto", "{image_id}, {subtype} (the file's data_subtype); auto: with --features the first "
+                           "of COCO_{subtype}_{image_id:012d}, {subtype}/COCO_{subtype}_{image_id:012d}, "
+                           "{image_id:012d}, {image_id} that finds the most images, without the first")
 def import_vqa_cmd(files, out, overwrite, shard_size, progress, features, strict, min_answer_count, vocab_splits,
                    answer_vocab, score_scheme, image_id_template):
     """VQA v2 questions + annotations json -> question pairs with normalized, soft-scored answers.
@@ -623,7 +760,7 @@ def import_vqa_cmd(files, out, overwrite, shard_size, progress, features, strict
                      **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-gqa", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-gqa", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=_FILES)
 @_build_options
 @_input_options
@@ -637,7 +774,7 @@ def import_gqa_cmd(files, out, overwrite, shard_size, progress, features, strict
                      **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-nlvr2", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-nlvr2", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=_FILES)
 @_build_options
 @_input_options
@@ -650,7 +787,7 @@ def import_nlvr2_cmd(files, out, overwrite, shard_size, progress, features, stri
                        **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("import-snli-ve", cls=_Command, context_settings=CONTEXT)
+@build_main.command("import-snli-ve", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=_FILES)
 @_build_options
 @_input_options
@@ -664,7 +801,7 @@ def import_snli_ve_cmd(files, out, overwrite, shard_size, progress, features, st
                          **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
-@build_main.command("hard-negatives", cls=_Command, context_settings=CONTEXT)
+@build_main.command("hard-negatives", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
 @click.option("--top-m", type=click.IntRange(min=1), default=10, show_default=True,
@@ -691,7 +828,7 @@ def build_hard_negatives_cmd(features_dir, out, overwrite, shard_size, progress,
                                precision=precision, overwrite=overwrite, shard_size=shard_size, progress=progress))
 
 
-@build_main.command("topics", cls=_Command, context_settings=CONTEXT)
+@build_main.command("topics", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("pairs_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False),
               help="The feature store whose region labels define L.")
