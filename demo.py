@@ -11,8 +11,11 @@
    verb-free VG phrases, hard negatives);
 4. scores the detections against the world's ground truth (AP@0.5 per category,
    attribute accuracy);
-5. writes ``report.html`` (+ ``report.txt``, PNGs of detections, label and box-count
-   histograms, timings) into the output folder.
+5. pretrains a small V&L model on those stores (:func:`pretrain_demo`: the shipped
+   ``trainer/configs/demo.yaml``, no BERT checkpoint needed) and scores zero-shot
+   retrieval on the held-out split;
+6. writes ``report.html`` (+ ``report.txt``, PNGs of detections, label and box-count
+   histograms, the loss curves, timings) into the output folder.
 
 ``random_records`` (plausible feature records without a detector) serves tests and
 benchmarks of the storage layer.
@@ -25,6 +28,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -113,9 +117,76 @@ def _build_pairs(out: Path, world_dir: Path, store_dir: Path, progress: bool) ->
     return lines
 
 
+def pretrain_demo(out, *, steps: Optional[int] = None, progress: bool = True, device: str = "auto") -> dict:
+    """The demo's pretraining run: ``vlp-train pretrain`` with the shipped
+    ``trainer/configs/demo.yaml`` (a 2-layer model, the shipped demo vocabulary, no BERT
+    checkpoint) on the stores a demo wrote in ``out`` (features, pairs/coco-captions,
+    pairs/objects-labels), into ``out/train``, started afresh. ``steps`` overrides the
+    config's (tests). Returns the run's figures: ``seconds``, ``steps``, ``losses``
+    (first / last loss per source), ``retrieval`` (the last evaluation's zero-shot recalls
+    on the held-out split), ``loss_png``, ``summary`` (the text of vlp-train's summary)."""
+    import torch
+
+    from vlp.trainer.config import DEMO_ROOT, TrainConfig, read_yaml, rebase_paths
+    from vlp.trainer.reporting import plot_loss_curves, read_jsonl, summarize
+    from vlp.trainer.runs import prepare_run_folder, train
+    from vlp.trainer.schedule import shipped_configs
+
+    out = Path(out)
+    path = shipped_configs()["demo"]
+    raw = rebase_paths(read_yaml(path), DEMO_ROOT, out)
+    if steps is not None:
+        raw["stages"][0].update(steps=steps, checkpoint_every=0)
+    config = TrainConfig.from_dict(raw, path)
+    run_dir = out / "train"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    prepare_run_folder(run_dir, config, resume=False)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    train(config, run_dir, device=device, progress="auto" if progress else "off")
+    seconds = time.perf_counter() - start
+    stage_dir = config.stage_dir(run_dir, 0)
+    history = read_jsonl(stage_dir / "history.jsonl")
+    losses: dict = {}
+    for entry in history:
+        for name, values in (entry.get("sources") or {"all": {"loss": entry["loss"]}}).items():
+            losses.setdefault(name, []).append(values["loss"])
+    window = max(1, len(history) // 20)
+    evals = read_jsonl(stage_dir / "eval.jsonl")
+    return {"config": path, "run_dir": run_dir, "seconds": seconds, "steps": len(history), "device": device,
+            "model": config.model, "losses": {name: (float(np.mean(v[:window])), float(np.mean(v[-window:])))
+                                              for name, v in losses.items()},
+            "retrieval": evals[-1] if evals else {}, "loss_png": plot_loss_curves(run_dir),
+            "summary": summarize(run_dir)}
+
+
+def _pretrain_lines(result: dict) -> list[str]:
+    from vlp.trainer.data import load_tokenizer
+
+    model = result["model"]
+    vocabulary = len(load_tokenizer(model.vocab))
+    lines = [f"pretraining   vlp-train pretrain {result['config'].name} ({model.bert.get('layers')} layers, hidden "
+             f"{model.bert.get('hidden')}, {vocabulary}-token demo vocabulary, no BERT checkpoint): "
+             f"{result['steps']} steps in {result['seconds']:.1f} s on {result['device']} -> {result['run_dir']}",
+             "  loss (mean of the first / last 5% of steps): " + ", ".join(
+                 f"{name} {a:.3f} -> {b:.3f}" for name, (a, b) in result["losses"].items())]
+    recall = result["retrieval"]
+    if "zs_ir_r1" in recall:
+        n = int(recall["zs_retrieval_n"])
+        lines.append(f"  zero-shot retrieval (ITM head) on the held-out test split, {n} images x {n} captions: "
+                     f"image R@1/5/10 {recall['zs_ir_r1']:.2f}/{recall['zs_ir_r5']:.2f}/{recall['zs_ir_r10']:.2f}, "
+                     f"text R@1/5/10 {recall['zs_tr_r1']:.2f}/{recall['zs_tr_r5']:.2f}/{recall['zs_tr_r10']:.2f} "
+                     f"(chance {1 / n:.2f}/{min(1, 5 / n):.2f}/{min(1, 10 / n):.2f})")
+    return lines
+
+
 def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool = True,
-             draw_count: int = 6) -> Path:
-    """Run the whole demo into ``out``; returns the path of report.html."""
+             draw_count: int = 6, train_steps: Optional[int] = None) -> Path:
+    """Run the whole demo into ``out``; returns the path of report.html. ``train_steps``:
+    the pretraining run's steps (None: demo.yaml's; 0: no pretraining)."""
+    demo_started = time.perf_counter()
     import collections
 
     import cv2
@@ -172,6 +243,12 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
     if not report.ok:
         raise RuntimeError(f"the demo store {store_dir} failed validation: {report.errors}")
 
+    pretrained = None
+    if train_steps != 0:
+        start = time.perf_counter()
+        pretrained = pretrain_demo(out, steps=train_steps, progress=progress)
+        timings["pretrain"] = time.perf_counter() - start
+
     ground_truth = load_vg_annotations(world_dir)
     scores = evaluate_predictions([records[f"world/{gt.image_id}"] for gt in ground_truth], ground_truth,
                                   score_threshold=config.score_threshold)
@@ -215,7 +292,9 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
              f"({scores['attribute_matches']} matched boxes), precision {scores['precision']:.3f} / "
              f"recall {scores['recall']:.3f} at confidence >= {scores['score_threshold']}",
              "AP per category: " + ", ".join(f"{k} {v:.3f}" for k, v in scores["ap"].items()),
+             *([""] + _pretrain_lines(pretrained) if pretrained else []),
              "", "timings"] + [f"  {name:<18} {sec:7.2f} s" for name, sec in timings.items()]
+    lines.append(f"  {'whole demo':<18} {time.perf_counter() - demo_started:7.2f} s")
     (out / "report.txt").write_text("\n".join(lines) + "\n")
     (out / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
 
@@ -229,6 +308,9 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
                     f"<figcaption>{html.escape(image_id)}</figcaption></figure>")
     page += ["<h2>Labels and boxes</h2>", "<img src='figures/labels.png'>",
              "<img src='figures/boxes_per_image.png'>",
+             *([f"<h2>Pretraining: loss curves</h2><img src='{pretrained['loss_png'].relative_to(out).as_posix()}' "
+                "style='max-width:1000px'>",
+                f"<pre>{html.escape(pretrained['summary'])}</pre>"] if pretrained else []),
              f"<p>Feature store: <code>{html.escape(str(store_dir))}</code> — inspect it with "
              f"<code>vlp inspect {html.escape(str(store_dir))}</code>.</p>"]
     report_path = out / "report.html"

@@ -44,6 +44,17 @@ COUNT_KEYS = {"max_text_len", "max_regions", "append_labels", "hard_negative_top
               "retrieval_images"}
 
 
+#: vocabularies shipped in vlp/trainer/vocab, by the name a config may give as model.vocab
+SHIPPED_VOCABS = {"demo": "demo-vocab.txt"}
+#: the folder the paths of configs/demo.yaml start with (``vlp demo``'s default --out)
+DEMO_ROOT = "demo-out"
+
+
+def shipped_vocab(name: str) -> Path:
+    """The path of a shipped vocabulary (``demo``: the synthetic world's WordPiece vocabulary)."""
+    return Path(__file__).parent / "vocab" / SHIPPED_VOCABS[name]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file (when known) and the key."""
 
@@ -409,7 +420,7 @@ class ModelConfig:
             raise ConfigError(f"{where}.architecture must be single_stream or lxmert_s, got {architecture!r}")
         config = cls(architecture=architecture, text_checkpoint=_path(model.get("text_checkpoint"), where,
                                                                       "text_checkpoint"),
-                     vocab=_path(model.get("vocab"), where, "vocab"),
+                     vocab=_vocab_path(_path(model.get("vocab"), where, "vocab")),
                      **{k: dict(_mapping(model.get(k), f"{where}.{k}")) for k in ("visual", "bert", "lxmert")})
         config._check_options(where)
         return config
@@ -462,6 +473,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _vocab_path(value: Optional[str]) -> Optional[str]:
+    """A shipped vocabulary's name (``demo``) -> its file, unless a file of that name exists."""
+    if value in SHIPPED_VOCABS and not Path(value).exists():
+        return str(shipped_vocab(value))
+    return value
 
 
 @dataclasses.dataclass
@@ -566,6 +584,24 @@ def read_yaml(path) -> object:
         raise ConfigError(f"{path}{at}: YAML error: {problem}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: YAML error: {str(error).splitlines()[0] if str(error) else error}") from None
+
+
+def rebase_paths(raw: dict, old_root: str, new_root) -> dict:
+    """A copy of a plain config whose store paths under ``old_root`` lie under ``new_root``
+    (``configs/demo.yaml``'s ``demo-out/...`` -> the folder a demo actually wrote)."""
+    import copy
+
+    prefix = old_root.rstrip("/") + "/"
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: (str(Path(new_root) / v[len(prefix):]) if k in ("features", "pairs", "hard_negatives")
+                        and isinstance(v, str) and v.startswith(prefix) else move(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return move(copy.deepcopy(raw))
 
 
 def load_config(path) -> TrainConfig:
