@@ -44,6 +44,9 @@ class BuildResult:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if details:
             parts.append("Stats: " + ", ".join(details) + ".")
+        if self.stats.get("images_without_split"):
+            parts.append(f"{self.stats['images_without_split']} image(s) not in {self.stats.get('splits_from')} got "
+                         f"split {self.stats.get('split_of_images_without_split', '')!r} (--split).")
         if self.errors_file is not None:
             parts.append(f"Malformed input rows are listed in {self.errors_file}.")
         if self.missing_report is not None:
@@ -361,3 +364,29 @@ def load_splits(source) -> tuple[dict, str]:
             raise SchemaError(f"{source}:{number}: expected 'image_id split', found {len(parts)} field(s)")
         splits[parts[0]] = parts[1]
     return splits, f"split file {source}"
+
+
+class SplitOf:
+    """Each image's split: from ``splits_from`` (another pair store or a split file, see
+    :func:`vlp.builders.common.load_splits`) when given, else ``default`` for every image.
+    Images the source does not know get ``default`` and are counted (``images_without_split``)."""
+
+    def __init__(self, splits_from=None, default: str = ""):
+        self.default = default
+        self.splits, self.source = load_splits(splits_from) if splits_from is not None else (None, None)
+        self.missing = 0
+
+    def __call__(self, image_id: str) -> str:
+        if self.splits is None:
+            return self.default
+        split = self.splits.get(image_id)
+        if split is None:
+            self.missing += 1
+            return self.default
+        return split
+
+    def stats(self) -> dict:
+        if self.splits is None:
+            return {}
+        return {"splits_from": self.source, "images_without_split": self.missing,
+                "split_of_images_without_split": self.default}

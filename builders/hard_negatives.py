@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from vlp.builders.common import Build, BuildResult
+from vlp.builders.common import Build, BuildResult, SplitOf
 from vlp.schemas import FeatureStore
 from vlp.schemas.errors import StoreError
 
@@ -170,17 +170,24 @@ def top_similar(vectors: np.ndarray, top_m: int, *, block: int = 1024, device: s
 
 def build_hard_negatives(features_dir, out, *, top_m: int = 10, captions=None, block: int = 1024,
                          device: str = "auto", precision: str = "auto", overwrite: bool = False,
-                         shard_size: int = 100_000, progress: str = "auto") -> BuildResult:
-    """One ``hard_negatives`` pair per image of the feature store (text empty)."""
+                         shard_size: int = 100_000, split: str = "", splits_from=None,
+                         progress: str = "auto") -> BuildResult:
+    """One ``hard_negatives`` pair per image of the feature store (text empty).
+
+    Progress shows the two passes one after the other, each over the store's images:
+    reading the mean features, then the similarity search. ``split`` / ``splits_from``:
+    each pair's split, as :func:`vlp.builders.labels.build_objects_labels`.
+    """
     if top_m < 1:
         raise ValueError("top_m must be at least 1")
+    split_of = SplitOf(splits_from, split)
     sources = [features_dir] + ([captions] if captions else [])
+    store_len = len(FeatureStore(features_dir, warn=False))
     with Build(out, "hard_negatives", overwrite=overwrite, sources=sources, shard_size=shard_size,
-               desc="hard-negatives", unit="img", progress=progress) as build:
-        store_len = len(FeatureStore(features_dir, warn=False))
-        build.progress.total = 2 * store_len
+               total=store_len, desc="hard-negatives: read", unit="img", progress=progress) as build:
         ids, vectors = mean_features(features_dir, progress=build.progress.update)
         exclude = caption_exclusions(captions, ids) if captions else {}
+        build.new_progress(len(ids), "hard-negatives: search", "img")
         indices, scores, info = top_similar(vectors, top_m, block=block, device=device, precision=precision,
                                             exclude=exclude, progress=build.progress.update)
         build.stats.update({"images": len(ids), "top_m": top_m, "images_with_caption_exclusions": len(exclude),
@@ -190,8 +197,8 @@ def build_hard_negatives(features_dir, out, *, top_m: int = 10, captions=None, b
             keep = indices[k] >= 0
             short += int(not keep.all())
             build.add({"pair_id": f"{image_id}#hard_negatives", "image_id": image_id, "text": "", "source": "features",
-                       "negatives": [ids[j] for j in indices[k][keep]],
+                       "split": split_of(image_id), "negatives": [ids[j] for j in indices[k][keep]],
                        "negative_scores": [float(s) for s in scores[k][keep]]})
         build.stats["images_with_fewer_negatives"] = short
+        build.stats.update(split_of.stats())
     return build.result
-

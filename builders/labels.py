@@ -14,7 +14,7 @@ corpus sees every synonym while the same store is rebuilt byte-identically.
 
 from __future__ import annotations
 
-from vlp.builders.common import Build, BuildResult
+from vlp.builders.common import Build, BuildResult, SplitOf
 from vlp.schemas import FeatureStore, vocab
 from vlp.schemas.labels import (DEFAULT_ATTR_CONF_FLOOR, DEFAULT_OBJ_CONF_FLOOR, NAME_MODES, pick_name,
                                region_label_words)
@@ -37,8 +37,13 @@ def _records_with_labels(store: FeatureStore, build: Build):
 def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_ATTR_CONF_FLOOR,
                          obj_conf_floor: float = DEFAULT_OBJ_CONF_FLOOR, names: str = "display",
                          overwrite: bool = False, shard_size: int = 100_000, split: str = "",
-                         progress: str = "auto") -> BuildResult:
-    """One ``objects_labels`` pair per image of the feature store ``features_dir``."""
+                         splits_from=None, progress: str = "auto") -> BuildResult:
+    """One ``objects_labels`` pair per image of the feature store ``features_dir``.
+
+    ``split``: every pair's split, or with ``splits_from`` (a pair store or split file) the
+    split of images that source does not know.
+    """
+    split_of = SplitOf(splits_from, split)
     store = _open_features(features_dir)
     totals = {"images": 0, "regions": 0, "regions_skipped": 0, "attributes_used": 0, "words": 0,
               "images_without_words": 0}
@@ -56,17 +61,21 @@ def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_
             if not words:
                 totals["images_without_words"] += 1
             build.add({"pair_id": f"{record.image_id}#objects_labels", "image_id": record.image_id,
-                       "text": " ".join(words), "source": "features", "split": split,
+                       "text": " ".join(words), "source": "features", "split": split_of(record.image_id),
                        "words": words, "word_regions": regions})
+        build.stats.update(split_of.stats())
     store.close()
     return build.result
 
 
 def build_labels_in_order(features_dir, out, *, names: str = "display", overwrite: bool = False,
-                          shard_size: int = 100_000, split: str = "", progress: str = "auto") -> BuildResult:
-    """One ``labels_in_order`` pair per image: the category of every region, in region order."""
+                          shard_size: int = 100_000, split: str = "", splits_from=None,
+                          progress: str = "auto") -> BuildResult:
+    """One ``labels_in_order`` pair per image: the category of every region, in region order
+    (``split`` / ``splits_from`` as :func:`build_objects_labels`)."""
     if names not in NAME_MODES:
         raise ValueError(f"names must be one of {NAME_MODES}, got {names!r}")
+    split_of = SplitOf(splits_from, split)
     store = _open_features(features_dir)
     objects = vocab.objects()
     with Build(out, "labels_in_order", overwrite=overwrite, sources=[features_dir], shard_size=shard_size,
@@ -78,8 +87,9 @@ def build_labels_in_order(features_dir, out, *, names: str = "display", overwrit
             build.stats["images"] += 1
             build.stats["regions"] += len(ids)
             build.add({"pair_id": f"{record.image_id}#labels_in_order", "image_id": record.image_id,
-                       "text": " ".join(labels), "source": "features", "split": split,
+                       "text": " ".join(labels), "source": "features", "split": split_of(record.image_id),
                        "labels": labels, "label_ids": ids})
+        build.stats.update(split_of.stats())
     store.close()
     return build.result
 

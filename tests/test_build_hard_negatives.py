@@ -1,5 +1,7 @@
 """vlp-build hard-negatives: exact blocked top-M cosine search equals a brute-force numpy result."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -91,3 +93,21 @@ def test_cli_hard_negatives(tmp_path):
     ids, means = mean_features(tmp_path / "f")
     want_idx, _ = brute_force(means, 3)
     assert [p["negatives"] for p in PairStore(tmp_path / "h")] == [[ids[j] for j in row] for row in want_idx]
+
+
+def test_progress_counts_each_pass_over_the_images_and_splits_from(tmp_path, capsys):
+    store = tmp_path / "f"
+    vectors = clustered(60, 8, seed=3)
+    with FeatureStoreWriter(store, storage="arrow", feature_dim=8) as writer:
+        for i, v in enumerate(vectors):
+            writer.add(FeatureRecord.from_arrays(f"img{i}", 10, 10, boxes=np.zeros((1, 4), np.float32),
+                                                 features=v[None]))
+    (tmp_path / "splits.json").write_text(json.dumps({f"img{i}": "val" if i < 6 else "train" for i in range(59)}))
+    result = build_hard_negatives(store, tmp_path / "hn", top_m=3, progress="lines", device="cpu",
+                                  splits_from=tmp_path / "splits.json", split="train")
+    err = capsys.readouterr().err
+    assert "hard-negatives: read: 60/60 img (100%)" in err and "hard-negatives: search: 60/60 img (100%)" in err
+    assert "120" not in err
+    splits = [p["split"] for p in PairStore(tmp_path / "hn")]
+    assert splits.count("val") == 6 and splits.count("train") == 54
+    assert result.stats["images_without_split"] == 1

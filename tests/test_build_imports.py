@@ -311,3 +311,15 @@ def test_import_cli_help_errors_and_feature_check(world, tmp_path):
     assert result.exit_code == 0, result.output
     assert "10 of 60 pairs have no features (2 image ids missing from the feature store: 11, 12)" in result.output
     assert len(PairStore(tmp_path / "p")) == 60  # reported, never dropped
+
+
+def test_progress_totals_are_known_before_the_work(world, tmp_path, capsys):
+    imports.import_cc(world / "cc" / "train.tsv", tmp_path / "cc", progress="lines")
+    ann = world / "annotations"
+    imports.import_coco([ann / "captions_train.json", ann / "captions_val.json"], tmp_path / "coco",
+                        progress="lines")
+    vqa = sorted((world / "vqa").glob("*.json"))
+    imports.import_vqa(vqa, tmp_path / "vqa", min_count=1, progress="lines")
+    err = capsys.readouterr().err
+    assert "import-cc: 13/13 line (100%)" in err  # 12 images + the row whose download failed
+    assert "import-coco: 60/60 pair (100%)" in err and "import-vqa: 48/48 pair (100%)" in err

@@ -150,7 +150,55 @@ def test_cli_objects_labels_and_labels_in_order(world, tmp_path):
     assert "Wrote 10 objects_labels pairs" in result.output
     again = runner.invoke(build_main, ["objects-labels", str(world / "features"), "--out", str(tmp_path / "o"),
                                        "--progress", "off"])
-    assert again.exit_code == 1 and "Error:" in again.output and "already holds a store" in again.output
+    assert again.exit_code == 1 and "Error:" in again.output
+    assert "already holds a pair store; use --overwrite to replace it" in again.output
     result = runner.invoke(build_main, ["labels-in-order", str(world / "features"), "--out", str(tmp_path / "o"),
                                         "--overwrite", "--progress", "off"])
     assert result.exit_code == 0 and PairStore(tmp_path / "o").kind == "labels_in_order"
+
+
+def test_splits_from_a_pair_store_or_a_split_file(world, tmp_path):
+    from vlp.builders.imports import import_coco
+
+    truth = json.loads((world / "world" / "truth.json").read_text())
+    split_of = {str(im["image_id"]): im["split"] for im in truth["images"]}
+    ann = world / "world" / "annotations"
+    # the COCO import of the same images knows their splits (all but image 10 here)
+    import_coco([ann / "captions_train.json", ann / "captions_val.json"], tmp_path / "coco",
+                karpathy=ann / "dataset_coco.json", progress="off")
+    keep = [p for p in PairStore(tmp_path / "coco") if p["image_id"] != "10"]
+    from vlp.schemas.pairs import PairStoreWriter
+
+    with PairStoreWriter(tmp_path / "coco9", "caption") as writer:
+        for pair in keep:
+            writer.add({k: v for k, v in pair.items() if k != "kind"})
+    runner = CliRunner()
+    result = runner.invoke(build_main, ["objects-labels", str(world / "features"), "-o", str(tmp_path / "o"),
+                                        "--splits-from", str(tmp_path / "coco9"), "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    assert f"1 image(s) not in pair store {tmp_path / 'coco9'} got split ''" in result.output
+    got = {p["image_id"]: p["split"] for p in PairStore(tmp_path / "o")}
+    assert got == {**split_of, "10": ""}
+    assert PairStore(tmp_path / "o").manifest["stats"]["images_without_split"] == 1
+    # a text split file, and --split for the images it lacks
+    (tmp_path / "splits.txt").write_text("# image split\n" + "".join(f"{i} {s}\n" for i, s in split_of.items()
+                                                                     if i != "3"))
+    result = runner.invoke(build_main, ["labels-in-order", str(world / "features"), "-o", str(tmp_path / "l"),
+                                        "--splits-from", str(tmp_path / "splits.txt"), "--split", "train",
+                                        "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    assert {p["image_id"]: p["split"] for p in PairStore(tmp_path / "l")} == {**split_of, "3": "train"}
+    # the synthetic world's splits.json ({split: [ids]}) and a json {image_id: split}
+    build_objects_labels(world / "features", tmp_path / "w", splits_from=world / "world" / "splits.json",
+                         progress="off")
+    assert {p["image_id"]: p["split"] for p in PairStore(tmp_path / "w")} == split_of
+    (tmp_path / "s.json").write_text(json.dumps({"1": "val"}))
+    result = build_labels_in_order(world / "features", tmp_path / "j", splits_from=tmp_path / "s.json",
+                                   progress="off")
+    assert result.stats["images_without_split"] == 9
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 train extra\n")
+    result = runner.invoke(build_main, ["objects-labels", str(world / "features"), "-o", str(tmp_path / "b"),
+                                        "--splits-from", str(bad)])
+    assert result.exit_code == 1 and f"Error: {bad}:1: expected 'image_id split', found 3 field(s)" in result.output
+    assert not (tmp_path / "b").exists()
