@@ -364,11 +364,15 @@ def train_detector_cmd(vg_dir, out, preset, overrides, iterations, batch_size, s
               help="Folder for the demo's stores and report.")
 @click.option("--images", type=click.IntRange(min=1), default=200, show_default=True,
               help="How many images the demo processes.")
-def demo_cmd(out, images):
-    """Run the main job end to end on the embedded default and write a report."""
+@click.option("--train-steps", type=click.IntRange(min=0), default=None,
+              help="Steps of the closing pretraining run [trainer/configs/demo.yaml's: 300]; 0: none.")
+def demo_cmd(out, images, train_steps):
+    """Run the main job end to end on the embedded default and write a report: extraction,
+    pair stores, detection scores, and a short pretraining run with its loss curves and
+    zero-shot retrieval."""
     from vlp.demo import run_demo
 
-    report = run_demo(out, num_images=images)
+    report = run_demo(out, num_images=images, train_steps=train_steps)
     click.echo(f"demo finished: open {report}")
 
 
@@ -857,7 +861,7 @@ def train_main():
 
 
 @train_main.command("pretrain")
-@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: one sub-folder per stage with checkpoints and history.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
@@ -880,7 +884,8 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     continues a stopped run from its last checkpoints and skips finished stages. Writes
     OUT/config.yaml, OUT/NN-stage/ (checkpoints, history.jsonl, eval.jsonl, tensorboard/)
     and OUT/loss_curves.png. Example configs: vlp/trainer/configs/ (trainer/configs/ in
-    the repository).
+    the repository); CONFIG may also name one of them: `vlp-train pretrain demo --out run`
+    trains on the stores `vlp demo` wrote to demo-out/, with no BERT checkpoint.
     """
     import dataclasses
 
@@ -892,6 +897,14 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     from vlp.trainer.runs import RunFolderError, prepare_run_folder, train
     from vlp.trainer.schedule import check_stores
 
+    from vlp.trainer.schedule import shipped_configs
+
+    if not Path(config_path).exists():
+        shipped = shipped_configs()
+        if config_path not in shipped:
+            raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
+                                     f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
+        config_path = str(shipped[config_path])
     try:
         config = load_config(config_path)
         if init_from:

@@ -126,3 +126,12 @@ def test_typed_config_fills_defaults_in_one_place(tmp_path):
     with pytest.raises(ConfigError, match=r"^x\.yaml: stages\[1\]\.sources\[1\]: ratio must be a positive number"):
         raw["stages"][1]["sources"][1]["ratio"] = "0.5"
         TrainConfig.from_dict(raw, "x.yaml")
+
+
+def test_config_may_name_a_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no demo-out/ here: the shipped demo config's stores are missing
+    result = _run("demo", tmp_path / "run")
+    _check_refused(result, "demo.yaml: eval.pairs: demo-out/pairs/coco-captions: no such directory")
+    assert not (tmp_path / "run").exists()
+    unknown = _run("nonesuch", tmp_path / "run")
+    assert unknown.exit_code == 2 and "not a shipped config (demo, " in unknown.output

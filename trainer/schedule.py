@@ -62,12 +62,19 @@ def source_specs(stage) -> list[SourceConfig]:
 def check_stores(config: Union[TrainConfig, dict]) -> None:
     """Open every store the config names, before anything is trained or written: a
     missing or wrong store, or a feature store whose feature size is not the model's
-    ``visual.feature_dim``, is reported with its key."""
+    ``visual.feature_dim``, is reported with the config file and the key."""
+    config = as_config(config)
+    try:
+        _check_stores(config)
+    except ConfigError as error:
+        raise ConfigError(f"{config.path}: {error}" if config.path else str(error)) from None
+
+
+def _check_stores(config: TrainConfig) -> None:
     from vlp.schemas import FeatureStore
     from vlp.schemas.pairs import PairStore
     from vlp.trainer.data import split_filter
 
-    config = as_config(config)
     feature_dim = config.model.visual_config().feature_dim
     places = [("eval", config.eval, None)] if config.eval is not None else []
     for i, stage in enumerate(config.stages):
