@@ -574,6 +574,13 @@ _NAMES_HELP = ("display: the first name of a vocab line ('gray,grey' -> gray); s
                "names per region, picked by a stable hash of image and region.")
 
 
+_SPLITS_FROM = click.option(
+    "--splits-from", type=click.Path(exists=True),
+    help="Take each image's split from this pair store (e.g. the COCO import of the same images) or split file "
+         "(json {image_id: split} or {split: [image_id, ...]}, or text lines 'image_id split'); images it "
+         "lacks get --split and are counted.")
+
+
 @build_main.command("objects-labels", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
@@ -582,9 +589,11 @@ _NAMES_HELP = ("display: the first name of a vocab line ('gray,grey' -> gray); s
 @click.option("--obj-conf-floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Skip regions whose object confidence is below this.")
 @click.option("--names", type=_NAMES, default="display", show_default=True, help=_NAMES_HELP)
-@click.option("--split", default="", help="Split name written into every pair.")
+@click.option("--split", default="", help="Split name written into every pair (with --splits-from: into those "
+                                          "whose image it lacks) [none].")
+@_SPLITS_FROM
 def build_objects_labels_cmd(features_dir, out, overwrite, shard_size, progress, attr_conf_floor,
-                             obj_conf_floor, names, split):
+                             obj_conf_floor, names, split, splits_from):
     """LAMP objects-labels pairs: per image, 'attribute category' of each region.
 
     words / word_regions give the region row of every word, text = words joined by spaces,
@@ -594,15 +603,17 @@ def build_objects_labels_cmd(features_dir, out, overwrite, shard_size, progress,
 
     _done(build_objects_labels(features_dir, out, attr_conf_floor=attr_conf_floor, obj_conf_floor=obj_conf_floor,
                                names=names, overwrite=overwrite, shard_size=shard_size, split=split,
-                               progress=progress))
+                               splits_from=splits_from, progress=progress))
 
 
 @build_main.command("labels-in-order", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
 @click.option("--names", type=_NAMES, default="display", show_default=True, help=_NAMES_HELP)
-@click.option("--split", default="", help="Split name written into every pair.")
-def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress, names, split):
+@click.option("--split", default="", help="Split name written into every pair (with --splits-from: into those "
+                                          "whose image it lacks) [none].")
+@_SPLITS_FROM
+def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress, names, split, splits_from):
     """MSP token-stage / IFRS pairs: one category label per region, in region order.
 
     labels and label_ids align 1:1 with the regions; pair_id = IMAGE_ID#labels_in_order.
@@ -610,7 +621,7 @@ def build_labels_in_order_cmd(features_dir, out, overwrite, shard_size, progress
     from vlp.builders.labels import build_labels_in_order
 
     _done(build_labels_in_order(features_dir, out, names=names, overwrite=overwrite, shard_size=shard_size,
-                                split=split, progress=progress))
+                                split=split, splits_from=splits_from, progress=progress))
 
 
 @build_main.command("vg-phrases", cls=_BuildCommand, context_settings=CONTEXT)
@@ -819,8 +830,11 @@ def import_snli_ve_cmd(files, out, overwrite, shard_size, progress, features, st
                    "are native (AVX-512-BF16/AMX CPUs, Ampere+ GPUs), else fp32.")
 @click.option("--block", type=click.IntRange(min=1), default=1024, show_default=True, help="Query rows per matmul.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--split", default="", help="Split name written into every pair (with --splits-from: into those "
+                                          "whose image it lacks) [none].")
+@_SPLITS_FROM
 def build_hard_negatives_cmd(features_dir, out, overwrite, shard_size, progress, top_m, captions, precision, block,
-                             device):
+                             device, split, splits_from):
     """ITM hard negatives: per image, the top-M most similar other images.
 
     Cosine similarity of mean-pooled region features (fp32), exact search in blocks
@@ -829,7 +843,8 @@ def build_hard_negatives_cmd(features_dir, out, overwrite, shard_size, progress,
     from vlp.builders.hard_negatives import build_hard_negatives
 
     _done(build_hard_negatives(features_dir, out, top_m=top_m, captions=captions, block=block, device=device,
-                               precision=precision, overwrite=overwrite, shard_size=shard_size, progress=progress))
+                               precision=precision, overwrite=overwrite, shard_size=shard_size, split=split,
+                               splits_from=splits_from, progress=progress))
 
 
 @build_main.command("topics", cls=_BuildCommand, context_settings=CONTEXT)
