@@ -98,8 +98,12 @@ def main(verbose):
                    "captions onto the image (--image) and write this PNG.")
 @click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False),
               help="The image file of IMAGE_ID, for --show.")
-def inspect_cmd(store_dir, image_id, top, as_json, show_png, image_path):
-    """Validate a feature store, or print one record.
+@click.option("--vocab", "vocab_path", type=click.Path(exists=True, dir_okay=False),
+              help="Pair stores: a BERT-style vocab.txt; report the share of the texts' words in it.")
+@click.option("--rows", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Pair stores: how many pairs to print.")
+def inspect_cmd(store_dir, image_id, top, as_json, show_png, image_path, vocab_path, rows):
+    """Validate a feature store or a pair store, or print one record.
 
     Without IMAGE_ID: checks the manifest, every shard's sha256, that every record
     decodes and follows the schema, counts and the index, then prints a summary. Exit
@@ -107,7 +111,15 @@ def inspect_cmd(store_dir, image_id, top, as_json, show_png, image_path):
 
     With IMAGE_ID: prints that record (image size, fields and shapes, top boxes with
     attribute / object names and confidences).
+
+    A pair store (vlp-build's output): kind, pairs per split, text length in words,
+    vocabulary (coverage of --vocab, else distinct and most frequent words), the first
+    --rows pairs (with IMAGE_ID: that image's pairs) and the same checks.
     """
+    if _is_pair_store(store_dir):
+        return _inspect_pairs(store_dir, image_id, top, as_json, vocab_path, rows, show_png or image_path)
+    if vocab_path:
+        raise click.UsageError("--vocab is for pair stores")
     from tqdm import tqdm
 
     from vlp.schemas import FeatureStore
@@ -134,6 +146,32 @@ def inspect_cmd(store_dir, image_id, top, as_json, show_png, image_path):
     else:
         click.echo("\n".join(report.summary_lines(top)))
     if not report.ok:
+        sys.exit(1)
+
+
+def _is_pair_store(store_dir) -> bool:
+    try:
+        manifest = json.loads((Path(store_dir) / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "vlp-pairs"
+
+
+def _inspect_pairs(store_dir, image_id, top, as_json, vocab_path, rows, drawing) -> None:
+    from vlp.schemas import SchemaError, StoreError
+    from vlp.schemas.pairs import describe_pairs, describe_pairs_lines
+
+    if drawing:
+        raise click.UsageError("--show and --image are for feature stores")
+    try:
+        report = describe_pairs(store_dir, vocab=vocab_path, rows=rows, top=top, image_id=image_id)
+    except (SchemaError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(describe_pairs_lines(report)))
+    if not report["ok"]:
         sys.exit(1)
 
 

@@ -542,3 +542,127 @@ def verify_pairs(root) -> PairVerifyReport:
                              f"hold {total} pairs")
     report.pairs_checked = total
     return report
+
+
+# --------------------------------------------------------------------------- vlp inspect on a pair store
+
+_WORD = None
+
+
+def text_words(text: str) -> list[str]:
+    """Words as a BERT-style basic tokenizer sees them: lower case, punctuation split off."""
+    import re
+
+    global _WORD
+    if _WORD is None:
+        _WORD = re.compile(r"[^\W_]+|[^\w\s]")
+    return _WORD.findall(text.lower())
+
+
+def read_vocab_words(path) -> set:
+    """Whole-word entries of a BERT-style ``vocab.txt`` (one token per line; ``##`` pieces and
+    ``[SPECIAL]`` tokens left out)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"{path}: not a readable UTF-8 vocab.txt ({exc})") from None
+    words = {line.strip() for line in lines if line.strip() and not line.startswith("##")
+             and not (line.startswith("[") and line.rstrip().endswith("]"))}
+    if not words:
+        raise SchemaError(f"{path}: no words (expected a BERT-style vocab.txt, one token per line)")
+    return words
+
+
+def describe_pairs(root, *, vocab=None, rows: int = 3, top: int = 10, image_id: Optional[str] = None) -> dict:
+    """What ``vlp inspect`` reports on a pair store: kind, counts per split, text length in
+    words (mean, percentiles), vocabulary coverage (share of words in ``vocab``, a BERT-style
+    vocab.txt, when given; else distinct words and the most frequent), a few rows (those
+    of ``image_id`` when given) and :func:`verify_pairs`."""
+    from collections import Counter
+
+    store = PairStore(root)
+    check = verify_pairs(root)
+    splits, lengths, words = Counter(), [], Counter()
+    if check.ok:  # a damaged store gets its errors listed, not figures read from broken shards
+        splits = Counter(store.column("split"))
+        for text in store.column("text"):
+            lengths.append(len(text.split()))
+            words.update(text_words(text))
+    total_words = sum(words.values())
+    length = {"mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    if lengths:
+        values = np.array(lengths)
+        length = {"mean": round(float(values.mean()), 2),
+                  **{f"p{q}": int(np.percentile(values, q, method="nearest")) for q in (50, 90, 99)},
+                  "max": int(values.max()), "empty": int((values == 0).sum())}
+    vocabulary = {"words": total_words, "distinct_words": len(words),
+                  "top_words": [[w, c] for w, c in words.most_common(top)]}
+    if vocab is not None:
+        known = read_vocab_words(vocab)
+        missing = Counter({w: c for w, c in words.items() if w not in known})
+        vocabulary.update({
+            "vocab": str(vocab), "vocab_words": len(known),
+            "word_coverage": round(1 - sum(missing.values()) / total_words, 4) if total_words else None,
+            "distinct_word_coverage": round(1 - len(missing) / len(words), 4) if words else None,
+            "top_words_not_in_vocab": [[w, c] for w, c in missing.most_common(top)]})
+    if not check.ok:
+        shown = []
+    elif image_id is not None:
+        shown = [p for p in store if p["image_id"] == image_id or p.get("image_id_2") == image_id][:max(rows, top)]
+    else:
+        shown = [store[i] for i in range(min(rows, len(store)))]
+    return {"store": str(root), "format": PAIRS_FORMAT, "kind": store.kind,
+            "complete": bool(store.manifest.get("complete")), "num_pairs": len(store),
+            "shards": len(store.manifest["shards"]),
+            "bytes": sum(int(s.get("bytes", 0)) for s in store.manifest["shards"]),
+            "sources": store.manifest.get("sources", []), "stats": store.manifest.get("stats", {}),
+            "splits": {name: splits[name] for name in sorted(splits)}, "text_words": length,
+            "vocabulary": vocabulary, "rows": shown, "image_id": image_id,
+            "ok": check.ok, "errors": check.errors, "warnings": check.warnings}
+
+
+def describe_pairs_lines(report: dict) -> list[str]:
+    """:func:`describe_pairs` for people."""
+    def cut(value, width=70):
+        text = value if isinstance(value, str) else repr(value)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    splits = ", ".join(f"{name or '(none)'} {count}" for name, count in report["splits"].items()) or "-"
+    length = report["text_words"]
+    vocab = report["vocabulary"]
+    lines = [f"store        {report['store']}",
+             f"format       {report['format']}, kind {report['kind']}, "
+             f"{'complete' if report['complete'] else 'INCOMPLETE'}",
+             f"pairs        {report['num_pairs']} in {report['shards']} shard(s), "
+             f"{report['bytes'] / 1e6:.1f} MB on disk",
+             f"splits       {splits}",
+             f"text words   mean {length['mean']}, median {length['p50']}, p90 {length['p90']}, "
+             f"p99 {length['p99']}, max {length['max']}" + (f", {length['empty']} empty" if length.get("empty")
+                                                            else "")]
+    if "vocab" in vocab:
+        share = lambda value: "-" if value is None else f"{100 * value:.1f}%"
+        lines.append(f"vocabulary   {vocab['distinct_words']} distinct words; in {vocab['vocab']}: "
+                     f"{share(vocab['word_coverage'])} of words, {share(vocab['distinct_word_coverage'])} "
+                     "of distinct words")
+        if vocab["top_words_not_in_vocab"]:
+            lines.append("not in vocab " + ", ".join(f"{w} {c}" for w, c in vocab["top_words_not_in_vocab"]))
+    else:
+        lines.append(f"vocabulary   {vocab['distinct_words']} distinct words of {vocab['words']} "
+                     "(--vocab vocab.txt for coverage)")
+    if vocab["top_words"]:
+        lines.append("top words    " + ", ".join(f"{w} {c}" for w, c in vocab["top_words"]))
+    title = f"pairs of {report['image_id']}" if report["image_id"] is not None else "first pairs"
+    lines.append(f"{title}:" if report["rows"] else f"{title}: none")
+    for pair in report["rows"]:
+        extra = {k: v for k, v in pair.items()
+                 if k not in ("pair_id", "image_id", "text", "kind", "split", "source") and v is not None}
+        lines.append(f"  {pair['pair_id']}  image {pair['image_id']}  split {pair['split'] or '(none)'}")
+        if pair["text"]:
+            lines.append(f"    text: {cut(pair['text'])}")
+        for key, value in extra.items():
+            lines.append(f"    {key}: {cut(value)}")
+    lines += [f"error: {e}" for e in report["errors"]] + [f"warning: {w}" for w in report["warnings"]]
+    lines.append(f"checked      {report['num_pairs']} pair(s): " + ("OK" if report["ok"] else
+                                                                   f"{len(report['errors'])} error(s)"))
+    return lines

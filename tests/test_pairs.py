@@ -263,3 +263,48 @@ def test_verify_pairs_finds_corruption_counts_and_duplicates(tmp_path):
     (root / "pairs-00001.arrow").unlink()
     assert "listed in the manifest but missing" in verify_pairs(root).errors[0]
     assert "no such directory" in verify_pairs(tmp_path / "nothing").errors[0]
+
+
+def test_vlp_inspect_reports_a_pair_store(tmp_path):
+    from click.testing import CliRunner
+
+    from vlp.cli import main
+
+    texts = ["A red circle.", "a blue star and a red circle", "zorblax", "two hearts", "", "a star"]
+    splits = ["train", "train", "train", "val", "val", ""]
+    store = write(tmp_path / "s", "caption", [make_pair("caption", i, text=t, split=s)
+                                              for i, (t, s) in enumerate(zip(texts, splits))])
+    assert len(store) == 6
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\na\nred\ncircle\nblue\nstar\nand\ntwo\n##s\nheart\n.\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(tmp_path / "s"), "--json", "--vocab", str(vocab)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["kind"] == "caption" and report["num_pairs"] == 6 and report["ok"]
+    assert report["splits"] == {"": 1, "train": 3, "val": 2}
+    # words per text (whitespace): 3, 7, 1, 2, 0, 2 -> sorted 0 1 2 2 3 7 (nearest-rank percentiles)
+    assert report["text_words"] == {"mean": 2.5, "p50": 2, "p90": 3, "p99": 7, "max": 7, "empty": 1}
+    vocabulary = report["vocabulary"]
+    # BERT-style words: a red circle . | a blue star and a red circle | zorblax | two hearts | a star
+    assert vocabulary["words"] == 16 and vocabulary["distinct_words"] == 10
+    assert vocabulary["word_coverage"] == round(14 / 16, 4)  # zorblax, hearts are not whole words in it
+    assert vocabulary["distinct_word_coverage"] == round(8 / 10, 4)
+    assert vocabulary["top_words_not_in_vocab"] == [["zorblax", 1], ["hearts", 1]]
+    assert vocabulary["top_words"][:2] == [["a", 4], ["red", 2]]
+    assert [row["pair_id"] for row in report["rows"]] == ["p0", "p1", "p2"]
+    result = runner.invoke(main, ["inspect", str(tmp_path / "s"), "--rows", "1"])
+    assert result.exit_code == 0, result.output
+    assert "format       vlp-pairs, kind caption, complete" in result.output
+    assert "splits       (none) 1, train 3, val 2" in result.output
+    assert "text words   mean 2.5, median 2, p90 3, p99 7, max 7, 1 empty" in result.output
+    assert "vocabulary   10 distinct words of 16 (--vocab vocab.txt for coverage)" in result.output
+    assert "  p0  image img0  split train\n    text: A red circle." in result.output
+    assert "p1  image" not in result.output and "checked      6 pair(s): OK" in result.output
+    result = runner.invoke(main, ["inspect", str(tmp_path / "s"), "img3"])
+    assert "pairs of img3:\n  p3  image img3  split val\n    text: two hearts" in result.output
+    # a damaged shard: exit 1 with the error listed
+    shard = tmp_path / "s" / "pairs-00000.arrow"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"x" * 8)
+    result = runner.invoke(main, ["inspect", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "error: " in result.output and "sha256" in result.output
