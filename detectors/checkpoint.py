@@ -27,11 +27,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vlp.core.durable import atomic_path
+from vlp.detectors.errors import CheckpointError
 from vlp.schemas.safe_pickle import safe_load
 from vlp.schemas.shards import sha256_file
 
@@ -54,14 +58,45 @@ GET_WEIGHTS_HELP = (
     "Use allow_random=True only for tests and timing: random weights give meaningless features.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read, or does not match the model; the message says why."""
+__all__ = ["CheckpointError", "GET_WEIGHTS_HELP", "KEY_RENAMES", "check_checkpoint", "load_weights",
+           "match_state_dict", "read_checkpoint", "rename_key", "save_checkpoint"]
 
-    def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WEIGHTS_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.S)
+
+
+def refusal_reason(path, exc: BaseException) -> str:
+    """Our one-line message for a file ``torch.load(weights_only=True)`` refused.
+
+    torch's own text advises retrying with ``weights_only=False`` (which would run whatever
+    the file's pickle says) and carries terminal colour codes; we name the file and what
+    it holds instead.
+    """
+    text = str(exc)
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        what = f"a pickled Python object ({found.group(1)})"
+    else:
+        detail = _WEIGHTS_UNPICKLER.search(text)
+        what = "pickled data that is not plain tensors"
+        if detail:
+            what += f" ({' '.join(_ANSI.sub('', detail.group(1)).split())})"
+    return (f"{path}: refused: the file holds {what}; vlp reads {'/'.join(TORCH_SUFFIXES)} checkpoints "
+            f"only as tensors (torch.load weights_only=True) and never runs pickled code. Save a plain "
+            f"state dict (name -> tensor) instead")
+
+
+def _torch_load(path, *, mmap: bool = False):
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our error says what matters
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(refusal_reason(path, exc)) from None
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {reason})") from None
 
 
 def read_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -79,16 +114,22 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # truncated / not a pickle
             raise CheckpointError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     elif suffix in TORCH_SUFFIXES:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {exc}") from None
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+        data = _torch_load(path)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
                               f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
     return _tensors(_unwrap(data, path), path)
+
+
+def check_checkpoint(path) -> None:
+    """Raise the :class:`CheckpointError` that :func:`read_checkpoint` would, cheaply: torch
+    files in the zip format are memory-mapped, so their tensor data is not read. Lets a
+    driver refuse a file before starting workers that would each fail to load it."""
+    path = Path(path)
+    if path.suffix.lower() in TORCH_SUFFIXES and path.is_file() and zipfile.is_zipfile(path):
+        _tensors(_unwrap(_torch_load(path, mmap=True), path), path)
+    else:
+        read_checkpoint(path)
 
 
 def _unwrap(data, path):
@@ -191,7 +232,9 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
 
     ``.pkl`` writes the detectron2 layout ``{"model": {name: ndarray}}``, anything in
     TORCH_SUFFIXES a flat torch state dict. ``half=True`` stores floats as float16
-    (loading converts back to float32). Written to a temporary name, then renamed.
+    (loading converts back to float32). Written atomically (:func:`vlp.core.durable.atomic_path`):
+    a reader, or a run killed while writing, sees the old file or the new one. The same
+    weights give the same bytes (and sha256) whatever the file is called.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -201,14 +244,14 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
         if half and tensor.is_floating_point():
             tensor = tensor.half()
         state[name] = tensor.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    if suffix in PICKLE_SUFFIXES:
-        with open(tmp, "wb") as f:
-            pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, f, protocol=4)
-    elif suffix in TORCH_SUFFIXES:
-        torch.save(state, tmp)
-    else:
+    if suffix not in PICKLE_SUFFIXES + TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
                               f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if suffix in PICKLE_SUFFIXES:
+            with open(tmp, "wb") as f:
+                pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, f, protocol=4)
+        else:
+            with open(tmp, "wb") as f:  # a handle: the archive is named "archive", not after the file
+                torch.save(state, f)
     return sha256_file(path)

@@ -10,7 +10,9 @@ output is written next to it.
 Presets
 -------
 Named presets are a registry (:data:`PRESETS`, :func:`register_preset`); every field can
-still be overridden by name (``load_detector(..., score_threshold=0.3)``).
+still be overridden by name (``load_detector(..., score_threshold=0.3)``). An unknown preset or
+setting name, or a value of the wrong type, raises :class:`~vlp.detectors.errors.DetectorConfigError`
+(a ValueError) whose message lists the valid names.
 
 ``butd-10-100`` (default)
     Anderson et al.'s ``generate_tsv.py`` rules, as used for the 10-100 box BUTD
@@ -56,9 +58,12 @@ Choices where the references are silent or disagree are documented on the fields
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from typing import Callable
+
+from vlp.detectors.errors import DetectorConfigError, UnknownOptionError, UnknownPresetError
 
 CONFIG_VERSION = 1
 
@@ -112,18 +117,18 @@ class ArchitectureConfig:
 
     def validate(self) -> "ArchitectureConfig":
         if len(self.blocks) != 4 or any(int(b) < 1 for b in self.blocks):
-            raise ValueError(f"blocks must be 4 positive block counts (res2..res5), got {self.blocks}")
+            raise DetectorConfigError(f"blocks must be 4 positive block counts (res2..res5), got {self.blocks}")
         for name in ("stem_channels", "res2_channels", "bottleneck_channels", "rpn_channels",
                      "pooler_resolution", "num_classes", "num_attributes", "cls_embedding_dim",
                      "attr_hidden_dim"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise DetectorConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.pooler not in ("roipool", "roialign"):
-            raise ValueError(f"pooler must be 'roipool' or 'roialign', got {self.pooler!r}")
+            raise DetectorConfigError(f"pooler must be 'roipool' or 'roialign', got {self.pooler!r}")
         if self.res5_dilation not in (1, 2):
-            raise ValueError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
+            raise DetectorConfigError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
         if len(self.pixel_mean) != 3:
-            raise ValueError("pixel_mean needs 3 values (B, G, R)")
+            raise DetectorConfigError("pixel_mean needs 3 values (B, G, R)")
         return self
 
 
@@ -182,21 +187,21 @@ class DetectorConfig:
         _choice("attr_softmax", self.attr_softmax, ("all", "attributes"))
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if not 0 < self.min_size <= self.max_size:
-            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}/{self.max_size}")
+            raise DetectorConfigError(f"need 0 < min_size <= max_size, got {self.min_size}/{self.max_size}")
         if not 1 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}/{self.max_boxes}")
+            raise DetectorConfigError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}/{self.max_boxes}")
         if self.max_boxes > 1000:
-            raise ValueError("max_boxes above 1000 is not storable (records hold at most 1000 boxes)")
+            raise DetectorConfigError("max_boxes above 1000 is not storable (records hold at most 1000 boxes)")
         for name in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+                raise DetectorConfigError(f"{name} must be positive")
         for name in ("rpn_nms_threshold", "nms_threshold"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+                raise DetectorConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
         if not self.nms_thresholds or any(not 0.0 < t <= 1.0 for t in self.nms_thresholds):
-            raise ValueError(f"nms_thresholds must be IoU values in (0, 1], got {self.nms_thresholds}")
+            raise DetectorConfigError(f"nms_thresholds must be IoU values in (0, 1], got {self.nms_thresholds}")
         if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must lie in [0, 1], got {self.score_threshold}")
+            raise DetectorConfigError(f"score_threshold must lie in [0, 1], got {self.score_threshold}")
         return self
 
     def to_dict(self) -> dict:
@@ -217,7 +222,7 @@ class DetectorConfig:
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise DetectorConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _plain(value):
@@ -230,30 +235,69 @@ def _plain(value):
 
 _DETECTOR_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"arch", "preset"}
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(ArchitectureConfig)}
-_TUPLE_FIELDS = {"blocks", "anchor_sizes", "anchor_ratios", "bbox_reg_weights", "pixel_mean",
-                 "nms_thresholds"}
+
+_DEFAULTS = {**{f.name: getattr(ArchitectureConfig(), f.name) for f in dataclasses.fields(ArchitectureConfig)},
+             **{f.name: getattr(DetectorConfig(), f.name) for f in dataclasses.fields(DetectorConfig)
+                if f.name in _DETECTOR_FIELDS}}
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _checked(name: str, value):
+    """``value`` for field ``name`` if it has the field's type (ints become floats where the
+    field holds floats, lists become tuples); otherwise a DetectorConfigError."""
+    default = _DEFAULTS[name]
+    items = isinstance(default, tuple)
+    if items:
+        if not isinstance(value, (list, tuple)):
+            raise DetectorConfigError(f"detector setting {name} must be a list, e.g. {list(default)}, got {value!r}")
+        values, sample = list(value), default[0]
+    else:
+        values, sample = [value], default
+    out = []
+    for item in values:
+        if isinstance(sample, bool):
+            ok, kind = isinstance(item, bool), "true or false"
+        elif isinstance(sample, int):
+            ok, kind = isinstance(item, int) and not isinstance(item, bool), "an integer"
+        elif isinstance(sample, float):
+            ok, kind = isinstance(item, (int, float)) and not isinstance(item, bool), "a number"
+            item = float(item) if ok else item
+        else:
+            ok, kind = isinstance(item, str), "a string"
+        if not ok:
+            what = f"a list of {kind.replace('an ', '').replace('a ', '')}s" if items else kind
+            raise DetectorConfigError(f"detector setting {name} must be {what}, got {value!r}")
+        out.append(item)
+    return tuple(out) if items else out[0]
 
 
 def apply_overrides(config: DetectorConfig, overrides: dict) -> DetectorConfig:
-    """Replace fields by name; unknown names raise a TypeError listing the valid ones."""
+    """Replace fields by name; an unknown name raises :class:`UnknownOptionError` listing the
+    valid ones, a value of the wrong type or out of range a :class:`DetectorConfigError`."""
     overrides = dict(overrides)
-    arch_overrides = dict(overrides.pop("arch", None) or {})
+    arch_overrides = overrides.pop("arch", None) or {}
     if isinstance(arch_overrides, ArchitectureConfig):
         arch_overrides = dataclasses.asdict(arch_overrides)
+    arch_overrides = dict(arch_overrides)
     for name in list(overrides):
         if name in _ARCH_FIELDS and name not in _DETECTOR_FIELDS:
             arch_overrides[name] = overrides.pop(name)
-    unknown = sorted(set(overrides) - _DETECTOR_FIELDS - {"preset"})
+    valid = sorted(_DETECTOR_FIELDS | _ARCH_FIELDS)
+    unknown = sorted(set(overrides) - _DETECTOR_FIELDS - {"preset"}) + sorted(set(arch_overrides) - _ARCH_FIELDS)
     if unknown:
-        raise TypeError(f"unknown detector option(s) {', '.join(unknown)}; valid options: "
-                        f"{', '.join(sorted(_DETECTOR_FIELDS | _ARCH_FIELDS))}")
-    unknown = sorted(set(arch_overrides) - _ARCH_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown architecture option(s) {', '.join(unknown)}")
+        hints = ", ".join(f"{name}{_did_you_mean(name, valid)}" for name in unknown)
+        raise UnknownOptionError(f"unknown detector setting{'s' if len(unknown) > 1 else ''} {hints}; "
+                                 f"valid settings: {', '.join(valid)}")
+    if "preset" in overrides and not isinstance(overrides["preset"], str):
+        raise DetectorConfigError(f"preset must be a string, got {overrides['preset']!r}")
     for bag in (overrides, arch_overrides):
         for name, value in bag.items():
-            if name in _TUPLE_FIELDS:
-                bag[name] = tuple(value)
+            if name != "preset":
+                bag[name] = _checked(name, value)
     arch = dataclasses.replace(config.arch, **arch_overrides) if arch_overrides else config.arch
     return dataclasses.replace(config, arch=arch, **overrides).validate()
 
@@ -262,9 +306,7 @@ def config_from_dict(data: dict) -> DetectorConfig:
     """Inverse of ``DetectorConfig.to_dict()``."""
     data = dict(data)
     data.pop("config_version", None)
-    arch = ArchitectureConfig(**{k: tuple(v) if k in _TUPLE_FIELDS else v
-                                 for k, v in data.pop("arch", {}).items()})
-    return apply_overrides(DetectorConfig(arch=arch), data)
+    return apply_overrides(DetectorConfig(), data)
 
 
 # -- presets -------------------------------------------------------------------------
@@ -284,9 +326,10 @@ def register_preset(name: str, factory: Callable[[], DetectorConfig], *, replace
 def get_preset(name: str) -> DetectorConfig:
     if name not in PRESETS:
         if name in RESERVED_PRESETS:
-            raise KeyError(f"preset {name!r} is reserved for {RESERVED_PRESETS[name]}; "
-                           f"available presets: {', '.join(sorted(PRESETS))}")
-        raise KeyError(f"unknown detector preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+            raise UnknownPresetError(f"preset {name!r} is reserved for {RESERVED_PRESETS[name]}; "
+                                     f"available presets: {', '.join(sorted(PRESETS))}")
+        raise UnknownPresetError(f"unknown detector preset {name!r}{_did_you_mean(str(name), PRESETS)}; "
+                                 f"available presets: {', '.join(sorted(PRESETS))}")
     config = PRESETS[name]()
     if config.preset != name:
         config = dataclasses.replace(config, preset=name)

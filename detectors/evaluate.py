@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from vlp.detectors.training import Annotation, load_vg_annotations
+from vlp.detectors.annotations import Annotation, load_vg_annotations
 
 
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotatio
 
     predictions: FeatureRecords or dicts with ``boxes`` [N,4] (original pixels),
         ``objects_id`` [N], ``objects_conf`` [N] and optionally ``attrs_id`` [N].
-    ground_truth: :class:`~vlp.detectors.training.Annotation` (boxes, classes, attributes).
+    ground_truth: :class:`~vlp.detectors.annotations.Annotation` (boxes, classes, attributes).
     Returns {"mAP", "ap" {class name: AP}, "ap_by_id", "attribute_accuracy",
     "attribute_matches", "precision", "recall", "num_predictions_at_threshold",
     "num_gt", "num_images", ...}; see the module docstring for the definitions.

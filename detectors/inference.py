@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, CheckpointError, load_weights
+from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, check_checkpoint, load_weights
 from vlp.detectors.config import DetectorConfig, make_config
+from vlp.detectors.errors import MissingWeightsError, ShippedWeightsError
 from vlp.detectors.model import FasterRCNN, ResNetC4, apply_deltas, clip_boxes, init_random_weights
 from vlp.detectors.postprocess import agnostic_loop_select, butd_select
 from vlp.schemas.shards import sha256_file
@@ -55,10 +56,6 @@ SHIPPED_WEIGHTS = {
 }
 
 
-class ShippedWeightsError(CheckpointError):
-    """A weights file shipped with vlp is missing or does not have its recorded sha256."""
-
-
 def shipped_weights_path(preset: str) -> Path:
     """The verified path of the weights shipped for ``preset`` (sha256 checked)."""
     name, expected = SHIPPED_WEIGHTS[preset]
@@ -72,10 +69,6 @@ def shipped_weights_path(preset: str) -> Path:
                                   f"expected {expected}, got {actual}; the file is damaged or was replaced "
                                   f"(reinstall vlp, or retrain it as detectors/weights/README.md says)")
     return path
-
-
-class MissingWeightsError(ValueError):
-    """No checkpoint was given and random weights were not allowed."""
 
 
 @dataclasses.dataclass
@@ -416,7 +409,9 @@ def _resolve_weights_path(weights) -> Path:
 def describe_detector(weights=None, preset: str = "butd-10-100", dtype: str = "float32",
                       allow_random: bool = False, **overrides) -> dict:
     """What :meth:`Detector.describe` will say for these arguments, without building the
-    network: lets a driver record and check the detector while workers load it."""
+    network: lets a driver record and check the detector while workers load it. A checkpoint
+    that the loader would refuse (not a readable file, pickled objects) is refused here
+    already, with the same :class:`CheckpointError`; its tensors are not read."""
     config = make_config(preset, dtype=dtype, **overrides).validate()
     if weights is None and config.preset in SHIPPED_WEIGHTS:
         weights = shipped_weights_path(config.preset)
@@ -429,6 +424,7 @@ def describe_detector(weights=None, preset: str = "butd-10-100", dtype: str = "f
         path = _resolve_weights_path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such detector checkpoint.\n{GET_WEIGHTS_HELP}")
+        check_checkpoint(path)
         sha256 = sha256_file(path)
     return {"preset": config.preset, "config": config.to_dict(), "config_hash": config.config_hash(),
             "weights_sha256": sha256, "feature_dim": config.arch.feature_dim}

@@ -7,6 +7,7 @@ import pytest
 from vlp.detectors import (ArchitectureConfig, MissingWeightsError, config_from_dict, get_preset,
                            load_detector, make_config, preset_names, register_preset)
 from vlp.detectors.config import PRESETS, RESERVED_PRESETS, DetectorConfig
+from vlp.detectors.errors import DetectorConfigError
 from vlp.detectors.inference import resized_size
 
 
@@ -56,12 +57,32 @@ def test_every_threshold_is_an_override():
     assert (cfg.score_threshold, cfg.min_boxes, cfg.max_boxes, cfg.nms_threshold) == (0.3, 5, 50, 0.4)
     assert (cfg.min_size, cfg.max_size, cfg.rpn_post_nms_topk) == (480, 800, 100)
     assert cfg.arch.blocks == (1, 2, 3, 1)
-    with pytest.raises(TypeError, match="unknown detector option.*score_treshold"):
+    with pytest.raises(TypeError, match=r"unknown detector setting score_treshold \(did you mean score_threshold\?\)"):
         make_config(score_treshold=0.3)
-    with pytest.raises(ValueError, match="min_boxes"):
+    with pytest.raises(DetectorConfigError, match="min_boxes"):
         make_config(min_boxes=20, max_boxes=10)
-    with pytest.raises(ValueError, match="selection"):
+    with pytest.raises(DetectorConfigError, match="selection"):
         make_config(selection="magic")
+
+
+def test_override_values_are_type_checked_and_numbers_normalised():
+    with pytest.raises(DetectorConfigError, match="min_boxes must be an integer, got 'abc'"):
+        make_config(min_boxes="abc")
+    with pytest.raises(DetectorConfigError, match="min_boxes must be an integer, got 3.5"):
+        make_config(min_boxes=3.5)
+    with pytest.raises(DetectorConfigError, match="with_probs must be true or false, got 1"):
+        make_config(with_probs=1)
+    with pytest.raises(DetectorConfigError, match=r"blocks must be a list of integers, got \[1, 1, 'a', 1\]"):
+        make_config(blocks=[1, 1, "a", 1])
+    with pytest.raises(DetectorConfigError, match="nms_thresholds must be a list"):
+        make_config(nms_thresholds=0.5)
+    # --set score_threshold=1 parses as the integer 1: stored as 1.0, so it hashes as 1.0 does
+    assert make_config(score_threshold=1).score_threshold == 1.0
+    assert make_config(score_threshold=1).config_hash() == make_config(score_threshold=1.0).config_hash()
+    assert make_config(nms_thresholds=[0.5, 1]).nms_thresholds == (0.5, 1.0)
+    # a whole ArchitectureConfig is an override too
+    arch = ArchitectureConfig(blocks=(1, 1, 1, 1))
+    assert DetectorConfig().replace(arch=arch).arch == arch
 
 
 def test_config_dict_is_json_and_hash_is_stable():
