@@ -18,6 +18,13 @@ How a run flows::
 * A worker that dies (or raises) is replaced; the images it held in its unfinished shard
   are redone. The images of the chunk it was on are redone one at a time, so one image
   that kills the detector becomes one line in ``errors.jsonl`` instead of a lost run.
+* Stopping (``should_stop``, the CLI's Ctrl-C): no new work is handed out, the workers
+  are killed, their unfinished shards dropped; committed shards stay, ``stats.json``
+  counts exactly what the manifest lists, and rerunning the same call continues.
+* Progress is per image: workers count the images of their current chunk as they go and
+  the driver asks them about once a second.
+* A local Ray instance is started with worker niceness equal to the driver's own (Ray's
+  default, 15, lets any other busy process on the machine starve the detector).
 
 Entry point: :func:`run_extract`; options: :class:`ExtractSettings`.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -36,11 +44,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vlp.pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
-from vlp.pipeline.discover import Discovery, discover, image_id_of
+from vlp.pipeline.discover import IMAGE_EXTENSIONS, Discovery, discover, display_name, image_id_of
+from vlp.core.durable import atomic_write_json
 from vlp.core.errors_log import ERRORS_NAME, ErrorLog
 from vlp.core.progress import Progress, format_duration
 from vlp.schemas.errors import StoreError
-from vlp.schemas.manifest import MANIFEST_NAME, read_manifest, write_json_atomic
+from vlp.schemas.manifest import MANIFEST_NAME, read_manifest
 from vlp.schemas.record import SCHEMA_VERSION
 from vlp.schemas.store import FEATURES_FORMAT, INDEX_NAME
 
@@ -48,6 +57,9 @@ log = logging.getLogger(__name__)
 
 STATS_NAME = "stats.json"
 WORKER_PREFIX = "worker-"
+PROGRESS_GROUP = "progress"  # the actors' second thread: answers "how far is your chunk?" while it runs
+POLL_SECONDS = 1.0  # how often the driver asks the workers how far they are
+LINE_SECONDS = 5.0  # --progress lines: at most one line per this many seconds
 
 
 class ExtractError(RuntimeError):
@@ -82,6 +94,7 @@ class ExtractSettings:
     chunk_size: int = 16  # images per decode task
     prefetch: int = 2  # chunks waiting per actor besides the one it runs
     max_worker_failures: int = 8  # replacements before the run gives up
+    worker_niceness: Optional[int] = None  # of the Ray workers (None: the driver's own; Ray's default is 15)
     progress: str = "auto"  # auto | bar | lines | off
 
     def detector_kwargs(self) -> dict:
@@ -125,13 +138,20 @@ class DetectorWorker:
     """A Ray actor: runs the detector on decoded chunks and writes its own shard files."""
 
     def __init__(self, out_dir: str, storage: str, shard_size: int, token: str, detector_kwargs: dict,
-                 expected: dict, device: str, batch_size: Optional[int], threads: Optional[int]):
+                 expected: dict, device: str, batch_size: Optional[int], threads: Optional[int],
+                 niceness: Optional[int] = None):
         import torch
 
         from vlp.detectors import load_detector
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        if niceness is not None and os.getpriority(os.PRIO_PROCESS, 0) > niceness:
+            try:  # a cluster started with Ray's default worker niceness (15); lowering it needs privileges
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            except OSError:
+                pass
+        self.threads = int(threads) if threads else None
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.detector = load_detector(device=device, batch_size=batch_size, **detector_kwargs)
         if self.detector.describe() != expected:
             raise ExtractError("the worker's detector differs from the driver's description "
@@ -139,9 +159,14 @@ class DetectorWorker:
         self.out_dir, self.storage, self.shard_size, self.token = Path(out_dir), storage, shard_size, token
         self._shard = None
         self._seq = 0
+        self._progress = (None, 0)  # (call number, images of that call done so far)
 
-    def pid(self) -> int:
-        return os.getpid()
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+
+    def progress(self) -> tuple:
+        """(call, images done) of the chunk being processed; runs on the progress thread."""
+        return self._progress
 
     def _open_shard(self, fields):
         from vlp.schemas.shards import SUFFIXES, ArrowShardWriter, LmdbShardWriter
@@ -159,12 +184,34 @@ class DetectorWorker:
         info = shard.close()
         return str(shard.path), info, self._fields
 
-    def process(self, decoded) -> dict:
+    def _detect(self, ready: list, call) -> list:
+        """detect_prepared on the chunk, one detector batch at a time (the same batches it
+        would form itself: aspect-ratio order, batch_size each) so progress moves per batch."""
+        done = self._progress[1]
+        size = max(1, int(self.detector.batch_size))
+        aspects = [item.prepared.original_size[0] / item.prepared.original_size[1] for item in ready]
+        order = sorted(range(len(ready)), key=lambda i: (aspects[i], i))
+        records = [None] * len(ready)
+        for start in range(0, len(order), size):
+            batch = order[start:start + size]
+            found = self.detector.detect_prepared([ready[i].prepared for i in batch],
+                                                  [ready[i].image_id for i in batch], batch_size=size)
+            for i, record in zip(batch, found):
+                records[i] = record
+            done += len(batch)
+            self._progress = (call, done)
+        return records
+
+    def process(self, decoded, call=None) -> dict:
+        import torch
+
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # methods run on the actor's worker thread, not __init__'s
         items, decode_s = decoded
         ready = [item for item in items if item.error is None]
+        self._progress = (call, len(items) - len(ready))  # refused images are done at once
         start = time.perf_counter()
-        records = self.detector.detect_prepared([item.prepared for item in ready],
-                                                [item.image_id for item in ready]) if ready else []
+        records = self._detect(ready, call) if ready else []
         detect_s = time.perf_counter() - start
         finished = []
         for record in records:
@@ -191,27 +238,33 @@ class DetectorWorker:
 class _Worker:
     handle: object
     token: str
+    info: object = None  # ref to the actor's info() ({"pid", "niceness"}), resolved when needed
     # path -> whether its chunk has come back (and was counted); every image sent since its last shard
     uncommitted: dict = dataclasses.field(default_factory=dict)
     in_flight: int = 0
+    shown: dict = dataclasses.field(default_factory=dict)  # call number -> images of it already shown
+    polling: bool = False
 
 
 class _Run:
     def __init__(self, images_dir: Path, out: Path, settings: ExtractSettings, description: dict,
-                 writer, progress: Progress, on_progress):
+                 writer, progress: Progress, on_progress, should_stop):
         self.root, self.out, self.settings = images_dir, out, settings
         self.description, self.writer = description, writer
         self.progress, self.on_progress = progress, on_progress
+        self.should_stop = should_stop or (lambda: False)
         self.errors = ErrorLog(out / ERRORS_NAME)
         self.stats = collections.Counter()
         self.failures_by_kind = collections.Counter()
         self.stage_seconds = collections.Counter()
         self.attempts: dict[str, int] = {}  # path -> times a worker failed on a chunk holding it
         self.worker_failures = 0
+        self.worker_pids: Callable[[], list] = lambda: []
+        self.niceness = None
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    def log_error(self, path: str, image_id: str, kind: str, reason: str) -> None:
+    def log_error(self, path: str, image_id: Optional[str], kind: str, reason: str) -> None:
         self.errors.add({"path": path, "image_id": image_id, "kind": kind, "reason": reason})
         self.failures_by_kind[kind] += 1
         self.stats["failed"] += 1
@@ -229,12 +282,18 @@ class _Run:
             del worker.uncommitted[relative]
         self.stats["stored"] += info.records
 
-    def report(self, count: int) -> None:
-        """``count`` images came back from a worker (a negative count: they must be redone)."""
+    def show(self, count: int) -> None:
+        """Move the progress display by ``count`` images (partial chunks included)."""
+        if count:
+            self.progress.update(count, failed=self.stats["failed"])
+
+    def report(self, count: int, shown: int = 0) -> None:
+        """``count`` images came back from a worker (a negative count: they must be redone);
+        ``shown`` of them were already on the display."""
         self.stats["processed"] += count
-        self.progress.update(count, failed=self.stats["failed"])
+        self.show(count - shown)
         if self.on_progress is not None:
-            self.on_progress(dict(self.stats))
+            self.on_progress({**self.stats, "worker_pids": self.worker_pids()})
 
 
 def _ray_init(settings: ExtractSettings):
@@ -247,8 +306,16 @@ def _ray_init(settings: ExtractSettings):
     if settings.address:
         ray.init(address=settings.address, **kwargs)
     else:
-        ray.init(num_cpus=settings.num_cpus, **kwargs)
+        # Ray runs its workers at niceness 15: on a machine where anything else is busy they would
+        # get a sliver of the CPU. Ours run at the driver's own niceness (`nice vlp-extract` still works).
+        ray.init(num_cpus=settings.num_cpus, _system_config={"worker_niceness": _niceness(settings)}, **kwargs)
     return True
+
+
+def _niceness(settings: ExtractSettings) -> int:
+    if settings.worker_niceness is not None:
+        return int(settings.worker_niceness)
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _plan_workers(settings: ExtractSettings) -> dict:
@@ -306,6 +373,46 @@ def _remove_created(paths: list) -> None:
             path.unlink(missing_ok=True)
 
 
+def _discover(images_dir: Path, settings: ExtractSettings) -> Discovery:
+    """discover(), and an ExtractError when there is nothing to extract at all (an empty or
+    wrong folder, a glob that matches nothing, a file list that names nothing usable)."""
+    found = discover(images_dir, file_list=settings.file_list, glob=settings.glob, limit=settings.limit)
+    if found.paths:
+        return found
+    where = display_name(str(images_dir))
+    if settings.file_list is not None:
+        listed = len(found.refused) + len(found.missing) + len(found.skipped)
+        why = [f"{len(found.refused)} refused (first: {found.refused[0][0]}: {found.refused[0][1]})"
+               if found.refused else "",
+               f"{len(found.missing)} missing (first: {found.missing[0]})" if found.missing else "",
+               f"{len(found.skipped)} set aside (first: {found.skipped[0][0]}: {found.skipped[0][1]})"
+               if found.skipped else ""]
+        detail = "; ".join(w for w in why if w)
+        raise ExtractError(f"{display_name(str(settings.file_list))} names no image file inside {where}"
+                           + (f" ({listed} entries: {detail})" if listed else " (it lists no paths)")
+                           + (f" matching --glob {settings.glob!r}" if settings.glob else ""))
+    message = (f"no images found under {where} (looked in every subfolder for files ending in "
+               f"{' '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}, any case"
+               + (f", matching --glob {settings.glob!r}" if settings.glob else "") + ")")
+    if found.skipped:
+        path, reason = found.skipped[0]
+        message += f"; {len(found.skipped)} file(s) set aside (first: {path}: {reason})"
+    raise ExtractError(message)
+
+
+def _setaside_errors(found: Discovery) -> list:
+    """errors.jsonl entries for what discovery set aside: (path, image_id, kind, reason)."""
+    entries = []
+    for relative, reason in found.skipped:
+        if reason.startswith("image_id collision"):
+            entries.append((relative, image_id_of(relative), "collision", reason))
+        else:  # the display form of a name that is not UTF-8: it has no image_id
+            entries.append((relative, None, "bad_name", reason))
+    for entry, reason in found.refused:
+        entries.append((entry, None, "outside_root", f"--file-list entry refused: {reason}"))
+    return entries
+
+
 def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> dict:
     """What a run would do: counts, bytes, what is already done, and a time estimate from
     running the detector here on a few images."""
@@ -313,7 +420,7 @@ def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> d
     from vlp.schemas import FeatureStore
 
     images_dir, out = Path(images_dir), Path(out)
-    found = discover(images_dir, file_list=settings.file_list, glob=settings.glob, limit=settings.limit)
+    found = _discover(images_dir, settings)
     done_ids, failed = set(), set()
     if (out / MANIFEST_NAME).is_file() and not settings.overwrite:
         store = FeatureStore(out, warn=False)
@@ -342,17 +449,25 @@ def dry_run(images_dir, out, settings: ExtractSettings, *, sample: int = 2) -> d
             estimate = {"seconds_per_image_one_worker": per_image,
                         "seconds_one_worker": per_image * len(todo), "device": str(detector.device)}
     return {"images": len(found), "bytes": found.total_bytes(), "skipped_files": found.skipped,
-            "symlink_loops": found.loops, "missing": found.missing, "already_stored": len(done_ids),
-            "already_failed": len(failed & set(found.paths)), "to_do": len(todo), "estimate": estimate}
+            "symlink_loops": found.loops, "missing": found.missing, "refused": found.refused,
+            "already_stored": len(done_ids), "already_failed": len(failed & set(found.paths)),
+            "to_do": len(todo), "estimate": estimate}
 
 
 def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
-                on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+                on_progress: Optional[Callable[[dict], None]] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> dict:
     """Extract features for every image under ``images_dir`` into the store at ``out``.
 
     Rerunning the same call continues an interrupted run. Returns the stats dict that is
-    also written to ``out/stats.json``. ``on_progress(counts)`` is called after every
-    chunk (tests use it to inject faults at a chosen moment).
+    also written to ``out/stats.json``; when there was nothing left to do, ``stats.json``
+    keeps the figures of the run that did the work and the result says
+    ``"nothing_to_do": True``. ``on_progress(counts)`` is called after every chunk with
+    the counts and ``worker_pids`` (tests use it to inject faults at a chosen moment).
+    ``should_stop()`` is asked about once a second; when it says yes the run stops
+    cleanly (committed shards kept, the store left incomplete, ``"interrupted": True``).
+
+    Raises ExtractError when no image is found (nothing is written then).
     """
     import ray
 
@@ -363,7 +478,7 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
     images_dir, out = Path(images_dir), Path(out)
     wall_start = time.perf_counter()
     description = describe_detector(**settings.detector_kwargs())
-    found = discover(images_dir, file_list=settings.file_list, glob=settings.glob, limit=settings.limit)
+    found = _discover(images_dir, settings)
     if settings.overwrite:
         if (out / MANIFEST_NAME).is_file():
             shutil.rmtree(out)
@@ -378,29 +493,35 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
     out.mkdir(parents=True, exist_ok=True)
     writer = FeatureStoreWriter(out, storage=settings.storage, shard_size=settings.shard_size,
                                 feature_dim=description["feature_dim"], detector=description, mode="append",
-                                extra={"source": {"kind": "extract", "images_dir": str(images_dir.resolve())}})
+                                extra={"source": {"kind": "extract",
+                                                  "images_dir": display_name(str(images_dir.resolve()))}})
+    records_at_start = sum(s.records for s in writer.shards)
     _remove_worker_files(out)
     logged = {entry.get("path") for entry in ErrorLog(out / ERRORS_NAME).read()}
     already_stored = sum(1 for p in found.paths if image_id_of(p) in writer)
     already_failed = sum(1 for p in found.paths if p in logged)
-    progress = Progress(len(found.paths), "extract", mode=settings.progress,
-                        initial=already_stored + already_failed)
-    run = _Run(images_dir, out, settings, description, writer, progress, on_progress)
-    for relative, reason in found.skipped:
-        if relative not in logged:
-            kind = "collision" if reason.startswith("image_id collision") else "bad_name"
-            run.log_error(relative, image_id_of(relative), kind, reason)
-    todo = (p for p in found.paths if p not in logged and image_id_of(p) not in writer)
+    todo = [p for p in found.paths if p not in logged and image_id_of(p) not in writer]
+    progress = Progress(len(found.paths), "extract", mode=settings.progress if todo else "off",
+                        initial=already_stored + already_failed, every_s=LINE_SECONDS)
+    run = _Run(images_dir, out, settings, description, writer, progress, on_progress, should_stop)
+    for path, image_id, kind, reason in _setaside_errors(found):
+        if path not in logged:
+            run.log_error(path, image_id, kind, reason)
+
+    if not todo:  # everything is stored or failed already: no Ray, and the earlier run's stats stay
+        run.errors.close()
+        writer.close(complete=True)
+        return _nothing_to_do(run, found, already_stored, already_failed, wall_start)
 
     started_ray = False
     workers: list[_Worker] = []
     plan = {}
     interrupted = None
+    stopped = False
     try:
-        if len(found.paths) > already_stored + already_failed:  # else: nothing to do, no Ray needed
-            started_ray = _ray_init(settings)
-            plan = _plan_workers(settings)
-            _Driver(run, todo, plan, workers).drive()
+        started_ray = _ray_init(settings)
+        plan = _plan_workers(settings)
+        stopped = _Driver(run, iter(todo), plan, workers).drive()
     except BaseException as exc:
         interrupted = exc
         raise
@@ -408,7 +529,7 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
         for worker in workers:
             ray.kill(worker.handle, no_restart=True)
         run.errors.close()
-        complete = interrupted is None
+        complete = interrupted is None and not stopped
         if complete:
             writer.close(complete=True)
         else:
@@ -417,14 +538,39 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
         if started_ray:
             ray.shutdown()
         wall = time.perf_counter() - wall_start
-        stats = _stats(run, found, plan, wall, already_stored, already_failed, resumed, complete)
-        if not complete and created and writer.num_records == 0:
-            _remove_created(created)  # a run that failed before storing anything leaves no trace
+        # stored = what the manifest lists beyond what it listed at the start, whatever the moment of the stop
+        stored = sum(s.records for s in writer.shards) - records_at_start
+        stats = _stats(run, found, plan, wall, stored, already_stored, already_failed, resumed, complete)
+        stats["interrupted"] = stopped or isinstance(interrupted, KeyboardInterrupt)
+        if not complete and created and stored == 0:
+            _remove_created(created)  # a run that stopped before storing anything leaves no trace
         else:
-            write_json_atomic(out / STATS_NAME, stats)
+            atomic_write_json(out / STATS_NAME, stats)
         progress.close(None if complete else
-                       f"extract: stopped ({type(interrupted).__name__}); rerun the same command to continue")
+                       f"extract: stopped ({'interrupted' if stats['interrupted'] else type(interrupted).__name__})"
+                       "; rerun the same command to continue")
     return stats
+
+
+def _nothing_to_do(run: _Run, found: Discovery, already_stored: int, already_failed: int, wall_start) -> dict:
+    """The result of a run that found everything done; stats.json keeps the earlier run's
+    figures (only ``complete`` follows the manifest, which this call marks complete)."""
+    path = run.out / STATS_NAME
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        earlier = _stats(run, found, {}, time.perf_counter() - wall_start, 0, already_stored, already_failed,
+                         True, True)
+        atomic_write_json(path, earlier)
+    elif earlier.get("complete") is not True:
+        atomic_write_json(path, {**earlier, "complete": True})
+    return {"nothing_to_do": True, "complete": True, "interrupted": False, "resumed": True,
+            "images_found": len(found.paths) + len(found.skipped), "already_stored": already_stored,
+            "already_failed": already_failed, "stored": 0, "failed": run.stats["failed"],
+            "failures_by_kind": dict(sorted(run.failures_by_kind.items())),
+            "wall_seconds": round(time.perf_counter() - wall_start, 3)}
 
 
 class _Driver:
@@ -439,21 +585,40 @@ class _Driver:
         self.run, self.plan, self.workers, self.todo = run, plan, workers, todo
         self.config = ray.put(make_config(settings.preset, dtype=settings.dtype, **settings.overrides))
         self.decode = ray.remote(num_cpus=1, max_retries=0)(decode_chunk)
-        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(DetectorWorker)
+        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0,
+                                      concurrency_groups={PROGRESS_GROUP: 1})(DetectorWorker)
         self.root = str(run.root.resolve())
-        self.pending: dict = {}  # result ref -> (worker, chunk)
+        self.pending: dict = {}  # result ref -> (worker, chunk, call number)
+        self.polls: dict = {}  # progress ref -> worker
         self.redo: collections.deque = collections.deque()  # images of a replaced worker's unfinished shard
         self.isolate: collections.deque = collections.deque()  # images a worker failed on: one per chunk
         self.todo_done = False
         self.limit = 1 + max(0, settings.prefetch)
+        self.calls = 0
+        self.last_poll = time.monotonic()
+        run.worker_pids = self.worker_pids
+
+    def worker_pids(self) -> list:
+        """The process ids of the live workers (a worker that failed to start is left out)."""
+        import ray
+        from ray.exceptions import RayError
+
+        pids = []
+        for worker in self.workers:
+            try:
+                pids.append(ray.get(worker.info)["pid"])
+            except RayError:
+                pass
+        return pids
 
     def start_worker(self) -> _Worker:
         settings = self.run.settings
         token = secrets.token_hex(4)
         handle = self.actor_class.options(**self.plan["options"]).remote(
             str(self.run.out.resolve()), settings.storage, settings.shard_size, token, settings.detector_kwargs(),
-            self.run.description, self.plan["device"], settings.batch_size, self.plan["threads"])
-        return _Worker(handle, token)
+            self.run.description, self.plan["device"], settings.batch_size, self.plan["threads"],
+            _niceness(settings))
+        return _Worker(handle, token, handle.info.remote())
 
     def next_chunk(self) -> Optional[list]:
         if self.isolate:
@@ -478,10 +643,41 @@ class _Driver:
                 if chunk is None:
                     return
                 decoded = self.decode.remote(self.root, chunk, self.config, settings.max_pixels)
-                self.pending[worker.handle.process.remote(decoded)] = (worker, chunk)
+                self.calls += 1
+                self.pending[worker.handle.process.remote(decoded, self.calls)] = (worker, chunk, self.calls)
                 worker.in_flight += 1
                 for relative in chunk:
                     worker.uncommitted[relative] = False  # True once its chunk is reported
+
+    def poll(self) -> None:
+        """Ask each busy worker how far its current chunk is (answers arrive in drive())."""
+        now = time.monotonic()
+        if now - self.last_poll < POLL_SECONDS:
+            return
+        self.last_poll = now
+        for worker in self.workers:
+            if worker.in_flight and not worker.polling:
+                ref = worker.handle.progress.options(concurrency_group=PROGRESS_GROUP).remote()
+                self.polls[ref] = worker
+                worker.polling = True
+
+    def polled(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        worker = self.polls.pop(ref)
+        worker.polling = False
+        try:
+            call, done = ray.get(ref)
+        except RayError:
+            return  # a dead worker: its chunk's result says so
+        if not any(w is worker for w in self.workers) or \
+                not any(c == call for w, _, c in self.pending.values() if w is worker):
+            return  # that chunk came back meanwhile (or the worker was replaced)
+        shown = worker.shown.get(call, 0)
+        if done > shown:
+            worker.shown[call] = done
+            self.run.show(done - shown)
 
     def replace(self, worker: _Worker, failed_chunk: list, why: str) -> None:
         import ray
@@ -494,8 +690,10 @@ class _Driver:
         log.warning("detector worker %s failed (%s); replacing it and redoing its %d unfinished images",
                     worker.token, why, len(worker.uncommitted))
         ray.kill(worker.handle, no_restart=True)
-        for ref in [r for r, (w, _) in self.pending.items() if w is worker]:
+        for ref in [r for r, (w, _, _) in self.pending.items() if w is worker]:
             del self.pending[ref]
+        run.show(-sum(worker.shown.values()))  # partly shown chunks that will not come back
+        worker.shown.clear()
         suspects = set(failed_chunk)
         reported = 0
         for relative, was_reported in worker.uncommitted.items():
@@ -514,23 +712,33 @@ class _Driver:
             run.report(-reported)
         self.workers[self.workers.index(worker)] = self.start_worker()
 
-    def drive(self) -> None:
+    def drive(self) -> bool:
+        """Run until every image is stored or failed (False), or should_stop() said yes (True)."""
         import ray
         from ray.exceptions import RayActorError, RayError
 
         run = self.run
         self.workers.extend(self.start_worker() for _ in range(self.plan["workers"]))
         try:  # a detector that cannot load (wrong checkpoint, no GPU memory) stops the run at once
-            ray.get([worker.handle.pid.remote() for worker in self.workers])
+            infos = ray.get([worker.info for worker in self.workers])
         except RayActorError as exc:
             raise ExtractError(f"the detector could not be loaded in a worker: {_error_text(exc)}") from None
+        run.niceness = infos[0]["niceness"]
         while True:
+            if run.should_stop():
+                return True
             self.fill()
             while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=5.0)
+                ready, _ = ray.wait(list(self.pending) + list(self.polls), num_returns=1, timeout=POLL_SECONDS)
+                if run.should_stop():
+                    return True
+                self.poll()
                 if not ready:
                     continue
-                worker, chunk = self.pending.pop(ready[0])
+                if ready[0] in self.polls:
+                    self.polled(ready[0])
+                    continue
+                worker, chunk, call = self.pending.pop(ready[0])
                 worker.in_flight -= 1
                 try:
                     result = ray.get(ready[0])
@@ -548,10 +756,12 @@ class _Driver:
                     run.stage_seconds[name] += seconds
                 for finished in result["finished"]:
                     run.adopt(worker, finished)
-                run.report(len(chunk))
+                run.report(len(chunk), worker.shown.pop(call, 0))
                 self.fill()
             # No work left: each worker hands in its last, partly filled shard.
             for worker in list(self.workers):
+                if run.should_stop():
+                    return True
                 try:
                     finished = ray.get(worker.handle.finish.remote())
                 except RayError as exc:
@@ -560,7 +770,7 @@ class _Driver:
                 if finished is not None:
                     run.adopt(worker, finished)
             if not (self.redo or self.isolate):
-                return
+                return False
 
 
 def _error_text(exc) -> str:
@@ -580,16 +790,16 @@ def _why(exc, actor_error) -> str:
     return f"{type(cause).__name__}: {text[-1][:200] if text else ''}"
 
 
-def _stats(run: _Run, found: Discovery, plan: dict, wall: float, already_stored: int, already_failed: int,
-           resumed: bool, complete: bool) -> dict:
-    processed = run.stats["stored"] + run.stats["failed"]
+def _stats(run: _Run, found: Discovery, plan: dict, wall: float, stored: int, already_stored: int,
+           already_failed: int, resumed: bool, complete: bool) -> dict:
+    processed = stored + run.stats["failed"]
     return {
         "complete": complete,
         "resumed": resumed,
         "images_found": len(found.paths) + len(found.skipped),
         "already_stored": already_stored,
         "already_failed": already_failed,
-        "stored": run.stats["stored"],
+        "stored": stored,
         "failed": run.stats["failed"],
         "failures_by_kind": dict(sorted(run.failures_by_kind.items())),
         "errors_file": ERRORS_NAME if (run.out / ERRORS_NAME).is_file() else None,
@@ -597,7 +807,7 @@ def _stats(run: _Run, found: Discovery, plan: dict, wall: float, already_stored:
         "images_per_second": round(processed / wall, 3) if wall > 0 else None,
         "stage_seconds": {k: round(v, 3) for k, v in sorted(run.stage_seconds.items())},
         "workers": {"count": plan.get("workers"), "device": plan.get("device"),
-                    "threads": plan.get("threads"), "replaced": run.worker_failures,
+                    "threads": plan.get("threads"), "niceness": run.niceness, "replaced": run.worker_failures,
                     "cluster_cpus": plan.get("cpus"), "cluster_gpus": plan.get("gpus")},
         "settings": {"storage": run.settings.storage, "shard_size": run.settings.shard_size,
                      "chunk_size": run.settings.chunk_size, "prefetch": run.settings.prefetch,
@@ -605,11 +815,19 @@ def _stats(run: _Run, found: Discovery, plan: dict, wall: float, already_stored:
         "detector": {k: run.description[k] for k in ("preset", "config_hash", "weights_sha256", "feature_dim")},
         "symlink_loops": found.loops,
         "missing_from_file_list": found.missing,
+        "refused_from_file_list": [entry for entry, _ in found.refused],
     }
 
 
 def summary_lines(stats: dict, out: Path) -> list[str]:
     """What the CLI prints at the end of a run."""
+    if stats.get("nothing_to_do"):
+        line = f"{out}: nothing to do: {stats['already_stored']} images already in the store"
+        if stats["already_failed"]:
+            line += f", {stats['already_failed']} failed earlier (see {out / ERRORS_NAME})"
+        if stats["failed"]:
+            line += f"; {stats['failed']} newly set aside (see {out / ERRORS_NAME})"
+        return [line]
     lines = [f"{out}: {stats['stored']} images stored this run"
              + (f" (+{stats['already_stored']} from earlier runs)" if stats["already_stored"] else "")
              + f", {stats['failed']} failed"

@@ -77,7 +77,8 @@ def test_discovery_from_a_file_list(tmp_path):
     listing.write_text(f"# wanted\np/1.jpg\n\n{tmp_path / 'imgs' / '2.png'}\nmissing.jpg\n/etc/hostname\n")
     found = discover(tmp_path / "imgs", file_list=listing)
     assert found.paths == ["2.png", "p/1.jpg"]
-    assert found.missing == ["missing.jpg", "/etc/hostname"]
+    assert found.missing == ["missing.jpg"]
+    assert [entry for entry, _ in found.refused] == ["/etc/hostname"]  # outside the folder: never opened
     with pytest.raises(FileNotFoundError, match="no such image folder"):
         discover(tmp_path / "nope")
 
@@ -208,8 +209,11 @@ def test_rerun_skips_done_work_and_refuses_another_detector(ray_session, mixed_f
     store.close()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"][:len(first["shards"])] == first["shards"]  # finished shards kept as they were
+    stats_before = (out / "stats.json").read_bytes()
     again = run_extract(root, out, _settings())
-    assert again["stored"] == 0 and again["failed"] == 0 and again["workers"]["count"] is None
+    assert again["nothing_to_do"] and again["stored"] == 0 and again["failed"] == 0
+    assert again["already_stored"] == len(expected["good"]) and again["already_failed"] == len(expected["bad"]) - 1
+    assert (out / "stats.json").read_bytes() == stats_before  # the run that did the work keeps its figures
     from vlp.schemas import StoreError
 
     with pytest.raises(StoreError, match="another detector"):
@@ -221,30 +225,28 @@ def test_rerun_skips_done_work_and_refuses_another_detector(ray_session, mixed_f
     assert len(ErrorLog(out / "errors.jsonl").read()) == 5
 
 
-def _worker_pids() -> list[int]:
-    """Processes of live detector actors (Ray titles them ``ray::DetectorWorker...``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::DetectorWorker"):
-            pids.append(int(proc.name))
-    return pids
+def _ancestors(pid: int) -> list[int]:
+    """The parent chain of a process (through /proc), nearest first."""
+    chain = []
+    while pid > 1:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        pid = int(fields[1])  # the field after the state is the parent's pid
+        chain.append(pid)
+    return chain
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor process through /proc")
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks the actor's parentage through /proc")
 def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(ray_session, mixed_folder, tmp_path):
     root, expected = mixed_folder
     killed = []
 
     def kill_worker_once(counts):
         if not killed and counts.get("stored", 0) >= 5:  # after its first shard, mid-way through the next
-            pids = _worker_pids()
+            pids = counts["worker_pids"]  # the run's own workers, as the run reports them
             assert len(pids) == 1
+            # Only ever a process of this test's Ray instance: a descendant of this process.
+            assert os.getpid() in _ancestors(pids[0])
+            assert Path(f"/proc/{pids[0]}/cmdline").read_bytes().startswith(b"ray::DetectorWorker")
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
