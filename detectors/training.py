@@ -42,23 +42,20 @@ loader and gives the same outputs as the trained model in eval mode (tested).
 Optimiser: AdamW with linear warmup and a cosine decay; horizontal flips; batches of a
 few images padded bottom/right (the backbone masks the padding exactly as at inference).
 
-Entry point::
-
-    python -m vlp.detectors.training --world DIR --out PATH --iterations N --seed S
+The loop is :class:`DetectorTrainer` (``step`` / ``run`` / ``save`` / ``resume``), run from the
+command line by ``vlp train-detector``; :func:`train_detector` is the one-call form.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import random
-import sys
+import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -67,8 +64,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from vlp.detectors.checkpoint import save_checkpoint
+from vlp.core.durable import atomic_path, atomic_write_json
+from vlp.detectors.annotations import Annotation, load_vg_annotations, split_image_ids
+from vlp.detectors.checkpoint import match_state_dict, read_checkpoint, save_checkpoint
 from vlp.detectors.config import DetectorConfig, make_config
+from vlp.detectors.errors import AnnotationError, TrainingStateError
 from vlp.detectors.inference import prepare_image
 from vlp.detectors.model import FasterRCNN, FrozenBatchNorm2d, ResNetC4, select_proposals
 
@@ -117,89 +117,10 @@ class TrainSettings:
 
 # --------------------------------------------------------------------------- data
 
-
-@dataclasses.dataclass
-class Annotation:
-    """One image's ground truth: boxes x1 y1 x2 y2 (pixels), VG class ids, attribute ids."""
-
-    image_id: int
-    path: Path
-    width: int
-    height: int
-    boxes: np.ndarray  # float32 [G, 4]
-    classes: np.ndarray  # int64 [G]
-    attributes: list  # per object: list of VG attribute ids, primary first
-
-    @property
-    def primary_attributes(self) -> np.ndarray:
-        """[G] the first attribute id of each object, -1 when it has none."""
-        return np.asarray([a[0] if a else -1 for a in self.attributes], dtype=np.int64)
-
-
-def _image_id(entry: dict) -> int:
-    return int(entry["image_id"] if "image_id" in entry else entry["id"])
-
-
-def load_vg_annotations(vg_dir, image_ids: Optional[Sequence[int]] = None) -> list[Annotation]:
-    """Read VG objects.json / attributes.json / image_data.json and resolve images/<id>.jpg.
-
-    Object names map to class ids with ``vocab.objects().id(names[0])``, attribute names
-    with ``vocab.attributes().id``; names outside the vocabularies are dropped (objects
-    with an unknown name are skipped). ``image_ids``: which images (default: all).
-    """
-    from vlp.schemas import vocab
-
-    root = Path(vg_dir)
-    objects_vocab, attributes_vocab = vocab.objects(), vocab.attributes()
-    sizes = {_image_id(e): (int(e["width"]), int(e["height"]))
-             for e in json.loads((root / "image_data.json").read_text("utf-8"))}
-    attrs_by_object = {}
-    attr_file = root / "attributes.json"
-    if attr_file.is_file():
-        for entry in json.loads(attr_file.read_text("utf-8")):
-            for obj in entry.get("attributes", []):
-                attrs_by_object[int(obj["object_id"])] = [attributes_vocab.id(a) for a in obj.get("attributes") or []
-                                                          if a in attributes_vocab]
-    wanted = None if image_ids is None else {int(i) for i in image_ids}
-    out = {}
-    for entry in json.loads((root / "objects.json").read_text("utf-8")):
-        image_id = _image_id(entry)
-        if wanted is not None and image_id not in wanted:
-            continue
-        boxes, classes, attributes = [], [], []
-        for obj in entry.get("objects", []):
-            names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
-            if not names or names[0] not in objects_vocab:
-                continue
-            x, y, w, h = (float(obj[k]) for k in ("x", "y", "w", "h"))
-            if w <= 0 or h <= 0:
-                continue
-            boxes.append([x, y, x + w, y + h])
-            classes.append(objects_vocab.id(names[0]))
-            attributes.append(attrs_by_object.get(int(obj["object_id"]), []))
-        path = _image_path(root, image_id)
-        width, height = sizes.get(image_id, (0, 0))
-        out[image_id] = Annotation(image_id, path, width, height,
-                                   np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                                   np.asarray(classes, dtype=np.int64), attributes)
-    missing = sorted(wanted - set(out)) if wanted is not None else []
-    if missing:
-        raise ValueError(f"{root}: no objects.json entry for image ids {missing[:10]}")
-    return [out[i] for i in sorted(out)]
-
-
-def _image_path(root: Path, image_id: int) -> Path:
-    for name in (f"images/{image_id}.jpg", f"images/{image_id}.png", f"{image_id}.jpg"):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(f"{root}: no image file for image id {image_id} (looked for images/{image_id}.jpg)")
-
-
-def split_image_ids(vg_dir, split: str = "train") -> Optional[list[int]]:
-    path = Path(vg_dir) / "splits.json"
-    if not path.is_file():
-        return None
-    return [int(i) for i in json.loads(path.read_text("utf-8"))[split]]
+# Annotation, load_vg_annotations and split_image_ids live in vlp.detectors.annotations
+# (evaluation reads them too); importable from here as before.
+__all__ = ["Annotation", "DetectorTrainer", "TrainImage", "TrainSettings", "load_vg_annotations",
+           "split_image_ids", "train_detector"]
 
 
 @dataclasses.dataclass
@@ -466,154 +387,339 @@ def lr_at(iteration: int, settings: TrainSettings) -> float:
     return low + (settings.lr - low) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def export_model(model: FasterRCNN, path, *, half: bool = True) -> str:
-    """Write the trained weights in the inference layout (strict-loadable); returns sha256."""
-    return save_checkpoint(model, path, half=half)
+STATE_FORMAT = "vlp-detector-training-state"
+STATE_VERSION = 1
+# Settings that may differ between a run and its resumption (they do not change the results).
+RESUMABLE_CHANGES = frozenset({"threads"})
+
+
+def output_paths(out_path) -> dict[str, Path]:
+    """The files a training run writes next to its checkpoint ``out_path``."""
+    out_path = Path(out_path)
+    return {"checkpoint": out_path,
+            "state": out_path.with_name(out_path.name + ".state.pt"),
+            "log": out_path.with_name(out_path.name + ".log.json"),
+            "best": out_path.with_name(out_path.stem + ".best" + out_path.suffix),
+            "eval": out_path.with_name(out_path.stem + ".eval" + out_path.suffix)}
+
+
+class DetectorTrainer:
+    """Trains a detector on a VG-format folder, one :meth:`step` at a time.
+
+    vg_dir: objects.json, attributes.json, image_data.json, images/<id>.jpg (and
+        splits.json: the default ``image_ids`` are its train split, else every image).
+    config: the architecture and input settings (default: ``make_config(preset)``).
+    settings: :class:`TrainSettings` (iterations, batch size, lr and schedule, sampling).
+    eval_image_ids: images of ``eval_vg_dir`` (default ``vg_dir``) to evaluate on every
+        ``eval_every`` iterations and at the end; the best checkpoint so far is kept.
+    init_weights: a checkpoint of the same architecture to start from (a new run from
+        those weights: fresh optimiser and warmup). To continue an interrupted run with
+        its optimiser, data order and random state, use :meth:`resume`.
+
+    Files (:func:`output_paths`), all written atomically:
+
+    - ``out_path``: the weights in the inference layout (fp16 unless ``half=False``),
+      strict-loadable by ``load_detector``; every ``checkpoint_every`` iterations and at the end;
+    - ``<out_path>.state.pt``: the training state (weights with trainable norms, AdamW,
+      iteration, data order, random generators, the log), written with every checkpoint;
+      :meth:`resume` continues from it bit-for-bit (CPU, same torch build and threads);
+    - ``<out_path>.log.json``: settings, mean losses every ``log_every`` iterations,
+      evaluations and checkpoints;
+    - ``<stem>.best<suffix>``: with evaluation, the best checkpoint so far (mAP + attribute accuracy).
+    """
+
+    def __init__(self, vg_dir, out_path, *, config: Optional[DetectorConfig] = None, preset: str = "demo",
+                 settings: Optional[TrainSettings] = None, image_ids: Optional[Sequence[int]] = None,
+                 eval_vg_dir=None, eval_image_ids: Optional[Sequence[int]] = None, eval_every: Optional[int] = None,
+                 log_every: int = 20, checkpoint_every: int = 250, half: bool = True, init_weights=None,
+                 log: Callable[[str], None] = print):
+        self.settings = settings = settings or TrainSettings()
+        self.config = config = config or make_config(preset)
+        self.vg_dir, self.eval_vg_dir = vg_dir, eval_vg_dir or vg_dir
+        self.eval_image_ids = list(eval_image_ids) if eval_image_ids else None
+        self.eval_every, self.log_every, self.checkpoint_every = eval_every, log_every, checkpoint_every
+        self.half, self.log = half, log
+        self.paths = output_paths(out_path)
+        self.paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(settings.threads)
+        torch.manual_seed(settings.seed)
+        random.seed(settings.seed)
+        self.rng = np.random.default_rng(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        if image_ids is None:
+            image_ids = split_image_ids(vg_dir, "train")
+        self.annotations = [a for a in load_vg_annotations(vg_dir, image_ids) if a.boxes.shape[0] > 0]
+        if not self.annotations:
+            raise AnnotationError(f"{vg_dir}: no training images with objects")
+        self.model = build_training_model(config, settings.seed, settings.norm)
+        if init_weights is not None:
+            state, _ = match_state_dict(read_checkpoint(init_weights), self.model, source=str(init_weights))
+            self.model.load_state_dict(state, strict=True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() > 1]
+        no_decay = [p for p in self.params if p.dim() <= 1]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+        self.iteration = 0
+        self.order: list[int] = []  # the rest of the current epoch's image order
+        self.window: dict[str, list[float]] = {}  # losses since the last log entry
+        self.best_score = -1.0
+        self.seconds_before = 0.0  # training time of the runs this one resumes
+        self._started = time.perf_counter()
+        self.record = {"vg_dir": os.fspath(vg_dir),
+                       "init_weights": None if init_weights is None else os.fspath(init_weights),
+                       "preset": config.preset, "config": config.to_dict(),
+                       "settings": settings.to_dict(), "num_train_images": len(self.annotations),
+                       "num_parameters": sum(p.numel() for p in self.model.state_dict().values()),
+                       "losses": [], "evaluations": [], "checkpoints": []}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.record.get("finished"))
+
+    def seconds(self) -> float:
+        return round(self.seconds_before + time.perf_counter() - self._started, 1)
+
+    # -- one iteration ----------------------------------------------------------------
+    def lr(self, iteration: Optional[int] = None) -> float:
+        return lr_at(self.iteration if iteration is None else iteration, self.settings)
+
+    def next_batch(self) -> list[TrainImage]:
+        batch = []
+        for _ in range(self.settings.batch_size):
+            if not self.order:
+                self.order = [int(i) for i in self.rng.permutation(len(self.annotations))]
+            ann = self.annotations[self.order.pop()]
+            flip = self.settings.flip and bool(self.rng.random() < 0.5)
+            batch.append(load_train_image(ann, self.config, flip))
+        return batch
+
+    def step(self) -> dict[str, float]:
+        """One optimiser step on the next batch; returns its losses (and ``total``)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+        losses = compute_losses(self.model, self.next_batch(), self.settings, self.generator)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.optimizer.step()
+        self.iteration += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["total"] = float(total.detach())
+        for k, v in values.items():
+            self.window.setdefault(k, []).append(v)
+        return values
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, *, time_limit_s: Optional[float] = None,
+            should_stop: Optional[Callable[[], bool]] = None) -> dict:
+        """Train to ``settings.iterations``; returns the log record.
+
+        Stops early after ``time_limit_s`` seconds of this call (then writes the checkpoint
+        and evaluates, as at the end: ``record["stopped_early"]``). ``should_stop()`` is asked
+        after every iteration; when it says so (Ctrl-C) the state is saved and the run
+        returns at once (``record["interrupted"]``), to be continued with :meth:`resume`.
+        """
+        if self.finished:
+            self.log(f"{self.paths['checkpoint']}: training already finished "
+                     f"({self.record['iterations_done']} iterations)")
+            return self.record
+        self._started = time.perf_counter()
+        self.record.pop("interrupted", None)
+        total = self.settings.iterations
+        while self.iteration < total:
+            if time_limit_s is not None and time.perf_counter() - self._started > time_limit_s:
+                self.log(f"time limit {time_limit_s:.0f} s reached at iteration {self.iteration}")
+                self.record["stopped_early"] = self.iteration
+                break
+            self.step()
+            it = self.iteration
+            if it % self.log_every == 0 or it == total:
+                self._log_losses()
+            saved = bool(self.checkpoint_every and it % self.checkpoint_every == 0 and it < total)
+            if saved:
+                self.save()
+            if self.eval_image_ids and self.eval_every and it % self.eval_every == 0 and it < total:
+                self.evaluate()
+                self._write_log()
+            if should_stop is not None and it < total and should_stop():
+                self.record["interrupted"] = it
+                self.log(f"stopped at iteration {it}")
+                if not saved:
+                    self.save()
+                return self.record
+        self.record["iterations_done"] = self.iteration
+        self.record["seconds"] = self.seconds()
+        self.record["sha256"] = self.save()
+        if self.eval_image_ids:
+            self.evaluate()
+        self.record["finished"] = True
+        self.save_state()
+        self._write_log()
+        return self.record
+
+    def _log_losses(self) -> None:
+        entry = {"iteration": self.iteration, "lr": self.lr(self.iteration - 1), "seconds": self.seconds(),
+                 **{k: round(sum(v) / len(v), 5) for k, v in self.window.items()}}
+        self.record["losses"].append(entry)
+        self.window = {}
+        self.log(" ".join(f"{k} {v}" for k, v in entry.items()))
+        self._write_log()
+
+    def _write_log(self) -> None:
+        atomic_write_json(self.paths["log"], self.record, indent=1)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def export(self, path=None) -> str:
+        """Write the weights in the inference layout (strict-loadable); returns sha256."""
+        return save_checkpoint(self.model, path or self.paths["checkpoint"], half=self.half)
+
+    def save(self) -> str:
+        """Write the checkpoint, the training state and the log; returns the checkpoint's sha256."""
+        sha = self.export()
+        self.record["checkpoints"].append({"iteration": self.iteration, "sha256": sha, "seconds": self.seconds()})
+        self.save_state()
+        self._write_log()
+        return sha
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "iteration": self.iteration,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "numpy_rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "order": list(self.order),
+                "window": {k: list(v) for k, v in self.window.items()}, "best_score": self.best_score,
+                "seconds": self.seconds(), "record": self.record,
+                "train_image_ids": [int(a.image_id) for a in self.annotations]}
+
+    def save_state(self) -> None:
+        with atomic_path(self.paths["state"]) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def resume(self, path=None) -> None:
+        """Continue the run whose state is at ``path`` (default ``<out_path>.state.pt``).
+
+        The preset, architecture, training settings (all but ``threads``) and training
+        images must be the ones the state was written with; a
+        :class:`~vlp.detectors.errors.TrainingStateError` names what differs.
+        """
+        path = Path(path or self.paths["state"])
+        if not path.is_file():
+            raise TrainingStateError(f"{path}: no training state to resume (it is written with every "
+                                     f"checkpoint; start without --resume)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TrainingStateError(f"{path}: not a readable training state "
+                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise TrainingStateError(f"{path}: not a vlp detector training state")
+        if state.get("version") != STATE_VERSION:
+            raise TrainingStateError(f"{path}: training state version {state.get('version')}, this vlp reads "
+                                     f"version {STATE_VERSION}")
+        record = state["record"]
+        changes = _changes(record["config"], self.config.to_dict(), "")
+        changes += [c for c in _changes(record["settings"], self.settings.to_dict(), "")
+                    if c.split(":")[0] not in RESUMABLE_CHANGES]
+        if state["train_image_ids"] != [int(a.image_id) for a in self.annotations]:
+            changes.append(f"training images: {len(state['train_image_ids'])} then, "
+                           f"{len(self.annotations)} now (or other ids)")
+        if changes:
+            raise TrainingStateError(f"{path}: cannot resume with other settings: {'; '.join(changes)}")
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = int(state["iteration"])
+        self.order = [int(i) for i in state["order"]]
+        self.window = {k: [float(x) for x in v] for k, v in state["window"].items()}
+        self.best_score = float(state["best_score"])
+        self.seconds_before = float(state["seconds"])
+        self._started = time.perf_counter()
+        record["settings"] = self.settings.to_dict()
+        self.record = record
+        self.log(f"resumed {path} at iteration {self.iteration}")
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """mAP@0.5 and attribute accuracy of the exported weights on ``eval_image_ids``.
+
+        Evaluates the checkpoint as written (fp16 unless ``half=False``) through
+        ``load_detector``; keeps it as ``<stem>.best<suffix>`` when it scores best so far.
+        """
+        from vlp.detectors.evaluate import evaluate_detector
+        from vlp.detectors.inference import load_detector
+
+        self.model.eval()
+        tmp = self.paths["eval"]
+        try:
+            self.export(tmp)
+            detector = load_detector(tmp, preset=self.config.preset, device="cpu", **_config_overrides(self.config))
+            result = evaluate_detector(detector, self.eval_vg_dir, self.eval_image_ids)
+            score = result["mAP"] + result["attribute_accuracy"]
+            entry = {"iteration": self.iteration, "mAP": result["mAP"],
+                     "attribute_accuracy": result["attribute_accuracy"], "seconds": self.seconds()}
+            self.record["evaluations"].append(entry)
+            self.log(f"eval @ {self.iteration}: mAP@0.5 {result['mAP']:.4f}  "
+                     f"attr acc {result['attribute_accuracy']:.4f}")
+            if score > self.best_score:
+                self.best_score = score
+                with atomic_path(self.paths["best"]) as best:
+                    shutil.copyfile(tmp, best)
+                entry["best"] = True
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.model.train()
+        return result
+
+
+def _changes(before: dict, after: dict, prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out
 
 
 def train_detector(vg_dir, out_path, *, preset: str = "demo", iterations: int = 2000, batch_size: int = 4,
                    seed: int = 0, image_ids: Optional[Sequence[int]] = None, log_every: int = 20,
                    checkpoint_every: int = 250, time_limit_s: Optional[float] = None,
                    eval_image_ids: Optional[Sequence[int]] = None, eval_every: Optional[int] = None,
-                   eval_vg_dir=None,
-                   config: Optional[DetectorConfig] = None, settings: Optional[TrainSettings] = None,
-                   half: bool = True, log=print, return_model: bool = False, init_weights=None, **overrides):
-    """Train a detector on a VG-format folder and write its checkpoint to ``out_path``.
+                   eval_vg_dir=None, config: Optional[DetectorConfig] = None,
+                   settings: Optional[TrainSettings] = None, half: bool = True, log=print,
+                   return_model: bool = False, init_weights=None, resume: bool = False, **overrides):
+    """Train a detector on a VG-format folder and write its checkpoint to ``out_path``: a
+    :class:`DetectorTrainer` run in one call (see it for the arguments and the files).
 
-    vg_dir: folder with objects.json, attributes.json, image_data.json, images/<id>.jpg
-        (and splits.json: the default ``image_ids`` are its train split, else every image).
-    preset / config: the architecture and input settings (``config`` wins when given).
-    overrides: TrainSettings fields (lr, rois_per_image, ...).
-    Writes ``out_path`` (fp16 unless ``half=False``) every ``checkpoint_every`` iterations
-    and at the end, ``<out_path>.log.json`` (settings, losses, evaluations) alongside, and,
-    when ``eval_image_ids`` are given (images of ``eval_vg_dir``, default ``vg_dir``), evaluates every ``eval_every`` iterations and also
-    keeps the best checkpoint so far as ``<stem>.best<suffix>``. Stops early at
-    ``time_limit_s`` (the checkpoint is written). Deterministic given ``seed`` (CPU torch).
-    ``init_weights``: a checkpoint of the same architecture to start from (fine-tuning or
-    continuing a run; the optimiser state starts afresh, with the warmup).
-    Returns the log dict (and the trained model in eval mode when ``return_model``).
+    overrides: TrainSettings fields (lr, rois_per_image, warmup_iterations, threads, ...).
+    ``resume``: continue the interrupted run at ``out_path`` instead of starting afresh.
+    Returns the log record (and the trained model in eval mode when ``return_model``).
     """
     settings = dataclasses.replace(settings or TrainSettings(), iterations=int(iterations),
                                    batch_size=int(batch_size), seed=int(seed), **overrides)
-    config = config or make_config(preset)
-    torch.set_num_threads(settings.threads)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    if image_ids is None:
-        image_ids = split_image_ids(vg_dir, "train")
-    annotations = [a for a in load_vg_annotations(vg_dir, image_ids) if a.boxes.shape[0] > 0]
-    if not annotations:
-        raise ValueError(f"{vg_dir}: no training images with objects")
-    model = build_training_model(config, seed, settings.norm)
-    if init_weights is not None:
-        from vlp.detectors.checkpoint import match_state_dict, read_checkpoint
-        state, _ = match_state_dict(read_checkpoint(init_weights), model, source=str(init_weights))
-        model.load_state_dict(state, strict=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    best_path = out_path.with_name(out_path.stem + ".best" + out_path.suffix)
-    log_path = out_path.with_name(out_path.name + ".log.json")
-    record = {"vg_dir": os.fspath(vg_dir), "init_weights": None if init_weights is None else os.fspath(init_weights),
-              "preset": config.preset, "config": config.to_dict(),
-              "settings": settings.to_dict(), "num_train_images": len(annotations),
-              "num_parameters": sum(p.numel() for p in model.state_dict().values()),
-              "losses": [], "evaluations": [], "checkpoints": []}
-    started = time.perf_counter()
-    order: list[int] = []
-    window: dict[str, list[float]] = {}
-    best_score = -1.0
-    iteration = 0
-
-    def write_log():
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1), "utf-8")
-        os.replace(tmp, log_path)
-
-    def checkpoint(it):
-        sha = export_model(model, out_path, half=half)
-        record["checkpoints"].append({"iteration": it, "sha256": sha,
-                                      "seconds": round(time.perf_counter() - started, 1)})
-        return sha
-
-    def evaluate(it):
-        nonlocal best_score
-        from vlp.detectors.evaluate import evaluate_detector
-        from vlp.detectors.inference import load_detector
-        model.eval()
-        tmp = out_path.with_name(out_path.stem + ".eval" + out_path.suffix)
-        export_model(model, tmp, half=half)
-        detector = load_detector(tmp, preset=config.preset, device="cpu", **_config_overrides(config))
-        result = evaluate_detector(detector, eval_vg_dir or vg_dir, eval_image_ids)
-        model.train()
-        score = result["mAP"] + result["attribute_accuracy"]
-        entry = {"iteration": it, "mAP": result["mAP"], "attribute_accuracy": result["attribute_accuracy"],
-                 "seconds": round(time.perf_counter() - started, 1)}
-        record["evaluations"].append(entry)
-        log(f"eval @ {it}: mAP@0.5 {result['mAP']:.4f}  attr acc {result['attribute_accuracy']:.4f}")
-        if score > best_score:
-            best_score = score
-            os.replace(tmp, best_path)
-            entry["best"] = True
-        else:
-            tmp.unlink()
-
-    while iteration < settings.iterations:
-        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
-            log(f"time limit {time_limit_s:.0f} s reached at iteration {iteration}")
-            record["stopped_early"] = iteration
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(iteration, settings)
-        batch = []
-        for _ in range(settings.batch_size):
-            if not order:
-                order = list(rng.permutation(len(annotations)))
-            ann = annotations[order.pop()]
-            flip = settings.flip and bool(rng.random() < 0.5)
-            batch.append(load_train_image(ann, config, flip))
-        losses = compute_losses(model, batch, settings, generator)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at iteration {iteration}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        iteration += 1
-        for k, v in losses.items():
-            window.setdefault(k, []).append(float(v.detach()))
-        window.setdefault("total", []).append(float(total.detach()))
-        if iteration % log_every == 0 or iteration == settings.iterations:
-            entry = {"iteration": iteration, "lr": lr_at(iteration - 1, settings),
-                     "seconds": round(time.perf_counter() - started, 1),
-                     **{k: round(sum(v) / len(v), 5) for k, v in window.items()}}
-            record["losses"].append(entry)
-            window = {}
-            log(" ".join(f"{k} {v}" for k, v in entry.items()))
-            write_log()
-        if checkpoint_every and iteration % checkpoint_every == 0 and iteration < settings.iterations:
-            checkpoint(iteration)
-        if eval_image_ids and eval_every and iteration % eval_every == 0 and iteration < settings.iterations:
-            evaluate(iteration)
-            write_log()
-    record["iterations_done"] = iteration
-    record["seconds"] = round(time.perf_counter() - started, 1)
-    record["sha256"] = checkpoint(iteration)
-    if eval_image_ids:
-        evaluate(iteration)
-    write_log()
+    trainer = DetectorTrainer(vg_dir, out_path, config=config, preset=preset, settings=settings,
+                              image_ids=image_ids, eval_vg_dir=eval_vg_dir, eval_image_ids=eval_image_ids,
+                              eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
+                              half=half, init_weights=init_weights, log=log)
+    if resume:
+        trainer.resume()
+    record = trainer.run(time_limit_s=time_limit_s)
     if return_model:
-        return record, model.eval()
+        return record, trainer.model.eval()
     return record
+
+
+def export_model(model: FasterRCNN, path, *, half: bool = True) -> str:
+    """Write the trained weights in the inference layout (strict-loadable); returns sha256."""
+    return save_checkpoint(model, path, half=half)
 
 
 def _config_overrides(config: DetectorConfig) -> dict:
@@ -623,54 +729,3 @@ def _config_overrides(config: DetectorConfig) -> dict:
     out = {k: v for k, v in mine.items() if k not in ("arch", "config_version", "preset", "dtype") and base.get(k) != v}
     out.update({k: v for k, v in mine["arch"].items() if base["arch"].get(k) != v})
     return out
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlp.detectors.training",
-                                     description="Train a Faster R-CNN detector on a VG-format world.")
-    parser.add_argument("--world", required=True, help="VG-format folder (e.g. a vlp.synthetic world)")
-    parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
-    parser.add_argument("--rois-per-image", type=int, default=TrainSettings.rois_per_image)
-    parser.add_argument("--roi-positive-fraction", type=float, default=TrainSettings.roi_positive_fraction)
-    parser.add_argument("--norm", choices=("batchnorm", "affine"), default=TrainSettings.norm)
-    parser.add_argument("--warmup", type=int, default=TrainSettings.warmup_iterations)
-    parser.add_argument("--init-weights", default=None, help="checkpoint to start from (continue a run)")
-    parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds")
-    parser.add_argument("--eval-world", default=None, help="VG folder to evaluate on (default: --world)")
-    parser.add_argument("--eval-split", default="test", help="split of the eval world (or 'all')")
-    parser.add_argument("--eval-images", type=int, default=50, help="evaluate on the first N images of it")
-    parser.add_argument("--eval-every", type=int, default=0, help="iterations between evaluations (0: only at the end)")
-    parser.add_argument("--fp32", action="store_true", help="write float32 weights (default float16)")
-    parser.add_argument("--threads", type=int, default=TrainSettings.threads,
-                        help="torch CPU threads (torch.set_num_threads)")
-    args = parser.parse_args(argv)
-    eval_ids = None
-    eval_world = args.eval_world or args.world
-    if args.eval_images > 0:
-        if args.eval_split == "all":
-            eval_ids = [a.image_id for a in load_vg_annotations(eval_world)]
-        else:
-            eval_ids = split_image_ids(eval_world, args.eval_split)
-        eval_ids = (eval_ids or [])[: args.eval_images] or None
-    record = train_detector(args.world, args.out, preset=args.preset, iterations=args.iterations,
-                            batch_size=args.batch_size, seed=args.seed, log_every=args.log_every,
-                            checkpoint_every=args.checkpoint_every, time_limit_s=args.time_limit,
-                            eval_image_ids=eval_ids, eval_every=args.eval_every or None, eval_vg_dir=eval_world,
-                            half=not args.fp32, lr=args.lr, rois_per_image=args.rois_per_image,
-                            roi_positive_fraction=args.roi_positive_fraction, norm=args.norm,
-                            warmup_iterations=args.warmup, init_weights=args.init_weights, threads=args.threads)
-    print(json.dumps({k: record[k] for k in ("iterations_done", "seconds", "sha256")}))
-    if record["evaluations"]:
-        print(json.dumps(record["evaluations"][-1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

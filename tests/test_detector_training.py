@@ -13,7 +13,8 @@ import vlp.detectors.inference as inference
 from vlp.detectors import ShippedWeightsError, load_detector, make_config
 from vlp.detectors.evaluate import evaluate_detector, evaluate_predictions, voc_ap
 from vlp.detectors.inference import Detector
-from vlp.detectors.training import (Annotation, TrainImage, TrainSettings, encode_deltas, match_anchors,
+from vlp.detectors.annotations import Annotation
+from vlp.detectors.training import (DetectorTrainer, TrainImage, TrainSettings, encode_deltas, match_anchors,
                                     match_rois, sample_rois, train_detector)
 from vlp.detectors.model import apply_deltas
 from vlp.schemas import vocab
@@ -129,6 +130,34 @@ def test_trained_checkpoint_round_trips_into_the_inference_detector(trained, tin
         np.testing.assert_array_equal(a.objects_id, b.objects_id)
         np.testing.assert_array_equal(a.attrs_id, b.attrs_id)
         np.testing.assert_array_equal(a.objects_conf, b.objects_conf)
+
+
+def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path):
+    config = make_config("demo", **TINY)
+    settings = TrainSettings(iterations=4, batch_size=1, rois_per_image=8, warmup_iterations=1, seed=3, threads=1)
+    options = dict(config=config, settings=settings, log_every=1, checkpoint_every=0, half=False,
+                   log=lambda *_: None)
+    straight = DetectorTrainer(tiny_world, tmp_path / "a.pt", **options)
+    whole = straight.run()
+    answers = iter([False, True])  # asked after iterations 1 and 2: stop after 2 (Ctrl-C)
+    first = DetectorTrainer(tiny_world, tmp_path / "b.pt", **options)
+    stopped = first.run(should_stop=lambda: next(answers))
+    assert stopped["interrupted"] == 2 and first.iteration == 2 and "finished" not in stopped
+    del first
+    again = DetectorTrainer(tiny_world, tmp_path / "b.pt", **options)
+    again.resume()
+    assert again.iteration == 2
+    resumed = again.run()
+    assert resumed["iterations_done"] == 4 and resumed["finished"]
+    # the same losses, the same weights (bytes and sha256), the same optimiser state
+    strip = lambda entries: [{k: v for k, v in e.items() if k != "seconds"} for e in entries]  # noqa: E731
+    assert strip(resumed["losses"]) == strip(whole["losses"]) and len(whole["losses"]) == 4
+    assert resumed["sha256"] == whole["sha256"]
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+    a, b = straight.optimizer.state_dict()["state"], again.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
 
 
 # -- evaluation ---------------------------------------------------------------------------

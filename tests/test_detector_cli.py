@@ -1,0 +1,235 @@
+"""The detector at the command line: bad presets, settings and checkpoints are one
+``Error:`` line; every ``--help`` starts without torch; `vlp train-detector` trains,
+refuses to resume with other settings, and writes its files atomically."""
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vlp import cli
+from vlp.detectors.config import _ARCH_FIELDS, _DETECTOR_FIELDS, preset_names
+
+TINY = ["--set", "min_size=224", "--set", "max_size=352", "--set", "rpn_post_nms_topk=50"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    import cv2
+
+    root = tmp_path_factory.mktemp("imgs")
+    cv2.imwrite(str(root / "a.jpg"), np.full((40, 60, 3), 128, np.uint8))
+    return root
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output and "\x1b" not in result.output
+    return lines[0]
+
+
+# -- unknown presets and settings (issue 12, defect 7) -------------------------------------
+
+
+def test_unknown_preset_is_one_error_line_listing_the_presets(images, tmp_path):
+    result = CliRunner().invoke(cli.extract_main, [str(images), "--out", str(tmp_path / "o"), "--preset", "demo2"])
+    line = _one_error_line(result)
+    assert line == ("Error: unknown detector preset 'demo2' (did you mean demo?); available presets: "
+                    + ", ".join(preset_names()))
+    assert not (tmp_path / "o").exists()
+    # the same for the trainer
+    result = CliRunner().invoke(cli.main, ["train-detector", str(images), "-o", str(tmp_path / "d.pt"),
+                                           "--preset", "butd36"])
+    assert _one_error_line(result).startswith("Error: unknown detector preset 'butd36' (did you mean butd-36?)")
+
+
+def test_unknown_setting_is_one_error_line_listing_the_settings(images, tmp_path):
+    result = CliRunner().invoke(cli.extract_main, [str(images), "--out", str(tmp_path / "o"), "--preset", "demo",
+                                                   "--set", "min_boxs=36"])
+    line = _one_error_line(result)
+    head, _, listed = line.partition("; valid settings: ")
+    assert head == "Error: unknown detector setting min_boxs (did you mean min_boxes?)"
+    assert listed.split(", ") == sorted(_DETECTOR_FIELDS | _ARCH_FIELDS)
+    assert {"min_boxes", "max_boxes", "score_threshold", "blocks"} <= set(listed.split(", "))
+
+
+def test_a_setting_of_the_wrong_type_is_one_error_line(images, tmp_path):
+    result = CliRunner().invoke(cli.extract_main, [str(images), "--out", str(tmp_path / "o"), "--preset", "demo",
+                                                   "--set", "min_boxes=many"])
+    assert _one_error_line(result) == "Error: detector setting min_boxes must be an integer, got 'many'"
+    result = CliRunner().invoke(cli.extract_main, [str(images), "--out", str(tmp_path / "o"), "--preset", "demo",
+                                                   "--set", "min_boxes=0"])
+    assert _one_error_line(result) == "Error: need 1 <= min_boxes <= max_boxes, got 0/100"
+
+
+# -- refused checkpoints --------------------------------------------------------------------
+
+
+def _pickled_object_bin(path):
+    import torch
+
+    torch.save({"backbone.stem.conv1.weight": torch.zeros(2), "args": argparse.Namespace(lr=0.1)}, path)
+    return path
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_in_one_line_of_ours(images, tmp_path):
+    bad = _pickled_object_bin(tmp_path / "pytorch_model.bin")
+    result = CliRunner().invoke(cli.extract_main, [str(images), "--out", str(tmp_path / "o"), "--preset", "demo",
+                                                   "--weights", str(bad)])
+    line = _one_error_line(result)
+    assert line.startswith(f"Error: {bad}: refused: the file holds a pickled Python object (argparse.Namespace)")
+    assert "never runs pickled code" in line
+    assert "weights_only=False" not in line and "add_safe_globals" not in line
+    assert not (tmp_path / "o").exists()  # refused before any worker started or anything was written
+
+
+def test_read_checkpoint_refusals_are_short_and_quiet(tmp_path, recwarn):
+    from vlp.detectors import CheckpointError, read_checkpoint
+
+    plain = tmp_path / "plain.bin"  # a bare pickle, not torch's zip format
+    plain.write_bytes(pickle.dumps({"w": argparse.Namespace()}, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(plain)
+    message = str(info.value)
+    assert message.startswith(f"{plain}: refused: the file holds pickled data that is not plain tensors")
+    assert "\n" not in message and "\x1b" not in message and "weights_only=False" not in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's warning is not shown
+    with pytest.raises(CheckpointError, match=r"argparse\.Namespace"):
+        read_checkpoint(_pickled_object_bin(tmp_path / "obj.pt"))
+
+
+# -- start-up cost -------------------------------------------------------------------------
+
+HELP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import click
+    from click.testing import CliRunner
+    from vlp import cli
+
+    def walk(command, path):
+        yield command, path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, path + [name])
+
+    seen = []
+    for root in (cli.main, cli.extract_main, cli.build_main, cli.train_main):
+        for command, path in walk(root, []):
+            result = CliRunner().invoke(root, path + ["--help"])
+            assert result.exit_code == 0, (root.name, path, result.output)
+            heavy = [m for m in ("torch", "ray", "cv2", "transformers") if m in sys.modules]
+            assert not heavy, (root.name, path, heavy)
+            seen.append(" ".join([root.name or "?"] + path))
+    print(json.dumps(seen))
+""")
+
+
+def test_every_help_starts_without_torch():
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(seen) >= 25, seen
+    assert "main train-detector" in seen and "extract-main" in seen
+
+
+def test_detector_errors_and_config_import_without_torch():
+    code = ("import sys; from vlp.detectors import CheckpointError, DetectorConfigError, MissingWeightsError; "
+            "from vlp.detectors.config import make_config; make_config('demo', min_boxes=36); "
+            "assert 'torch' not in sys.modules, 'importing the detector errors and config loaded torch'; "
+            "from vlp.detectors import load_detector; assert 'torch' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_evaluation_does_not_import_training():
+    code = ("import sys, vlp.detectors.evaluate; "
+            "assert 'vlp.detectors.training' not in sys.modules, 'evaluate imports training'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- durable writes ------------------------------------------------------------------------
+
+
+def test_checkpoint_saves_are_atomic_and_name_independent(tmp_path, monkeypatch):
+    import torch
+
+    from vlp.detectors import ArchitectureConfig, FasterRCNN, save_checkpoint
+
+    model = FasterRCNN(ArchitectureConfig(blocks=(1, 1, 1, 1), stem_channels=8, res2_channels=16,
+                                          bottleneck_channels=4, rpn_channels=8, num_classes=4, num_attributes=3,
+                                          cls_embedding_dim=4, attr_hidden_dim=8))
+    path = tmp_path / "det.pt"
+    sha = save_checkpoint(model, path)
+    before = path.read_bytes()
+
+    # the same weights give the same bytes whatever the file is called (a sha256 to compare runs by)
+    assert save_checkpoint(model, tmp_path / "copy.pt") == sha
+    (tmp_path / "copy.pt").unlink()
+
+    def torn_save(obj, target, *args, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"PK\x03\x04 half a checkpoint")
+        else:
+            with open(target, "wb") as handle:
+                handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(model, path)
+    assert path.read_bytes() == before and len(sha) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.pt"]
+
+
+# -- vlp train-detector ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from vlp.synthetic import generate
+
+    root = tmp_path_factory.mktemp("world")
+    generate(root, 4, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    return root
+
+
+def _train(world, out, *extra):
+    args = ["train-detector", str(world), "-o", str(out), *TINY, "--iterations", "2", "--batch-size", "1",
+            "--rois-per-image", "8", "--warmup", "1", "--log-every", "1", "--checkpoint-every", "1",
+            "--eval-images", "0", "--threads", "1", *extra]
+    return CliRunner().invoke(cli.main, args)
+
+
+def test_train_detector_writes_its_files_and_resume_checks_the_settings(tiny_world, tmp_path):
+    out = tmp_path / "runs" / "tiny.pt"
+    result = _train(tiny_world, out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} after 2 iterations" in result.output
+    log = json.loads((tmp_path / "runs" / "tiny.pt.log.json").read_text())
+    assert [e["iteration"] for e in log["losses"]] == [1, 2]
+    assert log["settings"]["lr"] == 2e-3 and log["settings"]["rois_per_image"] == 8 and log["finished"]
+    assert [c["iteration"] for c in log["checkpoints"]] == [1, 2]
+    assert log["sha256"] == log["checkpoints"][-1]["sha256"]
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["tiny.pt", "tiny.pt.log.json", "tiny.pt.state.pt"]  # no temporary files left
+    # the checkpoint is the inference layout
+    from vlp.detectors import load_detector
+
+    detector = load_detector(out, preset="demo", device="cpu", min_size=224, max_size=352, rpn_post_nms_topk=50)
+    assert detector.weights_sha256 == log["sha256"]
+    # resuming with another learning rate is refused, naming it; --threads may change
+    result = _train(tiny_world, out, "--resume", "--lr", "0.001")
+    assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
+                                       f"lr: 0.002 then, 0.001 now")
+    result = _train(tiny_world, out, "--resume", "--threads", "2")
+    assert result.exit_code == 0 and "training already finished (2 iterations)" in result.output, result.output
+    result = _train(tiny_world, tmp_path / "none.pt", "--resume")
+    assert "no training state to resume" in _one_error_line(result)
