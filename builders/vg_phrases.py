@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from vlp.builders.common import Build, BuildResult, ImageIdTemplate, read_json
+from vlp.builders.common import Build, BuildResult, ImageIdTemplate, bad_field, is_id, load_splits, read_json
 from vlp.schemas.errors import SchemaError
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ class VerbTagger:
 
 
 def _vg_image_id(entry: dict):
+    """The entry's image id (``image_id`` or ``id``), None when missing or not an integer / text."""
     for key in ("image_id", "id"):
         if key in entry:
-            return entry[key]
+            return entry[key] if is_id(entry[key]) else None
     return None
 
 
@@ -154,7 +155,7 @@ def read_image_data(vg_dir: Path) -> dict:
     out = {}
     for entry in data:
         if isinstance(entry, dict) and _vg_image_id(entry) is not None:
-            url = str(entry.get("url") or "")
+            url = entry.get("url") if isinstance(entry.get("url"), str) else ""
             folder = url.rstrip("/").rsplit("/", 2)[-2] if url.count("/") >= 2 else ""
             out[str(_vg_image_id(entry))] = {"folder": folder, "coco_id": entry.get("coco_id")}
     return out
@@ -179,8 +180,7 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
     path = vg_dir / "region_descriptions.json"
     images_meta = read_image_data(vg_dir)
     if splits is None and (vg_dir / "splits.json").is_file():
-        raw = read_json(vg_dir / "splits.json", "splits (name -> list of image ids)")
-        splits = {str(i): name for name, ids in raw.items() for i in ids} if isinstance(raw, dict) else {}
+        splits, _ = load_splits(vg_dir / "splits.json")
     splits = splits or {}
     data = read_json(path, "Visual Genome region_descriptions.json (a list of images with regions)")
     if not isinstance(data, list):
@@ -198,9 +198,12 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
             raw_id = _vg_image_id(entry) if isinstance(entry, dict) else None
             regions = entry.get("regions") if isinstance(entry, dict) else None
             if raw_id is None and isinstance(regions, list) and regions and isinstance(regions[0], dict):
-                raw_id = regions[0].get("image_id")
-            if raw_id is None or not isinstance(regions, list):
-                build.bad.add(path, where, "image entry without an id/image_id or without a regions list")
+                raw_id = regions[0].get("image_id") if is_id(regions[0].get("image_id")) else None
+            if raw_id is None:
+                build.bad.add(path, where, "no integer or text id/image_id", field="image_id")
+                continue
+            if not isinstance(regions, list):
+                build.bad.add(path, where, bad_field(regions, "a list of regions"), field="regions")
                 continue
             image_key = str(raw_id)
             if images_meta and image_key not in images_meta:
@@ -209,7 +212,7 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
             for k, region in enumerate(regions):
                 phrase = region.get("phrase") if isinstance(region, dict) else None
                 if not isinstance(phrase, str):
-                    build.bad.add(path, f"{where}.regions[{k}]", "region without a text 'phrase'")
+                    build.bad.add(path, f"{where}.regions[{k}]", bad_field(phrase, "the phrase text"), field="phrase")
                     continue
                 phrase = clean_phrase(phrase)
                 if not phrase:
@@ -221,16 +224,18 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
                 seen.add(phrase)
                 phrases.append(phrase)
             meta = images_meta.get(image_key, {})
-            image_id = template(image_id=raw_id, folder=meta.get("folder", ""), coco_id=meta.get("coco_id"))
-            per_image.append((image_id, image_key, phrases))
+            try:
+                image_id = template(image_id=raw_id, folder=meta.get("folder", ""), coco_id=meta.get("coco_id"))
+            except SchemaError as exc:
+                build.bad.add(path, where, str(exc), field="image id")
+                continue
+            per_image.append((image_id, image_key, phrases, where))
             stats["phrases"] += len(phrases)
         del data
 
-        distinct = sorted({p for _, _, phrases in per_image for p in phrases})
+        distinct = sorted({p for _, _, phrases, _ in per_image for p in phrases})
         stats["distinct_phrases"] = len(distinct)
-        build.progress.total = len(distinct)
-        if build.progress._bar is not None:
-            build.progress._bar.total = len(distinct)
+        build.set_total(len(distinct))
         if verb_test is None:
             tagger = VerbTagger(verb_rule, batch_size=batch_size, n_process=n_process)
             flags = tagger.has_verb(distinct, progress=build.progress.update)
@@ -241,7 +246,7 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
             build.progress.update(len(distinct))
         verbs = {p for p, flag in zip(distinct, flags) if flag}
 
-        for image_id, image_key, phrases in per_image:
+        for image_id, image_key, phrases, where in per_image:
             kept = [p for p in phrases if p not in verbs]
             dropped = len(phrases) - len(kept)
             stats["verb_phrases_dropped"] += dropped
@@ -264,5 +269,5 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
                 continue
             build.add({"pair_id": f"{image_id}#vg_phrases", "image_id": image_id, "text": ", ".join(chosen),
                        "source": "visual_genome", "split": splits.get(image_key, ""),
-                       "num_phrases": len(chosen), "num_dropped": dropped})
+                       "num_phrases": len(chosen), "num_dropped": dropped}, (path, where))
     return build.result

@@ -274,3 +274,48 @@ def test_a_failed_import_leaves_nothing_and_the_retry_needs_no_flag(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(build_main, ["import-coco", str(good), "-o", str(out), "--progress", "off"])
     assert result.exit_code == 1 and "use --overwrite to replace it" in result.output
+
+
+VG_IMAGE = {"id": 1, "regions": [{"region_id": 11, "image_id": 1, "phrase": "a red circle"}]}
+
+
+@FUZZ
+@given(images=rows_of(VG_IMAGE), regions=rows_of({"region_id": 12, "image_id": 2, "phrase": "a star"}),
+       image_data=st.one_of(st.none(), st.lists(st.one_of(mutated({"image_id": 1, "url": "http://x/VG_100K/1.jpg",
+                                                                   "coco_id": 5}), json_values), max_size=3)),
+       splits=st.one_of(st.none(), json_values, st.just({"train": [1, 2]})), how=damage)
+def test_fuzz_vg_phrases(images, regions, image_data, splits, how):
+    from vlp.builders.vg_phrases import build_vg_phrases
+    from vlp.schemas import SchemaError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_json(tmp / "region_descriptions.json", images + [{"image_id": 2, "regions": regions}], how)
+        if image_data is not None:
+            write_json(tmp / "image_data.json", image_data, None)
+        if splits is not None:
+            write_json(tmp / "splits.json", splits, None)
+        try:
+            build_vg_phrases(tmp, tmp / "out", image_id_template="{folder}{image_id}", progress="off",
+                             verb_test=lambda phrases: ["star" in p for p in phrases])
+        except (SchemaError, FileNotFoundError):
+            assert not (tmp / "out").exists() and not (tmp / "out.partial").exists()
+            return
+        assert verify_pairs(tmp / "out").ok
+
+
+def test_vg_phrases_wrongly_typed_ids_and_repeated_images_are_logged(tmp_path):
+    from vlp.builders.vg_phrases import build_vg_phrases
+    from vlp.schemas import SchemaError
+
+    write_json(tmp_path / "region_descriptions.json", [
+        VG_IMAGE, {"id": [2], "regions": []}, {"id": 3, "regions": {"phrase": "x"}}, VG_IMAGE], None)
+    result = build_vg_phrases(tmp_path, tmp_path / "out", progress="off", verb_test=lambda ps: [False] * len(ps))
+    logged = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["where"], e.get("field")) for e in logged[:2]] == [("[1]", "image_id"), ("[2]", "regions")]
+    assert logged[2]["where"] == "[3]" and "already in the store" in logged[2]["reason"]
+    assert result.num_pairs == 1
+    (tmp_path / "splits.json").write_text("[1, 2]")
+    with pytest.raises(SchemaError, match="splits.json: expected"):
+        build_vg_phrases(tmp_path, tmp_path / "again", progress="off", verb_test=lambda ps: [False] * len(ps))
+    assert not (tmp_path / "again").exists()

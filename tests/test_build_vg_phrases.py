@@ -96,7 +96,7 @@ def test_bounds_and_cleaning(tmp_path):
     assert stats["malformed"] == 2
     errors = [json.loads(line) for line in (tmp_path / "p" / "errors.jsonl").read_text().splitlines()]
     assert [e["where"] for e in errors] == ["[2]", "[3].regions[1]"]
-    with pytest.raises(SchemaError, match=r"region_descriptions.json:\[2\]: image entry without"):
+    with pytest.raises(SchemaError, match=r"region_descriptions.json:\[2\]: image_id: no integer or text id"):
         build_vg_phrases(vg, tmp_path / "q", strict=True, verb_test=synthetic_verbs, progress="off")
     assert clean_phrase(" a  b . ") == "a b"
 
