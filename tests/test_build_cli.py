@@ -23,3 +23,5 @@ def test_help_documents_every_option(name):
             assert param.opts[-1] in result.output, (name, param.opts)
             assert param.help or param.name == "help", (name, param.opts)
     assert "--out" in result.output and "--overwrite" in result.output and "--progress" in result.output
+    out = next(p for p in build_main.commands[name].params if p.name == "out")
+    assert sorted(out.opts) == ["--out", "-o"], name
