@@ -44,6 +44,11 @@ class BuildResult:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if details:
             parts.append("Stats: " + ", ".join(details) + ".")
+        if "image_id_template" in self.stats:
+            parts.append(f"Image ids by {self.stats['image_id_template']}" + (
+                "." if "images_found_by_template" in self.stats else
+                " (--image-id-template auto without --features: pass --features to pick the naming that "
+                "finds the images)."))
         if self.stats.get("images_without_split"):
             parts.append(f"{self.stats['images_without_split']} image(s) not in {self.stats.get('splits_from')} got "
                          f"split {self.stats.get('split_of_images_without_split', '')!r} (--split).")

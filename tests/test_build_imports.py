@@ -205,6 +205,8 @@ def test_import_vqa_hand_made(tmp_path):
     assert result.stats["answer_vocab_size"] == 2 and result.stats["answers_out_of_vocab"] == 3
     assert json.loads((tmp_path / "p" / "answer_vocab.json").read_text()) == ["2", "red"]
     assert [e["where"] for e in errors(tmp_path / "p")] == ["questions[2]", "annotations[2]"]
+    assert "Image ids by COCO_{subtype}_{image_id:012d} (--image-id-template auto without --features" \
+        in result.summary()
     # an explicit vocabulary keeps "dark red" and "3" too
     (tmp_path / "v.json").write_text(json.dumps(["red", "dark red", "2", "3"]))
     imports.import_vqa(files, tmp_path / "v", answer_vocab=tmp_path / "v.json", **OFF)
