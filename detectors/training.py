@@ -568,7 +568,7 @@ class DetectorTrainer:
                  **{k: round(sum(v) / len(v), 5) for k, v in self.window.items()}}
         self.record["losses"].append(entry)
         self.window = {}
-        self.log(" ".join(f"{k} {v}" for k, v in entry.items()))
+        self.log(" ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
         self._write_log()
 
     def _write_log(self) -> None:
