@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    """The stores `vlp demo` builds, from a 60-image world: features (384-d, as the demo
+    """The stores `vlp demo` builds, from a 40-image world: features (384-d, as the demo
     detector's), pairs/coco-captions (Karpathy splits) and pairs/objects-labels."""
     from vlp.builders.imports import import_coco
     from vlp.builders.labels import build_objects_labels
@@ -22,7 +22,7 @@ def demo_out(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     world = out / "world"
-    generate(world, 60, seed=123, overwrite=True)
+    generate(world, 40, seed=123, overwrite=True)
     truth_feature_store(world, out / "features", feature_dim=384, storage="lmdb")
     annotations = world / "annotations"
     import_coco(sorted(annotations.glob("captions_*.json")), out / "pairs" / "coco-captions",
@@ -40,6 +40,7 @@ def test_the_shipped_vocabulary_is_rebuilt_exactly():
     assert shipped_vocab("demo").read_text().split("\n")[:-1] == list(SPECIAL_TOKENS) + demo_vocab_words()
 
 
+@pytest.mark.slow
 def test_the_shipped_vocabulary_covers_the_world_texts(demo_out):
     from vlp.trainer.config import shipped_vocab
     from vlp.trainer.data import load_tokenizer
@@ -69,6 +70,7 @@ def test_demo_config_validates_with_no_bert_directory():
     assert stage.sources[0].split == ("train", "restval") and config.eval.split == ("test",)
 
 
+@pytest.mark.slow
 def test_the_demo_pretraining_part_runs_and_reports_retrieval(demo_out):
     from vlp.demo import _pretrain_lines, pretrain_demo
 

@@ -176,8 +176,10 @@ def _ignore_interrupts(_worker_id: int) -> None:
 
 class Pretrainer:
     """Runs one stage. ``out_dir`` receives ``checkpoint-STEP.pt``, ``last.json``,
-    ``history.jsonl`` (one line per optimizer step) and ``eval.jsonl``; with
-    ``world_size > 1`` only rank 0 writes.
+    ``history.jsonl`` (one line per optimizer step; with several sources also each
+    source's losses of the step, see :mod:`vlp.trainer.reporting`) and ``eval.jsonl``;
+    with ``world_size > 1`` only rank 0 writes. ``running``: each source's running
+    (exponentially averaged) loss, shown by the progress display of a mixed stage.
 
     ``data``: a :class:`PairDataset` (all tasks on it) or a list of
     :class:`DataSource`. ``evaluator``: called with the model every ``eval_every`` steps

@@ -2,7 +2,8 @@
 
 A config names the model, the feature store and a list of stages; each stage has its
 own pair store, tasks with weights and optimisation settings (the fields of
-:class:`~vlp.trainer.pretrain.StageConfig`)::
+:class:`~vlp.trainer.config.StageConfig`; the whole file is a
+:class:`~vlp.trainer.config.TrainConfig`)::
 
     model:
       text_checkpoint: /models/bert-base-uncased   # BERT dir: config.json, vocab.txt, weights
@@ -29,7 +30,8 @@ Hand-over: stage k+1 starts from the encoder weights at the end of stage k; head
 tasks that appear in both stages are carried over, new tasks get new heads; the
 optimizer and schedule start afresh. Each stage writes to ``OUT/NN-name/``. Running the
 same config again skips finished stages and resumes an unfinished one from its last
-checkpoint (bit-exact on CPU).
+checkpoint (bit-exact on CPU). The run-folder rules (``--resume``, ``config.yaml``) and
+the choice between this process and Ray workers are :mod:`vlp.trainer.runs`'.
 """
 
 from __future__ import annotations
