@@ -379,6 +379,10 @@ def import_sbu(path, out, *, image_id_template: str = "{folder}/{key}", samples_
 #: zero-padded names, and plain ids (e.g. the synthetic world's images/<id>.jpg).
 VQA_TEMPLATES = ("COCO_{subtype}_{image_id:012d}", "{subtype}/COCO_{subtype}_{image_id:012d}",
                  "{image_id:012d}", "{image_id}")
+#: Without a feature store to check against, the questions file's ``data_type`` decides:
+#: "mscoco" (VQA v2's own files) or none names images the COCO 2014 way, any other data set
+#: (e.g. the synthetic world's "vlp-synth") by its plain image id.
+VQA_COCO_DATA_TYPE = "mscoco"
 
 
 def _choose_template(candidates, fields: list[dict], features) -> tuple[str, int]:
@@ -410,7 +414,8 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
     ``OUT/answer_vocab.json``. Answers outside it are left out of a pair (counted).
     Split = the questions file's data_subtype without digits ("train2014" -> "train").
     ``image_id_template="auto"``: with ``features``, the one of :data:`VQA_TEMPLATES` that
-    finds the most question images in the feature store; without, the first (COCO 2014).
+    finds the most question images in the feature store; without, the COCO 2014 naming for
+    files whose ``data_type`` is "mscoco" and ``{image_id}`` for any other data set.
     """
     if image_id_template != "auto":
         ImageIdTemplate(image_id_template, ("image_id", "subtype"))
@@ -473,7 +478,10 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
         if image_id_template == "auto":
             fields = list({(q["image_id"], subtype): {"image_id": q["image_id"], "subtype": subtype}
                            for _, _, subtype, q in valid}.values())
-            chosen, hits = _choose_template(VQA_TEMPLATES, fields, kw.get("features"))
+            data_types = {doc.get("data_type") for _, doc in question_docs}
+            candidates = (VQA_TEMPLATES if kw.get("features") is not None or data_types <= {VQA_COCO_DATA_TYPE, None}
+                          else ("{image_id}",))
+            chosen, hits = _choose_template(candidates, fields, kw.get("features"))
             build.stats["image_id_template"] = chosen
             if hits >= 0:
                 build.stats["images_found_by_template"] = hits

@@ -340,7 +340,7 @@ def _write_vqa(writer: _Writer, scenes, questions, split_of) -> None:
     for name, content in out.items():
         subtype = f"{name}2014"
         writer.json(f"vqa/v2_OpenEnded_mscoco_{name}_questions.json", {
-            "info": info, "task_type": "Open-Ended", "data_type": "mscoco",
+            "info": info, "task_type": "Open-Ended", "data_type": "vlp-synth",
             "data_subtype": subtype, "license": license_, "questions": content["questions"]})
         writer.json(f"vqa/v2_mscoco_{name}_annotations.json", {
             "info": info, "license": license_, "data_subtype": subtype,

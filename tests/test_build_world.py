@@ -77,3 +77,12 @@ def test_every_command_with_its_defaults_finds_the_features(world, tmp_path):
         assert store.manifest["stats"]["images_without_split"] == 0
     _, store = build(["topics", tmp_path / "coco", "--features", features], tmp_path / "topics")
     assert store.manifest["stats"]["pairs_missing_images"] == 0 and store.manifest["stats"]["pairs_with_topics"] > 0
+
+
+def test_import_vqa_without_any_flag_names_the_world_images_as_vlp_extract_does(world, tmp_path):
+    """No --features to check against: the files' data_type (not COCO) picks plain ids."""
+    w = world / "world"
+    _, store = build(["import-vqa", *sorted((w / "vqa").glob("*.json"))], tmp_path / "vqa")
+    assert store.manifest["stats"]["image_id_template"] == "{image_id}"
+    assert join_report(store, FeatureStore(world / "features")).pairs_missing_images == 0
+    assert len(store) == 12 * 4

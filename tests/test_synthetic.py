@@ -294,7 +294,7 @@ def test_vqa_files_and_answers_are_true(world, scenes):
     for name in ("train", "val"):
         qs = load(world, f"vqa/v2_OpenEnded_mscoco_{name}_questions.json")
         anns = load(world, f"vqa/v2_mscoco_{name}_annotations.json")
-        assert qs["task_type"] == "Open-Ended" and qs["data_type"] == "mscoco"
+        assert qs["task_type"] == "Open-Ended" and qs["data_type"] == "vlp-synth"  # not COCO images
         assert qs["data_subtype"] == anns["data_subtype"] == f"{name}2014"
         assert [q["question_id"] for q in qs["questions"]] == [a["question_id"] for a in anns["annotations"]]
         per_image = Counter(q["image_id"] for q in qs["questions"])
