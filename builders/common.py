@@ -119,11 +119,7 @@ class Build:
 
     def set_total(self, total: int) -> None:
         """The progress total, once it is known."""
-        self.progress.total = total
-        bar = getattr(self.progress, "_bar", None)
-        if bar is not None:
-            bar.total = total
-            bar.refresh()
+        self.progress.set_total(total)
 
     def new_progress(self, total: int, desc: str, unit: str) -> None:
         """Close the current progress display and start another (a builder's next pass)."""

@@ -52,6 +52,13 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         return (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
 
+    def set_total(self, total: int) -> None:
+        """The total, once it is known (a count that needed a first look at the input)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def update(self, count: int = 1, **extra) -> None:
         self.done += count
         self._extra.update(extra)
