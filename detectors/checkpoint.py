@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp.core.durable import atomic_path
+from vlp.core.durable import atomic_write
 from vlp.detectors.errors import CheckpointError
 from vlp.schemas.safe_pickle import safe_load
 from vlp.schemas.shards import sha256_file
@@ -232,7 +232,7 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
 
     ``.pkl`` writes the detectron2 layout ``{"model": {name: ndarray}}``, anything in
     TORCH_SUFFIXES a flat torch state dict. ``half=True`` stores floats as float16
-    (loading converts back to float32). Written atomically (:func:`vlp.core.durable.atomic_path`):
+    (loading converts back to float32). Written atomically (:func:`vlp.core.durable.atomic_write`):
     a reader, or a run killed while writing, sees the old file or the new one. The same
     weights give the same bytes (and sha256) whatever the file is called.
     """
@@ -247,11 +247,9 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
     if suffix not in PICKLE_SUFFIXES + TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
                               f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
-    with atomic_path(path) as tmp:
-        if suffix in PICKLE_SUFFIXES:
-            with open(tmp, "wb") as f:
-                pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, f, protocol=4)
-        else:
-            with open(tmp, "wb") as f:  # a handle: the archive is named "archive", not after the file
-                torch.save(state, f)
+    if suffix in PICKLE_SUFFIXES:
+        atomic_write(path, lambda handle: pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, handle,
+                                                      protocol=4))
+    else:  # through a handle: the archive is named "archive", not after the (temporary) file
+        atomic_write(path, lambda handle: torch.save(state, handle))
     return sha256_file(path)

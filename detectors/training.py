@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from vlp.core.durable import atomic_path, atomic_write_json
+from vlp.core.durable import atomic_path, atomic_write, atomic_write_json
 from vlp.detectors.annotations import Annotation, load_vg_annotations, split_image_ids
 from vlp.detectors.checkpoint import match_state_dict, read_checkpoint, save_checkpoint
 from vlp.detectors.config import DetectorConfig, make_config
@@ -597,8 +597,8 @@ class DetectorTrainer:
                 "train_image_ids": [int(a.image_id) for a in self.annotations]}
 
     def save_state(self) -> None:
-        with atomic_path(self.paths["state"]) as tmp:
-            torch.save(self.state_dict(), tmp)
+        state = self.state_dict()
+        atomic_write(self.paths["state"], lambda handle: torch.save(state, handle))
 
     def resume(self, path=None) -> None:
         """Continue the run whose state is at ``path`` (default ``<out_path>.state.pt``).

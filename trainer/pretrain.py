@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from vlp.core.durable import atomic_path, atomic_write_json
+from vlp.core.durable import atomic_write, atomic_write_json
 from vlp.trainer.config import StageConfig
 from vlp.trainer.data import (Collator, DataSource, LengthBucketBatchSampler, MixedBatchSampler,
                               MixedDataset, MixturePlan, stable_seed, to_device)
@@ -270,8 +270,8 @@ class Pretrainer:
     def save_checkpoint(self) -> Optional[Path]:
         path = self.out_dir / f"checkpoint-{self.step:07d}.pt"
         if self.dist.rank == 0:
-            with atomic_path(path) as tmp:
-                torch.save(self.state_dict(), tmp)
+            state = self.state_dict()
+            atomic_write(path, lambda handle: torch.save(state, handle))  # a handle: bytes independent of the name
             atomic_write_json(self.out_dir / "last.json",
                               {"checkpoint": path.name, "step": self.step, "steps": self.stage.steps}, indent=None)
             old = sorted(self.out_dir.glob("checkpoint-*.pt"))
