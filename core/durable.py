@@ -33,6 +33,19 @@ def fsync_dir(folder: PathLike) -> None:
         os.close(fd)
 
 
+def publish(written: PathLike, path: PathLike, *, sync: bool = True) -> Path:
+    """Rename a finished file (written under another name in the same folder) to ``path``:
+    fsync it, replace, fsync the folder. A reader sees the old ``path`` or the new one."""
+    written, path = Path(written), Path(path)
+    if sync:
+        with open(written, "rb+") as handle:
+            os.fsync(handle.fileno())
+    os.replace(written, path)
+    if sync:
+        fsync_dir(path.parent)
+    return path
+
+
 def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
@@ -48,15 +61,10 @@ def atomic_path(path: PathLike, *, sync: bool = True) -> Iterator[Path]:
     tmp = _temporary_name(path)
     try:
         yield tmp
-        if sync:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path, sync=sync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync:
-        fsync_dir(path.parent)
 
 
 def atomic_write(path: PathLike, data: Union[bytes, Callable[[object], None]], *, sync: bool = True) -> Path:
@@ -81,8 +89,9 @@ def atomic_write_text(path: PathLike, text: str, *, sync: bool = True) -> Path:
 
 
 def atomic_write_json(path: PathLike, data, *, indent: Optional[int] = 2, sync: bool = True) -> Path:
-    text = json.dumps(data, indent=indent, ensure_ascii=False)
-    return atomic_write_text(path, text + "\n", sync=sync)
+    text = json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+    # A lone surrogate (a file name that was not UTF-8) is written as its JSON escape.
+    return atomic_write(path, text.encode("utf-8", errors="backslashreplace"), sync=sync)
 
 
 def cut_torn_tail(path: PathLike) -> None:
@@ -144,7 +153,8 @@ class JsonLines:
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             cut_torn_tail(self.path)
-            self._handle = open(self.path, "a", encoding="utf-8")
+            # errors: a lone surrogate (a file name that was not UTF-8) becomes its JSON escape
+            self._handle = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
         self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._handle.flush()
         self.count += 1

@@ -2,14 +2,13 @@
 
 A shard belongs to the store only when the manifest lists it. Writers rewrite the
 manifest after every finished shard (``complete: false``) and once more at the end
-(``complete: true``), always through a temporary file and ``os.replace``.
+(``complete: true``), always atomically (:func:`vlp.core.durable.atomic_write_json`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 
 from vlp.schemas.errors import StoreError
@@ -19,22 +18,6 @@ MANIFEST_NAME = "manifest.json"
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(root: Path, kind: str, supported_versions: tuple[int, ...]) -> dict:

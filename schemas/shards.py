@@ -23,6 +23,7 @@ import lmdb
 import numpy as np
 import pyarrow as pa
 
+from vlp.core.durable import publish
 from vlp.schemas import codec
 from vlp.schemas.errors import SchemaError, StoreError
 from vlp.schemas.record import (ARRAY_FIELDS, FIELD_DTYPES, IMAGE_FEATURE_DTYPE,
@@ -54,14 +55,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _ShardWriterBase:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -82,10 +75,7 @@ class _ShardWriterBase:
         self.keys.append(record.image_id)
 
     def _finish(self) -> ShardInfo:
-        with open(self.partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.partial, self.path)
-        fsync_dir(self.path.parent)
+        publish(self.partial, self.path)
         return ShardInfo(self.path.name, len(self.keys), self.path.stat().st_size,
                          sha256_file(self.path), list(self.keys))
 

@@ -27,12 +27,13 @@ from typing import Iterator, Optional
 import lmdb
 
 from vlp import __version__
+from vlp.core.durable import atomic_write_json, publish
 from vlp.schemas import vocab
 from vlp.schemas.errors import SchemaError, StoreError
-from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest, write_json_atomic
+from vlp.schemas.manifest import MANIFEST_NAME, now_iso, read_manifest
 from vlp.schemas.record import DEFAULT_FEATURE_DIM, SCHEMA_VERSION, FeatureRecord
 from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardWriter, LmdbShardWriter,
-                                ShardInfo, fsync_dir, open_readonly_env, open_shard_reader, release_readonly_env)
+                                ShardInfo, open_readonly_env, open_shard_reader, release_readonly_env)
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,7 @@ class FeatureStoreWriter:
         if self._current is not None:
             self.finish_shard()
         final = self.root / self._next_shard_name()
-        os.replace(path, final)
-        fsync_dir(self.root)
+        publish(path, final)
         adopted = dataclasses.replace(info, name=final.name)
         self.commit(adopted)
         return adopted
@@ -367,7 +367,7 @@ class FeatureStoreWriter:
             **self.extra,
             "shards": [s.manifest_entry() for s in self.shards],
         }
-        write_json_atomic(self.root / MANIFEST_NAME, manifest)
+        atomic_write_json(self.root / MANIFEST_NAME, manifest)
 
     def close(self, complete: bool = True) -> None:
         """Finish the open shard and write the final manifest."""
