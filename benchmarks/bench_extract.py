@@ -10,12 +10,18 @@
    and 10 N images, each in a fresh process; it must stay flat: in-flight work is
    bounded, and the image list is the only thing that grows with N.
 
+3. Contention (``--contention``): the same comparison while a busy loop (another user's
+   job) holds one core, side by side: the detector alone, the pipeline as ``run_extract``
+   starts it (Ray workers at the driver's niceness), and the pipeline with Ray's default
+   worker niceness, 15 (as before vlp set it). A short run: a few dozen small images.
+
 CPU default: the demo preset on synthetic-world images (240-640 px, upsampled to a 512 px
 short side). GPU: ``--preset butd-10-100 --random-weights --device cuda`` (R101, random
 weights: timing does not depend on the values) with ``--batch-size 8``.
 
     python benchmarks/bench_extract.py                            # CPU, demo, 200 + 1k/10k images
     python benchmarks/bench_extract.py --skip-memory --images 400
+    python benchmarks/bench_extract.py --contention --images 24 --min-size 320   # about 2 minutes on 2 cores
     python benchmarks/bench_extract.py --preset butd-10-100 --random-weights --device cuda --batch-size 8
 """
 
@@ -122,7 +128,7 @@ def detector_alone(images: Path, args, count: int) -> float:
 
     torch.set_num_threads(args.threads)
     detector = load_detector(preset=args.preset, device=args.device, dtype=args.dtype,
-                             allow_random=args.random_weights, batch_size=args.batch_size)
+                             allow_random=args.random_weights, batch_size=args.batch_size, **_size_overrides(args))
     decoded = [decode_file(p) for p in sorted(images.glob("*.jpg"))[:count]]
     detector.detect(decoded[:2])  # warm-up
     start = time.perf_counter()
@@ -132,6 +138,53 @@ def detector_alone(images: Path, args, count: int) -> float:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(decoded) / (time.perf_counter() - start)
+
+
+def _size_overrides(args) -> dict:
+    return {"min_size": args.min_size, "max_size": args.min_size * 3 // 2} if args.min_size else {}
+
+
+def pipeline_rate(images: Path, out: Path, settings) -> tuple[float, float, dict]:
+    """(steady-state images/s, end-to-end images/s, stats) of one run_extract."""
+    start = time.perf_counter()
+    stats, marks = run_pipeline(images, out, settings)
+    wall = time.perf_counter() - start
+    if len(marks) < 3:
+        raise SystemExit("too few chunks for a steady-state figure: use more --images or a smaller --chunk-size")
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0), stats["stored"] / wall, stats
+
+
+def busy_loop(cpu: int) -> subprocess.Popen:
+    """Another user's job: a pure-Python busy loop pinned to one core, at niceness 0."""
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def contention(args, pool: Path, cache: Path) -> None:
+    from vlp.pipeline.extract import ExtractSettings
+
+    subset = replicated(pool, args.images, cache / "contention")
+    base = dict(preset=args.preset, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                allow_random_weights=args.random_weights, threads_per_worker=args.threads, overwrite=True,
+                chunk_size=args.chunk_size, progress="off", shard_size=1000, overrides=_size_overrides(args))
+    loop = busy_loop(0)
+    try:
+        time.sleep(1.0)
+        # The detector alone is timed just before and just after each pipeline run (the mean is the
+        # reference), so a change in the machine's other load hits both sides of a ratio alike.
+        for niceness, label in ((None, "vlp: the driver's"), (15, "Ray's default")):
+            before = detector_alone(subset / "000", args, args.images)
+            steady, end_to_end, stats = pipeline_rate(subset, cache / "out-contention",
+                                                      ExtractSettings(worker_niceness=niceness, **base))
+            after = detector_alone(subset / "000", args, args.images)
+            alone = (before + after) / 2
+            print(f"workers at niceness {stats['workers']['niceness']:>2} ({label}): detector alone {before:.2f} / "
+                  f"{after:.2f} images/s (before / after), pipeline {steady:.2f} steady ({end_to_end:.2f} end to "
+                  f"end); ratio pipeline / detector {steady / alone:.3f}", flush=True)
+    finally:
+        loop.kill()
+        loop.wait()
 
 
 def main() -> None:
@@ -149,6 +202,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="detector input short side for both sides of the comparison (max 1.5x)")
+    parser.add_argument("--contention", action="store_true",
+                        help="only the comparison under a busy loop on one core (chunks of 4 images)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vlp-bench-extract"))
     parser.add_argument("--memory-run", type=int, help=argparse.SUPPRESS)  # internal: one memory run
     args = parser.parse_args()
@@ -156,44 +213,34 @@ def main() -> None:
         memory_run(args)
         return
 
-    import ray
-
     from vlp.pipeline.extract import ExtractSettings
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     pool = world_images(cache, max(args.images, 200))
     print(f"machine: {os.cpu_count()} CPUs; preset {args.preset}, device {args.device}, dtype {args.dtype}, "
-          f"batch {args.batch_size or 'default'}, threads {args.threads}")
+          f"batch {args.batch_size or 'default'}, threads {args.threads}, "
+          f"input short side {args.min_size or 'preset default'}")
+    if args.contention:
+        if args.chunk_size == 16:
+            args.chunk_size = 4
+        contention(args, pool, cache)
+        return
 
     alone = detector_alone(pool, args, args.images)
     print(f"detector alone        {alone:8.2f} images/s  ({args.images} images, decoded beforehand)")
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        base = dict(preset=args.preset, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                    allow_random_weights=args.random_weights, threads_per_worker=args.threads,
-                    chunk_size=args.chunk_size, progress="off", shard_size=1000)
-        subset = replicated(pool, args.images, cache / "throughput")
-        out = cache / "out-throughput"
-        settings = ExtractSettings(overwrite=True, **base)
-        start = time.perf_counter()
-        stats, marks = run_pipeline(subset, out, settings)
-        wall = time.perf_counter() - start
-        if len(marks) < 3:
-            raise SystemExit("too few chunks for a steady-state figure: use more --images or a smaller --chunk-size")
-        (t0, n0), (t1, n1) = marks[0], marks[-1]
-        steady = (n1 - n0) / (t1 - t0)
-        print(f"pipeline steady state {steady:8.2f} images/s  ({n1 - n0} images between first and last chunk)")
-        print(f"pipeline end to end   {stats['stored'] / wall:8.2f} images/s  ({wall:.1f} s incl. Ray start "
-              "and model load)")
-        print(f"ratio pipeline / detector alone: {steady / alone:.3f} (steady), "
-              f"{stats['stored'] / wall / alone:.3f} (end to end)")
-        stage = stats["stage_seconds"]
-        print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
-
-    finally:
-        ray.shutdown()
+    # run_extract starts (and stops) its own Ray instance, as vlp-extract does.
+    base = dict(preset=args.preset, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                allow_random_weights=args.random_weights, threads_per_worker=args.threads,
+                chunk_size=args.chunk_size, progress="off", shard_size=1000, overrides=_size_overrides(args))
+    subset = replicated(pool, args.images, cache / "throughput")
+    steady, end_to_end, stats = pipeline_rate(subset, cache / "out-throughput", ExtractSettings(overwrite=True, **base))
+    print(f"pipeline steady state {steady:8.2f} images/s")
+    print(f"pipeline end to end   {end_to_end:8.2f} images/s  (incl. Ray start and model load)")
+    print(f"ratio pipeline / detector alone: {steady / alone:.3f} (steady), {end_to_end / alone:.3f} (end to end)")
+    stage = stats["stage_seconds"]
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
     if not args.skip_memory:
         for count in [int(c) for c in args.memory_counts.split(",")]:
             # Each in a fresh process: its own driver and Ray instance.
