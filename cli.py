@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 
 from vlp import __version__
+from vlp.schemas.pairs import PAIR_SHARD_SIZE
+from vlp.schemas.store import FEATURE_SHARD_SIZE
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 STORAGE = click.Choice(["lmdb", "arrow"])
@@ -203,7 +205,7 @@ def _import_options(func):
                      help="Output feature-store directory."),
         click.option("--format", "storage", type=STORAGE, default="lmdb", show_default=True,
                      help="Shard format of the output store."),
-        click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+        click.option("--shard-size", type=click.IntRange(min=1), default=FEATURE_SHARD_SIZE, show_default=True,
                      help="Records per shard."),
         click.option("--feature-dim", type=click.IntRange(min=1), default=None,
                      help="Expected feature size per box (default: taken from the first record)."),
@@ -438,7 +440,7 @@ def _parse_overrides(pairs) -> dict:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a detector setting, e.g. --set min_boxes=36 --set max_boxes=36 (repeatable).")
 @click.option("--format", "storage", type=STORAGE, default="lmdb", show_default=True, help="Shard format.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+@click.option("--shard-size", type=click.IntRange(min=1), default=FEATURE_SHARD_SIZE, show_default=True,
               help="Images per shard.")
 @click.option("--overwrite", is_flag=True, help="Delete what --out holds and start fresh (default: continue).")
 @click.option("--file-list", type=click.Path(exists=True, dir_okay=False),
@@ -560,7 +562,7 @@ def _build_options(func):
     options = [
         click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output pair-store folder."),
         click.option("--overwrite", is_flag=True, help="Replace a pair store already at --out."),
-        click.option("--shard-size", type=click.IntRange(min=1), default=100_000, show_default=True,
+        click.option("--shard-size", type=click.IntRange(min=1), default=PAIR_SHARD_SIZE, show_default=True,
                      help="Pairs per shard."),
         click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto",
                      show_default=True, help="Progress bar, periodic log lines, or none."),

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Optional
 from vlp.core.errors_log import ERRORS_NAME, ErrorLog
 from vlp.core.progress import Progress
 from vlp.schemas.errors import SchemaError, StoreError
-from vlp.schemas.pairs import PairStore, PairStoreWriter, join_report
+from vlp.schemas.pairs import PAIR_SHARD_SIZE, PairStore, PairStoreWriter, join_report
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ class Build:
 
     def __init__(self, out, kind: str, *, overwrite: bool = False, sources: Iterable = (),
                  strict: bool = False, features=None, optional: Iterable[str] = (),
-                 shard_size: int = 100_000, total: int = 0, desc: Optional[str] = None,
+                 shard_size: int = PAIR_SHARD_SIZE, total: int = 0, desc: Optional[str] = None,
                  unit: str = "pair", progress: str = "auto"):
         self.out = Path(out)
         self.kind = kind

@@ -30,6 +30,7 @@ import numpy as np
 from vlp.builders.common import Build, BuildResult, SplitOf
 from vlp.schemas import FeatureStore
 from vlp.schemas.errors import StoreError
+from vlp.schemas.pairs import PAIR_SHARD_SIZE
 
 
 def mean_features(features_dir, progress=None) -> tuple[list[str], np.ndarray]:
@@ -170,7 +171,7 @@ def top_similar(vectors: np.ndarray, top_m: int, *, block: int = 1024, device: s
 
 def build_hard_negatives(features_dir, out, *, top_m: int = 10, captions=None, block: int = 1024,
                          device: str = "auto", precision: str = "auto", overwrite: bool = False,
-                         shard_size: int = 100_000, split: str = "", splits_from=None,
+                         shard_size: int = PAIR_SHARD_SIZE, split: str = "", splits_from=None,
                          progress: str = "auto") -> BuildResult:
     """One ``hard_negatives`` pair per image of the feature store (text empty).
 

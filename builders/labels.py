@@ -18,6 +18,7 @@ from vlp.builders.common import Build, BuildResult, SplitOf
 from vlp.schemas import FeatureStore, vocab
 from vlp.schemas.labels import (DEFAULT_ATTR_CONF_FLOOR, DEFAULT_OBJ_CONF_FLOOR, NAME_MODES, pick_name,
                                region_label_words)
+from vlp.schemas.pairs import PAIR_SHARD_SIZE
 
 
 def _open_features(features_dir) -> FeatureStore:
@@ -36,7 +37,7 @@ def _records_with_labels(store: FeatureStore, build: Build):
 
 def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_ATTR_CONF_FLOOR,
                          obj_conf_floor: float = DEFAULT_OBJ_CONF_FLOOR, names: str = "display",
-                         overwrite: bool = False, shard_size: int = 100_000, split: str = "",
+                         overwrite: bool = False, shard_size: int = PAIR_SHARD_SIZE, split: str = "",
                          splits_from=None, progress: str = "auto") -> BuildResult:
     """One ``objects_labels`` pair per image of the feature store ``features_dir``.
 
@@ -69,7 +70,7 @@ def build_objects_labels(features_dir, out, *, attr_conf_floor: float = DEFAULT_
 
 
 def build_labels_in_order(features_dir, out, *, names: str = "display", overwrite: bool = False,
-                          shard_size: int = 100_000, split: str = "", splits_from=None,
+                          shard_size: int = PAIR_SHARD_SIZE, split: str = "", splits_from=None,
                           progress: str = "auto") -> BuildResult:
     """One ``labels_in_order`` pair per image: the category of every region, in region order
     (``split`` / ``splits_from`` as :func:`build_objects_labels`)."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlp.schemas.labels import image_labels, topics
+from vlp.schemas.pairs import PAIR_SHARD_SIZE
 
 
 def build_topics(pairs_dir, features_dir, out, *, obj_conf_floor: float = 0.0, overwrite: bool = False,
-                 shard_size: int = 100_000, progress: str = "auto"):
+                 shard_size: int = PAIR_SHARD_SIZE, progress: str = "auto"):
     """Copy a pair store with the ``topics`` column filled (None where the image has no features)."""
     from vlp.builders.common import Build
     from vlp.schemas import FeatureStore

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional
 
 from vlp.builders.common import Build, BuildResult, ImageIdTemplate, bad_field, is_id, load_splits, read_json
 from vlp.schemas.errors import SchemaError
+from vlp.schemas.pairs import PAIR_SHARD_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def read_image_data(vg_dir: Path) -> dict:
 def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max_chars: int = DEFAULT_MAX_CHARS,
                      verb_rule: str = "vb", n_process: Optional[int] = None, batch_size: int = 1000,
                      image_id_template: str = "{image_id}", features=None, overwrite: bool = False,
-                     strict: bool = False, shard_size: int = 100_000, progress: str = "auto",
+                     strict: bool = False, shard_size: int = PAIR_SHARD_SIZE, progress: str = "auto",
                      verb_test: Optional[Callable[[list[str]], Iterable[bool]]] = None,
                      splits: Optional[dict] = None) -> BuildResult:
     """Build a ``vg_phrases`` store from ``VG_DIR/region_descriptions.json``.

@@ -51,7 +51,7 @@ from vlp.core.progress import Progress, format_duration
 from vlp.schemas.errors import StoreError
 from vlp.schemas.manifest import MANIFEST_NAME, read_manifest
 from vlp.schemas.record import SCHEMA_VERSION
-from vlp.schemas.store import FEATURES_FORMAT, INDEX_NAME
+from vlp.schemas.store import FEATURE_SHARD_SIZE, FEATURES_FORMAT, INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ExtractSettings:
     allow_random_weights: bool = False  # tests and benchmarks only
     # the output
     storage: str = "lmdb"
-    shard_size: int = 10_000
+    shard_size: int = FEATURE_SHARD_SIZE
     overwrite: bool = False
     # the input
     file_list: Optional[str] = None

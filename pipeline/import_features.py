@@ -32,6 +32,7 @@ import numpy as np
 
 from vlp.core.errors_log import ERRORS_NAME, ErrorLog
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, SchemaError, StoreError
+from vlp.schemas.store import FEATURE_SHARD_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _run(out, on_error, writer_kwargs, rows: Iterable[tuple[str, object]], featu
 
 
 def import_tsv(paths: Iterable, out, *, layout: str = "auto", storage: str = "lmdb",
-               shard_size: int = 10_000, feature_dim: Optional[int] = None, mode: str = "create",
+               shard_size: int = FEATURE_SHARD_SIZE, feature_dim: Optional[int] = None, mode: str = "create",
                on_error: str = "stop", progress: bool = True) -> ImportStats:
     """Stream BUTD/LXMERT TSV files into a feature store at ``out``."""
     from tqdm import tqdm
@@ -244,7 +245,7 @@ def import_tsv(paths: Iterable, out, *, layout: str = "auto", storage: str = "lm
 
 
 def import_pickled_lmdb(source, out, *, trust_pickle: bool = False, storage: str = "lmdb",
-                        shard_size: int = 10_000, feature_dim: Optional[int] = None,
+                        shard_size: int = FEATURE_SHARD_SIZE, feature_dim: Optional[int] = None,
                         mode: str = "create", on_error: str = "stop", progress: bool = True) -> ImportStats:
     """Convert a VOLTA/ViLBERT-style pickled LMDB into a pickle-free feature store."""
     import lmdb

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PAIRS_FORMAT = "vlp-pairs"
 PAIRS_SCHEMA_VERSION = 1
 SUFFIX = ".arrow"
+#: pairs per shard unless told otherwise
+PAIR_SHARD_SIZE = 100_000
 
 _STR, _I32, _F32 = pa.string(), pa.int32(), pa.float32()
 
@@ -150,7 +152,7 @@ class PairStoreWriter:
     leaves it at :attr:`path` for a last look (``publish()`` then moves it into place).
     """
 
-    def __init__(self, root, kind: str, *, shard_size: int = 100_000, mode: str = "create",
+    def __init__(self, root, kind: str, *, shard_size: int = PAIR_SHARD_SIZE, mode: str = "create",
                  optional: Iterable[str] = (), sources: Optional[list] = None, batch_rows: int = 4096):
         if mode not in ("create", "overwrite"):
             raise ValueError(f"mode must be create or overwrite, got {mode!r}")

@@ -38,6 +38,8 @@ from vlp.schemas.shards import (PARTIAL_SUFFIX, SUFFIXES, ArrowShardWriter, Lmdb
 log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "vlp-features"
+#: records per feature shard unless told otherwise (about 170 MB at 36 fp16 regions)
+FEATURE_SHARD_SIZE = 10_000
 INDEX_NAME = "index.lmdb"
 _INDEX_META_KEY = b"\x00meta"  # image ids never contain NUL
 _LOCATION = struct.Struct("<II")
@@ -190,7 +192,7 @@ class FeatureStoreWriter:
     unfinished ones deleted; the storage, feature size and ``detector`` must match).
     """
 
-    def __init__(self, root, *, storage: str = "lmdb", shard_size: int = 10_000,
+    def __init__(self, root, *, storage: str = "lmdb", shard_size: int = FEATURE_SHARD_SIZE,
                  feature_dim: int = DEFAULT_FEATURE_DIM, detector: Optional[dict] = None,
                  mode: str = "create", extra: Optional[dict] = None):
         if storage not in SUFFIXES:
