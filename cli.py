@@ -916,7 +916,7 @@ def train_main():
 
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder: one sub-folder per stage with checkpoints and history.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="A BERT checkpoint directory for the text side (replaces model.text_checkpoint).")

@@ -42,7 +42,7 @@ checkpoints are detectron2 conversions): IoU and box sizes without the legacy +1
 RoIPool as in torchvision, the anchors stored in the checkpoint.
 
 ``demo``
-    The embedded slim detector trained on the synthetic world (DESIGN.md §6) and shipped
+    The embedded slim detector trained on the synthetic world (`vlp synth`) and shipped
     as ``detectors/weights/demo-detector.pt``: ResNet C4 of the same family (blocks
     1,1,2,2; res2 48 channels, feature dim 384), RoIAlign 14x14, anchors 32..256, input
     upsampled to a 512 px short side (<= 800), RPN pre/post-NMS 1000/100 (scenes hold at
@@ -93,7 +93,7 @@ class ArchitectureConfig:
     pooler_resolution: int = 14
     # "roipool": torchvision RoIPool (max), as BUTD and both checkpoints; "roialign":
     # RoIAlign (aligned=True, adaptive sampling, detectron2's ROIAlignV2), used by the
-    # slim ``demo`` detector (small objects cover few res4 cells; see DESIGN.md §6).
+    # slim ``demo`` detector, whose small objects cover only a few res4 cells.
     pooler: str = "roipool"
     num_classes: int = 1600  # + background, the LAST logit
     num_attributes: int = 400  # + no-attribute, the LAST logit

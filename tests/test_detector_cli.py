@@ -36,7 +36,7 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-# -- unknown presets and settings (issue 12, defect 7) -------------------------------------
+# -- unknown presets and settings ---------------------------------------------------------
 
 
 def test_unknown_preset_is_one_error_line_listing_the_presets(images, tmp_path):

@@ -218,7 +218,7 @@ def test_false_positive_in_the_middle_duplicates_and_low_scores():
 # -- the shipped demo detector --------------------------------------------------------------
 
 
-# The targets of the embedded default (DESIGN.md §6, issue 4), on a held-out world the
+# The targets of the embedded default (README, "The demo detector"), on a held-out world the
 # detector never saw (training used seed 0, checkpoint selection seed 1). The shipped
 # weights reach mAP@0.5 0.921 / attribute accuracy 1.000 on this set (regressed boxes, the
 # demo preset's default; 0.916 / 0.998 on the seed-123 world of `vlp demo`); a floor a bit
