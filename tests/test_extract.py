@@ -236,9 +236,20 @@ def _ancestors(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks the actor's parentage through /proc")
-def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(ray_session, mixed_folder, tmp_path):
+def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(ray_session, mixed_folder, tmp_path,
+                                                                       monkeypatch):
+    import vlp.pipeline.extract as extract_module
+
     root, expected = mixed_folder
     killed = []
+    displays = []
+
+    class RecordingProgress(extract_module.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            displays.append(self)
+
+    monkeypatch.setattr(extract_module, "Progress", RecordingProgress)
 
     def kill_worker_once(counts):
         if not killed and counts.get("stored", 0) >= 5:  # after its first shard, mid-way through the next
@@ -253,6 +264,8 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(ray_sessi
     out = tmp_path / "features"
     stats = run_extract(root, out, _settings(chunk_size=2, shard_size=5), on_progress=kill_worker_once)
     assert killed and stats["workers"]["replaced"] == 1
+    # The display counted every image once: partly shown chunks of the dead worker were taken back.
+    assert displays[0].done == displays[0].total == len(expected["good"]) + len(expected["bad"]) - 1
     _check_output(out, expected).close()
     assert not list(out.glob("worker-*"))  # the dead worker's unfinished shard is gone
 
