@@ -98,15 +98,19 @@ def _build_pairs(out: Path, world_dir: Path, store_dir: Path, progress: bool) ->
     pairs = out / "pairs"
     mode = "auto" if progress else "off"
     annotations = world_dir / "annotations"
+    # The captions' Karpathy split is the world's split: the pairs built from the features
+    # alone take theirs from it, so pretraining never sees a held-out image.
+    captions = import_coco(sorted(annotations.glob("captions_*.json")), pairs / "coco-captions",
+                           karpathy=annotations / "dataset_coco.json", image_id_template="world/{stem}",
+                           features=store_dir, overwrite=True, progress=mode)
     results = [
-        build_objects_labels(store_dir, pairs / "objects-labels", overwrite=True, progress=mode),
-        # The world's COCO file names are "<n>.jpg"; vlp-extract named them "world/<n>".
-        import_coco(sorted(annotations.glob("captions_*.json")), pairs / "coco-captions",
-                    karpathy=annotations / "dataset_coco.json", image_id_template="world/{stem}",
-                    features=store_dir, overwrite=True, progress=mode),
+        build_objects_labels(store_dir, pairs / "objects-labels", splits_from=captions.out, overwrite=True,
+                             progress=mode),
+        captions,
         build_vg_phrases(world_dir, pairs / "vg-phrases", image_id_template="world/{image_id}",
                          features=store_dir, overwrite=True, progress=mode),
-        build_hard_negatives(store_dir, pairs / "hard-negatives", top_m=5, overwrite=True, progress=mode),
+        build_hard_negatives(store_dir, pairs / "hard-negatives", top_m=5, splits_from=captions.out,
+                             overwrite=True, progress=mode),
     ]
     lines = []
     for result in results:
@@ -193,7 +197,7 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
 
     from vlp.detectors import draw, make_config
     from vlp.detectors.evaluate import evaluate_predictions
-    from vlp.detectors.training import load_vg_annotations
+    from vlp.detectors.annotations import load_vg_annotations
     from vlp.core.errors_log import ERRORS_NAME, ErrorLog
     from vlp.pipeline.extract import ExtractSettings, run_extract
     from vlp.schemas import FeatureStore, vocab

@@ -28,7 +28,8 @@ def demo_out(tmp_path_factory):
     import_coco(sorted(annotations.glob("captions_*.json")), out / "pairs" / "coco-captions",
                 karpathy=annotations / "dataset_coco.json", image_id_template="{stem}", features=out / "features",
                 progress="off")
-    build_objects_labels(out / "features", out / "pairs" / "objects-labels", progress="off")
+    build_objects_labels(out / "features", out / "pairs" / "objects-labels", splits_from=out / "pairs" / "coco-captions",
+                         progress="off")
     return out
 
 
