@@ -38,7 +38,7 @@ from typing import Optional
 
 from vlp.builders.common import (Build, BuildResult, ImageIdTemplate, bad_field, count_lines, is_id, is_int,
                                  iter_jsonl, iter_lines, read_json, require_list, stem)
-from vlp.builders.vqa_answers import answer_vocabulary, scored_answers
+from vlp.schemas.answers import answer_vocabulary, scored_answers
 from vlp.core.durable import atomic_write_json
 from vlp.schemas.errors import SchemaError
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from vlp.builders import imports
-from vlp.builders.vqa_answers import answer_vocabulary, normalize_answer, scored_answers
+from vlp.schemas.answers import answer_vocabulary, normalize_answer, scored_answers
 from vlp.cli import build_main
 from vlp.schemas import SchemaError
 from vlp.schemas.pairs import PairStore, verify_pairs

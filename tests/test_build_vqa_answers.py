@@ -8,7 +8,7 @@ processDigitArticle (lower case, number words, articles, the published contracti
 
 import pytest
 
-from vlp.builders.vqa_answers import CONTRACTIONS, normalize_answer
+from vlp.schemas.answers import CONTRACTIONS, normalize_answer
 
 CASES = {
     # the contraction table as published, not a generated one

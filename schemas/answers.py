@@ -1,5 +1,8 @@
 """VQA answer normalization, answer vocabulary and soft scores.
 
+Shared by the importers (:mod:`vlp.builders.imports`) and the metrics
+(:mod:`vlp.trainer.metrics`), hence in ``schemas``.
+
 :func:`normalize_answer` is identical to the official VQA evaluation's treatment of an
 answer (``vqaEval.py`` of the VQA API, GT-Vision-Lab/VQA, PythonEvaluationTools),
 quirks included; ``tests/test_build_vqa_answers.py`` checks it input by input:
