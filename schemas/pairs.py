@@ -69,8 +69,12 @@ KIND_COLUMNS = {
     "entailment": {"label": _STR},
     # ITM_HS: for each query image, the most similar other images (text is empty).
     "hard_negatives": {"negatives": pa.list_(_STR), "negative_scores": pa.list_(_F32)},
+    # MM-IMDB: multi-label classification of an image + text (the plot); labels = the genres.
+    "multilabel": {"labels": pa.list_(_STR)},
 }
-OPTIONAL_COLUMNS = {"topics": pa.list_(_STR)}
+#: Columns any kind may add. human_answers (question pairs of VQA v2 / VizWiz): the annotators'
+#: raw answers exactly as in the file (10 each), for the official VQA accuracy.
+OPTIONAL_COLUMNS = {"topics": pa.list_(_STR), "human_answers": pa.list_(_STR)}
 ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
 
 

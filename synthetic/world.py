@@ -16,7 +16,11 @@ so the same seed gives byte-identical files):
 ``cc/train.tsv``                       Conceptual Captions TSV (caption, url; no header)
 ``cc/img2dataset/``                    the same pairs as an img2dataset output folder
 ``web/records.jsonl``, ``web/truth.jsonl``, ``web/images/``  noisy web crawl + truth
-``truth.json``                         full scenes, planted verb regions, CC gaps
+``gqa/`` ``vizwiz/`` ``nlvr2/``         downstream tasks in their official layouts
+``snli_ve/`` ``mmimdb/``               (see :mod:`vlp.synthetic.tasks`)
+``truth.json``                         full scenes, planted verb regions, CC gaps, each
+                                       task's counts and baselines (``tasks``), the
+                                       NLVR2 image copies' scene ids (``nlvr2_images``)
 ``world.json``                         summary (written last)
 ====================================  ==============================================
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from vlp.schemas import vocab
-from vlp.synthetic import palette, text
+from vlp.synthetic import palette, tasks, text
 from vlp.synthetic.render import encode_jpeg, render_scene
 from vlp.synthetic.scene import Scene, sample_scene
 
@@ -46,9 +50,11 @@ URL_ROOT = "https://synthetic.invalid"
 
 # Random streams: per image (second key = image id) or world-wide (second key 0).
 _SCENE, _REGIONS, _CAPTIONS, _VQA, _CC, _WEB, _SPLITS = range(7)
+#: Random streams of the downstream tasks (per image).
+_TASK_STREAMS = {"gqa": 7, "vizwiz": 8, "nlvr2": 9, "snli_ve": 10, "mmimdb": 11}
 
 #: Everything ``generate`` writes directly under out_dir (used to clear an old world).
-_OUTPUTS = ("images", "annotations", "vqa", "cc", "web", "splits.json", "image_data.json",
+_OUTPUTS = ("images", "annotations", "vqa", "cc", "web", "gqa", "vizwiz", "nlvr2", "snli_ve", "mmimdb", "splits.json", "image_data.json",
             "objects.json", "attributes.json", "region_descriptions.json", "truth.json",
             "world.json")
 
@@ -183,6 +189,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     _write_vqa(writer, scenes, questions, split_of)
     cc_missing = _write_cc(writer, scenes, jpegs, seed)
     web_counts = _write_web(writer, scenes, jpegs, seed)
+    task_truth = tasks.write_tasks(writer, scenes, jpegs, split_of, seed,
+                                   lambda key, name: _stream(seed, key, _TASK_STREAMS[name]))
 
     truth = {
         "generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": seed,
@@ -197,6 +205,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
             "verb_region_ids": [r.region_id for r in regions[s.image_id] if r.verb],
         } for s in scenes],
         "cc_missing": cc_missing,
+        **task_truth,
     }
     writer.json("truth.json", truth)
 
@@ -211,6 +220,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
         "cc_rows": num_images + len(cc_missing),
         "cc_failed": len(cc_missing),
         **{f"web_{k}": v for k, v in web_counts.items()},
+        **{f"{name}_{split}": n for name, entry in task_truth["tasks"].items()
+           for split, n in entry["counts"].items()},
     }
     objects_vocab, attributes_vocab = vocab.objects(), vocab.attributes()
     world = {
@@ -231,7 +242,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
         "vocab_sha256": {"objects": objects_vocab.sha256, "attributes": attributes_vocab.sha256},
         "counts": counts,
         "files": sorted(f for f in writer.files
-                        if not f.endswith(".jpg") and not f.startswith("cc/img2dataset/00000/")),
+                        if not f.endswith((".jpg", ".jpeg")) and not f.startswith("cc/img2dataset/00000/")
+                        and not f.startswith("mmimdb/dataset/")),
     }
     writer.json("world.json", world)
     return WorldSummary(root, seed, num_images, splits, counts, sorted(writer.files),

@@ -23,6 +23,7 @@ EXAMPLES = {
     "nlvr2": {"text": "both have stars", "image_id_2": "img-b", "label": 1},
     "entailment": {"text": "there is a star", "label": "neutral"},
     "hard_negatives": {"text": "", "negatives": ["b", "c"], "negative_scores": [0.75, 0.5]},
+    "multilabel": {"text": "a baker falls in love", "labels": ["Drama", "Romance"]},
 }
 
 
