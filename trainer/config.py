@@ -607,3 +607,170 @@ def rebase_paths(raw: dict, old_root: str, new_root) -> dict:
 def load_config(path) -> TrainConfig:
     """Read and check a YAML (or JSON) config file; every error names the file and the key."""
     return TrainConfig.from_dict(read_yaml(path), path)
+
+
+# --- finetuning -----------------------------------------------------------------------
+
+#: downstream tasks (vlp.trainer.downstream.DOWNSTREAM_TASKS) with their pair kind and options
+FINETUNE_TASKS = {"vqa": "question", "vizwiz": "question", "gqa": "question", "snli_ve": "entailment",
+                  "nlvr2": "nlvr2", "mmimdb": "multilabel"}
+FINETUNE_TOP_LEVEL_KEYS = ("model", "data", "task", "train", "seed")
+#: StageConfig fields a finetune ``train:`` section may not set (no masking, one fixed stage)
+_NOT_FINETUNE = ("name", "tasks", "sources", "text_mask_prob", "region_mask_prob")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """``task:`` of a finetune config: which downstream task, on which data, with which head."""
+
+    name: str
+    pairs: str
+    features: str
+    train_split: tuple = ("train",)
+    val_split: tuple = ("val",)
+    head: str = "mlp"  # mlp | mmf | linear (vlp.trainer.heads)
+    loss: Optional[str] = None  # gqa: bce | ce; the others have one
+    setting: Optional[str] = None  # nlvr2: pair | triplet
+    answer_vocab: Optional[str] = None  # vqa/vizwiz/gqa: a json list; default the store's answer_vocab.json
+    freeze_base: bool = False  # train the head only (Singh et al. Table 2)
+    max_text_len: int = 40
+    max_regions: Optional[int] = None
+    eval_batch_size: int = 64
+    eval_max_items: Optional[int] = None  # None: the whole validation split
+
+    @classmethod
+    def from_dict(cls, spec, where: str = "task", *, data: DataConfig) -> "TaskConfig":
+        from vlp.trainer.downstream import task_class
+        from vlp.trainer.heads import HEADS
+
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be a mapping (name, pairs, head, ...), got {_kind(spec)}")
+        _unknown(spec, [f.name for f in dataclasses.fields(cls)], where)
+        name = spec.get("name")
+        if name not in FINETUNE_TASKS:
+            raise ConfigError(f"{where}.name must be one of {', '.join(FINETUNE_TASKS)}, got {name!r}")
+        if not spec.get("pairs"):
+            raise ConfigError(f"{where}: pairs (a pair store directory) is required")
+        features = _path(spec.get("features"), where, "features") or data.features
+        if not features:
+            raise ConfigError(f"{where}: no feature store: set data.features or task.features")
+        counts = {k: spec[k] for k in ("max_text_len", "max_regions", "eval_batch_size", "eval_max_items")
+                  if spec.get(k) is not None}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}: {key} must be a whole number of at least 1, got {value!r}")
+        head = spec.get("head", "mlp")
+        if head not in HEADS:
+            raise ConfigError(f"{where}.head must be one of {', '.join(HEADS)}, got {head!r}")
+        freeze = spec.get("freeze_base", False)
+        if not isinstance(freeze, bool):
+            raise ConfigError(f"{where}.freeze_base must be true or false, got {freeze!r}")
+        loss, setting = spec.get("loss"), spec.get("setting")
+        task = task_class(name)
+        if loss is not None and loss not in task.losses:
+            raise ConfigError(f"{where}.loss: {name} trains with {' or '.join(task.losses)}, got {loss!r}")
+        if setting is not None and name != "nlvr2":
+            raise ConfigError(f"{where}.setting is an nlvr2 option (pair or triplet)")
+        if name == "nlvr2" and setting not in (None, "pair", "triplet"):
+            raise ConfigError(f"{where}.setting must be pair or triplet, got {setting!r}")
+        if spec.get("answer_vocab") and name not in ("vqa", "vizwiz", "gqa"):
+            raise ConfigError(f"{where}.answer_vocab is for vqa, vizwiz and gqa")
+        train_split = _split(spec.get("train_split", "train"), f"{where}.train_split")
+        val_split = _split(spec.get("val_split", "val"), f"{where}.val_split")
+        return cls(name=name, pairs=_path(spec["pairs"], where, "pairs"), features=features,
+                   train_split=train_split, val_split=val_split, head=head, loss=loss or task.losses[0],
+                   setting=(setting or "pair") if name == "nlvr2" else None,
+                   answer_vocab=_path(spec.get("answer_vocab"), where, "answer_vocab"), freeze_base=freeze,
+                   max_text_len=spec.get("max_text_len") or data.max_text_len,
+                   max_regions=spec.get("max_regions", data.max_regions),
+                   eval_batch_size=spec.get("eval_batch_size") or 64, eval_max_items=spec.get("eval_max_items"))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train_split"], d["val_split"] = list(self.train_split), list(self.val_split)
+        return d
+
+
+def _finetune_stage(raw, where: str, *, task: str, seed: int) -> StageConfig:
+    raw = _mapping(raw, where)
+    allowed = [f.name for f in dataclasses.fields(StageConfig) if f.name not in _NOT_FINETUNE]
+    _unknown(raw, allowed, where)
+    settings = dict(raw)
+    settings.setdefault("seed", seed)
+    try:
+        return StageConfig(name="finetune", tasks=[task.upper()], **settings)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """A ``vlp-train finetune`` config: ``model`` and ``data`` as in pretraining, ``task``
+    (:class:`TaskConfig`) and ``train`` (a :class:`StageConfig` without tasks or sources:
+    steps or epochs, batch_size, lr, schedule, eval_every, checkpoint_every, precision ...)."""
+
+    model: ModelConfig
+    task: TaskConfig
+    train: StageConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    seed: int = 0
+    path: Optional[str] = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, config, path: Union[str, Path, None] = None) -> "FinetuneConfig":
+        where = str(path) if path is not None else "config"
+        try:
+            return cls._parse(config, where, path)
+        except ConfigError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+    @classmethod
+    def _parse(cls, config, where: str, path) -> "FinetuneConfig":
+        if isinstance(config, FinetuneConfig):
+            return config
+        if not isinstance(config, dict):
+            raise ConfigError(f"{where}: the config must be a mapping (model, data, task, train), got {_kind(config)}")
+        if "stages" in config:
+            raise ConfigError(f"{where}: a finetune config has task: and train:, not stages: (this looks like a "
+                              "pretraining config: use vlp-train pretrain)")
+        unknown = set(config) - set(FINETUNE_TOP_LEVEL_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown top-level key(s): {', '.join(sorted(map(str, unknown)))} "
+                              f"(known: {', '.join(FINETUNE_TOP_LEVEL_KEYS)})")
+        seed = config.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"{where}: seed must be a non-negative whole number, got {seed!r}")
+        data = DataConfig.from_dict(config.get("data"), f"{where}: data")
+        model = ModelConfig.from_dict(config.get("model"), f"{where}: model")
+        if config.get("task") is None:
+            raise ConfigError(f"{where}: task: is required (name, pairs, head, ...)")
+        task = TaskConfig.from_dict(config.get("task"), f"{where}: task", data=data)
+        if task.name == "nlvr2" and task.setting == "triplet" and model.architecture != "single_stream":
+            raise ConfigError(f"{where}: task.setting triplet needs model.architecture single_stream")
+        if config.get("train") is None:
+            raise ConfigError(f"{where}: train: is required (steps or epochs, batch_size, lr, ...)")
+        train = _finetune_stage(config.get("train"), f"{where}: train", task=task.name, seed=seed)
+        return cls(model=model, task=task, train=train, data=data, seed=seed,
+                   path=None if path is None else str(path))
+
+    def to_dict(self) -> dict:
+        train = {k: v for k, v in self.train.to_dict().items() if k not in _NOT_FINETUNE}
+        return {"seed": self.seed, "model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "task": self.task.to_dict(), "train": train}
+
+    @property
+    def stages(self) -> tuple:
+        """The one stage (``train``), so run-folder code written for pretraining applies."""
+        return (self.train,)
+
+    def stage_dir(self, out_dir, index: int = 0) -> Path:
+        return stage_folder(out_dir, 0, self.train.name)
+
+    def replace_stages(self, **changes) -> "FinetuneConfig":
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+
+def load_finetune_config(path) -> FinetuneConfig:
+    """Read and check a finetune YAML (or JSON) config; errors name the file and the key."""
+    return FinetuneConfig.from_dict(read_yaml(path), path)

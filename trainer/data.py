@@ -124,12 +124,17 @@ class PairDataset(Dataset):
     function of seed, epoch and index). ``split``: keep only pairs of this split (a name
     or a list of names, from the store's ``split`` column), e.g. ``train`` of a store
     imported from a Karpathy split file.
+
+    Downstream tasks (:mod:`vlp.trainer.downstream`): ``targets(pair) -> dict`` adds
+    entries to each example (e.g. ``label``: the task's target tensor); ``second_image``
+    (NLVR2) also loads the regions of the pair's ``image_id_2`` as ``image_2``, and a
+    pair is kept only when both of its images have features.
     """
 
     def __init__(self, pairs, features, tokenizer, *, max_text_len: int = 40,
                  max_regions: Optional[int] = None, box_dims: int = 5,
                  hard_negatives=None, hard_negative_top: int = 5, seed: int = 0,
-                 append_labels: int = 0, split=None):
+                 append_labels: int = 0, split=None, targets=None, second_image: bool = False):
         if box_dims not in BOX_DIMS:
             raise ValueError(f"box_dims must be 4, 5 or 7, got {box_dims}")
         if max_text_len < 2:
@@ -141,7 +146,9 @@ class PairDataset(Dataset):
             raise ValueError("append_labels is for caption-like pairs; objects_labels pairs are labels already")
         self.append_labels = int(append_labels)
         self.seed, self.epoch = seed, 0
+        self.targets, self.second_image = targets, bool(second_image)
         image_ids = pairs.column("image_id")
+        second_ids = pairs.column("image_id_2") if self.second_image else None
         wanted = split_filter(pairs, split)
         present: dict[str, bool] = {}
         keep, missing, considered = [], set(), 0
@@ -152,6 +159,11 @@ class PairDataset(Dataset):
             ok = present.get(image_id)
             if ok is None:
                 ok = present[image_id] = image_id in features
+            if ok and second_ids is not None:
+                image_id = second_ids[index]
+                ok = present.get(image_id)
+                if ok is None:
+                    ok = present[image_id] = image_id in features
             if ok:
                 keep.append(index)
             else:
@@ -289,6 +301,10 @@ class PairDataset(Dataset):
                 rng = np.random.default_rng(stable_seed(self.seed, epoch, index))
                 negative_id = top[int(rng.integers(len(top)))]
                 example["negative"] = {"image_id": negative_id, **self._regions(negative_id)}
+        if self.second_image:
+            example["image_2"] = {"image_id": pair["image_id_2"], **self._regions(pair["image_id_2"])}
+        if self.targets is not None:
+            example.update(self.targets(pair))
         return example
 
 
@@ -329,7 +345,9 @@ def collate(examples: list[dict], pad_token_id: int = 0) -> dict:
     ``region_boxes`` [B,N,G], ``region_mask`` [B,N]; labels ``objects_id``/``attrs_id``
     [B,N] padded with -100; ``cls_prob`` [B,N,1601] when every example has it.
     ``negative`` (hard negatives) is collated the same way when any example has one;
-    ``negative["negative_valid"]`` [B] says which rows really have one.
+    ``negative["negative_valid"]`` [B] says which rows really have one. Downstream
+    examples: ``label`` stacked [B, ...]; ``image_2`` (NLVR2's right image) collated like
+    the regions, with its ``image_id`` list.
     """
     ids = [e["input_ids"] for e in examples]
     lengths = torch.tensor([len(t) for t in ids])
@@ -354,6 +372,11 @@ def collate(examples: list[dict], pad_token_id: int = 0) -> dict:
         batch["negative"] = _collate_regions(negatives)
         batch["negative"]["image_id"] = [n["image_id"] for n in negatives]
         batch["negative"]["negative_valid"] = torch.tensor(["negative" in e for e in examples])
+    if all("label" in e for e in examples):
+        batch["label"] = torch.stack([e["label"] for e in examples])
+    if all("image_2" in e for e in examples):
+        batch["image_2"] = _collate_regions([e["image_2"] for e in examples])
+        batch["image_2"]["image_id"] = [e["image_2"]["image_id"] for e in examples]
     return batch
 
 

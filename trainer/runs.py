@@ -46,14 +46,15 @@ def config_changes(before, after, path: str = "") -> list[str]:
 
 
 def prepare_run_folder(out_dir, config: Union[TrainConfig, dict], *, resume: bool) -> list[str]:
-    """Check ``out_dir`` for a run of ``config`` and record the config; returns warnings.
+    """Check ``out_dir`` for a run of ``config`` (a pretraining TrainConfig or a plain dict
+    of one, or a FinetuneConfig) and record the config; returns warnings.
 
     Raises RunFolderError when the folder holds a started run and ``resume`` is false.
     """
     import yaml
 
     out_dir = Path(out_dir)
-    config = as_config(config)
+    config = config if hasattr(config, "to_dict") else as_config(config)  # a TrainConfig or FinetuneConfig
     saved = out_dir / CONFIG_FILE
     started = started_stages(out_dir)
     if started and not resume:
@@ -61,7 +62,7 @@ def prepare_run_folder(out_dir, config: Union[TrainConfig, dict], *, resume: boo
                              f"to continue it, or choose another --out")
     if saved.is_file() and started:  # the record of what the run was started with stays
         try:
-            before = TrainConfig.from_dict(read_yaml(saved), saved).to_dict()
+            before = type(config).from_dict(read_yaml(saved), saved).to_dict()
         except ConfigError:  # written by an older vlp: compare as it is
             before = read_yaml(saved)
         changes = config_changes(before, config.to_dict())

@@ -113,15 +113,20 @@ def _check_stores(config: TrainConfig) -> None:
 def build_tokenizer(config: Union[TrainConfig, dict]):
     from vlp.trainer.data import load_tokenizer
 
-    model = as_config(config).model
+    model = _model_config(config)
     return load_tokenizer(model.vocab or model.text_checkpoint)
+
+
+def _model_config(config):
+    """``model:`` of a TrainConfig, a FinetuneConfig or a plain pretraining dict."""
+    return config.model if hasattr(config, "model") else as_config(config).model
 
 
 def build_encoder(config: Union[TrainConfig, dict], tokenizer):
     """The encoder named by ``model`` (single-stream; ``architecture: lxmert_s`` for LXMERT-S)."""
     from vlp.trainer.model import SingleStreamEncoder, tiny_bert_config
 
-    model = as_config(config).model
+    model = _model_config(config)
     visual = model.visual_config()
     if model.architecture == "lxmert_s":
         from vlp.trainer.lxmert import CrossModalEncoder
