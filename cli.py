@@ -855,6 +855,49 @@ def import_snli_ve_cmd(files, out, overwrite, shard_size, progress, features, st
                          **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
+@build_main.command("import-vizwiz", cls=_BuildCommand, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--split", default=None, help="Split of every pair [from each file name].")
+@click.option("--min-answer-count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="OUT/answer_vocab.json: consensus answers of at least this many questions of --vocab-splits.")
+@click.option("--vocab-splits", default="train", show_default=True,
+              help="Comma-separated splits whose questions build OUT/answer_vocab.json.")
+@click.option("--score-scheme", type=click.Choice(["vqa", "butd"]), default="vqa", show_default=True,
+              help="Soft score of an answer given by c annotators: vqa min(1, c/3); butd min(1, 0.3c).")
+@_id_template_option("{stem}", "{stem} (the image file name without extension), {image}")
+def import_vizwiz_cmd(files, out, overwrite, shard_size, progress, features, strict, split, min_answer_count,
+                      vocab_splits, score_scheme, image_id_template):
+    """VizWiz VQA json (train.json, val.json, test.json) -> question pairs (pair_id vizwiz/IMAGE_STEM).
+
+    Answers normalized and soft-scored as VQA ("unanswerable" is an answer); the raw
+    answers are kept (human_answers) for the official accuracy.
+    """
+    from vlp.builders.imports import import_vizwiz
+
+    _done(import_vizwiz(files, out, split=split, min_count=min_answer_count,
+                        vocab_splits=tuple(s.strip() for s in vocab_splits.split(",") if s.strip()),
+                        score_scheme=score_scheme, image_id_template=image_id_template,
+                        **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-mmimdb", cls=_BuildCommand, context_settings=CONTEXT)
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@_build_options
+@_input_options
+@click.option("--split-file", type=_FILES,
+              help="split.json {train, dev, test} (dev -> val) [the split.json beside DATASET_DIR].")
+@_id_template_option("{id}", "{id} (the movie id: the json file's stem, as its poster <id>.jpeg)")
+def import_mmimdb_cmd(dataset_dir, out, overwrite, shard_size, progress, features, strict, split_file,
+                      image_id_template):
+    """MM-IMDB dataset/<id>.json -> multilabel pairs: text = the plot, labels = the genres (pair_id mmimdb/ID)."""
+    from vlp.builders.imports import import_mmimdb
+
+    _done(import_mmimdb(dataset_dir, out, split_file=split_file, image_id_template=image_id_template,
+                        **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
 @build_main.command("hard-negatives", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
@@ -911,7 +954,8 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="vlp-train")
 def train_main():
-    """Pretrain V&L transformers on feature stores and pair stores (finetuning: not yet)."""
+    """Pretrain V&L transformers on feature stores and pair stores, finetune and evaluate them on
+    downstream tasks (VQA, VizWiz, GQA, SNLI-VE, NLVR2, MM-IMDB)."""
 
 
 @train_main.command("pretrain")
@@ -1019,6 +1063,152 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
                    f"(checkpoint saved); continue with: vlp-train pretrain {config_path} --out {out} --resume",
                    err=True)
         sys.exit(130)
+
+
+
+def _resolve_train_config(config_path: str) -> str:
+    """A config file, or the name of a shipped one (vlp/trainer/configs/NAME.yaml)."""
+    from vlp.trainer.schedule import shipped_configs
+
+    if not Path(config_path).exists():
+        shipped = shipped_configs()
+        if config_path not in shipped:
+            raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
+                                     f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
+        config_path = str(shipped[config_path])
+    return config_path
+
+
+@train_main.command("finetune")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder: config.yaml, labels.json, 01-finetune/ (checkpoints, history), best.pt, results.json.")
+@click.option("--init", "init", type=click.Path(exists=True),
+              help="A vlp-train pretrain run folder (its last stage's last checkpoint), a checkpoint file, or a "
+                   "BERT directory (text side); without it the encoder starts from random weights.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes (overrides train.num_workers).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Override train.precision (autocast; fp16 needs a GPU).")
+@click.option("--progress", default="auto", show_default=True,
+              type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+def train_finetune_cmd(config_path, out, init, device, num_workers, precision, progress, resume):
+    """Finetune on the downstream task of a YAML CONFIG (task: and train: sections).
+
+    Evaluates on the validation split every train.eval_every steps and at the end, keeps
+    the best weights by the task's main metric in OUT/best.pt and reports them in
+    OUT/results.json. Same run-folder rules, resume, Ctrl-C and TensorBoard as pretrain.
+    Example configs: vlp/trainer/configs/finetune-*.yaml; `vlp-train finetune
+    finetune-demo-vqa --out ft` runs on the stores `vlp demo` wrote to demo-out/.
+    """
+    import dataclasses
+
+    import torch
+
+    from vlp.trainer.config import ConfigError, load_finetune_config
+    from vlp.trainer.finetune import InitError, check_finetune_stores, finetune, is_bert_dir
+    from vlp.trainer.pretrain import NonFiniteLossError
+    from vlp.trainer.reporting import summarize
+    from vlp.trainer.runs import RunFolderError, prepare_run_folder
+
+    config_path = _resolve_train_config(config_path)
+    try:
+        config = load_finetune_config(config_path)
+        if init and is_bert_dir(init):
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, text_checkpoint=init,
+                                                                           vocab=None))
+            init = None
+        if precision:
+            config = config.replace_stages(precision=precision)
+        check_finetune_stores(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if progress != "bar":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        for warning in prepare_run_folder(out, config, resume=resume):
+            click.echo(f"warning: {warning}", err=True)
+    except (RunFolderError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main else None
+    try:
+        summary = finetune(config, out, init=init, device=device, progress=progress, num_workers=num_workers,
+                           should_stop=stop.is_set)
+    except (InitError, ConfigError, NonFiniteLossError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
+    frozen = f", base frozen ({summary['trainable_parameters']} trainable parameters)" if summary["freeze_base"] else ""
+    click.echo(f"{summary['task']}: steps {summary['start_step']} -> {summary['end_step']} of {summary['steps']}"
+               f"{last}{frozen}; {summary['labels']} labels ({summary['label_source']}); "
+               f"{summary['train_pairs']} train / {summary['val_pairs']} val pairs")
+    if summary.get("init"):
+        click.echo(f"encoder initialised from {summary['init']['checkpoint']}")
+    best = summary.get("best")
+    if best:
+        click.echo(f"best: step {best['step']}, {best['metric']} {best['value']:.4f} ({Path(out) / 'best.pt'})")
+    click.echo(summarize(out))
+    if stop.is_set() and summary["end_step"] < summary["steps"]:
+        click.echo(f"interrupted at step {summary['end_step']} of {summary['steps']} (checkpoint saved); continue "
+                   f"with: vlp-train finetune {config_path} --out {out} --resume", err=True)
+        sys.exit(130)
+
+
+@train_main.command("evaluate")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--pairs", "pairs_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Pair store of the task's kind.")
+@click.option("--features", "features_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Feature store of its images.")
+@click.option("--split", default="test", show_default=True,
+              help="Split(s) of the pair store to score, comma-separated; 'all' for every pair.")
+@click.option("--predictions", type=click.Path(dir_okay=False),
+              help="Also write per-item predictions in the task's official format (VQA/VizWiz/GQA json, "
+                   "NLVR2 csv, SNLI-VE/MM-IMDB json lines).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: task.eval_batch_size.")
+def train_evaluate_cmd(run_dir, pairs_dir, features_dir, split, predictions, device, batch_size):
+    """Score the best checkpoint of a finetune RUN_DIR on a split of PAIRS.
+
+    Writes RUN_DIR/results.json (under "evaluations") and RUN_DIR/results.md; pairs without
+    gold labels (a test split) are predicted but not scored.
+    """
+    import torch
+
+    from vlp.trainer.config import ConfigError
+    from vlp.trainer.finetune import evaluate_run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    splits = None if split == "all" else [s for s in split.split(",") if s]
+    try:
+        entry = evaluate_run(run_dir, pairs_dir, features_dir, split=splits, predictions=predictions, device=device,
+                             batch_size=batch_size)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    metrics = entry["metrics"]
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    click.echo(f"{entry['split']} of {pairs_dir} (best step {entry['best_step']}): {shown or 'no gold labels'}")
+    click.echo(f"results: {Path(run_dir) / 'results.json'}, {Path(run_dir) / 'results.md'}")
+    if entry.get("predictions"):
+        click.echo(f"predictions: {entry['predictions']}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ nlvr2          *.json(l) lines            nlvr2 / nlvr2/<id>     ``{stem}`` = <s
                                                                  (stem, split, directory)
 snli-ve        snli_ve_*.jsonl            entailment /           ``{flickr_id}`` (flickr_id)
                                           snli-ve/<pairID>
+vizwiz         {train,val,test}.json      question /             ``{stem}`` = image w/o extension
+               (a list of questions)      vizwiz/<stem>          (stem, image)
+mmimdb         dataset/<id>.json +        multilabel /           ``{id}`` = the json file's stem, as the
+               split.json                 mmimdb/<id>            poster <id>.jpeg beside it (id)
 =============  =========================  =====================  ==========================================
 """
 
@@ -65,6 +69,7 @@ def _split_from_name(path, known=("train", "val", "test", "testdev", "dev", "res
 
 def _common(out, kind, sources, kw) -> Build:
     return Build(out, kind, sources=sources, overwrite=kw.get("overwrite", False), strict=kw.get("strict", False),
+                 optional=kw.get("optional", ()),
                  features=kw.get("features"), shard_size=kw.get("shard_size", 100_000),
                  desc=kw.get("desc", kind), unit=kw.get("unit", "pair"), progress=kw.get("progress", "auto"))
 
@@ -439,7 +444,7 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
         return subtype.strip() if _is_text(subtype) else _split_from_name(path)
 
     sources = [str(p) for p in files]
-    with _common(out, "question", sources, {**kw, "desc": "import-vqa"}) as build:
+    with _common(out, "question", sources, {**kw, "desc": "import-vqa", "optional": ("human_answers",)}) as build:
         for path, anns in annotation_files:
             for i, ann in enumerate(anns):
                 where = f"annotations[{i}]"
@@ -520,7 +525,7 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
                 if not answers:
                     build.stats["without_answer_in_vocab"] += 1
                 pair.update(answers=answers, answer_scores=scores, answer_type=ann.get("answer_type"),
-                            question_type=ann.get("question_type"))
+                            question_type=ann.get("question_type"), human_answers=given)
             if build.add(pair, (path, where)):
                 build.stats["questions"] += 1
         build.stats["vocab_source"] = vocab_source
@@ -650,4 +655,155 @@ def import_snli_ve(files, out, *, image_id_template: str = "{flickr_id}", split=
                          "text": _text(row["sentence2"]), "source": "snli-ve", "split": pair_split, "label": label},
                         (path, number)):
                     build.stats[label] += 1
+    return build.result
+
+
+# --------------------------------------------------------------------------- VizWiz, MM-IMDB
+
+
+def _answer_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(a, dict) and isinstance(a.get("answer"), str) and
+                                           _optional_text(a.get("answer_confidence")) for a in value)
+
+
+def import_vizwiz(files, out, *, image_id_template: str = "{stem}", split=None, min_count: int = 1,
+                  vocab_splits=("train",), score_scheme: str = "vqa", **kw) -> BuildResult:
+    """VizWiz VQA json files (``train.json``, ``val.json``, ``test.json``: lists of
+    ``{image, question, answers: [{answer, answer_confidence}], answer_type, answerable}``)
+    -> question pairs.
+
+    answers = every normalized annotator answer (VQA normalization, "unanswerable" is an
+    answer like any other) with soft score min(1, count / 3) (``score_scheme`` as import-vqa),
+    human_answers = the raw answers; answer_type kept; question_type = "answerable" or
+    "unanswerable" (the ``answerable`` flag; empty without it). A test file without answers
+    gives pairs without answers. ``OUT/answer_vocab.json``: the consensus (most given)
+    answers of at least ``min_count`` questions of ``vocab_splits``. question_id = pair_id
+    tail = the image's stem (VizWiz has one question per image). Split from the file name
+    unless given.
+    """
+    from collections import Counter
+
+    from vlp.schemas.answers import normalize_answer
+
+    template = ImageIdTemplate(image_id_template, ("stem", "image"))
+    with _common(out, "question", files, {**kw, "desc": "import-vizwiz", "optional": ("human_answers",)}) as build:
+        build.stats.update({"questions": 0, "unanswerable": 0, "without_answers": 0})
+        docs = []
+        for path in files:
+            doc = read_json(path, "VizWiz annotations json (a list of questions)")
+            if not isinstance(doc, list):
+                raise SchemaError(f"{path}: expected a json list of questions (VizWiz annotations)")
+            docs.append((Path(path), doc))
+        build.set_total(sum(len(doc) for _, doc in docs))
+        consensus = Counter()
+        for path, doc in docs:
+            pair_split = split if split is not None else _split_from_name(path)
+            for i, q in enumerate(doc):
+                build.progress.update()
+                where = f"[{i}]"
+                if not isinstance(q, dict):
+                    build.bad.add(path, where, bad_field(q, "an object"))
+                    continue
+                if not _check(build, path, where, q, [
+                        ("image", _is_text, "an image file name"), ("question", _is_text, "the question text"),
+                        ("answers", lambda v: v is None or _answer_list(v), "a list of {answer, answer_confidence}"),
+                        ("answer_type", _optional_text, "a text"),
+                        ("answerable", lambda v: v is None or (is_int(v) and v in (0, 1)), "0 or 1")]):
+                    continue
+                image = q["image"].strip()
+                image_id = _image_id(build, template, (path, where), stem=stem(image), image=image)
+                if image_id is None:
+                    continue
+                answerable = q.get("answerable")
+                pair = {"pair_id": f"vizwiz/{stem(image)}", "image_id": image_id, "text": _text(q["question"]),
+                        "source": "vizwiz", "split": pair_split, "question_id": stem(image),
+                        "answer_type": q.get("answer_type"),
+                        "question_type": {0: "unanswerable", 1: "answerable"}.get(answerable, "")}
+                if q.get("answers"):
+                    given = [a["answer"] for a in q["answers"]]
+                    answers, scores = scored_answers(given, None, score_scheme)
+                    pair.update(answers=answers, answer_scores=scores, human_answers=given)
+                else:
+                    build.stats["without_answers"] += 1
+                if build.add(pair, (path, where)):
+                    build.stats["questions"] += 1
+                    build.stats["unanswerable"] += int(answerable == 0)
+                    if q.get("answers") and pair_split in vocab_splits:
+                        counts = Counter(normalize_answer(a) for a in pair["human_answers"])
+                        consensus[min(counts, key=lambda a: (-counts[a], a))] += 1
+        vocab_list = sorted(a for a, c in consensus.items() if c >= min_count and a)
+        build.stats["answer_vocab_size"] = len(vocab_list)
+        atomic_write_json(build.path / "answer_vocab.json", vocab_list, indent=0)
+    return build.result
+
+
+_MMIMDB_SPLITS = {"train": "train", "dev": "val", "val": "val", "test": "test"}
+
+
+def import_mmimdb(dataset_dir, out, *, split_file=None, image_id_template: str = "{id}", **kw) -> BuildResult:
+    """MM-IMDB ``dataset/<id>.json`` files ({title, plot: [texts], genres: [...]}) -> multilabel
+    pairs: text = the first plot entry, labels = the genres, image = the poster ``<id>.jpeg``
+    beside the json (id = the file's stem, as vlp-extract over ``dataset/`` names it).
+
+    Split from ``split_file`` (``split.json`` {train, dev, test}: lists of ids; "dev" -> "val");
+    by default the ``split.json`` beside ``dataset_dir`` when there is one. Movies in no
+    split get an empty split (counted). ``OUT/labels.json``: the genres, most frequent first.
+    """
+    from collections import Counter
+
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"{dataset_dir}: no such folder (MM-IMDB dataset/ with <id>.json files)")
+    if split_file is None and (dataset_dir.parent / "split.json").is_file():
+        split_file = dataset_dir.parent / "split.json"
+    template = ImageIdTemplate(image_id_template, ("id",))
+    paths = sorted(dataset_dir.glob("*.json"))
+    sources = [str(dataset_dir)] + ([str(split_file)] if split_file is not None else [])
+    with _common(out, "multilabel", sources, {**kw, "desc": "import-mmimdb", "unit": "movie"}) as build:
+        build.stats.update({"movies": 0, "without_split": 0, "split_file": str(split_file) if split_file else None})
+        split_of = {}
+        if split_file is not None:
+            doc = read_json(split_file, "MM-IMDB split file (split.json)")
+            if not isinstance(doc, dict):
+                raise SchemaError(f"{split_file}: expected an object of split name -> list of movie ids")
+            for name, ids in doc.items():
+                if not isinstance(ids, list):
+                    build.bad.add(split_file, f"[{name!r}]", bad_field(ids, "a list of movie ids"))
+                    continue
+                for i, movie_id in enumerate(ids):
+                    if not (is_id(movie_id) or _is_text(movie_id)):
+                        build.bad.add(split_file, f"[{name!r}][{i}]", bad_field(movie_id, "a movie id"))
+                        continue
+                    split_of[str(movie_id).strip()] = _MMIMDB_SPLITS.get(name, name)
+        build.set_total(len(paths))
+        genres = Counter()
+        for path in paths:
+            build.progress.update()
+            try:
+                movie = read_json(path, "MM-IMDB movie json")
+            except SchemaError as exc:
+                build.bad.add(path, 1, str(exc).removeprefix(f"{path}: "))
+                continue
+            if not isinstance(movie, dict):
+                build.bad.add(path, 1, bad_field(movie, "an object"))
+                continue
+            if not _check(build, path, 1, movie, [
+                    ("plot", lambda v: isinstance(v, list) and bool(v) and _is_text(v[0]), "a list of plot texts"),
+                    ("genres", lambda v: isinstance(v, list) and all(_is_text(g) for g in v), "a list of genres")]):
+                continue
+            movie_id = path.stem
+            image_id = _image_id(build, template, (path, 1), id=movie_id)
+            if image_id is None:
+                continue
+            pair_split = split_of.get(movie_id)
+            if pair_split is None:
+                build.stats["without_split"] += 1
+                pair_split = ""
+            labels = [g.strip() for g in movie["genres"]]
+            if build.add({"pair_id": f"mmimdb/{movie_id}", "image_id": image_id, "text": _text(movie["plot"][0]),
+                          "source": "mmimdb", "split": pair_split, "labels": labels}, (path, 1)):
+                build.stats["movies"] += 1
+                genres.update(labels)
+        build.stats["genres"] = dict(sorted(genres.items(), key=lambda x: (-x[1], x[0])))
+        atomic_write_json(build.path / "labels.json", list(build.stats["genres"]), indent=0)
     return build.result

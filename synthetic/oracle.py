@@ -19,21 +19,32 @@ def truth_feature_store(world_dir, out, *, feature_dim: int = 64, storage: str =
                         image_ids: Optional[list] = None,
                         attrs_conf: Callable[[int, int], float] = lambda image_id, row: 0.9,
                         objects_conf: Callable[[int, int], float] = lambda image_id, row: 0.95,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, nlvr2_images: bool = False) -> Path:
     """Write the oracle feature store of ``world_dir`` to ``out``; image_id = str(world id).
+
+    ``nlvr2_images``: also one record per NLVR2 image copy (``nlvr2/images/<stem>.jpg``) named
+    ``<stem>``, as ``vlp-extract`` over ``nlvr2/images`` names them (the scene's record under
+    the copy's name; truth.json ``nlvr2_images`` maps stems to scene ids).
 
     ``attrs_conf`` / ``objects_conf``: confidence of region ``row`` of an image, so tests
     can put regions on either side of a floor.
     """
+    import json
+
     from vlp.synthetic import load_scenes
 
     scenes = load_scenes(world_dir)
+    aliases = {}
+    if nlvr2_images:
+        truth = json.loads((Path(world_dir) / "truth.json").read_text("utf-8"))
+        aliases = truth.get("nlvr2_images", {})
     rng = np.random.default_rng(seed)
     codes: dict = {}
     mode = "overwrite" if overwrite else "create"
     with FeatureStoreWriter(out, storage=storage, feature_dim=feature_dim, mode=mode,
                             detector={"name": "synthetic-truth"}) as writer:
-        for image_id in sorted(scenes):
+        names = [(str(i), i) for i in sorted(scenes)] + sorted(aliases.items())
+        for name, image_id in names:
             if image_ids is not None and image_id not in image_ids:
                 continue
             scene = scenes[image_id]
@@ -47,7 +58,7 @@ def truth_feature_store(world_dir, out, *, feature_dim: int = 64, storage: str =
                 feats.append(np.maximum(codes[key] + 0.1 * noise, 0))
             n = len(objs)
             writer.add(FeatureRecord.from_arrays(
-                str(image_id), scene.width, scene.height,
+                name, scene.width, scene.height,
                 boxes=np.array([o.box for o in objs], dtype=np.float32).reshape(n, 4),
                 features=np.array(feats, dtype=np.float32).reshape(n, feature_dim),
                 objects_id=np.array([o.category_id for o in objs]),

@@ -197,6 +197,39 @@ def test_fuzz_import_snli_ve(rows, how):
         run(["import-snli-ve", write_lines(tmp / "snli_ve_dev.jsonl", rows, how)], tmp)
 
 
+VIZWIZ_ROW = {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answerable": 1,
+              "answer_type": "other", "answers": [{"answer": "coffee", "answer_confidence": "yes"}] * 3}
+
+
+@FUZZ
+@given(rows=st.lists(st.one_of(mutated(VIZWIZ_ROW), json_values), max_size=5),
+       answers=st.one_of(st.just(VIZWIZ_ROW["answers"]), json_values), top=st.one_of(st.none(), json_values),
+       how=damage)
+def test_fuzz_import_vizwiz(rows, answers, top, how):
+    rows.append({**VIZWIZ_ROW, "image": "VizWiz_val_00000001.jpg", "answers": answers})
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run(["import-vizwiz", write_json(tmp / "val.json", rows if top is None else top, how)], tmp)
+
+
+MMIMDB_MOVIE = {"title": "Miss Jerry", "plot": ["A reporter poses as a maid."], "genres": ["Romance", "Short"]}
+
+
+@FUZZ
+@given(movies=st.lists(st.one_of(mutated(MMIMDB_MOVIE), json_values), max_size=4),
+       split=st.one_of(st.just({"train": ["0"], "dev": ["1"], "test": ["2"]}), json_values),
+       hows=st.lists(damage, min_size=5, max_size=5))
+def test_fuzz_import_mmimdb(movies, split, hows):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dataset = tmp / "mmimdb" / "dataset"
+        dataset.mkdir(parents=True)
+        for k, movie in enumerate(movies):
+            write_json(dataset / f"{k}.json", movie, hows[k])
+        write_json(tmp / "mmimdb" / "split.json", split, hows[4])
+        run(["import-mmimdb", dataset], tmp)
+
+
 # --------------------------------------------------------------------------- the defects, one by one
 
 

@@ -289,10 +289,124 @@ def test_import_snli_ve(tmp_path):
     assert [e["line"] for e in errors(tmp_path / "p")] == [2, 3, 5]
 
 
+def test_import_vqa_keeps_the_annotators_raw_answers(tmp_path):
+    imports.import_vqa(vqa_fixture(tmp_path), tmp_path / "p", min_count=1, **OFF)
+    got = {p["pair_id"]: p for p in PairStore(tmp_path / "p")}
+    assert got["vqa/90"]["human_answers"] == ["red"] * 7 + ["Red."] + ["dark red", "blue"]
+    assert got["vqa/91"]["human_answers"] == ["2"] * 4 + ["two"] * 4 + ["3"] * 2
+    assert "human_answers" in PairStore(tmp_path / "p").manifest["columns"]
+
+
+# --------------------------------------------------------------------------- VizWiz, MM-IMDB
+
+
+def vizwiz_fixture(tmp_path):
+    answers = lambda *given: [{"answer": a, "answer_confidence": "yes"} for a in given]
+    doc = [
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answerable": 1, "answer_type": "other",
+         "answers": answers("Coffee.", "coffee", "coffee", "tea", "Coffee", "coffee", "a coffee", "tea", "coffee",
+                            "unanswerable")},
+        {"image": "VizWiz_val_00000001.jpg", "question": "What color is this?", "answerable": 0,
+         "answer_type": "unanswerable", "answers": answers(*["unanswerable"] * 8, "blue", "unsuitable")},
+        {"image": "VizWiz_val_00000002.jpg", "question": "Is it on?", "answers": [{"answer": 3}]},
+        {"question": "Where is the image?", "answers": answers("x")},
+        {"image": "VizWiz_val_00000004.jpg", "question": "How many?", "answerable": 2, "answers": []},
+        "not an object",
+    ]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_import_vizwiz_hand_made(tmp_path):
+    result = imports.import_vizwiz([vizwiz_fixture(tmp_path)], tmp_path / "p", **OFF)
+    got = {p["pair_id"]: p for p in PairStore(tmp_path / "p")}
+    assert sorted(got) == ["vizwiz/VizWiz_val_00000000", "vizwiz/VizWiz_val_00000001"]
+    first, second = got["vizwiz/VizWiz_val_00000000"], got["vizwiz/VizWiz_val_00000001"]
+    # VQA normalization ("Coffee." -> coffee, "a coffee" -> coffee), min(1, count / 3)
+    assert first["answers"] == ["coffee", "tea", "unanswerable"]
+    assert first["answer_scores"] == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    assert first["human_answers"][:2] == ["Coffee.", "coffee"] and len(first["human_answers"]) == 10
+    assert (first["image_id"], first["split"], first["answer_type"], first["question_type"], first["question_id"]) \
+        == ("VizWiz_val_00000000", "val", "other", "answerable", "VizWiz_val_00000000")
+    assert second["answers"][0] == "unanswerable" and second["answer_scores"][0] == 1.0
+    assert second["answer_type"] == "unanswerable" and second["question_type"] == "unanswerable"
+    found = [(e["where"], e.get("field")) for e in errors(tmp_path / "p")]
+    assert found == [("[2]", "answers"), ("[3]", "image"), ("[4]", "answerable"), ("[5]", None)]
+    assert result.stats["questions"] == 2 and result.stats["unanswerable"] == 1
+    # a test file without answers: pairs without answers
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "VizWiz_test_00000000.jpg", "question": "What?"}]))
+    result = imports.import_vizwiz([tmp_path / "test.json"], tmp_path / "t", image_id_template="test/{stem}", **OFF)
+    assert rows(tmp_path / "t", "image_id", "split", "answers") == [("test/VizWiz_test_00000000", "test", None)]
+    assert result.stats["without_answers"] == 1
+
+
+def mmimdb_fixture(tmp_path):
+    dataset = tmp_path / "mmimdb" / "dataset"
+    dataset.mkdir(parents=True)
+    movies = {"0000008": {"title": "Edison Kinetoscopic Record", "plot": ["A man sneezes.", "Second plot."],
+                          "genres": ["Documentary", "Short"]},
+              "0000009": {"title": "Miss Jerry", "plot": ["A  reporter\nposes as a maid."], "genres": ["Romance"]},
+              "0000010": {"title": "No plot", "genres": ["Drama"]},
+              "0000011": {"title": "Bad genres", "plot": ["x"], "genres": "Drama"},
+              "0000012": {"title": "Not in the split", "plot": ["A trip."], "genres": []}}
+    for movie_id, movie in movies.items():
+        (dataset / f"{movie_id}.json").write_text(json.dumps(movie))
+    (dataset / "0000013.json").write_text('{"title": ')
+    (tmp_path / "mmimdb" / "split.json").write_text(json.dumps(
+        {"train": ["0000008"], "dev": ["0000009", "0000010"], "test": ["0000011"]}))
+    return dataset
+
+
+def test_import_mmimdb_hand_made(tmp_path):
+    dataset = mmimdb_fixture(tmp_path)
+    result = imports.import_mmimdb(dataset, tmp_path / "p", **OFF)  # split.json found beside dataset/
+    assert rows(tmp_path / "p", "pair_id", "image_id", "text", "labels", "split", "kind") == [
+        ("mmimdb/0000008", "0000008", "A man sneezes.", ["Documentary", "Short"], "train", "multilabel"),
+        ("mmimdb/0000009", "0000009", "A reporter poses as a maid.", ["Romance"], "val", "multilabel"),
+        ("mmimdb/0000012", "0000012", "A trip.", [], "", "multilabel")]
+    found = [(e["file"].rsplit("/", 1)[1], e["line"], e.get("field")) for e in errors(tmp_path / "p")]
+    assert found == [("0000010.json", 1, "plot"), ("0000011.json", 1, "genres"), ("0000013.json", 1, None)]
+    assert result.stats["without_split"] == 1
+    assert json.loads((tmp_path / "p" / "labels.json").read_text()) == ["Documentary", "Romance", "Short"]
+    # no split file at all: every split empty; a template
+    (tmp_path / "mmimdb" / "split.json").unlink()
+    imports.import_mmimdb(dataset, tmp_path / "q", image_id_template="posters/{id}", **OFF)
+    assert {p["split"] for p in PairStore(tmp_path / "q")} == {""}
+    assert PairStore(tmp_path / "q")[0]["image_id"] == "posters/0000008"
+
+
+def test_import_vizwiz_and_mmimdb_on_the_world(world, tmp_path):
+    truth = json.loads((world / "truth.json").read_text())
+    split_of = {str(im["image_id"]): im["split"] for im in truth["images"]}
+    runner = CliRunner()
+    files = [world / "vizwiz" / f"{name}.json" for name in ("train", "val", "test")]
+    result = runner.invoke(build_main, ["import-vizwiz", *map(str, files), "-o", str(tmp_path / "v"),
+                                        "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    store = PairStore(tmp_path / "v")
+    assert len(store) == 12 and {p["image_id"]: p["split"] for p in store} == split_of
+    raw = {r["image"]: r for f in files for r in json.loads(f.read_text())}
+    for pair in store:
+        row = raw[pair["image_id"] + ".jpg"]
+        assert pair["human_answers"] == [a["answer"] for a in row["answers"]]
+        answers, scores = scored_answers(pair["human_answers"], None)
+        assert (pair["answers"], pair["answer_scores"]) == (answers, pytest.approx(scores))
+        assert pair["answer_type"] == row["answer_type"]
+    result = runner.invoke(build_main, ["import-mmimdb", str(world / "mmimdb" / "dataset"), "-o",
+                                        str(tmp_path / "m"), "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    store = PairStore(tmp_path / "m")
+    assert {p["image_id"]: p["split"] for p in store} == split_of and len(store) == 12
+    for pair in store:
+        movie = json.loads((world / "mmimdb" / "dataset" / f"{pair['image_id']}.json").read_text())
+        assert pair["labels"] == movie["genres"] and pair["text"] == movie["plot"][0]
+
+
 def test_import_cli_help_errors_and_feature_check(world, tmp_path):
     runner = CliRunner()
     for command in ("import-coco", "import-cc", "import-sbu", "import-flickr30k", "import-vqa", "import-gqa",
-                    "import-nlvr2", "import-snli-ve"):
+                    "import-nlvr2", "import-snli-ve", "import-vizwiz", "import-mmimdb"):
         out = runner.invoke(build_main, [command, "--help"]).output
         assert "--image-id-template" in out and "--strict" in out and "--features" in out, command
     bad = tmp_path / "captions_x.json"
