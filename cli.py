@@ -1066,12 +1066,12 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
 
 
 
-def _resolve_train_config(config_path: str) -> str:
-    """A config file, or the name of a shipped one (vlp/trainer/configs/NAME.yaml)."""
-    from vlp.trainer.schedule import shipped_configs
+def _resolve_finetune_config(config_path: str) -> str:
+    """A config file, or the name of a shipped finetune config (vlp/trainer/configs/NAME.yaml)."""
+    from vlp.trainer.schedule import shipped_finetune_configs
 
     if not Path(config_path).exists():
-        shipped = shipped_configs()
+        shipped = shipped_finetune_configs()
         if config_path not in shipped:
             raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
                                      f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
@@ -1113,7 +1113,7 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     from vlp.trainer.reporting import summarize
     from vlp.trainer.runs import RunFolderError, prepare_run_folder
 
-    config_path = _resolve_train_config(config_path)
+    config_path = _resolve_finetune_config(config_path)
     try:
         config = load_finetune_config(config_path)
         if init and is_bert_dir(init):

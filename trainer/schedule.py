@@ -310,6 +310,12 @@ def run_stages(config: Union[TrainConfig, dict], out_dir, *, device: str = "cpu"
 
 
 def shipped_configs() -> dict[str, Path]:
-    """The example configs shipped in vlp/trainer/configs, by name."""
+    """The example pretraining configs shipped in vlp/trainer/configs, by name."""
     folder = Path(__file__).parent / "configs"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml")) if not p.stem.startswith("finetune-")}
+
+
+def shipped_finetune_configs() -> dict[str, Path]:
+    """The example finetune configs shipped in vlp/trainer/configs (``finetune-*.yaml``), by name."""
+    folder = Path(__file__).parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("finetune-*.yaml"))}
