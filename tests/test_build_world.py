@@ -86,3 +86,31 @@ def test_import_vqa_without_any_flag_names_the_world_images_as_vlp_extract_does(
     assert store.manifest["stats"]["image_id_template"] == "{image_id}"
     assert join_report(store, FeatureStore(world / "features")).pairs_missing_images == 0
     assert len(store) == 12 * 4
+
+
+def test_the_task_importers_with_their_defaults_find_the_world_images(world, tmp_path):
+    """GQA, VizWiz, NLVR2, SNLI-VE and MM-IMDB files of the world, imported without any flag:
+    every pair's images are in the oracle feature store (NLVR2: with the image copies named
+    as vlp-extract over world/nlvr2/images names them)."""
+    w = world / "world"
+    truth = json.loads((w / "truth.json").read_text())
+    split_of = {str(im["image_id"]): im["split"] for im in truth["images"]}
+    features = tmp_path / "features"
+    truth_feature_store(w, features, feature_dim=8, nlvr2_images=True)
+    assert len(FeatureStore(features)) == 12 + len(truth["nlvr2_images"])
+    runs = {
+        "gqa": ["import-gqa", *(w / "gqa" / f"{s}_balanced_questions.json" for s in ("train", "val", "testdev"))],
+        "vizwiz": ["import-vizwiz", *(w / "vizwiz" / f"{s}.json" for s in ("train", "val", "test"))],
+        "nlvr2": ["import-nlvr2", *(w / "nlvr2" / f"{s}.json" for s in ("train", "dev", "test1"))],
+        "snli_ve": ["import-snli-ve", *(w / "snli_ve" / f"snli_ve_{s}.jsonl" for s in ("train", "dev", "test"))],
+        "mmimdb": ["import-mmimdb", w / "mmimdb" / "dataset"],
+    }
+    names = {"testdev": "test", "dev": "val", "test1": "test"}
+    for name, args in runs.items():
+        output, store = build([*args, "--features", features], tmp_path / name)
+        assert store.manifest["stats"]["pairs_missing_images"] == 0, (name, output)
+        assert store.manifest["stats"]["malformed"] == 0, (name, output)
+        assert len(store) == sum(truth["tasks"][name]["counts"].values())
+        for pair in store:
+            image = str(truth["nlvr2_images"][pair["image_id"]]) if name == "nlvr2" else pair["image_id"]
+            assert names.get(pair["split"], pair["split"]) == split_of[image], name
