@@ -7,7 +7,7 @@ from vlp.cli import build_main
 
 EXPECTED = {"objects-labels", "labels-in-order", "vg-phrases", "hard-negatives", "topics", "import-coco",
             "import-cc", "import-sbu", "import-flickr30k", "import-vqa", "import-gqa", "import-nlvr2",
-            "import-snli-ve"}
+            "import-snli-ve", "import-vizwiz", "import-mmimdb"}
 
 
 def test_the_sub_commands_exist():
