@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vlp.pipeline.decode import DecodeError, decode_file, decode_image
 from vlp.pipeline.discover import discover, image_id_of
@@ -188,13 +189,19 @@ def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, t
     assert manifest["storage"] == storage and manifest["detector"]["preset"] == "demo"
     assert [s["records"] for s in manifest["shards"]].count(5) >= 2  # full shards hold shard_size records
 
-    # The same images through Detector.detect, one at a time (batch 1, as the pipeline on CPU).
+    # The same images through Detector.detect, one at a time (batch 1, as the pipeline on CPU),
+    # with the actor's torch thread count: another count may change the last bits of a sum.
     detector = load_detector(preset="demo", device="cpu", **SMALL)
     assert manifest["detector"]["config_hash"] == detector.config_hash
-    for image_id in expected["good"]:
-        path = _file_of(root, image_id, expected)
-        direct = detector.detect([decode_file(path)], image_ids=[image_id])[0]
-        assert store.get(image_id).equals(direct), image_id
+    threads = torch.get_num_threads()
+    torch.set_num_threads(stats["workers"]["threads"])
+    try:
+        for image_id in expected["good"]:
+            path = _file_of(root, image_id, expected)
+            direct = detector.detect([decode_file(path)], image_ids=[image_id])[0]
+            assert store.get(image_id).equals(direct), image_id
+    finally:
+        torch.set_num_threads(threads)
     store.close()
 
 

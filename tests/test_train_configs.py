@@ -60,7 +60,7 @@ def _pairs_for(path: str, stores: dict) -> str:
 
 def shrink(config: dict, stores: dict) -> dict:
     model = config["model"]
-    model.pop("text_checkpoint")
+    model.pop("text_checkpoint", None)  # the demo config names the shipped vocabulary instead
     model["vocab"] = stores["vocab"]
     model["visual"]["feature_dim"] = 16
     if model.get("architecture") == "lxmert_s":
@@ -70,11 +70,13 @@ def shrink(config: dict, stores: dict) -> dict:
     config["data"]["features"] = stores["features"]
     if "eval" in config:
         config["eval"].update(pairs=stores["captions"], max_batches=2, retrieval_images=8, batch_size=16)
+        config["eval"].pop("split", None)  # the toy stores hold one split
     for stage in config["stages"]:
         stage.update(steps=2, batch_size=4, checkpoint_every=0, log_every=0, eval_every=0)
         stage.pop("epochs", None)
         for spec in stage.get("sources") or [stage]:
             spec["pairs"] = _pairs_for(spec["pairs"], stores)
+            spec.pop("split", None)
             if spec.get("features"):
                 spec["features"] = stores["features"]
             if spec.get("hard_negatives"):
