@@ -1087,8 +1087,9 @@ def _resolve_finetune_config(config_path: str) -> str:
               help="A vlp-train pretrain run folder (its last stage's last checkpoint), a checkpoint file, or a "
                    "BERT directory (text side); without it the encoder starts from random weights.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader worker processes (overrides train.num_workers).")
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel workers as for pretrain; finetuning runs in this process only (1) for now. "
+                   "DataLoader processes: train.num_workers.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Override train.precision (autocast; fp16 needs a GPU).")
 @click.option("--progress", default="auto", show_default=True,
@@ -1114,6 +1115,9 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     from vlp.trainer.runs import RunFolderError, prepare_run_folder
 
     config_path = _resolve_finetune_config(config_path)
+    if num_workers > 1:
+        raise click.UsageError("--num-workers above 1 (Ray Train DDP) is not available for finetuning yet; "
+                               "train.num_workers sets DataLoader processes")
     try:
         config = load_finetune_config(config_path)
         if init and is_bert_dir(init):
@@ -1147,8 +1151,7 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_interrupt) if in_main else None
     try:
-        summary = finetune(config, out, init=init, device=device, progress=progress, num_workers=num_workers,
-                           should_stop=stop.is_set)
+        summary = finetune(config, out, init=init, device=device, progress=progress, should_stop=stop.is_set)
     except (InitError, ConfigError, NonFiniteLossError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:

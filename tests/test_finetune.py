@@ -476,3 +476,33 @@ def test_world_vqa_beats_the_majority_answer(world, tmp_path):
     majority = collections.Counter(top(r) for r in train).most_common(1)[0][0]
     baseline = vqa_scores({r["question_id"]: majority for r in val}, val)["accuracy"]
     assert summary["best"]["value"] > baseline + 0.1, (summary["best"], baseline)
+
+
+def test_cli_init_from_a_bert_directory_sets_the_text_side(base, tmp_path):
+    """--init BERT_DIR becomes model.text_checkpoint: the run's config says so and, with the
+    base frozen, the best weights hold the directory's word embeddings."""
+    import shutil
+
+    from transformers import BertModel
+
+    from vlp.trainer.model import tiny_bert_config
+
+    bert_dir = tmp_path / "bert"
+    shutil.copy(base / "vocab.txt", tmp_path / "vocab.txt")
+    torch.manual_seed(5)
+    bert = BertModel(tiny_bert_config(len((base / "vocab.txt").read_text().split()), hidden=32, layers=1, heads=2))
+    bert.save_pretrained(bert_dir)
+    shutil.copy(base / "vocab.txt", bert_dir / "vocab.txt")
+    raw = _config(base, "snli_ve", freeze_base=True, train={"steps": 1, "eval_every": 0})
+    raw["model"].pop("bert")
+    config_path = tmp_path / "ft.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    result = _cli("finetune", config_path, "-o", tmp_path / "run", "--init", bert_dir, "--progress", "off")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert saved["text_checkpoint"] == str(bert_dir) and saved["vocab"] is None
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(best["encoder.bert.embeddings.word_embeddings.weight"],
+                       bert.embeddings.word_embeddings.weight.detach())
+    refused = _cli("finetune", config_path, "-o", tmp_path / "run2", "--num-workers", "2")
+    assert refused.exit_code == 2 and "not available for finetuning yet" in refused.output
