@@ -482,8 +482,23 @@ def _vocab_path(value: Optional[str]) -> Optional[str]:
     return value
 
 
+class _ReadFromFile:
+    """``from_dict`` for the whole-file configs (pretraining, finetuning): ``_parse`` with
+    every error message starting with the file (or "config")."""
+
+    @classmethod
+    def from_dict(cls, config, path: Union[str, Path, None] = None):
+        """Check and type a config; a ConfigError names ``path`` (or "config") and the key."""
+        where = str(path) if path is not None else "config"
+        try:
+            return cls._parse(config, where, path)
+        except ConfigError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(_ReadFromFile):
     """A whole ``vlp-train pretrain`` config (see the module docstring)."""
 
     model: ModelConfig
@@ -492,16 +507,6 @@ class TrainConfig:
     eval: Optional[EvalConfig] = None
     seed: int = 0
     path: Optional[str] = dataclasses.field(default=None, compare=False)  # the file it was read from
-
-    @classmethod
-    def from_dict(cls, config, path: Union[str, Path, None] = None) -> "TrainConfig":
-        """Check and type a config; a ConfigError names ``path`` (or "config") and the key."""
-        where = str(path) if path is not None else "config"
-        try:
-            return cls._parse(config, where, path)
-        except ConfigError as error:
-            message = str(error)
-            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
     @classmethod
     def _parse(cls, config, where: str, path) -> "TrainConfig":
@@ -704,7 +709,7 @@ def _finetune_stage(raw, where: str, *, task: str, seed: int) -> StageConfig:
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(_ReadFromFile):
     """A ``vlp-train finetune`` config: ``model`` and ``data`` as in pretraining, ``task``
     (:class:`TaskConfig`) and ``train`` (a :class:`StageConfig` without tasks or sources:
     steps or epochs, batch_size, lr, schedule, eval_every, checkpoint_every, precision ...)."""
@@ -715,15 +720,6 @@ class FinetuneConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     seed: int = 0
     path: Optional[str] = dataclasses.field(default=None, compare=False)
-
-    @classmethod
-    def from_dict(cls, config, path: Union[str, Path, None] = None) -> "FinetuneConfig":
-        where = str(path) if path is not None else "config"
-        try:
-            return cls._parse(config, where, path)
-        except ConfigError as error:
-            message = str(error)
-            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
     @classmethod
     def _parse(cls, config, where: str, path) -> "FinetuneConfig":

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.schemas.pairs import ENTAILMENT_LABELS
 from vlp.trainer.data import IGNORE, Collator, to_device
 from vlp.trainer.heads import build_head
 from vlp.trainer.tasks import REGION_FIELDS, PretrainModel, Task, _pad_regions
 
-ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
 NLVR2_LABELS = ("False", "True")
 NLVR2_SETTINGS = ("pair", "triplet")
 LABELS_FILE = "labels.json"
