@@ -91,7 +91,7 @@ def _histogram_png(path: Path, labels: list[str], counts: list[int], title: str,
 def _build_pairs(out: Path, world_dir: Path, store_dir: Path, progress: bool) -> list[str]:
     """The vlp-build stage: pair stores from the features and the world's annotation files."""
     from vlp.builders.hard_negatives import build_hard_negatives
-    from vlp.builders.imports import import_coco
+    from vlp.builders.imports import import_coco, import_vqa
     from vlp.builders.labels import build_objects_labels
     from vlp.builders.vg_phrases import build_vg_phrases
 
@@ -111,6 +111,9 @@ def _build_pairs(out: Path, world_dir: Path, store_dir: Path, progress: bool) ->
                          features=store_dir, overwrite=True, progress=mode),
         build_hard_negatives(store_dir, pairs / "hard-negatives", top_m=5, splits_from=captions.out,
                              overwrite=True, progress=mode),
+        # for `vlp-train finetune finetune-demo-vqa` (every answer given at least once is a class)
+        import_vqa(sorted((world_dir / "vqa").glob("*.json")), pairs / "vqa", image_id_template="world/{image_id}",
+                   min_count=1, features=store_dir, overwrite=True, progress=mode),
     ]
     lines = []
     for result in results:
