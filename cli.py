@@ -1088,8 +1088,8 @@ def _resolve_finetune_config(config_path: str) -> str:
                    "BERT directory (text side); without it the encoder starts from random weights.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--num-workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Data-parallel workers as for pretrain; finetuning runs in this process only (1) for now. "
-                   "DataLoader processes: train.num_workers.")
+              help="Data-parallel workers (Ray Train DDP: gloo on CPU, nccl on GPU), as for pretrain; 1: this "
+                   "process. DataLoader processes: train.num_workers.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Override train.precision (autocast; fp16 needs a GPU).")
 @click.option("--progress", default="auto", show_default=True,
@@ -1115,9 +1115,6 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     from vlp.trainer.runs import RunFolderError, prepare_run_folder
 
     config_path = _resolve_finetune_config(config_path)
-    if num_workers > 1:
-        raise click.UsageError("--num-workers above 1 (Ray Train DDP) is not available for finetuning yet; "
-                               "train.num_workers sets DataLoader processes")
     try:
         config = load_finetune_config(config_path)
         if init and is_bert_dir(init):
@@ -1129,7 +1126,7 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
         check_finetune_stores(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if device == "auto":
+    if device == "auto" and num_workers == 1:  # with workers: GPUs when the Ray cluster has enough
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if progress != "bar":
         from transformers.utils import logging as transformers_logging
@@ -1148,10 +1145,16 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
         stop.set()
         click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
 
-    in_main = threading.current_thread() is threading.main_thread()
+    in_main = num_workers == 1 and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_interrupt) if in_main else None
     try:
-        summary = finetune(config, out, init=init, device=device, progress=progress, should_stop=stop.is_set)
+        if num_workers > 1:
+            from vlp.trainer.distributed import run_distributed_finetune
+
+            summary = run_distributed_finetune(config, out, num_workers=num_workers, init=init, device=device,
+                                               progress=progress)
+        else:
+            summary = finetune(config, out, init=init, device=device, progress=progress, should_stop=stop.is_set)
     except (InitError, ConfigError, NonFiniteLossError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -504,5 +504,3 @@ def test_cli_init_from_a_bert_directory_sets_the_text_side(base, tmp_path):
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
     assert torch.equal(best["encoder.bert.embeddings.word_embeddings.weight"],
                        bert.embeddings.word_embeddings.weight.detach())
-    refused = _cli("finetune", config_path, "-o", tmp_path / "run2", "--num-workers", "2")
-    assert refused.exit_code == 2 and "not available for finetuning yet" in refused.output

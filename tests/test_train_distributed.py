@@ -88,6 +88,7 @@ def _ddp_worker(settings):
         torch.save(captured, settings["grads"])
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_gradients_equal_one_process(config, ray_cluster, tmp_path):
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
@@ -117,6 +118,7 @@ def test_two_worker_ddp_gradients_equal_one_process(config, ray_cluster, tmp_pat
         assert abs(ddp["entry"]["losses"][task] - value) < 1e-5, task
 
 
+@pytest.mark.slow
 def test_run_stages_on_two_workers_matches_one_process(config, ray_cluster, tmp_path):
     from vlp.trainer.runs import train
 
@@ -138,3 +140,96 @@ def test_run_stages_on_two_workers_matches_one_process(config, ray_cluster, tmp_
     b = torch.load(tmp_path / "single" / "01-mixed" / "checkpoint-0000003.pt", weights_only=True)["model"]
     for name in b:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+# -- finetuning ----------------------------------------------------------------------------
+
+FT_COLORS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def finetune_config(tmp_path_factory):
+    """A VQA task on hand-made stores: 40 images, 32 train / 8 val questions."""
+    from vlp.schemas.pairs import PairStoreWriter
+    from vlp.trainer.toydata import tiny_feature_store, write_vocab
+
+    root = tmp_path_factory.mktemp("ddp-finetune")
+    ids = [f"img{i}" for i in range(40)]
+    tiny_feature_store(root / "features", ids, feature_dim=16, max_boxes=6)
+    write_vocab(root / "vocab.txt", "what color is it the red blue green yellow".split())
+    with PairStoreWriter(root / "pairs", "question") as writer:
+        for i, image_id in enumerate(ids):
+            color = FT_COLORS[i % 4]
+            writer.add({"pair_id": f"vqa/{i}", "image_id": image_id, "split": "train" if i < 32 else "val",
+                        "text": "what color is it", "question_id": str(100 + i),
+                        "answers": [color] if color == "red" else [color, "red"],
+                        "answer_scores": [1.0] if color == "red" else [1.0, 0.3], "answer_type": "other",
+                        "question_type": "what color"})
+    return {"seed": 0,
+            "model": {"vocab": str(root / "vocab.txt"), "bert": {"hidden": 32, "layers": 1, "heads": 2},
+                      "visual": {"feature_dim": 16}},
+            "data": {"features": str(root / "features"), "max_text_len": 16, "max_regions": 6},
+            "task": {"name": "vqa", "pairs": str(root / "pairs")},
+            "train": {"steps": 4, "batch_size": 8, "grad_accum": 1, "lr": 1.0e-3, "eval_every": 2,
+                      "log_every": 0}}
+
+
+@pytest.mark.slow
+def test_finetune_on_two_workers_matches_one_process(finetune_config, ray_cluster, tmp_path):
+    """`vlp-train finetune --num-workers 2` (rank 0 writing the run folder and validating)
+    against finetune() in one process with grad_accum 2 over the same global batches: the
+    same losses, final weights and best.json."""
+    import yaml
+    from click.testing import CliRunner
+
+    from vlp.cli import train_main
+    from vlp.trainer.config import FinetuneConfig
+    from vlp.trainer.finetune import finetune
+
+    config_path = tmp_path / "ft.yaml"
+    config_path.write_text(yaml.safe_dump(finetune_config))
+    run = tmp_path / "ddp"
+    result = CliRunner().invoke(train_main, ["finetune", str(config_path), "-o", str(run), "--num-workers", "2",
+                                             "--device", "cpu", "--progress", "off"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "vqa: steps 0 -> 4 of 4" in result.output and "best: step" in result.output
+
+    single_config = json.loads(json.dumps(finetune_config))
+    single_config["train"]["grad_accum"] = 2
+    single = finetune(FinetuneConfig.from_dict(single_config), tmp_path / "single")
+    ddp = [json.loads(line) for line in (run / "01-finetune" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in ddp] == [1, 2, 3, 4]
+    assert [h["samples"] for h in ddp] == [h["samples"] for h in single["history"]] == [16] * 4
+    for a, b in zip(ddp, single["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+    a = torch.load(run / "01-finetune" / "checkpoint-0000004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "single" / "01-finetune" / "checkpoint-0000004.pt", weights_only=True)["model"]
+    assert set(a) == set(b)
+    for name in b:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    best_ddp, best_single = (json.loads((d / "best.json").read_text()) for d in (run, tmp_path / "single"))
+    assert best_ddp["metric"] == "accuracy" and best_ddp["step"] == best_single["step"]
+    assert best_ddp["value"] == pytest.approx(best_single["value"], abs=1e-9)
+    assert best_ddp["metrics"] == pytest.approx(best_single["metrics"], abs=1e-9)
+    evals = [json.loads(line) for line in (run / "01-finetune" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["n"] == 8 for e in evals)
+    assert json.loads((run / "labels.json").read_text())["labels"][0] == "red"
+    results = json.loads((run / "results.json").read_text())
+    assert results["best"]["step"] == best_single["step"] and results["final"]["step"] == 4
+
+
+
+def test_worker_error_becomes_one_line():
+    """Ray Train reports worker errors as a WorkerGroupError whose text is a truncated
+    traceback; the driver's one line is rank 0's own exception message, first line."""
+    from vlp.trainer.distributed import _root_message
+    from vlp.trainer.finetune import InitError
+
+    WorkerGroupError = pytest.importorskip("ray.train").WorkerGroupError
+    failures = {1: InitError("--init bad.pt: cannot read a checkpoint (rank 1)"),
+                0: InitError("--init bad.pt: cannot read a checkpoint (Weights only load failed.\nCheck the docs.)")}
+    error = WorkerGroupError("[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n... (Output truncated.",
+                             failures)
+    assert _root_message(error) == "--init bad.pt: cannot read a checkpoint (Weights only load failed."
+    wrapped = RuntimeError("Traceback (most recent call last):\n  File x\nValueError: bad value")
+    assert _root_message(wrapped) == "ValueError: bad value"

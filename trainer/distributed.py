@@ -1,4 +1,4 @@
-"""Data-parallel pretraining on Ray Train workers (``vlp-train pretrain --num-workers N``).
+"""Data-parallel training on Ray Train workers (``vlp-train pretrain|finetune --num-workers N``).
 
 Each worker is one DDP rank (gloo on CPU, nccl on GPU; Ray Train sets up the process
 group) and runs :func:`vlp.trainer.schedule.run_stages` with its rank: it reads the
@@ -10,6 +10,12 @@ Because the micro-batches and all the randomness spent on them depend only on th
 global micro-batch index, N workers with ``grad_accum`` A take the same optimizer steps
 as one process with ``grad_accum`` N*A (up to the order of float additions), and a run
 can resume with a different number of workers.
+
+Finetuning (:func:`run_distributed_finetune`) runs the same way: every worker builds the
+task's model and runs :func:`vlp.trainer.finetune.finetune` with its rank; rank 0 alone
+writes the run folder (labels.json, init.json, checkpoints, history, best.pt/best.json,
+results.json) and runs the validation passes, on the whole validation split, while the
+other ranks wait, so the best checkpoint is chosen as in one process.
 """
 
 from __future__ import annotations
@@ -45,6 +51,24 @@ def _worker_loop(settings: dict) -> None:
         for summary in summaries:
             summary.pop("history", None)
         atomic_write_json(Path(settings["out_dir"]) / SUMMARY_FILE, summaries, indent=1)
+
+
+def _finetune_worker_loop(settings: dict) -> None:
+    import ray.train
+    from ray.train.torch import get_device
+    import torch
+
+    from vlp.trainer.finetune import finetune
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(settings["threads"])))
+    device = str(get_device()) if settings["use_gpu"] else "cpu"
+    summary = finetune(settings["config"], settings["out_dir"], init=settings["init"], device=device,
+                       stop_after_steps=settings["stop_after_steps"], rank=rank, world_size=world_size)
+    if rank == 0:
+        summary.pop("history", None)
+        atomic_write_json(Path(settings["out_dir"]) / SUMMARY_FILE, summary, indent=1)
 
 
 class _HistoryWatcher(threading.Thread):
@@ -103,15 +127,41 @@ def run_distributed(config, out_dir, *, num_workers: int, device: str = "auto",
     cluster has at least ``num_workers``). Without ``address`` a local Ray instance is
     started for the run and stopped after it.
     """
+    config = as_config(config)
+    return _fit(_worker_loop, {"config": config, "stop_after_steps": stop_after_steps}, config, out_dir,
+                name="pretrain", num_workers=num_workers, device=device, address=address,
+                cpus_per_worker=cpus_per_worker, progress=progress)
+
+
+def run_distributed_finetune(config, out_dir, *, num_workers: int, init=None, device: str = "auto",
+                             stop_after_steps: Optional[int] = None, address: Optional[str] = None,
+                             cpus_per_worker: Optional[int] = None, progress: str = "off") -> dict:
+    """Finetune ``config`` (a :class:`~vlp.trainer.config.FinetuneConfig`) on
+    ``num_workers`` Ray Train workers, as :func:`vlp.trainer.finetune.finetune` does in one
+    process; returns rank 0's summary (without per-step history). ``init`` must be a
+    checkpoint or run folder every worker can read (a BERT directory goes into
+    ``model.text_checkpoint`` beforehand). Other arguments as :func:`run_distributed`.
+    """
+    return _fit(_finetune_worker_loop, {"config": config, "init": str(init) if init is not None else None,
+                                        "stop_after_steps": stop_after_steps}, config, out_dir,
+                name="finetune", num_workers=num_workers, device=device, address=address,
+                cpus_per_worker=cpus_per_worker, progress=progress)
+
+
+def _fit(loop, settings: dict, config, out_dir, *, name: str, num_workers: int, device: str,
+         address: Optional[str], cpus_per_worker: Optional[int], progress: str):
+    """Start (or join) Ray, run ``loop`` on ``num_workers`` TorchTrainer workers and return
+    what rank 0 wrote to OUT/summary.json; a worker's error becomes one RuntimeError line."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if num_workers < 1:
         raise ValueError("num_workers must be at least 1")
-    config = as_config(config)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / SUMMARY_FILE
+    summary_path.unlink(missing_ok=True)  # a summary of an earlier call must not pass for this one's
     started = False
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -136,15 +186,14 @@ def run_distributed(config, out_dir, *, num_workers: int, device: str = "auto",
         if not use_gpu and per_worker * num_workers > cpus:
             raise ValueError(f"{num_workers} workers x {per_worker} CPUs need {num_workers * per_worker} CPUs; "
                              f"the Ray cluster has {cpus}")
-        settings = {"config": config, "out_dir": str(out_dir), "stop_after_steps": stop_after_steps,
-                    "use_gpu": use_gpu, "threads": per_worker}
+        settings = {**settings, "out_dir": str(out_dir), "use_gpu": use_gpu, "threads": per_worker}
         trainer = TorchTrainer(
-            _worker_loop, train_loop_config=settings,
+            loop, train_loop_config=settings,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": per_worker}),
-            run_config=RunConfig(storage_path=str(out_dir / ".ray-train"), name="pretrain"))
-        log.info("training on %d Ray worker(s), %s, %d CPU(s) each", num_workers, "GPU" if use_gpu else "CPU",
+            run_config=RunConfig(storage_path=str(out_dir / ".ray-train"), name=name))
+        log.info("%s on %d Ray worker(s), %s, %d CPU(s) each", name, num_workers, "GPU" if use_gpu else "CPU",
                  per_worker)
         watcher = _HistoryWatcher(config, out_dir, progress) if progress != "off" else None
         if watcher is not None:
@@ -160,17 +209,26 @@ def run_distributed(config, out_dir, *, num_workers: int, device: str = "auto",
     finally:
         if started:
             ray.shutdown()
-    return json.loads((out_dir / SUMMARY_FILE).read_text())
+    return json.loads(summary_path.read_text())
 
 
 def _root_message(error: BaseException) -> str:
-    """The innermost message of a chain of wrapped worker errors."""
+    """One line for a chain of wrapped worker errors: the lowest failed rank's own exception
+    (Ray Train's ``WorkerGroupError.worker_failures``), innermost cause first; its message's
+    first line (a traceback text: its last line, the ``Type: message`` one)."""
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))
-        inner = error.__cause__ or getattr(error, "cause", None) or error.__context__
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            inner = failures[min(failures)]
+        else:
+            inner = error.__cause__ or getattr(error, "cause", None) or error.__context__
         if inner is None or not isinstance(inner, BaseException):
             break
         error = inner
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+    message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]

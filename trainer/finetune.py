@@ -153,7 +153,7 @@ def load_encoder(model, state: dict, source: str) -> int:
 
 # -- building ----------------------------------------------------------------------------
 
-def _labels(config: FinetuneConfig, pairs, out_dir: Optional[Path]) -> tuple[list, str]:
+def _labels(config: FinetuneConfig, pairs, out_dir: Optional[Path], *, write: bool = True) -> tuple[list, str]:
     from vlp.trainer.downstream import LABELS_FILE, task_labels
 
     saved = out_dir / LABELS_FILE if out_dir is not None else None
@@ -168,7 +168,7 @@ def _labels(config: FinetuneConfig, pairs, out_dir: Optional[Path]) -> tuple[lis
     if not labels:
         raise ConfigError(f"{config.path or 'config'}: task: the {'/'.join(task.train_split)} pairs of {task.pairs} "
                           "give no labels (no answers / genres)")
-    if saved is not None:
+    if saved is not None and write:
         atomic_write_json(saved, {"task": task.name, "source": source, "labels": labels}, indent=0)
     return labels, source
 
@@ -227,25 +227,31 @@ class BestCheckpoint:
 
 
 def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu", progress: str = "off",
-             stop_after_steps: Optional[int] = None, should_stop=None, num_workers: Optional[int] = None) -> dict:
+             stop_after_steps: Optional[int] = None, should_stop=None, num_workers: Optional[int] = None,
+             rank: int = 0, world_size: int = 1) -> dict:
     """Finetune ``config``'s task into ``out_dir`` (continuing a run there from its last
     checkpoint); returns a summary (steps, last loss, best step and metric, final metrics).
 
     ``init``: see the module docstring (a BERT directory is passed as
     ``model.text_checkpoint`` instead, before this is called). ``num_workers``: DataLoader
-    workers (overrides ``train.num_workers``).
+    workers (overrides ``train.num_workers``). ``rank``/``world_size``: this process's
+    place in an initialised DDP group (:func:`vlp.trainer.distributed.run_distributed_finetune`):
+    rank 0 alone writes the run folder and evaluates; the others train and wait.
     """
     from vlp.schemas import FeatureStore
     from vlp.schemas.pairs import PairStore
     from vlp.trainer.data import DataSource, load_tokenizer
-    from vlp.trainer.pretrain import Pretrainer
+    from vlp.trainer.pretrain import Pretrainer, _Distributed
 
     check_finetune_stores(config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lead = rank == 0
+    group = _Distributed(rank, world_size)
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
     from vlp.trainer.runs import CONFIG_FILE
 
-    if not (out_dir / CONFIG_FILE).is_file():  # the CLI writes it first (prepare_run_folder)
+    if lead and not (out_dir / CONFIG_FILE).is_file():  # the CLI writes it first (prepare_run_folder)
         import yaml
 
         atomic_write_text(out_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -254,18 +260,23 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
     model_spec = config.model
     tokenizer = load_tokenizer(model_spec.vocab or model_spec.text_checkpoint)
     pairs, features = PairStore(spec.pairs), FeatureStore(spec.features)
-    labels, label_source = _labels(config, pairs, out_dir)
+    stage_dir = config.stage_dir(out_dir)
+    resuming = (stage_dir / "last.json").is_file()  # read by every rank before any writes a checkpoint
+    if lead:
+        labels, label_source = _labels(config, pairs, out_dir)
+    group.barrier()
+    if not lead:  # rank 0's labels.json: the head order is the same on every rank
+        labels, label_source = _labels(config, pairs, out_dir, write=False)
     task = make_task(config, labels)
     model = build_model(config, task, tokenizer)
-    stage_dir = config.stage_dir(out_dir)
-    resuming = (stage_dir / "last.json").is_file()
     init_info = None
     if init is not None and not resuming:
         state, source = encoder_state(init)
         count = load_encoder(model, state, source)
         init_info = {"checkpoint": source, "tensors": count}
-        atomic_write_json(out_dir / "init.json", init_info, indent=1)
-        log.info("encoder initialised from %s (%d tensors)", source, count)
+        if lead:
+            atomic_write_json(out_dir / "init.json", init_info, indent=1)
+            log.info("encoder initialised from %s (%d tensors)", source, count)
     elif (out_dir / "init.json").is_file():
         init_info = json.loads((out_dir / "init.json").read_text())
     trainable = model.freeze_base() if spec.freeze_base else sum(p.numel() for p in model.parameters())
@@ -273,10 +284,10 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
     val_set = task_dataset(config, task, pairs, features, tokenizer, spec.val_split)
     if len(val_set) == 0:
         raise ConfigError(f"{config.path or 'config'}: task.val_split: no {'/'.join(spec.val_split)} pair has features")
-    best = BestCheckpoint(out_dir, task.main_metric)
+    best = BestCheckpoint(out_dir, task.main_metric) if lead else None
     holder: dict = {}
 
-    def evaluator(model_) -> dict:
+    def evaluator(model_) -> dict:  # rank 0 only (Pretrainer.run_evaluation), on the unwrapped model
         from vlp.trainer.downstream import evaluate_task
 
         metrics, _, _ = evaluate_task(model_, val_set, batch_size=spec.eval_batch_size, max_items=spec.eval_max_items)
@@ -284,7 +295,7 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
         return metrics
 
     trainer = Pretrainer(model, [DataSource("train", train_set, (task.name,))], stage, stage_dir, device=device,
-                         evaluator=evaluator, progress=progress)
+                         evaluator=evaluator, progress=progress, rank=rank, world_size=world_size)
     holder["trainer"] = trainer
     history = []
     if resuming:
@@ -294,15 +305,16 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
             history = trainer.train(max_steps=stop_after_steps, should_stop=should_stop)
     finally:
         trainer.close()
-    finals = _read_eval(stage_dir)
+    finals = _read_eval(stage_dir) if lead else []
     summary = {"task": spec.name, "dir": str(stage_dir), "start_step": history[0]["step"] - 1 if history else trainer.step,
                "end_step": trainer.step, "steps": trainer.stage.steps,
                "last_loss": history[-1]["loss"] if history else None, "labels": len(labels),
                "label_source": label_source, "train_pairs": len(train_set), "val_pairs": len(val_set),
                "skipped_pairs": {"train": train_set.skipped, "val": val_set.skipped},
                "freeze_base": spec.freeze_base, "trainable_parameters": trainable, "init": init_info,
-               "best": best.info, "final": finals[-1] if finals and trainer.step >= trainer.stage.steps else None}
-    if trainer.step >= trainer.stage.steps:
+               "best": best.info if best is not None else None,
+               "final": finals[-1] if finals and trainer.step >= trainer.stage.steps else None}
+    if lead and trainer.step >= trainer.stage.steps:
         results = _read_results(out_dir)
         results.update({k: summary[k] for k in ("task", "steps", "labels", "label_source", "freeze_base",
                                                 "trainable_parameters", "init", "best", "final")})
