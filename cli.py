@@ -7,6 +7,7 @@ status 1; usage mistakes exit with 2 (click's convention); success is 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -958,6 +959,60 @@ def train_main():
     downstream tasks (VQA, VizWiz, GQA, SNLI-VE, NLVR2, MM-IMDB)."""
 
 
+def _resolve_config(config_path: str, shipped: dict) -> str:
+    """A config file, or the name of a shipped config (vlp/trainer/configs/NAME.yaml)."""
+    if not Path(config_path).exists():
+        if config_path not in shipped:
+            raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
+                                     f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
+        config_path = str(shipped[config_path])
+    return config_path
+
+
+def _start_run(out, config, *, resume: bool, device: str, num_workers: int, progress: str) -> str:
+    """What pretrain and finetune do before training: pick the device, silence transformers'
+    own weight-loading bar unless bars are wanted, apply the run-folder rules. The device."""
+    import torch
+
+    from vlp.trainer.config import ConfigError
+    from vlp.trainer.runs import RunFolderError, prepare_run_folder
+
+    if device == "auto" and num_workers == 1:  # with workers: GPUs when the Ray cluster has enough
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if progress != "bar":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        for warning in prepare_run_folder(out, config, resume=resume):
+            click.echo(f"warning: {warning}", err=True)
+    except (RunFolderError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return device
+
+
+@contextlib.contextmanager
+def _stop_on_first_interrupt(num_workers: int):
+    """In a single-process run the first Ctrl-C asks the loop to stop after the current step
+    (with a checkpoint), a second one aborts. Yields the stop request (None with workers:
+    Ray handles their interrupts)."""
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
+
+    single_process = num_workers == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if single_process else None
+    try:
+        yield stop if single_process else None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
@@ -987,22 +1042,13 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     """
     import dataclasses
 
-    import torch
-
     from vlp.trainer.config import ConfigError, load_config
     from vlp.trainer.pretrain import NonFiniteLossError
     from vlp.trainer.reporting import plot_loss_curves, summarize
-    from vlp.trainer.runs import RunFolderError, prepare_run_folder, train
-    from vlp.trainer.schedule import check_stores
+    from vlp.trainer.runs import train
+    from vlp.trainer.schedule import check_stores, shipped_configs
 
-    from vlp.trainer.schedule import shipped_configs
-
-    if not Path(config_path).exists():
-        shipped = shipped_configs()
-        if config_path not in shipped:
-            raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
-                                     f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
-        config_path = str(shipped[config_path])
+    config_path = _resolve_config(config_path, shipped_configs())
     try:
         config = load_config(config_path)
         if init_from:
@@ -1013,35 +1059,13 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
         check_stores(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if device == "auto" and num_workers == 1:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if progress != "bar":  # transformers' own "Loading weights" bar
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    try:
-        for warning in prepare_run_folder(out, config, resume=resume):
-            click.echo(f"warning: {warning}", err=True)
-    except (RunFolderError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
-    stop = threading.Event()
-
-    def on_interrupt(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
-
-    single_process = num_workers == 1 and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if single_process else None
-    try:
-        summaries = train(config, out, device=device, num_workers=num_workers, progress=progress,
-                          should_stop=stop.is_set if single_process else None)
-    except (NonFiniteLossError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    device = _start_run(out, config, resume=resume, device=device, num_workers=num_workers, progress=progress)
+    with _stop_on_first_interrupt(num_workers) as stop:
+        try:
+            summaries = train(config, out, device=device, num_workers=num_workers, progress=progress,
+                              should_stop=stop.is_set if stop else None)
+        except (NonFiniteLossError, ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
     for summary in summaries:
         if summary["skipped"]:
             click.echo(f"stage {summary['stage']}: already finished")
@@ -1058,25 +1082,12 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     except FileNotFoundError:
         pass
     last = summaries[-1] if summaries else {"skipped": True}
-    if stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
+    if stop and stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
         click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
                    f"(checkpoint saved); continue with: vlp-train pretrain {config_path} --out {out} --resume",
                    err=True)
         sys.exit(130)
 
-
-
-def _resolve_finetune_config(config_path: str) -> str:
-    """A config file, or the name of a shipped finetune config (vlp/trainer/configs/NAME.yaml)."""
-    from vlp.trainer.schedule import shipped_finetune_configs
-
-    if not Path(config_path).exists():
-        shipped = shipped_finetune_configs()
-        if config_path not in shipped:
-            raise click.BadParameter(f"{config_path}: no such file, and not a shipped config "
-                                     f"({', '.join(sorted(shipped))})", param_hint="CONFIG")
-        config_path = str(shipped[config_path])
-    return config_path
 
 
 @train_main.command("finetune")
@@ -1106,15 +1117,13 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     """
     import dataclasses
 
-    import torch
-
     from vlp.trainer.config import ConfigError, load_finetune_config
     from vlp.trainer.finetune import InitError, check_finetune_stores, finetune, is_bert_dir
     from vlp.trainer.pretrain import NonFiniteLossError
     from vlp.trainer.reporting import summarize
-    from vlp.trainer.runs import RunFolderError, prepare_run_folder
+    from vlp.trainer.schedule import shipped_finetune_configs
 
-    config_path = _resolve_finetune_config(config_path)
+    config_path = _resolve_config(config_path, shipped_finetune_configs())
     try:
         config = load_finetune_config(config_path)
         if init and is_bert_dir(init):
@@ -1126,40 +1135,19 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
         check_finetune_stores(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if device == "auto" and num_workers == 1:  # with workers: GPUs when the Ray cluster has enough
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if progress != "bar":
-        from transformers.utils import logging as transformers_logging
+    device = _start_run(out, config, resume=resume, device=device, num_workers=num_workers, progress=progress)
+    with _stop_on_first_interrupt(num_workers) as stop:
+        try:
+            if num_workers > 1:
+                from vlp.trainer.distributed import run_distributed_finetune
 
-        transformers_logging.disable_progress_bar()
-    try:
-        for warning in prepare_run_folder(out, config, resume=resume):
-            click.echo(f"warning: {warning}", err=True)
-    except (RunFolderError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
-    stop = threading.Event()
-
-    def on_interrupt(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
-
-    in_main = num_workers == 1 and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main else None
-    try:
-        if num_workers > 1:
-            from vlp.trainer.distributed import run_distributed_finetune
-
-            summary = run_distributed_finetune(config, out, num_workers=num_workers, init=init, device=device,
-                                               progress=progress)
-        else:
-            summary = finetune(config, out, init=init, device=device, progress=progress, should_stop=stop.is_set)
-    except (InitError, ConfigError, NonFiniteLossError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+                summary = run_distributed_finetune(config, out, num_workers=num_workers, init=init, device=device,
+                                                   progress=progress)
+            else:
+                summary = finetune(config, out, init=init, device=device, progress=progress,
+                                   should_stop=stop.is_set if stop else None)
+        except (InitError, ConfigError, NonFiniteLossError, ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
     last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
     frozen = f", base frozen ({summary['trainable_parameters']} trainable parameters)" if summary["freeze_base"] else ""
     click.echo(f"{summary['task']}: steps {summary['start_step']} -> {summary['end_step']} of {summary['steps']}"
@@ -1171,7 +1159,7 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     if best:
         click.echo(f"best: step {best['step']}, {best['metric']} {best['value']:.4f} ({Path(out) / 'best.pt'})")
     click.echo(summarize(out))
-    if stop.is_set() and summary["end_step"] < summary["steps"]:
+    if stop and stop.is_set() and summary["end_step"] < summary["steps"]:
         click.echo(f"interrupted at step {summary['end_step']} of {summary['steps']} (checkpoint saved); continue "
                    f"with: vlp-train finetune {config_path} --out {out} --resume", err=True)
         sys.exit(130)
