@@ -98,6 +98,7 @@ def test_malformed_tsv_error_names_the_line(tmp_path):
     assert "f.tsv:1: 3 tab-separated columns; expected 10" in result.output
 
 
+@pytest.mark.slow
 def test_demo_writes_report(tmp_path):
     out = tmp_path / "d"
     result = CliRunner().invoke(cli.main, ["demo", "--out", str(out), "--images", "8"])

@@ -104,6 +104,7 @@ def trained(tiny_world, tmp_path_factory):
     return record, model, out, config
 
 
+@pytest.mark.slow
 def test_training_loss_decreases(trained):
     record, _, out, _ = trained
     losses = record["losses"]
@@ -115,6 +116,7 @@ def test_training_loss_decreases(trained):
     assert (out.parent / (out.name + ".log.json")).is_file()
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_round_trips_into_the_inference_detector(trained, tiny_world):
     import cv2
 
@@ -244,11 +246,13 @@ def demo_heldout(tmp_path_factory):
 
 @pytest.mark.xfail(not DEMO_MEETS_TARGETS, strict=True,
                    reason="shipped demo weights below the mAP@0.5 0.90 target")
+@pytest.mark.slow
 def test_shipped_demo_detector_meets_the_targets(demo_heldout):
     assert demo_heldout["mAP"] >= TARGET_MAP, demo_heldout["ap"]
     assert demo_heldout["attribute_accuracy"] >= TARGET_ATTR, demo_heldout
 
 
+@pytest.mark.slow
 def test_shipped_demo_detector_regression_floor(demo_heldout):
     assert demo_heldout["mAP"] >= FLOOR_MAP, demo_heldout["ap"]
     assert demo_heldout["attribute_accuracy"] >= FLOOR_ATTR, demo_heldout

@@ -172,6 +172,7 @@ def _check_output(out: Path, expected: dict) -> FeatureStore:
     return store
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["lmdb", "arrow"])
 def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, tmp_path, storage):
     from vlp.detectors import load_detector
@@ -205,6 +206,7 @@ def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, t
     store.close()
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_work_and_refuses_another_detector(ray_session, mixed_folder, tmp_path):
     root, expected = mixed_folder
     out = tmp_path / "features"
@@ -242,6 +244,7 @@ def _ancestors(pid: int) -> list[int]:
     return chain
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks the actor's parentage through /proc")
 def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(ray_session, mixed_folder, tmp_path,
                                                                        monkeypatch):
@@ -295,6 +298,7 @@ def _listed_shards(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_exactly_once(mixed_folder, tmp_path):
     root, expected = mixed_folder
     command = VLP_EXTRACT + [str(root), "--out", str(tmp_path / "features"), "--preset", "demo",
@@ -324,6 +328,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_joins_a_ray_cluster_given_by_address(mixed_folder, tmp_path):
     root, expected = mixed_folder
     ray_cli = str(Path(sys.executable).with_name("ray"))
@@ -354,6 +359,7 @@ def test_joins_a_ray_cluster_given_by_address(mixed_folder, tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_dry_run_counts_and_estimates_without_writing(mixed_folder, tmp_path):
     root, expected = mixed_folder
     out = tmp_path / "features"

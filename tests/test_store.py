@@ -90,6 +90,7 @@ def test_random_access_from_four_dataloader_workers(tmp_path, storage):
     assert seen == len(ids) and len(pids) == 4 and os.getpid() not in pids
 
 
+@pytest.mark.slow
 def test_store_pickles_as_its_path_and_works_in_spawned_workers(tmp_path):
     records = list(random_records(12, seed=6))
     write_store(tmp_path / "s", records, "lmdb")

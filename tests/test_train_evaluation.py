@@ -277,6 +277,7 @@ def test_evaluate_during_training_keys(world):
     assert "val_mlm_acc" in got and not any("zs_" in k for k in got)
 
 
+@pytest.mark.slow
 def test_itm_training_lifts_zero_shot_recall_above_chance(world, tmp_path):
     """Why ITM alone, 1400 steps at lr 3e-4, no dropout (measured on this world, batch 32, hidden 64,
     2 layers): the ITM loss sits at ln 2 until step ~1000-1200 (seeds 0-2); at lr 1e-3 it often never

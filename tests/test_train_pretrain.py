@@ -34,6 +34,7 @@ def build(world, tasks, *, seed=0, hidden=64, positions="shared"):
     return model, dataset
 
 
+@pytest.mark.slow
 def test_mlm_and_moc_accuracy_rise_above_chance(world, tmp_path):
     features, pairs, tokenizer = world
     model, dataset = build(world, ["MLM", "MOC"])

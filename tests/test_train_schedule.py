@@ -243,6 +243,7 @@ def test_stop_request_checkpoints_and_resumes_exactly(config, tmp_path):
     assert _losses(first) + _losses(rest) == reference
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_cli_after_a_step_with_a_checkpoint(config, tmp_path):
     import signal
     import subprocess
