@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_import_contracts_in_setup_cfg_are_kept():
     lint = Path(sys.executable).parent / "lint-imports"
-    result = subprocess.run([str(lint), "--config", str(ROOT / "setup.cfg"), "--no-cache"],
+    result = subprocess.run([str(lint), str(ROOT / "setup.cfg"), "--no-cache"],
                             capture_output=True, text=True, cwd=ROOT)
     assert "Contracts: 2 kept, 0 broken." in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0

@@ -48,6 +48,8 @@ COUNT_KEYS = {"max_text_len", "max_regions", "append_labels", "hard_negative_top
 SHIPPED_VOCABS = {"demo": "demo-vocab.txt"}
 #: the folder the paths of configs/demo.yaml start with (``vlp demo``'s default --out)
 DEMO_ROOT = "demo-out"
+#: the config a run folder keeps (normalised, every default written out)
+CONFIG_FILE = "config.yaml"
 
 
 def shipped_vocab(name: str) -> Path:

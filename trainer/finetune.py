@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from vlp.core.durable import atomic_write, atomic_write_json, atomic_write_text
-from vlp.trainer.config import FINETUNE_TASKS, ConfigError, FinetuneConfig, read_yaml
+from vlp.trainer.config import CONFIG_FILE, FINETUNE_TASKS, ConfigError, FinetuneConfig, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,6 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
     group = _Distributed(rank, world_size)
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
-    from vlp.trainer.runs import CONFIG_FILE
-
     if lead and not (out_dir / CONFIG_FILE).is_file():  # the CLI writes it first (prepare_run_folder)
         import yaml
 
@@ -341,7 +339,6 @@ def _read_results(out_dir: Path) -> dict:
 def load_run(run_dir, *, device: str = "cpu"):
     """``(config, model)`` of a finetune run folder, the model holding ``best.pt``'s weights."""
     from vlp.trainer.data import load_tokenizer
-    from vlp.trainer.runs import CONFIG_FILE
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from vlp.core.durable import atomic_write_text
-from vlp.trainer.config import ConfigError, TrainConfig, as_config, read_yaml
-
-CONFIG_FILE = "config.yaml"
+from vlp.trainer.config import CONFIG_FILE, ConfigError, TrainConfig, as_config, read_yaml
 
 
 class RunFolderError(ValueError):
