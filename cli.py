@@ -73,6 +73,31 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+_STOP_TRAINING = "stopping after this step and saving a checkpoint"
+
+
+@contextlib.contextmanager
+def _stop_on_first_interrupt(message: str, *, enabled: bool = True):
+    """The first Ctrl-C asks the work to stop at its next safe point (``message`` says what
+    happens), a second one aborts. Yields the stop request: an Event, or None when not
+    ``enabled`` (Ray's own workers handle their interrupts) or off the main thread."""
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo(f"\n{message} (Ctrl-C again to abort at once)", err=True)
+
+    enabled = enabled and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if enabled else None
+    try:
+        yield stop if enabled else None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _write_mode(overwrite: bool, append: bool) -> str:
     if overwrite and append:
         raise click.UsageError("--overwrite and --append exclude each other")
@@ -498,24 +523,11 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
     if dry_run:
         _print_dry_run(plan_run(images_dir, out, settings), workers or 1)
         return
-    stop = threading.Event()
-
-    def on_interrupt(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        click.echo("\nstopping: committed shards are kept, unfinished ones dropped (Ctrl-C again to abort at once)",
-                   err=True)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
     try:
-        stats = run_extract(images_dir, out, settings, should_stop=stop.is_set)
+        with _stop_on_first_interrupt("stopping: committed shards are kept, unfinished ones dropped") as stop:
+            stats = run_extract(images_dir, out, settings, should_stop=stop.is_set if stop else None)
     except KeyboardInterrupt:
         stats = {"interrupted": True}
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     if stats.get("interrupted"):
         stored = stats.get("already_stored", 0) + stats.get("stored", 0)
         click.echo(f"interrupted: {stored} images stored in {out} so far; to continue, rerun the same command",
@@ -991,28 +1003,6 @@ def _start_run(out, config, *, resume: bool, device: str, num_workers: int, prog
     return device
 
 
-@contextlib.contextmanager
-def _stop_on_first_interrupt(num_workers: int):
-    """In a single-process run the first Ctrl-C asks the loop to stop after the current step
-    (with a checkpoint), a second one aborts. Yields the stop request (None with workers:
-    Ray handles their interrupts)."""
-    stop = threading.Event()
-
-    def on_interrupt(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", err=True)
-
-    single_process = num_workers == 1 and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if single_process else None
-    try:
-        yield stop if single_process else None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
@@ -1060,7 +1050,7 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     device = _start_run(out, config, resume=resume, device=device, num_workers=num_workers, progress=progress)
-    with _stop_on_first_interrupt(num_workers) as stop:
+    with _stop_on_first_interrupt(_STOP_TRAINING, enabled=num_workers == 1) as stop:
         try:
             summaries = train(config, out, device=device, num_workers=num_workers, progress=progress,
                               should_stop=stop.is_set if stop else None)
@@ -1136,7 +1126,7 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     device = _start_run(out, config, resume=resume, device=device, num_workers=num_workers, progress=progress)
-    with _stop_on_first_interrupt(num_workers) as stop:
+    with _stop_on_first_interrupt(_STOP_TRAINING, enabled=num_workers == 1) as stop:
         try:
             if num_workers > 1:
                 from vlp.trainer.distributed import run_distributed_finetune
