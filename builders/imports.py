@@ -83,9 +83,12 @@ def _image_id(build: Build, template: ImageIdTemplate, where: tuple, **fields) -
         return None
 
 
-def _check(build: Build, path, where, row: dict, checks) -> bool:
-    """Check fields of ``row``: ``checks`` = [(field, test, expected)]. The first failing field
-    is logged (file, where, field, reason) and False returned."""
+def _check(build: Build, path, where, row, checks) -> bool:
+    """Check that ``row`` is an object and its fields: ``checks`` = [(field, test, expected)].
+    The first failure is logged (file, where, field, reason) and False returned."""
+    if not isinstance(row, dict):
+        build.bad.add(path, where, bad_field(row, "an object"))
+        return False
     for field, test, expected in checks:
         value = row.get(field)
         if not test(value):
@@ -132,9 +135,7 @@ def import_coco(caption_files, out, *, karpathy=None, image_id_template: str = "
         if karpathy is not None:
             doc = read_json(karpathy, "Karpathy split file (dataset_coco.json)")
             for i, entry in enumerate(require_list(doc, "images", karpathy, "Karpathy split file")):
-                if not isinstance(entry, dict):
-                    build.bad.add(karpathy, f"images[{i}]", bad_field(entry, "an object"))
-                elif _check(build, karpathy, f"images[{i}]", entry, [
+                if _check(build, karpathy, f"images[{i}]", entry, [
                         ("cocoid", is_int, "an integer COCO image id"), ("split", _is_text, "a split name")]):
                     karpathy_split[entry["cocoid"]] = entry["split"].strip()
         docs = []
@@ -148,18 +149,13 @@ def import_coco(caption_files, out, *, karpathy=None, image_id_template: str = "
             names = {}
             for i, image in enumerate(images):
                 where = f"images[{i}]"
-                if not isinstance(image, dict):
-                    build.bad.add(path, where, bad_field(image, "an object"))
-                elif _check(build, path, where, image, [("id", is_id, "an integer image id"),
-                                                        ("file_name", _is_text, "a file name")]):
+                if _check(build, path, where, image, [("id", is_id, "an integer image id"),
+                                                      ("file_name", _is_text, "a file name")]):
                     names[image["id"]] = image["file_name"]
             stats["images"] += len(names)
             for i, ann in enumerate(annotations):
                 build.progress.update()
                 where = f"annotations[{i}]"
-                if not isinstance(ann, dict):
-                    build.bad.add(path, where, bad_field(ann, "an object"))
-                    continue
                 if not _check(build, path, where, ann, [("id", is_id, "an integer annotation id"),
                                                         ("image_id", is_id, "an integer image id"),
                                                         ("caption", _is_text, "a caption text")]):
@@ -199,9 +195,6 @@ def import_karpathy(path, out, *, dataset: Optional[str] = None, image_id_templa
         for i, image in enumerate(images):
             build.progress.update()
             where = f"images[{i}]"
-            if not isinstance(image, dict):
-                build.bad.add(path, where, bad_field(image, "an object"))
-                continue
             if not _check(build, path, where, image, [
                     ("filename", _is_text, "a file name"), ("sentences", lambda v: isinstance(v, list), "a list"),
                     ("filepath", _optional_text, "a folder name"), ("split", _optional_text, "a split name")]):
@@ -214,9 +207,6 @@ def import_karpathy(path, out, *, dataset: Optional[str] = None, image_id_templa
             build.stats["images"] += 1
             for k, sentence in enumerate(image["sentences"]):
                 swhere = f"{where}.sentences[{k}]"
-                if not isinstance(sentence, dict):
-                    build.bad.add(path, swhere, bad_field(sentence, "an object"))
-                    continue
                 if not _check(build, path, swhere, sentence, [("sentid", is_id, "an integer sentence id"),
                                                               ("raw", _is_text, "the sentence text")]):
                     continue
@@ -448,9 +438,7 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
         for path, anns in annotation_files:
             for i, ann in enumerate(anns):
                 where = f"annotations[{i}]"
-                if not isinstance(ann, dict):
-                    build.bad.add(path, where, bad_field(ann, "an object"))
-                elif _check(build, path, where, ann, [("question_id", is_id, "an integer question id")]):
+                if _check(build, path, where, ann, [("question_id", is_id, "an integer question id")]):
                     annotations[ann["question_id"]] = ann
                     ann_where[ann["question_id"]] = (path, where)
         # The questions that can become pairs, checked once.
@@ -459,11 +447,9 @@ def import_vqa(files, out, *, image_id_template: str = "auto", min_count: int = 
             subtype = subtype_of(path, doc)
             for i, q in enumerate(doc["questions"]):
                 where = f"questions[{i}]"
-                if not isinstance(q, dict):
-                    build.bad.add(path, where, bad_field(q, "an object"))
-                elif _check(build, path, where, q, [("question_id", is_id, "an integer question id"),
-                                                    ("image_id", is_int, "an integer image id"),
-                                                    ("question", _is_text, "the question text")]):
+                if _check(build, path, where, q, [("question_id", is_id, "an integer question id"),
+                                                  ("image_id", is_int, "an integer image id"),
+                                                  ("question", _is_text, "the question text")]):
                     valid.append((path, where, subtype, q))
         if answer_vocab is not None:
             vocab_list = read_json(answer_vocab, "answer vocabulary (a json list of answers)")
@@ -701,9 +687,6 @@ def import_vizwiz(files, out, *, image_id_template: str = "{stem}", split=None, 
             for i, q in enumerate(doc):
                 build.progress.update()
                 where = f"[{i}]"
-                if not isinstance(q, dict):
-                    build.bad.add(path, where, bad_field(q, "an object"))
-                    continue
                 if not _check(build, path, where, q, [
                         ("image", _is_text, "an image file name"), ("question", _is_text, "the question text"),
                         ("answers", lambda v: v is None or _answer_list(v), "a list of {answer, answer_confidence}"),
@@ -783,9 +766,6 @@ def import_mmimdb(dataset_dir, out, *, split_file=None, image_id_template: str =
                 movie = read_json(path, "MM-IMDB movie json")
             except SchemaError as exc:
                 build.bad.add(path, 1, str(exc).removeprefix(f"{path}: "))
-                continue
-            if not isinstance(movie, dict):
-                build.bad.add(path, 1, bad_field(movie, "an object"))
                 continue
             if not _check(build, path, 1, movie, [
                     ("plot", lambda v: isinstance(v, list) and bool(v) and _is_text(v[0]), "a list of plot texts"),
