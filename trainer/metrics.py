@@ -22,6 +22,11 @@ originals and reproduced here:
   (the image-pair index) blanked.
 * MM-IMDB (:func:`multilabel_f1`): scikit-learn ``f1_score`` with ``average="micro"`` and
   ``"macro"`` over the binarized label sets.
+* Image-text retrieval (:func:`retrieval_metrics`, :func:`retrieval_fold_metrics`,
+  :func:`coco_retrieval_metrics`): a score matrix texts x images; IR R@K = share of texts whose
+  image is in their top K, TR R@K = share of images with any of their captions in the top K
+  (UNITER's and VOLTA's evaluation), ties counted against the true match; COCO 1K = the mean
+  over the five 1K folds of the 5K test images.
 
 :func:`write_predictions` writes each official prediction format; :func:`results_table` renders
 ``vlp-train evaluate`` results as a markdown table.
@@ -42,7 +47,8 @@ from vlp.core.durable import atomic_write_json, atomic_write_text
 from vlp.schemas.answers import normalize_answer
 
 __all__ = ["vqa_accuracy", "vqa_accuracy_from_count", "vqa_scores", "exact_match_accuracy", "nlvr2_scores",
-           "nlvr2_sentence", "multilabel_f1", "write_predictions", "results_table", "PREDICTION_TASKS"]
+           "nlvr2_sentence", "multilabel_f1", "write_predictions", "results_table", "PREDICTION_TASKS",
+           "retrieval_ranks", "retrieval_metrics", "retrieval_fold_metrics", "coco_retrieval_metrics"]
 
 #: The tasks :func:`write_predictions` knows, each with the file it writes.
 PREDICTION_TASKS = {
@@ -379,3 +385,100 @@ def results_table(results: dict) -> str:
         cells = [_cell(task), _cell(split)] + [_cell(flat.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ image-text retrieval
+
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def _retrieval_inputs(scores, text_image) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    text_image = np.asarray(text_image)
+    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ValueError(f"retrieval scores must be a [texts, images] matrix, got shape {scores.shape}")
+    if text_image.shape != (scores.shape[0],) or not np.issubdtype(text_image.dtype, np.integer):
+        raise ValueError(f"text_image must hold one image index per text ({scores.shape[0]}), "
+                         f"got shape {text_image.shape}")
+    if text_image.min() < 0 or text_image.max() >= scores.shape[1]:
+        raise ValueError(f"text_image holds an image index outside 0..{scores.shape[1] - 1}")
+    if np.isnan(scores).any():
+        raise ValueError("retrieval scores contain NaN: rankings would be meaningless")
+    captioned = np.bincount(text_image, minlength=scores.shape[1])
+    if (captioned == 0).any():
+        raise ValueError(f"image {int(np.argmin(captioned))} has no caption among the texts: "
+                         "every scored image needs at least one")
+    return scores, text_image.astype(np.int64)
+
+
+def retrieval_ranks(scores, text_image) -> tuple[np.ndarray, np.ndarray]:
+    """``(ir_rank, tr_rank)`` from ``scores[text, image]`` and ``text_image[text]`` (the index
+    of each text's own image; an image may have several texts).
+
+    ``ir_rank[t]``: the rank of text t's image among all images, 1 + the number of *other*
+    images scoring greater than or equal to it (ties count against the true match, so a
+    constant scorer ranks it last). ``tr_rank[i]``: the rank of image i's best-ranked
+    caption among all texts, 1 + the number of texts that are *not* its captions scoring at
+    least its best caption's score (its other captions never push it down).
+    """
+    scores, text_image = _retrieval_inputs(scores, text_image)
+    texts = np.arange(scores.shape[0])
+    true = scores[texts, text_image]
+    ir_rank = (scores >= true[:, None]).sum(1)  # counts the true image itself once: = 1 + others
+    own = np.zeros(scores.shape, dtype=bool)
+    own[texts, text_image] = True
+    best = np.where(own, scores, -np.inf).max(0)  # each image's best caption score
+    tr_rank = 1 + ((scores >= best[None, :]) & ~own).sum(0)
+    return ir_rank.astype(np.int64), tr_rank.astype(np.int64)
+
+
+def retrieval_metrics(scores, text_image, ks=RETRIEVAL_KS) -> dict:
+    """Image-text retrieval as the field reports it (UNITER, ImageBERT, VOLTA), fractions in [0, 1].
+
+    ``ir_r{k}`` (image retrieval, text -> image): share of texts whose image is in their top
+    k images; ``tr_r{k}`` (text retrieval, image -> text): share of images with any of their
+    captions in the top k texts; ``ir_mean`` / ``tr_mean``: the mean of each side's R@k;
+    ``r_mean``: the mean of all of them (UNITER's "R-mean"); mean ranks; ``n_texts``,
+    ``n_images``. Ties are pessimistic (:func:`retrieval_ranks`).
+    """
+    ir_rank, tr_rank = retrieval_ranks(scores, text_image)
+    out: dict = {}
+    for k in ks:
+        out[f"ir_r{k}"] = float((ir_rank <= k).mean())
+    for k in ks:
+        out[f"tr_r{k}"] = float((tr_rank <= k).mean())
+    out["ir_mean"] = float(np.mean([out[f"ir_r{k}"] for k in ks]))
+    out["tr_mean"] = float(np.mean([out[f"tr_r{k}"] for k in ks]))
+    out["r_mean"] = float(np.mean([out[f"ir_r{k}"] for k in ks] + [out[f"tr_r{k}"] for k in ks]))
+    out["ir_mean_rank"] = float(ir_rank.mean())
+    out["tr_mean_rank"] = float(tr_rank.mean())
+    out["n_texts"], out["n_images"] = int(len(ir_rank)), int(len(tr_rank))
+    return out
+
+
+def retrieval_fold_metrics(scores, text_image, fold_images: int = 1000, ks=RETRIEVAL_KS) -> dict:
+    """COCO's "1K test": the images split into consecutive folds of ``fold_images`` (the
+    Karpathy 5K test images in file order give five), each fold scored on its own images and
+    their captions, the metrics averaged over the folds. The number of images must be a
+    multiple of ``fold_images``. Returns the averaged :func:`retrieval_metrics` (counts are
+    per fold) and ``folds``."""
+    scores, text_image = _retrieval_inputs(scores, text_image)
+    n_images = scores.shape[1]
+    if fold_images < 1 or n_images % fold_images:
+        raise ValueError(f"{n_images} images do not split into folds of {fold_images}")
+    folds = []
+    for start in range(0, n_images, fold_images):
+        texts = np.nonzero((text_image >= start) & (text_image < start + fold_images))[0]
+        folds.append(retrieval_metrics(scores[np.ix_(texts, np.arange(start, start + fold_images))],
+                                       text_image[texts] - start, ks))
+    out = {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0]}
+    out["n_texts"] = float(out["n_texts"])
+    out["n_images"] = int(fold_images)
+    out["folds"] = len(folds)
+    return out
+
+
+def coco_retrieval_metrics(scores, text_image, ks=RETRIEVAL_KS) -> dict:
+    """``{"5k": ..., "1k": ...}`` for a COCO Karpathy test split of 5,000 images (or any
+    multiple of 1,000 above it): all images at once, and the mean over the 1K folds."""
+    return {"5k": retrieval_metrics(scores, text_image, ks), "1k": retrieval_fold_metrics(scores, text_image, 1000, ks)}
