@@ -787,3 +787,270 @@ def import_mmimdb(dataset_dir, out, *, split_file=None, image_id_template: str =
         build.stats["genres"] = dict(sorted(genres.items(), key=lambda x: (-x[1], x[0])))
         atomic_write_json(build.path / "labels.json", list(build.stats["genres"]), indent=0)
     return build.result
+
+
+# --------------------------------------------------------------------------- RefCOCO(+/g), VCR
+
+#: RefCOCO splits the UNC refs file uses (RefCOCOg umd: train/val/test; google: train/val)
+REFCOCO_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
+GT_BOXES_NAME = "gt_boxes.jsonl"
+
+
+def _is_box(value, length: int = 4) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == length and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _write_boxes(build: Build, boxes: dict) -> None:
+    """OUT/gt_boxes.jsonl: one line per image {image, image_id, boxes: [[x1,y1,x2,y2]...], ids},
+    the input of ``vlp-extract --boxes`` for ground-truth regions (given order = region order)."""
+    import json
+
+    from vlp.core.durable import atomic_write_text
+
+    lines = [json.dumps({"image": image, "image_id": image_id, "boxes": [list(b) for b, _ in entries],
+                         "ids": [i for _, i in entries]}, separators=(",", ":"))
+             for (image, image_id), entries in sorted(boxes.items(), key=lambda item: item[0][1])]
+    atomic_write_text(build.path / GT_BOXES_NAME, "".join(line + "\n" for line in lines))
+    build.stats["gt_box_images"] = len(lines)
+
+
+def read_refs_pickle(path) -> list:
+    """The refs list of a UNC ``refs(unc).p`` / ``refs(umd).p`` / ``refs(google).p``, read with
+    the restricted unpickler (plain types only); SchemaError names the file."""
+    import pickle
+
+    from vlp.schemas.safe_pickle import safe_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (RefCOCO refs pickle)")
+    try:
+        with open(path, "rb") as handle:
+            refs = safe_load(handle, source=str(path))
+    except pickle.UnpicklingError as exc:
+        raise SchemaError(f"{path}: {str(exc).removeprefix(f'{path}: ')}") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError,
+            RecursionError, UnicodeDecodeError, OverflowError) as exc:
+        raise SchemaError(f"{path}: not a readable refs pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(refs, list):
+        raise SchemaError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def import_refcoco(refs_file, instances_file, out, *, dataset: str = "refcoco+", image_id_template: str = "{stem}",
+                   splits=None, **kw) -> BuildResult:
+    """RefCOCO / RefCOCO+ / RefCOCOg (``refs(unc).p`` + ``instances.json``) -> refexp pairs.
+
+    One pair per sentence: text = the sentence's ``sent``, target_box = the referred
+    annotation's COCO bbox as x1, y1, x2, y2 pixels, ann_id / ref_id / category kept, the
+    image's width and height from ``instances.json``. pair_id ``<dataset>/<sent_id>``.
+    ``splits``: keep only refs of these splits (default: all; val/testA/testB are the
+    evaluation splits). The image id comes from the instances image's ``file_name``
+    (``{stem}``: COCO_train2014_000000581857, as vlp-extract over train2014/ names it).
+    Also writes ``OUT/gt_boxes.jsonl``: every annotation box of each referred image (the
+    ground-truth regions) for ``vlp-extract --boxes``.
+    """
+    template = ImageIdTemplate(image_id_template, ("stem", "file_name", "id"))
+    wanted = set(splits) if splits else None
+    refs = read_refs_pickle(refs_file)
+    doc = read_json(instances_file, "COCO instances json (images + annotations + categories)")
+    images = require_list(doc, "images", instances_file, "COCO instances json")
+    annotations = require_list(doc, "annotations", instances_file, "COCO instances json")
+    with _common(out, "refexp", [refs_file, instances_file], {**kw, "desc": f"import-{dataset}", "unit": "ref"}) as build:
+        stats = build.stats
+        stats.update({"refs": 0, "sentences": 0, "images": 0, "by_split": {}})
+        image_info, categories, boxes_of = {}, {}, {}
+        for i, category in enumerate(doc.get("categories") or []):
+            if isinstance(category, dict) and is_int(category.get("id")) and _is_text(category.get("name")):
+                categories[category["id"]] = category["name"].strip()
+        for i, image in enumerate(images):
+            if _check(build, instances_file, f"images[{i}]", image, [
+                    ("id", is_id, "an integer image id"), ("file_name", _is_text, "a file name"),
+                    ("width", lambda v: is_int(v) and v > 0, "a positive width"),
+                    ("height", lambda v: is_int(v) and v > 0, "a positive height")]):
+                image_info[image["id"]] = image
+        anns = {}
+        for i, ann in enumerate(annotations):
+            where = f"annotations[{i}]"
+            if not _check(build, instances_file, where, ann, [
+                    ("id", is_id, "an annotation id"), ("image_id", is_id, "an image id"),
+                    ("bbox", lambda v: _is_box(v) and v[2] >= 0 and v[3] >= 0, "a bbox [x, y, w, h]")]):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            anns[ann["id"]] = (ann["image_id"], [x, y, x + w, y + h], ann.get("category_id"))
+            boxes_of.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], ann["id"]))
+        build.set_total(len(refs))
+        referred = {}
+        for i, ref in enumerate(refs):
+            build.progress.update()
+            where = f"refs[{i}]"
+            if not _check(build, refs_file, where, ref, [
+                    ("ref_id", is_id, "a ref id"), ("ann_id", is_id, "an annotation id"),
+                    ("image_id", is_id, "an image id"), ("split", _is_text, "a split name"),
+                    ("sentences", lambda v: isinstance(v, list), "a list of sentences")]):
+                continue
+            split = ref["split"].strip()
+            if wanted is not None and split not in wanted:
+                continue
+            ann = anns.get(ref["ann_id"])
+            if ann is None:
+                build.bad.add(refs_file, where, f"ann_id {ref['ann_id']!r} is not in {Path(instances_file).name}",
+                              field="ann_id")
+                continue
+            image = image_info.get(ann[0])
+            if image is None or ann[0] != ref["image_id"]:
+                build.bad.add(refs_file, where, f"image_id {ref['image_id']!r} is not the image of annotation "
+                              f"{ref['ann_id']!r} in {Path(instances_file).name}", field="image_id")
+                continue
+            image_id = _image_id(build, template, (refs_file, where), stem=stem(image["file_name"]),
+                                 file_name=image["file_name"], id=image["id"])
+            if image_id is None:
+                continue
+            stats["refs"] += 1
+            referred[(image["file_name"].strip(), image_id)] = boxes_of.get(image["id"], [])
+            category = ref.get("category_id", ann[2])
+            for j, sentence in enumerate(ref["sentences"]):
+                swhere = f"{where}.sentences[{j}]"
+                if not _check(build, refs_file, swhere, sentence, [
+                        ("sent_id", is_id, "a sentence id"), ("sent", _is_text, "the expression text")]):
+                    continue
+                if build.add({"pair_id": f"{dataset}/{sentence['sent_id']}", "image_id": image_id,
+                              "text": _text(sentence["sent"]), "source": dataset, "split": split,
+                              "ref_id": str(ref["ref_id"]), "ann_id": str(ref["ann_id"]), "target_box": ann[1],
+                              "category": categories.get(category, str(category) if category is not None else ""),
+                              "image_w": int(image["width"]), "image_h": int(image["height"])}, (refs_file, swhere)):
+                    stats["sentences"] += 1
+                    stats["by_split"][split] = stats["by_split"].get(split, 0) + 1
+        stats["images"] = len(referred)
+        _write_boxes(build, referred)
+    return build.result
+
+
+def _vcr_tokens(tokens, objects: list):
+    """VCR token list -> (words, regions): an object tag (a list of detection indices) becomes
+    each object's label words linked to its region, several joined by "and"; other words -1.
+    None when a tag names an object the row does not have."""
+    words, regions = [], []
+    for token in tokens:
+        if isinstance(token, list):
+            if not token or not all(is_int(k) and 0 <= k < len(objects) for k in token):
+                return None
+            for n, k in enumerate(token):
+                if n:
+                    words.append("and")
+                    regions.append(-1)
+                label = objects[k].split()
+                words += label
+                regions += [k] * len(label)
+        elif isinstance(token, str):
+            if token.strip():
+                words.append(token.strip())
+                regions.append(-1)
+        else:
+            return None
+    return words, regions
+
+
+def _label(value) -> int:
+    return -1 if value is None else int(value)
+
+
+def _vcr_choices(value) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(isinstance(c, list) for c in value)
+
+
+def import_vcr(files, out, *, images_dir=None, image_id_template: str = "{path}", split=None, **kw) -> BuildResult:
+    """VCR json-lines files (``train.jsonl``, ``val.jsonl``, ``test.jsonl``) -> vcr pairs.
+
+    Object tags in the question, answers and rationales (lists of detection indices) become
+    the object's label text (the row's ``objects``) linked to region k = the k-th box of the
+    image's metadata json, as LAMP's label-token links. text = the question as words;
+    labels -1 where the file has none (test). pair_id ``vcr/<annot_id>``; split from the
+    file name unless given. image id: ``{path}`` = img_fn without extension (as
+    vlp-extract over vcr1images/ names it; fields path, stem, img_fn). With ``images_dir``
+    (vcr1images/; default the vcr1images/ beside the files when it exists), each image's
+    metadata json (``metadata_fn``) gives its boxes: ``OUT/gt_boxes.jsonl`` (for
+    ``vlp-extract --boxes``), and a tag beyond the metadata's boxes is a malformed row.
+    """
+    files = [Path(p) for p in files]
+    template = ImageIdTemplate(image_id_template, ("path", "stem", "img_fn"))
+    if images_dir is None and files and (files[0].parent / "vcr1images").is_dir():
+        images_dir = files[0].parent / "vcr1images"
+    images_dir = Path(images_dir) if images_dir is not None else None
+    with _common(out, "vcr", [str(p) for p in files] + ([str(images_dir)] if images_dir else []),
+                 {**kw, "desc": "import-vcr", "unit": "line"}) as build:
+        stats = build.stats
+        stats.update({"questions": 0, "without_labels": 0, "metadata_missing": 0, "images_dir": str(images_dir)
+                      if images_dir else None})
+        build.set_total(_lines_total(files))
+        boxes, metadata = {}, {}
+        for path in files:
+            pair_split = split if split is not None else _split_from_name(path)
+            for number, row in iter_jsonl(path, "VCR json lines", build.bad):
+                build.progress.update()
+                if not _check(build, path, number, row, [
+                        ("annot_id", is_id, "an annotation id"), ("img_fn", _is_text, "an image path"),
+                        ("objects", lambda v: isinstance(v, list) and all(_is_text(o) for o in v),
+                         "a list of object names"),
+                        ("question", lambda v: isinstance(v, list), "a token list"),
+                        ("answer_choices", _vcr_choices, "four token lists"),
+                        ("rationale_choices", _vcr_choices, "four token lists"),
+                        ("answer_label", lambda v: v is None or (is_int(v) and 0 <= v < 4), "0..3"),
+                        ("rationale_label", lambda v: v is None or (is_int(v) and 0 <= v < 4), "0..3"),
+                        ("metadata_fn", _optional_text, "a metadata json path")]):
+                    continue
+                objects = [o.strip() for o in row["objects"]]
+                img_fn = row["img_fn"].strip()
+                n_boxes = len(objects)
+                if images_dir is not None:
+                    meta_fn = (row.get("metadata_fn") or img_fn.rsplit(".", 1)[0] + ".json").strip()
+                    if meta_fn not in metadata:
+                        metadata[meta_fn] = _vcr_metadata(images_dir / meta_fn)
+                    meta = metadata[meta_fn]
+                    if isinstance(meta, str):
+                        build.bad.add(path, number, meta, field="metadata_fn")
+                        stats["metadata_missing"] += 1
+                        continue
+                    n_boxes = min(n_boxes, len(meta))
+                question = _vcr_tokens(row["question"], objects[:n_boxes])
+                answers = [_vcr_tokens(c, objects[:n_boxes]) for c in row["answer_choices"]]
+                rationales = [_vcr_tokens(c, objects[:n_boxes]) for c in row["rationale_choices"]]
+                if question is None or None in answers or None in rationales:
+                    build.bad.add(path, number, f"an object tag is not a list of indices below {n_boxes} "
+                                  "(the row's objects / the metadata's boxes)", field="question/answer/rationale")
+                    continue
+                path_id = img_fn.rsplit(".", 1)[0] if "." in img_fn.rsplit("/", 1)[-1] else img_fn
+                image_id = _image_id(build, template, (path, number), path=path_id, stem=stem(img_fn), img_fn=img_fn)
+                if image_id is None:
+                    continue
+                annot = str(row["annot_id"]).strip()
+                pair = {"pair_id": f"vcr/{annot}", "image_id": image_id, "text": " ".join(question[0]),
+                        "source": "vcr", "split": pair_split, "annot_id": annot,
+                        "question_words": question[0], "question_regions": question[1],
+                        "answer_words": [a[0] for a in answers], "answer_regions": [a[1] for a in answers],
+                        "rationale_words": [r[0] for r in rationales],
+                        "rationale_regions": [r[1] for r in rationales],
+                        "answer_label": _label(row.get("answer_label")),
+                        "rationale_label": _label(row.get("rationale_label")), "objects": objects}
+                if build.add(pair, (path, number)):
+                    stats["questions"] += 1
+                    stats["without_labels"] += int(pair["answer_label"] < 0)
+                    if images_dir is not None:
+                        boxes[(img_fn, image_id)] = [(b, k) for k, b in enumerate(metadata[meta_fn])]
+        if images_dir is not None:
+            _write_boxes(build, boxes)
+    return build.result
+
+
+def _vcr_metadata(path: Path):
+    """The boxes (x1, y1, x2, y2; the score column dropped) of a VCR metadata json, or the
+    reason it cannot be used (a text)."""
+    try:
+        doc = read_json(path, "VCR metadata json (boxes, names, width, height)")
+    except (FileNotFoundError, SchemaError) as exc:
+        return str(exc)
+    raw = doc.get("boxes") if isinstance(doc, dict) else None
+    if not isinstance(raw, list) or not all(_is_box(b, 5) or _is_box(b, 4) for b in raw):
+        return f"{path}: 'boxes' must be a list of [x1, y1, x2, y2(, score)]"
+    return [[float(v) for v in b[:4]] for b in raw]

@@ -71,6 +71,17 @@ KIND_COLUMNS = {
     "hard_negatives": {"negatives": pa.list_(_STR), "negative_scores": pa.list_(_F32)},
     # MM-IMDB: multi-label classification of an image + text (the plot); labels = the genres.
     "multilabel": {"labels": pa.list_(_STR)},
+    # RefCOCO / RefCOCO+ / RefCOCOg: one referring expression (text) of one annotated object;
+    # target_box = its box x1, y1, x2, y2 in original-image pixels, image_w/image_h the image's size.
+    "refexp": {"ref_id": _STR, "ann_id": _STR, "target_box": pa.list_(_F32), "category": _STR,
+               "image_w": _I32, "image_h": _I32},
+    # VCR: a question (text = plain question), its four answers and four rationales as word lists in
+    # which each object reference became its label words linked to the region (-1: no region), as
+    # objects_labels' words/word_regions; labels = the right choice (0..3), -1 when unknown (test).
+    "vcr": {"annot_id": _STR, "question_words": pa.list_(_STR), "question_regions": pa.list_(_I32),
+            "answer_words": pa.list_(pa.list_(_STR)), "answer_regions": pa.list_(pa.list_(_I32)),
+            "rationale_words": pa.list_(pa.list_(_STR)), "rationale_regions": pa.list_(pa.list_(_I32)),
+            "answer_label": _I32, "rationale_label": _I32, "objects": pa.list_(_STR)},
 }
 #: Columns any kind may add. human_answers (question pairs of VQA v2 / VizWiz): the annotators'
 #: raw answers exactly as in the file (10 each), for the official VQA accuracy.
@@ -136,12 +147,39 @@ def validate_pair(pair: dict, kind: str, optional: tuple = ()) -> dict:
     if kind == "hard_negatives" and out.get("negatives") is not None:
         if len(out["negatives"]) != len(out.get("negative_scores") or []):
             raise SchemaError(f"{where}: negatives and negative_scores differ in length")
+    if kind == "refexp" and (out.get("target_box") is None or len(out["target_box"]) != 4):
+        raise SchemaError(f"{where}: target_box must be four numbers x1, y1, x2, y2")
+    if kind == "vcr":
+        _check_vcr(out, where)
     if kind == "entailment" and out.get("label") not in ENTAILMENT_LABELS:
         raise SchemaError(f"{where}: label must be one of {', '.join(ENTAILMENT_LABELS)}, got {out.get('label')!r}")
     if kind == "nlvr2" and not out.get("image_id_2"):
         raise SchemaError(f"{where}: image_id_2 is empty")
     return out
 
+
+VCR_CHOICES = 4
+
+
+def _check_vcr(out: dict, where: str) -> None:
+    """VCR pairs: the question's words and regions align; four answers and four rationales,
+    each a word list with an aligned region list; labels 0..3 or -1 (unknown)."""
+    if len(out.get("question_words") or []) != len(out.get("question_regions") or []):
+        raise SchemaError(f"{where}: question_words and question_regions differ in length")
+    for name in ("answer", "rationale"):
+        words, regions = out.get(f"{name}_words"), out.get(f"{name}_regions")
+        if words is None or regions is None or len(words) != VCR_CHOICES or len(regions) != VCR_CHOICES:
+            raise SchemaError(f"{where}: {name}_words and {name}_regions must each hold {VCR_CHOICES} lists")
+        for k, (w, r) in enumerate(zip(words, regions)):
+            if isinstance(w, (str, bytes)) or isinstance(r, (str, bytes)) or len(list(w)) != len(list(r)):
+                raise SchemaError(f"{where}: {name} {k}: words and regions differ in length")
+        out[f"{name}_words"] = [[str(x) for x in w] for w in words]
+        out[f"{name}_regions"] = [[int(x) for x in r] for r in regions]
+        label = out.get(f"{name}_label")
+        if label is None:
+            out[f"{name}_label"] = -1
+        elif not -1 <= int(label) < VCR_CHOICES:
+            raise SchemaError(f"{where}: {name}_label must be 0..{VCR_CHOICES - 1} (or -1: unknown), got {label!r}")
 
 class PairStoreWriter:
     """Writes pairs of one kind into shards of ``shard_size`` pairs and keeps the manifest current.

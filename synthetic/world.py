@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from vlp.schemas import vocab
-from vlp.synthetic import palette, tasks, text
+from vlp.synthetic import grounding, palette, tasks, text
 from vlp.synthetic.render import encode_jpeg, render_scene
 from vlp.synthetic.scene import Scene, sample_scene
 
@@ -51,10 +51,10 @@ URL_ROOT = "https://synthetic.invalid"
 # Random streams: per image (second key = image id) or world-wide (second key 0).
 _SCENE, _REGIONS, _CAPTIONS, _VQA, _CC, _WEB, _SPLITS = range(7)
 #: Random streams of the downstream tasks (per image).
-_TASK_STREAMS = {"gqa": 7, "vizwiz": 8, "nlvr2": 9, "snli_ve": 10, "mmimdb": 11}
+_TASK_STREAMS = {"gqa": 7, "vizwiz": 8, "nlvr2": 9, "snli_ve": 10, "mmimdb": 11, "vcr": 21}
 
 #: Everything ``generate`` writes directly under out_dir (used to clear an old world).
-_OUTPUTS = ("images", "annotations", "vqa", "cc", "web", "gqa", "vizwiz", "nlvr2", "snli_ve", "mmimdb", "splits.json", "image_data.json",
+_OUTPUTS = ("images", "annotations", "vqa", "cc", "web", "gqa", "vizwiz", "nlvr2", "snli_ve", "mmimdb", "refcoco+", "vcr", "splits.json", "image_data.json",
             "objects.json", "attributes.json", "region_descriptions.json", "truth.json",
             "world.json")
 
@@ -191,6 +191,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     web_counts = _write_web(writer, scenes, jpegs, seed)
     task_truth = tasks.write_tasks(writer, scenes, jpegs, split_of, seed,
                                    lambda key, name: _stream(seed, key, _TASK_STREAMS[name]))
+    task_truth["tasks"].update(grounding.write_grounding(writer, scenes, jpegs, split_of, seed,
+                                                         lambda key, name: _stream(seed, key, _TASK_STREAMS[name])))
 
     truth = {
         "generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": seed,
@@ -243,7 +245,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
         "counts": counts,
         "files": sorted(f for f in writer.files
                         if not f.endswith((".jpg", ".jpeg")) and not f.startswith("cc/img2dataset/00000/")
-                        and not f.startswith("mmimdb/dataset/")),
+                        and not f.startswith("mmimdb/dataset/") and not f.startswith("vcr/vcr1images/")),
     }
     writer.json("world.json", world)
     return WorldSummary(root, seed, num_images, splits, counts, sorted(writer.files),
