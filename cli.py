@@ -911,6 +911,46 @@ def import_mmimdb_cmd(dataset_dir, out, overwrite, shard_size, progress, feature
                         **_import_kw(out, overwrite, shard_size, progress, features, strict)))
 
 
+@build_main.command("import-refcoco", cls=_BuildCommand, context_settings=CONTEXT)
+@click.argument("refs_file", type=_FILES)
+@click.argument("instances_json", type=_FILES)
+@_build_options
+@_input_options
+@click.option("--dataset", default="refcoco+", show_default=True,
+              help="Name in pair ids and the source column (refcoco, refcoco+, refcocog).")
+@click.option("--split", "splits", multiple=True, help="Keep only refs of this split (repeatable) [all].")
+@_id_template_option("{stem}", "{stem} (the instances image's file_name without extension), {file_name}, {id}")
+def import_refcoco_cmd(refs_file, instances_json, out, overwrite, shard_size, progress, features, strict, dataset,
+                       splits, image_id_template):
+    """RefCOCO(+/g) refs(unc).p + instances.json -> refexp pairs (one per expression; target box and
+    annotation id; pair_id DATASET/SENT_ID). The pickle is read with the restricted unpickler.
+    Also writes --out/gt_boxes.jsonl (each image's annotation boxes) for vlp-extract --boxes."""
+    from vlp.builders.imports import import_refcoco
+
+    _done(import_refcoco(refs_file, instances_json, out, dataset=dataset, splits=list(splits) or None,
+                         image_id_template=image_id_template,
+                         **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
+@build_main.command("import-vcr", cls=_BuildCommand, context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=_FILES)
+@_build_options
+@_input_options
+@click.option("--images-dir", type=click.Path(exists=True, file_okay=False),
+              help="vcr1images/ (the metadata json files with the boxes) [vcr1images/ beside the files].")
+@click.option("--split", default=None, help="Split of every pair [from the file name].")
+@_id_template_option("{path}", "{path} (img_fn without extension), {stem}, {img_fn}")
+def import_vcr_cmd(files, out, overwrite, shard_size, progress, features, strict, images_dir, split,
+                   image_id_template):
+    """VCR train.jsonl / val.jsonl / test.jsonl -> vcr pairs (question, four answers, four rationales;
+    object tags become label words linked to their region; pair_id vcr/ANNOT_ID). With the
+    metadata json files, also --out/gt_boxes.jsonl for vlp-extract --boxes."""
+    from vlp.builders.imports import import_vcr
+
+    _done(import_vcr(files, out, images_dir=images_dir, split=split, image_id_template=image_id_template,
+                     **_import_kw(out, overwrite, shard_size, progress, features, strict)))
+
+
 @build_main.command("hard-negatives", cls=_BuildCommand, context_settings=CONTEXT)
 @click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
 @_build_options
