@@ -48,10 +48,13 @@ from vlp.schemas.answers import normalize_answer
 
 __all__ = ["vqa_accuracy", "vqa_accuracy_from_count", "vqa_scores", "exact_match_accuracy", "nlvr2_scores",
            "nlvr2_sentence", "multilabel_f1", "write_predictions", "results_table", "PREDICTION_TASKS",
-           "retrieval_ranks", "retrieval_metrics", "retrieval_fold_metrics", "coco_retrieval_metrics"]
+           "retrieval_ranks", "retrieval_metrics", "retrieval_fold_metrics", "coco_retrieval_metrics",
+           "box_iou", "grounding_accuracy", "vcr_scores"]
 
 #: The tasks :func:`write_predictions` knows, each with the file it writes.
 PREDICTION_TASKS = {
+    "refcoco": 'JSON lines {"pair_id": str, "prediction": {"box": [x1, y1, x2, y2], "region": int}}',
+    "vcr": 'JSON lines {"pair_id": "<pair_id>#q_a" or "#qa_r", "prediction": {"choice": int}} (choices 0..3)',
     "vqa": 'JSON list [{"question_id": int, "answer": str}] (VQA evaluation server / vqaEval.py)',
     "vizwiz": 'JSON list [{"image": str, "answer": str}] (VizWiz evaluation server)',
     "gqa": 'JSON list [{"questionId": str, "prediction": str}] (GQA eval.py)',
@@ -328,7 +331,7 @@ def write_predictions(task: str, rows: list[dict], path: Union[str, os.PathLike]
         prediction = row["prediction"]
         if task == "mmimdb":
             prediction = [str(label) for label in prediction]
-        else:
+        elif not isinstance(prediction, dict):  # refcoco, vcr: an object
             prediction = str(prediction)
         lines.append(json.dumps({"pair_id": key(row, str(row["id"])), "prediction": prediction}) + "\n")
     return atomic_write_text(path, "".join(lines))
@@ -482,3 +485,57 @@ def coco_retrieval_metrics(scores, text_image, ks=RETRIEVAL_KS) -> dict:
     """``{"5k": ..., "1k": ...}`` for a COCO Karpathy test split of 5,000 images (or any
     multiple of 1,000 above it): all images at once, and the mean over the 1K folds."""
     return {"5k": retrieval_metrics(scores, text_image, ks), "1k": retrieval_fold_metrics(scores, text_image, 1000, ks)}
+
+
+# ------------------------------------------------------------------ referring expressions, VCR
+
+
+def box_iou(a, b) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` [N, 4] and ``b`` [M, 4] (x1, y1, x2, y2 in continuous
+    pixels, width = x2 - x1 as COCO's bbox w); [N, M]. Empty boxes have IoU 0 with everything."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def grounding_accuracy(predicted_boxes, target_boxes, threshold: float = 0.5) -> dict:
+    """RefCOCO(+/g) accuracy (MAttNet's, VL-BERT's and UNITER's evaluation): the share of
+    expressions whose chosen box has IoU >= ``threshold`` with the target box; also the mean
+    IoU. Row i of both is one expression."""
+    predicted = np.asarray(predicted_boxes, dtype=np.float64).reshape(-1, 4)
+    target = np.asarray(target_boxes, dtype=np.float64).reshape(-1, 4)
+    if predicted.shape != target.shape:
+        raise ValueError(f"{len(predicted)} predicted boxes for {len(target)} targets")
+    if not len(target):
+        return {"accuracy": None, "mean_iou": None, "n": 0}
+    iou = np.array([box_iou(p, t)[0, 0] for p, t in zip(predicted, target)])
+    return {"accuracy": float(np.mean(iou >= threshold)), "mean_iou": float(iou.mean()), "n": int(len(iou))}
+
+
+def vcr_scores(answers: Mapping[str, int], rationales: Mapping[str, int], gold_answers: Mapping[str, int],
+               gold_rationales: Mapping[str, int]) -> dict:
+    """VCR accuracies (the leaderboard's): Q->A over the questions with an answer prediction,
+    QA->R over those with a rationale prediction (chosen given the right answer), Q->AR over
+    those with both = the share where both are right. Keys are annotation ids; a prediction
+    without a gold label is an error."""
+    for predicted, gold, what in ((answers, gold_answers, "answer"), (rationales, gold_rationales, "rationale")):
+        extra = [k for k in predicted if k not in gold]
+        if extra:
+            raise ValueError(f"VCR {what}: {len(extra)} prediction(s) without a gold label (first: {extra[0]})")
+    out: dict = {}
+    if answers:
+        out["q_a"] = float(np.mean([int(answers[k]) == int(gold_answers[k]) for k in answers]))
+    if rationales:
+        out["qa_r"] = float(np.mean([int(rationales[k]) == int(gold_rationales[k]) for k in rationales]))
+    both = [k for k in answers if k in rationales]
+    if both:
+        out["q_ar"] = float(np.mean([int(answers[k]) == int(gold_answers[k]) and
+                                     int(rationales[k]) == int(gold_rationales[k]) for k in both]))
+    out["n"] = int(max(len(answers), len(rationales)))
+    return out
