@@ -620,7 +620,10 @@ def load_config(path) -> TrainConfig:
 
 #: downstream tasks (vlp.trainer.downstream.DOWNSTREAM_TASKS) with their pair kind and options
 FINETUNE_TASKS = {"vqa": "question", "vizwiz": "question", "gqa": "question", "snli_ve": "entailment",
-                  "nlvr2": "nlvr2", "mmimdb": "multilabel"}
+                  "nlvr2": "nlvr2", "mmimdb": "multilabel", "retrieval": "caption", "refcoco": "refexp",
+                  "vcr": "vcr"}
+#: tasks with a setting: its choices, the default first
+TASK_SETTINGS = {"nlvr2": ("pair", "triplet"), "vcr": ("joint", "q_a", "qa_r")}
 FINETUNE_TOP_LEVEL_KEYS = ("model", "data", "task", "train", "seed")
 #: StageConfig fields a finetune ``train:`` section may not set (no masking, one fixed stage)
 _NOT_FINETUNE = ("name", "tasks", "sources", "text_mask_prob", "region_mask_prob")
@@ -643,7 +646,15 @@ class TaskConfig:
     max_text_len: int = 40
     max_regions: Optional[int] = None
     eval_batch_size: int = 64
-    eval_max_items: Optional[int] = None  # None: the whole validation split
+    eval_max_items: Optional[int] = None  # None: the whole validation split (retrieval: its first N images)
+    # retrieval (vlp.trainer.retrieval): negatives per positive (hinge: the hardest per side), the
+    # candidate pool, the hinge margin, a hard_negatives pair store, the evaluation's first-stage shortlist
+    negatives: Optional[int] = None
+    candidates: Optional[int] = None
+    margin: Optional[float] = None
+    hard_negatives: Optional[str] = None
+    shortlist: Optional[int] = None
+    roi_mask_prob: Optional[float] = None  # vcr: VL-BERT's masked RoI classification (share of regions)
 
     @classmethod
     def from_dict(cls, spec, where: str = "task", *, data: DataConfig) -> "TaskConfig":
@@ -676,21 +687,45 @@ class TaskConfig:
         task = task_class(name)
         if loss is not None and loss not in task.losses:
             raise ConfigError(f"{where}.loss: {name} trains with {' or '.join(task.losses)}, got {loss!r}")
-        if setting is not None and name != "nlvr2":
-            raise ConfigError(f"{where}.setting is an nlvr2 option (pair or triplet)")
-        if name == "nlvr2" and setting not in (None, "pair", "triplet"):
-            raise ConfigError(f"{where}.setting must be pair or triplet, got {setting!r}")
+        if setting is not None and name not in TASK_SETTINGS:
+            raise ConfigError(f"{where}.setting is an nlvr2 option (pair or triplet) or a vcr one (joint, q_a, qa_r)")
+        if name in TASK_SETTINGS and setting not in (None,) + TASK_SETTINGS[name]:
+            raise ConfigError(f"{where}.setting must be {' or '.join(TASK_SETTINGS[name])}, got {setting!r}")
+        roi = spec.get("roi_mask_prob")
+        if roi is not None and name != "vcr":
+            raise ConfigError(f"{where}.roi_mask_prob is a vcr option")
+        if roi is not None and (isinstance(roi, bool) or not isinstance(roi, (int, float)) or not 0 <= roi < 1):
+            raise ConfigError(f"{where}.roi_mask_prob must be a number in [0, 1), got {roi!r}")
         if spec.get("answer_vocab") and name not in ("vqa", "vizwiz", "gqa"):
             raise ConfigError(f"{where}.answer_vocab is for vqa, vizwiz and gqa")
+        retrieval = {k: spec.get(k) for k in ("negatives", "candidates", "margin", "hard_negatives", "shortlist")
+                     if spec.get(k) is not None}
+        if retrieval and name != "retrieval":
+            raise ConfigError(f"{where}: {', '.join(retrieval)} are retrieval options")
+        for key in ("negatives", "shortlist"):
+            value = retrieval.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where}.{key} must be a whole number of at least 1, got {value!r}")
+        value = retrieval.get("candidates")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{where}.candidates must be a whole number of at least 0, got {value!r}")
+        value = retrieval.get("margin")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"{where}.margin must be a positive number, got {value!r}")
         train_split = _split(spec.get("train_split", "train"), f"{where}.train_split")
         val_split = _split(spec.get("val_split", "val"), f"{where}.val_split")
         return cls(name=name, pairs=_path(spec["pairs"], where, "pairs"), features=features,
                    train_split=train_split, val_split=val_split, head=head, loss=loss or task.losses[0],
-                   setting=(setting or "pair") if name == "nlvr2" else None,
+                   setting=(setting or TASK_SETTINGS[name][0]) if name in TASK_SETTINGS else None,
                    answer_vocab=_path(spec.get("answer_vocab"), where, "answer_vocab"), freeze_base=freeze,
                    max_text_len=spec.get("max_text_len") or data.max_text_len,
                    max_regions=spec.get("max_regions", data.max_regions),
-                   eval_batch_size=spec.get("eval_batch_size") or 64, eval_max_items=spec.get("eval_max_items"))
+                   eval_batch_size=spec.get("eval_batch_size") or 64, eval_max_items=spec.get("eval_max_items"),
+                   negatives=retrieval.get("negatives"), candidates=retrieval.get("candidates"),
+                   margin=None if retrieval.get("margin") is None else float(retrieval["margin"]),
+                   hard_negatives=_path(retrieval.get("hard_negatives"), where, "hard_negatives"),
+                   shortlist=retrieval.get("shortlist"),
+                   roi_mask_prob=None if roi is None else float(roi))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -110,6 +110,10 @@ class DownstreamTask(Task):
         """One prediction per row (an answer, a label, a bool, a genre list)."""
         return [self.labels[k] for k in logits.argmax(-1).tolist()]
 
+    def predict_batch(self, logits: torch.Tensor, batch: dict) -> list:
+        """:meth:`predict` with the batch at hand (refcoco: the region boxes; vcr: the sub-task)."""
+        return self.predict(logits)
+
     def has_gold(self, pair: dict) -> bool:
         return pair.get("label") is not None
 
@@ -318,6 +322,18 @@ DOWNSTREAM_TASKS = {cls.key: cls for cls in (VQA, VizWiz, GQA, SNLIVE, NLVR2, MM
 
 
 def task_class(name: str):
+    if name == "retrieval":  # its module imports this one
+        from vlp.trainer.retrieval import Retrieval
+
+        return Retrieval
+    if name == "refcoco":  # these modules import this one
+        from vlp.trainer.grounding import RefCOCO
+
+        return RefCOCO
+    if name == "vcr":
+        from vlp.trainer.vcr import VCR
+
+        return VCR
     if name not in DOWNSTREAM_TASKS:
         raise ValueError(f"unknown downstream task {name!r}; known: {', '.join(DOWNSTREAM_TASKS)}")
     return DOWNSTREAM_TASKS[name]
@@ -357,6 +373,12 @@ def task_labels(key: str, pairs, *, split=None, answer_vocab=None) -> tuple[list
         return list(ENTAILMENT_LABELS), "fixed"
     if key == "nlvr2":
         return list(NLVR2_LABELS), "fixed"
+    if key in ("refcoco", "vcr"):
+        return list(task_class(key).fixed_labels), "fixed"
+    if key == "retrieval":
+        from vlp.trainer.retrieval import RETRIEVAL_LABELS
+
+        return list(RETRIEVAL_LABELS), "fixed"
     if key in ("vqa", "vizwiz", "gqa"):
         if answer_vocab:
             return read_answer_vocab(answer_vocab), str(answer_vocab)
@@ -434,7 +456,8 @@ def predict(model: FinetuneModel, dataset, *, batch_size: int = 64, max_items: O
     try:
         for start in range(0, total, batch_size):
             batch = collate([dataset.example(i) for i in range(start, min(total, start + batch_size))])
-            out.extend(model.task.predict(model.head_logits(to_device(batch, device))))
+            batch = to_device(batch, device)
+            out.extend(model.task.predict_batch(model.head_logits(batch), batch))
     finally:
         model.train(was_training)
     return out
@@ -447,7 +470,10 @@ def dataset_pairs(dataset, count: Optional[int] = None) -> list[dict]:
 
 
 def evaluate_task(model: FinetuneModel, dataset, *, batch_size: int = 64, max_items: Optional[int] = None):
-    """``(metrics, pairs, predictions)`` of the model on ``dataset``."""
+    """``(metrics, pairs, predictions)`` of the model on ``dataset``; a task with its own
+    ``evaluate`` (retrieval: an N x M score matrix, not one prediction per example) runs it."""
+    if hasattr(model.task, "evaluate"):
+        return model.task.evaluate(model, dataset, batch_size=batch_size, max_items=max_items)
     predictions = predict(model, dataset, batch_size=batch_size, max_items=max_items)
     pairs = dataset_pairs(dataset, len(predictions))
     return model.task.score(pairs, predictions), pairs, predictions

@@ -80,6 +80,13 @@ def _check_stores(config: FinetuneConfig) -> None:
         features = FeatureStore(task.features)
     except Exception as error:
         raise ConfigError(f"task.features: {error}") from None
+    if getattr(task, "hard_negatives", None):
+        try:
+            hard = PairStore(task.hard_negatives)
+        except Exception as error:
+            raise ConfigError(f"task.hard_negatives: {error}") from None
+        if hard.kind != "hard_negatives":
+            raise ConfigError(f"task.hard_negatives: {task.hard_negatives} holds {hard.kind} pairs, not hard_negatives")
     feature_dim = config.model.visual_config().feature_dim
     if features.feature_dim != feature_dim:
         raise ConfigError(f"task.features: {task.features} holds {features.feature_dim}-d features, "
@@ -177,16 +184,33 @@ def make_task(config: FinetuneConfig, labels):
     from vlp.trainer.downstream import task_class
 
     task = config.task
-    return task_class(task.name)(labels, head=task.head, loss=task.loss, setting=task.setting)
+    extra = {}
+    if task.name == "retrieval":
+        extra = {k: getattr(task, k) for k in ("negatives", "candidates", "margin", "shortlist")
+                 if getattr(task, k) is not None}
+    if task.name == "vcr":  # VL-BERT's masked RoI classification while finetuning
+        extra = {"roi_mask_prob": getattr(task, "roi_mask_prob", None) or 0.0}
+    return task_class(task.name)(labels, head=task.head, loss=task.loss, setting=task.setting, **extra)
 
 
-def task_dataset(config: FinetuneConfig, task, pairs, features, tokenizer, split, *, seed: int = 0):
+def task_dataset(config: FinetuneConfig, task, pairs, features, tokenizer, split, *, seed: int = 0,
+                 train: bool = False):
     from vlp.trainer.data import PairDataset
 
     spec = config.task
+    hard = None
+    if getattr(spec, "hard_negatives", None) and train:  # retrieval's hard negative images
+        from vlp.schemas.pairs import PairStore
+
+        hard = PairStore(spec.hard_negatives)
+    if hasattr(task, "dataset"):  # a task with its own examples (vcr: four candidates per question)
+        return task.dataset(pairs, features, tokenizer, max_text_len=spec.max_text_len, max_regions=spec.max_regions,
+                            box_dims=config.model.visual_config().box_dims, seed=seed,
+                            split=list(split) if split else None)
     return PairDataset(pairs, features, tokenizer, max_text_len=spec.max_text_len, max_regions=spec.max_regions,
                        box_dims=config.model.visual_config().box_dims, seed=seed,
-                       split=list(split) if split else None, targets=task.target, second_image=task.second_image)
+                       split=list(split) if split else None, targets=task.target, second_image=task.second_image,
+                       hard_negatives=hard)
 
 
 def build_model(config: FinetuneConfig, task, tokenizer):
@@ -278,7 +302,9 @@ def finetune(config: FinetuneConfig, out_dir, *, init=None, device: str = "cpu",
     elif (out_dir / "init.json").is_file():
         init_info = json.loads((out_dir / "init.json").read_text())
     trainable = model.freeze_base() if spec.freeze_base else sum(p.numel() for p in model.parameters())
-    train_set = task_dataset(config, task, pairs, features, tokenizer, spec.train_split, seed=stage.seed)
+    train_set = task_dataset(config, task, pairs, features, tokenizer, spec.train_split, seed=stage.seed, train=True)
+    if hasattr(task, "bind"):  # retrieval: mines hard negatives with the model, draws candidates from train_set
+        task.bind(model, train_set)
     val_set = task_dataset(config, task, pairs, features, tokenizer, spec.val_split)
     if len(val_set) == 0:
         raise ConfigError(f"{config.path or 'config'}: task.val_split: no {'/'.join(spec.val_split)} pair has features")
@@ -362,11 +388,14 @@ def load_run(run_dir, *, device: str = "cpu"):
 
 
 def evaluate_run(run_dir, pairs_dir, features_dir, *, split=("test",), predictions=None, device: str = "cpu",
-                 batch_size: Optional[int] = None) -> dict:
+                 batch_size: Optional[int] = None, shortlist: Optional[int] = None, num_workers: int = 1,
+                 progress: str = "off") -> dict:
     """Score ``best.pt`` of ``run_dir`` on the ``split`` pairs of ``pairs_dir``; records the
     metrics in RUN_DIR/results.json (under ``evaluations``, by pair store and split) and
     RUN_DIR/results.md; ``predictions``: also write the per-item predictions there in the
-    task's official format. Returns the evaluation's entry."""
+    task's official format. Returns the evaluation's entry. Retrieval only: ``shortlist`` K
+    (first-stage shortlist, overrides task.shortlist), ``num_workers`` (Ray workers scoring the
+    N x M pairs), ``progress`` (the scoring's progress display)."""
     from vlp.schemas import FeatureStore
     from vlp.schemas.pairs import PairStore
     from vlp.trainer.downstream import evaluate_task
@@ -383,14 +412,20 @@ def evaluate_run(run_dir, pairs_dir, features_dir, *, split=("test",), predictio
     dataset = task_dataset(config, task, pairs, features, model.tokenizer, split)
     if len(dataset) == 0:
         raise ValueError(f"{pairs_dir}: no pair of split {'/'.join(split or ['(all)'])} has features in {features_dir}")
+    if task.key == "retrieval":
+        task.shortlist = shortlist if shortlist is not None else task.shortlist
+        task.num_workers, task.progress = num_workers, progress
     metrics, rows, predicted = evaluate_task(model, dataset, batch_size=batch_size or config.task.eval_batch_size)
     entry = {"pairs": str(pairs_dir), "features": str(features_dir), "split": "/".join(split) if split else "all",
              "best_step": model.best["step"], "metrics": metrics, "skipped_pairs": dataset.skipped}
     if predictions is not None:
         from vlp.trainer.metrics import write_predictions
 
-        written = write_predictions(task.key, [task.prediction_row(p, a) for p, a in zip(rows, predicted)],
-                                    predictions)
+        prediction_rows = [task.prediction_row(p, a) for p, a in zip(rows, predicted)]
+        if hasattr(task, "write_predictions"):  # retrieval: ranked image ids per caption
+            written = task.write_predictions(prediction_rows, predictions)
+        else:
+            written = write_predictions(task.key, prediction_rows, predictions)
         entry["predictions"] = str(written)
     results = _read_results(run_dir)
     results.setdefault("task", task.key)
