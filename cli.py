@@ -297,6 +297,78 @@ def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim,
     click.echo(f"{stats.summary()} -> {out}")
 
 
+_EXPORT_FORMATS = ["lxmert-tsv", "butd-tsv", "volta-lmdb", "uniter-imgdb", "mmf-npy"]
+_PAIR_EXPORT_FORMATS = ["lxmert-pretrain", "lxmert-vqa", "coco-captions"]
+
+
+@main.command("export", cls=_Command, context_settings=CONTEXT)
+@click.argument("features_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "fmt", required=True, type=click.Choice(_EXPORT_FORMATS),
+              help="Target format (see README, `vlp export`).")
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="Output: a .tsv file (lxmert-tsv, butd-tsv) or a folder (the others).")
+@click.option("--num-boxes", type=int, default=None,
+              help="Exactly N regions per image, the most confident (fewer: the image is logged). "
+                   "lxmert-tsv default 36.")
+@click.option("--max-boxes", type=int, default=None,
+              help="At most N regions per image (uniter-imgdb: its max_bb, default 100).")
+@click.option("--min-boxes", type=int, default=None,
+              help="Images with fewer regions are logged, not written (uniter-imgdb: its min_bb, default 10).")
+@click.option("--id-format", type=click.Choice(["keep", "int", "trailing-int"]), default=None,
+              help="Image ids in the target: the vlp id, or an integer (int: the id is a number; "
+                   "trailing-int: its last digits). butd-tsv default int, others keep.")
+@click.option("--conf-th", type=float, default=None,
+              help="uniter-imgdb: confidence threshold of its nbb rule (default 0.2).")
+@click.option("--key-suffix", default=None,
+              help="uniter-imgdb: appended to the image id to form UNITER's image name (default .npz).")
+@click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip", show_default=True,
+              help="skip: records the target cannot hold go to errors.jsonl; stop: the first one "
+                   "aborts (nothing is written).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export at --out.")
+def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_format, conf_th, key_suffix,
+               on_error, overwrite):
+    """Write the feature store FEATURES_DIR in the format another V&L trainer reads.
+
+    The export is atomic (built in OUT.partial, renamed at the end) and carries a sidecar
+    vlp-export.json (source store, detector config hash, settings, counts).
+    """
+    from vlp.exporters import export
+
+    try:
+        stats = export(features_dir, out, fmt, overwrite=overwrite, on_error=on_error,
+                       num_boxes=num_boxes, max_boxes=max_boxes, min_boxes=min_boxes,
+                       id_format=id_format, conf_th=conf_th, key_suffix=key_suffix)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: nothing was written to {out}", err=True)
+        sys.exit(130)
+    click.echo(f"{stats.summary()} -> {out}")
+
+
+@main.command("export-pairs", cls=_Command, context_settings=CONTEXT)
+@click.argument("pairs_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "fmt", required=True, type=click.Choice(_PAIR_EXPORT_FORMATS),
+              help="lxmert-pretrain: {img_id, sentf, labelf} per image; lxmert-vqa: LXMERT's VQA/GQA "
+                   "json; coco-captions: the COCO captions annotation file.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output JSON file.")
+@click.option("--split", default=None, help="Only pairs of this split.")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="coco-captions: a feature store giving each image's width and height.")
+@click.option("--id-format", type=click.Choice(["int", "trailing-int"]), default=None,
+              help="coco-captions: integer image ids (default int).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
+def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite):
+    """Write pair stores PAIRS_DIRS as the annotation JSON another V&L trainer reads."""
+    from vlp.exporters.pairs import export_pairs
+
+    try:
+        stats = export_pairs(pairs_dirs, out, fmt, features=features, split=split, id_format=id_format,
+                             overwrite=overwrite)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: nothing was written to {out}", err=True)
+        sys.exit(130)
+    click.echo(f"{stats.summary()} -> {out}")
+
+
 @main.command("synth")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--images", type=click.IntRange(min=1), default=200, show_default=True,
