@@ -1280,11 +1280,23 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
                    "NLVR2 csv, SNLI-VE/MM-IMDB json lines).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: task.eval_batch_size.")
-def train_evaluate_cmd(run_dir, pairs_dir, features_dir, split, predictions, device, batch_size):
+@click.option("--shortlist", type=click.IntRange(min=1), default=None,
+              help="Retrieval: cross-score only the top K images of each caption and top K captions of each "
+                   "image by a first-stage similarity (an approximation; default: task.shortlist, else every pair).")
+@click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Retrieval: Ray workers scoring the caption x image pairs.")
+@click.option("--zero-shot", is_flag=True,
+              help="Retrieval: RUN_DIR is a vlp-train pretrain run; score PAIRS with its ITM head, nothing finetuned.")
+@click.option("--progress", default="auto", show_default=True,
+              type=click.Choice(["auto", "bar", "lines", "off"]), help="Retrieval: progress of the scoring.")
+def train_evaluate_cmd(run_dir, pairs_dir, features_dir, split, predictions, device, batch_size, shortlist,
+                       num_workers, zero_shot, progress):
     """Score the best checkpoint of a finetune RUN_DIR on a split of PAIRS.
 
     Writes RUN_DIR/results.json (under "evaluations") and RUN_DIR/results.md; pairs without
-    gold labels (a test split) are predicted but not scored.
+    gold labels (a test split) are predicted but not scored. Retrieval scores every caption of
+    the split against every image of it (R@1/5/10 both ways); --zero-shot does the same with a
+    pretraining run's ITM head.
     """
     import torch
 
@@ -1294,9 +1306,21 @@ def train_evaluate_cmd(run_dir, pairs_dir, features_dir, split, predictions, dev
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     splits = None if split == "all" else [s for s in split.split(",") if s]
+    if zero_shot:
+        from vlp.trainer.retrieval import zero_shot_evaluate
+
+        try:
+            metrics = zero_shot_evaluate(run_dir, pairs_dir, features_dir, split=splits, device=device,
+                                         batch_size=batch_size or 64, shortlist=shortlist, num_workers=num_workers,
+                                         progress=progress)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        click.echo(f"zero-shot retrieval, {'/'.join(splits or ['all'])} of {pairs_dir}: {shown}")
+        return
     try:
         entry = evaluate_run(run_dir, pairs_dir, features_dir, split=splits, predictions=predictions, device=device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, shortlist=shortlist, num_workers=num_workers, progress=progress)
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     metrics = entry["metrics"]
