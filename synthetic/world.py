@@ -15,7 +15,8 @@ so the same seed gives byte-identical files):
 ``vqa/v2_OpenEnded_mscoco_{train,val}_questions.json``, ``vqa/v2_mscoco_{train,val}_annotations.json``
 ``cc/train.tsv``                       Conceptual Captions TSV (caption, url; no header)
 ``cc/img2dataset/``                    the same pairs as an img2dataset output folder
-``web/records.jsonl``, ``web/truth.jsonl``, ``web/images/``  noisy web crawl + truth
+``web/records.jsonl``, ``web/truth.jsonl``, ``web/images/``  noisy web crawl + truth (``web/heldout/``: a
+                                       held-out crawl; see :mod:`vlp.synthetic.web`)
 ``gqa/`` ``vizwiz/`` ``nlvr2/``         downstream tasks in their official layouts
 ``snli_ve/`` ``mmimdb/``               (see :mod:`vlp.synthetic.tasks`)
 ``truth.json``                         full scenes, planted verb regions, CC gaps, each
@@ -413,99 +414,19 @@ def _write_cc(writer: _Writer, scenes, jpegs, seed: int) -> list[dict]:
 # --------------------------------------------------------------------------- web crawl
 
 
-WEB_CATEGORIES = ("good", "junk_text", "duplicate", "non_english", "too_small")
-_HOSTS = ("shapes-blog.invalid", "free-clipart.invalid", "kids-learning.invalid", "cdn.example-img.invalid")
+from vlp.synthetic import web as _web  # noqa: E402  (the crawl lives in web.py)
+
+WEB_CATEGORIES = _web.WEB_CATEGORIES
+
+#: Scenes of the held-out crawl (``web/heldout/``) per scene of the main crawl.
+_HELDOUT_FRACTION = 0.5
 
 
 def _write_web(writer: _Writer, scenes, jpegs, seed: int) -> dict[str, int]:
-    """Noisy web-crawl records for the LAIT-style filter, with per-row ground truth.
-
-    One base row per image (good / junk alt text / non-English), then duplicates of
-    good rows (exact copies, and near copies: same image bytes at another url with
-    a reworded alt) placed after their original, and tiny icons. The first
-    occurrence of an image is never labelled "duplicate".
-    """
-    import cv2
-
-    rng = _stream(seed, 0, _WEB)
-    n = len(scenes)
-    kinds = ["good"] * n
-    slots = rng.permutation(n)
-    n_junk, n_foreign = max(1, round(0.18 * n)), max(1, round(0.18 * n))
-    for k in slots[:n_junk]:
-        kinds[int(k)] = "junk_text"
-    for k in slots[n_junk:n_junk + n_foreign]:
-        kinds[int(k)] = "non_english"
-    if n < 3:
-        kinds[0] = "good"
-
-    counter = iter(range(10**6))
-
-    def new_key() -> str:
-        return f"web{next(counter):06d}"
-
-    rows: list[tuple[dict, str, Scene]] = []
-    for s, kind in zip(scenes, kinds):
-        r = _stream(seed, s.image_id, _WEB)
-        key = new_key()
-        host = _HOSTS[int(r.integers(len(_HOSTS)))]
-        row = {"key": key, "url": f"https://{host}/img/{s.image_id}-{key}.jpg",
-               "image_path": f"images/{key}.jpg", "width": s.width, "height": s.height}
-        if kind == "non_english":
-            lang = text.FOREIGN_LANGUAGES[int(r.integers(len(text.FOREIGN_LANGUAGES)))]
-            row["alt"], row["title"], row["surrounding_text"] = text.foreign_texts(s, r, lang)
-        elif kind == "junk_text":
-            lang = "en"
-            row["alt"] = text.JUNK_ALTS[int(r.integers(len(text.JUNK_ALTS)))]
-            row["title"] = str(r.choice(["Home", "Gallery", "Untitled document", ""]))
-            row["surrounding_text"] = text.BOILERPLATE[int(r.integers(len(text.BOILERPLATE)))]
-        else:
-            lang = "en"
-            row["alt"] = text.describe_scene_short(s, r)
-            row["title"] = text.ENGLISH_TITLES[int(r.integers(len(text.ENGLISH_TITLES)))]
-            row["surrounding_text"] = (text.ENGLISH_TEXTS[int(r.integers(len(text.ENGLISH_TEXTS)))]
-                                       + " It shows " + text.describe_scene_short(s, r) + ".")
-        if r.random() < 0.5:  # pages declare their language only sometimes
-            row["lang_hint"] = lang
-        writer.bytes(f"web/{row['image_path']}", jpegs[s.image_id])
-        rows.append((row, kind, s))
-
-    order = [rows[int(k)][:2] for k in rng.permutation(len(rows))]
-    scene_of = {row["key"]: s for row, _, s in rows}
-    good = [row for row, kind in order if kind == "good"]
-    n_dup = min(len(good), max(2, round(0.12 * n)))  # at least one exact and one near copy
-    picks = sorted(int(k) for k in rng.choice(len(good), n_dup, replace=False)) if good else []
-    for number, pick in enumerate(picks):
-        original = good[pick]
-        if number % 2 == 0:
-            copy = {**original, "key": new_key()}
-        else:
-            key = new_key()
-            scene = scene_of[original["key"]]
-            host = _HOSTS[(_HOSTS.index(original["url"].split("/")[2]) + 1) % len(_HOSTS)]
-            copy = {**original, "key": key, "url": f"https://{host}/mirror/{key}.jpg",
-                    "image_path": f"images/{key}.jpg",
-                    "alt": text.describe_scene_short(scene, _stream(seed, scene.image_id, _WEB + 100))}
-            writer.bytes(f"web/{copy['image_path']}", jpegs[scene.image_id])
-        position = next(i for i, (row, _) in enumerate(order) if row is original)
-        order.insert(int(rng.integers(position + 1, len(order) + 1)), (copy, "duplicate"))
-
-    n_small = max(1, round(0.08 * n))
-    for k in range(n_small):
-        s = scenes[int(rng.integers(n))]
-        side = int(rng.choice([32, 40, 48]))
-        icon = cv2.resize(render_scene(s), (side, side), interpolation=cv2.INTER_AREA)
-        key = new_key()
-        row = {"key": key, "url": f"https://{_HOSTS[k % len(_HOSTS)]}/icons/{key}.jpg",
-               "image_path": f"images/{key}.jpg", "width": side, "height": side,
-               "alt": text.describe_scene_short(s, _stream(seed, s.image_id, _WEB + 200)) + " icon",
-               "title": "Shape icons", "surrounding_text": "Small icons for your website."}
-        writer.bytes(f"web/{row['image_path']}", encode_jpeg(icon))
-        order.insert(int(rng.integers(0, len(order) + 1)), (row, "too_small"))
-
-    writer.jsonl("web/records.jsonl", [row for row, _ in order])
-    writer.jsonl("web/truth.jsonl", [{"key": row["key"], "category": kind} for row, kind in order])
-    counts = {"records": len(order)}
-    for category in WEB_CATEGORIES:
-        counts[category] = sum(1 for _, kind in order if kind == category)
+    """Noisy web-crawl records for the LAIT-style filter, with per-row ground truth
+    (:mod:`vlp.synthetic.web`): ``web/`` with one crawl scene per world image, and
+    ``web/heldout/``, a smaller crawl from other random streams."""
+    counts = _web.write_crawl(writer.bytes, "web", seed, len(scenes), _WEB)
+    held = _web.write_crawl(writer.bytes, "web/heldout", seed, max(6, round(_HELDOUT_FRACTION * len(scenes))), _WEB + 1000)
+    counts["heldout_records"] = held["records"]
     return counts

@@ -365,44 +365,44 @@ def test_conceptual_captions_tsv_and_img2dataset_folder(world, truth):
 
 
 def test_web_records_have_every_noise_kind_with_truth(world):
-    lines = (world / "web/records.jsonl").read_text("utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    labels = {t["key"]: t["category"] for t in
-              map(json.loads, (world / "web/truth.jsonl").read_text("utf-8").splitlines())}
-    assert [r["key"] for r in records] == list(labels) and len(set(labels)) == len(records)
-    assert set(labels.values()) == set(synthetic.WEB_CATEGORIES)
-    seen_urls, seen_images = {}, {}
-    for record in records:
-        category = labels[record["key"]]
-        image_bytes = (world / "web" / record["image_path"]).read_bytes()
-        decoded = synthetic.decode_image(image_bytes)
-        assert decoded.shape[:2] == (record["height"], record["width"])
-        if category == "too_small":
-            assert max(record["width"], record["height"]) <= 64
-        else:
-            assert min(record["width"], record["height"]) >= 240
-        if category == "duplicate":
-            earlier = seen_urls.get(record["url"]) or seen_images.get(image_bytes)
-            assert earlier is not None and labels[earlier["key"]] == "good"
-            if record["url"] == earlier["url"]:  # exact duplicate row
-                assert {k: v for k, v in record.items() if k != "key"} == \
-                    {k: v for k, v in earlier.items() if k != "key"}
-        else:
-            assert record["url"] not in seen_urls
-        if category == "junk_text":
-            assert record["alt"] in text.JUNK_ALTS
-        if category == "non_english":
-            assert record.get("lang_hint", "de") in text.FOREIGN_LANGUAGES
-            assert not set(text.tokens(record["alt"])) & {"and", "the", "on", "with"}
-        if category == "good":
-            assert record.get("lang_hint", "en") == "en"
-            assert record["alt"] not in text.JUNK_ALTS
-            assert any(colour in record["alt"] for colour in palette.COLOURS)
-        seen_urls.setdefault(record["url"], record)
-        seen_images.setdefault(image_bytes, record)
-    near = [r for r in records if labels[r["key"]] == "duplicate"
-            and seen_urls[r["url"]]["key"] == r["key"]]
-    assert near, "expected at least one near duplicate (same image, other url)"
+    from vlp.synthetic.web import EXPECTED_STAGE, WEB_MIN_SIDE
+
+    for crawl in (world / "web", world / "web/heldout"):
+        records = [json.loads(line) for line in (crawl / "records.jsonl").read_text("utf-8").splitlines()]
+        truth = [json.loads(line) for line in (crawl / "truth.jsonl").read_text("utf-8").splitlines()]
+        labels = {t["key"]: t["category"] for t in truth}
+        assert [r["key"] for r in records] == list(labels) and len(set(labels)) == len(records)
+        assert set(labels.values()) == set(synthetic.WEB_CATEGORIES)
+        assert all(t["stage"] == EXPECTED_STAGE.get(t["category"], "") for t in truth)
+        by_key = {r["key"]: r for r in records}
+        position = {r["key"]: i for i, r in enumerate(records)}
+        shared = Counter(r["alt"] for r in records if labels[r["key"]] == "shared_text")
+        assert len(shared) >= 1 and min(shared.values()) > 10
+        for record, entry in zip(records, truth):
+            category = labels[record["key"]]
+            decoded = synthetic.decode_image((crawl / record["image_path"]).read_bytes())
+            assert decoded.shape[:2] == (record["height"], record["width"])
+            if category == "too_small":
+                assert max(record["width"], record["height"]) <= 64
+            elif category != "duplicate" or entry["how"] != "resized":
+                assert min(record["width"], record["height"]) >= WEB_MIN_SIDE
+            if category == "duplicate":
+                original = by_key[entry["original"]]
+                assert labels[original["key"]] == "good" and position[original["key"]] < position[record["key"]]
+                if entry["how"] == "exact":
+                    assert {k: v for k, v in record.items() if k != "key"} == \
+                        {k: v for k, v in original.items() if k != "key"}
+                else:
+                    assert record["url"] != original["url"]
+            if category == "junk_text":
+                assert record["alt"] in text.JUNK_ALTS
+            if category == "non_english":
+                assert record.get("lang_hint", "de") in text.FOREIGN_LANGUAGES
+                assert not set(text.tokens(record["alt"])) & {"and", "the", "on", "with"}
+            if category in ("good", "mismatch", "profane"):
+                assert record.get("lang_hint", "en") == "en"
+                assert any(colour in record["alt"] for colour in palette.COLOURS)
+
 
 
 def test_world_summary_lists_ids_and_counts(world, truth):
