@@ -24,7 +24,7 @@ WORDS = ("what color is it the left image right has a an red blue green yellow m
          "there are two of them").split()
 N_IMAGES = 40
 KINDS = {"vqa": "question", "vizwiz": "question", "gqa": "question", "snli_ve": "entailment", "nlvr2": "nlvr2",
-         "mmimdb": "multilabel"}
+         "mmimdb": "multilabel", "retrieval": "caption"}
 
 
 def _split(i: int) -> str:
@@ -63,6 +63,8 @@ def _pairs(root: Path, task: str) -> Path:
             elif kind == "nlvr2":
                 writer.add({**row, "pair_id": f"nlvr2/{split}-{i // 2}-0-{i % 2}", "image_id_2": ids[(i + 1) % N_IMAGES],
                             "text": f"the left image has a {color}", "label": i % 2})
+            elif kind == "caption":
+                writer.add({**row, "text": f"a {color} shape"})
             else:
                 writer.add({**row, "text": f"a movie about {color}", "labels": [color] + (["drama"] if i % 3 == 0 else [])})
     return out
@@ -379,7 +381,7 @@ def test_shipped_finetune_configs_are_valid_and_run(base, tmp_path):
         FinetuneConfig.from_dict(raw, path)  # as shipped (placeholder paths are not opened)
         small = _config(base, raw["task"]["name"], **{k: v for k, v in raw["task"].items()
                                                       if k not in ("name", "pairs", "train_split", "val_split",
-                                                                   "answer_vocab")},
+                                                                   "answer_vocab", "hard_negatives")},
                         train={"steps": 1, "eval_every": 0})
         summary = _finetune(base, small, tmp_path / name)
         assert summary["end_step"] == 1 and summary["freeze_base"] == raw["task"].get("freeze_base", False)
