@@ -26,6 +26,14 @@ How a run flows::
 * A local Ray instance is started with worker niceness equal to the driver's own (Ray's
   default, 15, lets any other busy process on the machine starve the detector).
 
+Given boxes (``--boxes FILE``, :func:`read_boxes_file`): a json-lines file names images
+(``image``: the path relative to the input root, or ``image_id``) with their boxes (x1, y1,
+x2, y2 in original-image pixels); only those images are extracted, each with the
+detector's given-box mode (the same RoI head on the boxes instead of proposals: one region
+per box, in the given order). The store's manifest records the file (``source.given_boxes``:
+name, sha256, images), and a resume with another boxes file is refused. Bad lines and
+boxes that do not fit their image become ``errors.jsonl`` entries (kind ``bad_boxes``).
+
 Entry point: :func:`run_extract`; options: :class:`ExtractSettings`.
 """
 
@@ -82,6 +90,7 @@ class ExtractSettings:
     overwrite: bool = False
     # the input
     file_list: Optional[str] = None
+    boxes: Optional[str] = None  # json lines {image or image_id, boxes}: given-box mode for those images
     glob: Optional[str] = None
     limit: Optional[int] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -112,11 +121,13 @@ class _Item:
     path: str  # relative to the input root
     image_id: str
     prepared: object = None  # PreparedImage once decoded
+    boxes: object = None  # given boxes (list of [x1, y1, x2, y2]) or None: detect
     error: Optional[tuple] = None  # (kind, reason)
 
 
-def decode_chunk(root: str, paths: list, config, max_pixels: int):
-    """Decode and resize a chunk of images (a Ray task); failures become per-item errors."""
+def decode_chunk(root: str, paths: list, config, max_pixels: int, boxes: Optional[dict] = None):
+    """Decode and resize a chunk of images (a Ray task); failures become per-item errors.
+    ``boxes``: relative path -> given boxes (checked against the decoded image's size)."""
     from vlp.detectors.inference import prepare_image
 
     start = time.perf_counter()
@@ -125,6 +136,13 @@ def decode_chunk(root: str, paths: list, config, max_pixels: int):
         item = _Item(relative, image_id_of(relative))
         try:
             image = decode_file(os.path.join(root, relative), max_pixels=max_pixels)
+            if boxes is not None:
+                item.boxes = boxes[relative]
+                problem = boxes_outside(item.boxes, image.shape[1], image.shape[0])
+                if problem:
+                    item.error = ("bad_boxes", problem)
+                    items.append(item)
+                    continue
             item.prepared = prepare_image(image, config)
         except DecodeError as exc:
             item.error = (exc.kind, str(exc))
@@ -194,8 +212,11 @@ class DetectorWorker:
         records = [None] * len(ready)
         for start in range(0, len(order), size):
             batch = order[start:start + size]
-            found = self.detector.detect_prepared([ready[i].prepared for i in batch],
-                                                  [ready[i].image_id for i in batch], batch_size=size)
+            if ready[batch[0]].boxes is not None:
+                found = _given_box_records(self.detector, [ready[i] for i in batch])
+            else:
+                found = self.detector.detect_prepared([ready[i].prepared for i in batch],
+                                                      [ready[i].image_id for i in batch], batch_size=size)
             for i, record in zip(batch, found):
                 records[i] = record
             done += len(batch)
@@ -231,6 +252,123 @@ class DetectorWorker:
         return self._close_shard()
 
 
+def _given_box_records(detector, items: list) -> list:
+    """The detector's given-box mode (:meth:`Detector.features_for_boxes`) on prepared images:
+    one batch, each image's boxes scaled to the network's size; records keep the boxes as given."""
+    import numpy as np
+    import torch
+
+    given, scaled = [], []
+    for item in items:
+        boxes = np.asarray(item.boxes, dtype=np.float32).reshape(-1, 4)
+        sx, sy = item.prepared.scale
+        given.append(boxes)
+        scaled.append(torch.from_numpy(boxes) * torch.tensor([sx, sy, sx, sy], dtype=torch.float32))
+    outs = detector._detect_prepared([item.prepared for item in items], given_boxes=scaled)
+    return [detector._record(item.image_id, item.prepared, out, with_probs=None, given=boxes)
+            for item, out, boxes in zip(items, outs, given)]
+
+
+# -- given boxes ----------------------------------------------------------------------------
+
+
+def boxes_outside(boxes, width: int, height: int) -> Optional[str]:
+    """Why ``boxes`` do not fit a ``width`` x ``height`` image (None when they do)."""
+    from vlp.schemas.record import BOX_BORDER_TOLERANCE
+
+    tol = BOX_BORDER_TOLERANCE
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+            return f"box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] extends outside the {width}x{height} image"
+    return None
+
+
+def _box_list(value) -> Optional[str]:
+    """Why ``value`` is not a usable list of boxes (None when it is)."""
+    import math
+
+    from vlp.schemas.record import MAX_BOXES
+
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_BOXES:
+        return f"'boxes' must be a list of 1 to {MAX_BOXES} boxes [x1, y1, x2, y2]"
+    for k, box in enumerate(value):
+        if (not isinstance(box, list) or len(box) != 4 or
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            return f"box {k} is not four finite numbers [x1, y1, x2, y2]"
+        if box[2] < box[0] or box[3] < box[1]:
+            return f"box {k} {box} has x2 < x1 or y2 < y1"
+    return None
+
+
+def read_boxes_file(path, found: Discovery) -> tuple[dict, list, dict]:
+    """``(boxes, errors, info)`` of a ``--boxes`` json-lines file against the discovered images.
+
+    boxes: relative path -> list of [x1, y1, x2, y2]; errors: (path, image_id, kind, reason)
+    entries for lines that cannot be used (``FILE:LINE`` as path, kind ``bad_boxes``, or
+    ``missing`` for an image that is not under the root); info: what the manifest records.
+    """
+    import hashlib
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ExtractError(f"{path}: cannot read the boxes file ({exc.strerror or exc})") from None
+    by_id = {image_id_of(p): p for p in found.paths}
+    known = set(found.paths)
+    boxes, errors = {}, []
+    name = display_name(str(path))
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{name}:{number}"
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            errors.append((where, None, "bad_boxes", f"not a JSON line ({type(exc).__name__})"))
+            continue
+        if not isinstance(row, dict):
+            errors.append((where, None, "bad_boxes", "expected a JSON object {image or image_id, boxes}"))
+            continue
+        image, image_id = row.get("image"), row.get("image_id")
+        if isinstance(image, str) and image.strip():
+            relative = image.strip()
+            relative = relative[2:] if relative.startswith("./") else relative
+        elif isinstance(image_id, (str, int)) and not isinstance(image_id, bool) and str(image_id).strip():
+            relative = by_id.get(str(image_id).strip())
+            if relative is None:
+                errors.append((where, str(image_id), "missing", f"image_id {str(image_id)!r} is not an image under "
+                               "the input folder"))
+                continue
+        else:
+            errors.append((where, None, "bad_boxes", "no 'image' (a relative path) or 'image_id'"))
+            continue
+        if relative not in known:
+            errors.append((where, None, "missing", f"{relative!r} is not an image under the input folder"))
+            continue
+        problem = _box_list(row.get("boxes"))
+        if problem:
+            errors.append((where, image_id_of(relative), "bad_boxes", problem))
+            continue
+        if relative in boxes:
+            errors.append((where, image_id_of(relative), "bad_boxes", f"{relative} has boxes on an earlier line"))
+            continue
+        boxes[relative] = [[float(v) for v in box] for box in row["boxes"]]
+    info = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "images": len(boxes)}
+    return boxes, errors, info
+
+
+def _check_given_boxes(out: Path, info: Optional[dict]) -> None:
+    """A store keeps one kind of regions: refuse to continue it with other (or no) given boxes."""
+    if not (out / MANIFEST_NAME).is_file():
+        return
+    old = (read_manifest(out, FEATURES_FORMAT, (SCHEMA_VERSION,)).get("source") or {}).get("given_boxes")
+    if (old or {}).get("sha256") != (info or {}).get("sha256"):
+        said = lambda d: f"given boxes {d['file']} (sha256 {d['sha256'][:12]})" if d else "detected boxes"  # noqa: E731
+        raise StoreError(f"{out} holds features of {said(old)}; this run uses {said(info)}. Write to another "
+                         "folder, or pass --overwrite to replace them.")
+
+
 # -- the driver ---------------------------------------------------------------------------
 
 
@@ -260,6 +398,7 @@ class _Run:
         self.attempts: dict[str, int] = {}  # path -> times a worker failed on a chunk holding it
         self.worker_failures = 0
         self.worker_pids: Callable[[], list] = lambda: []
+        self.boxes: Optional[dict] = None  # --boxes: relative path -> given boxes
         self.niceness = None
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -479,6 +618,10 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
     wall_start = time.perf_counter()
     description = describe_detector(**settings.detector_kwargs())
     found = _discover(images_dir, settings)
+    given, box_errors, box_info = None, [], None
+    if settings.boxes is not None:
+        given, box_errors, box_info = read_boxes_file(settings.boxes, found)
+        found = dataclasses.replace(found, paths=[p for p in found.paths if p in given])
     if settings.overwrite:
         if (out / MANIFEST_NAME).is_file():
             shutil.rmtree(out)
@@ -487,6 +630,7 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
                 (out / name).unlink(missing_ok=True)
     else:
         _check_detector_matches(out, description)
+        _check_given_boxes(out, box_info)
     resumed = (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).is_file()
     created = [] if resumed else [p for p in (out, out / ERRORS_NAME, out / STATS_NAME, out / INDEX_NAME,
                                                 out / MANIFEST_NAME) if not p.exists()]
@@ -494,7 +638,8 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
     writer = FeatureStoreWriter(out, storage=settings.storage, shard_size=settings.shard_size,
                                 feature_dim=description["feature_dim"], detector=description, mode="append",
                                 extra={"source": {"kind": "extract",
-                                                  "images_dir": display_name(str(images_dir.resolve()))}})
+                                                  "images_dir": display_name(str(images_dir.resolve())),
+                                                  **({"given_boxes": box_info} if box_info else {})}})
     records_at_start = sum(s.records for s in writer.shards)
     _remove_worker_files(out)
     logged = {entry.get("path") for entry in ErrorLog(out / ERRORS_NAME).read()}
@@ -504,7 +649,8 @@ def run_extract(images_dir, out, settings: Optional[ExtractSettings] = None, *,
     progress = Progress(len(found.paths), "extract", mode=settings.progress if todo else "off",
                         initial=already_stored + already_failed, every_s=LINE_SECONDS)
     run = _Run(images_dir, out, settings, description, writer, progress, on_progress, should_stop)
-    for path, image_id, kind, reason in _setaside_errors(found):
+    run.boxes = given
+    for path, image_id, kind, reason in _setaside_errors(found) + box_errors:
         if path not in logged:
             run.log_error(path, image_id, kind, reason)
 
@@ -642,7 +788,8 @@ class _Driver:
                 chunk = self.next_chunk()
                 if chunk is None:
                     return
-                decoded = self.decode.remote(self.root, chunk, self.config, settings.max_pixels)
+                given = None if self.run.boxes is None else {p: self.run.boxes[p] for p in chunk}
+                decoded = self.decode.remote(self.root, chunk, self.config, settings.max_pixels, given)
                 self.calls += 1
                 self.pending[worker.handle.process.remote(decoded, self.calls)] = (worker, chunk, self.calls)
                 worker.in_flight += 1
