@@ -548,6 +548,11 @@ def _parse_overrides(pairs) -> dict:
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N images (stable order).")
 @click.option("--dry-run", is_flag=True, help="Count images and estimate the time; write nothing.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
+@click.option("--boxes", "boxes_file", type=click.Path(exists=True, dir_okay=False),
+              help="Given boxes: a json-lines file of {\"image\": relative path (or \"image_id\"), \"boxes\": "
+                   "[[x1, y1, x2, y2], ...]} (pixels); only those images are extracted, one region per box in "
+                   "the given order (the detector's given-box mode), e.g. the gt_boxes.jsonl of "
+                   "vlp-build import-refcoco / import-vcr.")
               help="Images with more pixels are refused (decompression-bomb guard).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
@@ -566,7 +571,7 @@ def _parse_overrides(pairs) -> dict:
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto",
               show_default=True, help="Progress bar, periodic log lines (auto when not a terminal), or none.")
 def extract_main(images_dir, out, preset, weights, overrides, storage, shard_size, overwrite, file_list,
-                 glob_pattern, limit, dry_run, max_pixels, device, dtype, batch_size, workers, gpus_per_worker,
+                 boxes_file, glob_pattern, limit, dry_run, max_pixels, device, dtype, batch_size, workers, gpus_per_worker,
                  threads_per_worker, chunk_size, address, num_cpus, progress):
     """Extract bottom-up-attention region features for every image under IMAGES_DIR.
 
@@ -587,9 +592,10 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
     from vlp.pipeline.extract import ExtractSettings, dry_run as plan_run, run_extract, summary_lines
 
     settings = ExtractSettings(
+      vlp-extract coco/train2014 -o refcoco-gt --weights pytorch_model.bin --boxes refcoco-pairs/gt_boxes.jsonl
         preset=preset, weights=weights, overrides=_parse_overrides(overrides), device=device, dtype=dtype,
         batch_size=batch_size, storage=storage, shard_size=shard_size, overwrite=overwrite, file_list=file_list,
-        glob=glob_pattern, limit=limit, max_pixels=max_pixels, address=address, num_cpus=num_cpus,
+        boxes=boxes_file, glob=glob_pattern, limit=limit, max_pixels=max_pixels, address=address, num_cpus=num_cpus,
         workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
         chunk_size=chunk_size, progress=progress)
     if dry_run:
