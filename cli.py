@@ -1079,6 +1079,113 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
                        shard_size=shard_size, progress=progress))
 
 
+@build_main.command("web-filter", cls=_BuildCommand, context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@_build_options
+@click.option("--features", type=click.Path(exists=True, file_okay=False),
+              help="Feature store of the same images: enables the naturalness and semantic stages (skipped without).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False),
+              help="Model file of train-web-scorer [default: the shipped one, trained on the synthetic world].")
+@click.option("--image-id-template", default="{key}", show_default=True,
+              help="How a row's image becomes a feature-store image_id (fields: key, stem, path).")
+@click.option("--min-bytes", type=click.IntRange(min=0), default=5120, show_default=True, help="Smallest image file (COYO).")
+@click.option("--min-side", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Both sides must be larger (ImageBERT 300; COYO 200).")
+@click.option("--max-aspect", type=click.FloatRange(min=1), default=3.0, show_default=True, help="Longest/shortest side.")
+@click.option("--unnatural-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Reject when P(unnatural) >= this [the model's, 0.5].")
+@click.option("--lang-floor", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Keep a text when py3langid's P(English) >= this.")
+@click.option("--min-chars", type=click.IntRange(min=0), default=5, show_default=True, help="Text must be longer.")
+@click.option("--min-words", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--max-words", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-oov", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Highest share of words not in wordfreq's English list.")
+@click.option("--no-noun-check", is_flag=True, help="Do not require a noun (skips spaCy).")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None,
+              help="Semantic stage: keep pairs scoring at least this [the model's threshold].")
+@click.option("--keep-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Semantic stage: keep this share of the best-scored pairs instead of --min-score.")
+@click.option("--max-images-per-text", type=click.IntRange(min=1), default=10, show_default=True,
+              help="K: a text on more distinct images is dropped everywhere (COYO).")
+@click.option("--phash-distance", type=click.IntRange(-1, 16), default=4, show_default=True,
+              help="Images whose pHashes differ in at most this many bits are one image (-1: sha256 only).")
+@click.option("--engine", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="ray: Ray Data map_batches per stage; local: in this process.")
+@click.option("--address", default=None, help="Ray cluster address (e.g. auto) [a local Ray].")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray [all].")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows per input shard of a records file (the unit of resume).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per Ray Data batch.")
+def build_web_filter_cmd(inputs, out, overwrite, shard_size, progress, features, model, image_id_template, min_bytes,
+                         min_side, max_aspect, unnatural_threshold, lang_floor, min_chars, min_words, max_words, max_oov,
+                         no_noun_check, min_score, keep_fraction, max_images_per_text, phash_distance, engine, address,
+                         num_cpus, shard_rows, batch_size):
+    """LAIT-style filtering of web image-text rows into a web pair store, with a funnel.
+
+    INPUTS: crawl folders or records files (jsonl/parquet: key, url, image_path, alt, title,
+    surrounding_text, lang_hint) and img2dataset output folders (files or tar shards).
+    Stages: image, naturalness*, text, language, text_rules, semantic*, aggregation
+    (* with --features). Writes OUT (pairs with url and score), OUT/rejected.jsonl,
+    OUT/funnel.html; a killed run resumes from OUT.work when rerun.
+    """
+    from vlp.builders.web_filter import FilterConfig, web_filter
+
+    config = FilterConfig(features=features, model=model, image_id_template=image_id_template, min_bytes=min_bytes,
+                          min_side=min_side, max_aspect=max_aspect, unnatural_threshold=unnatural_threshold,
+                          lang_floor=lang_floor, min_chars=min_chars, min_words=min_words, max_words=max_words,
+                          max_oov=max_oov, need_noun=not no_noun_check, min_score=min_score,
+                          keep_fraction=keep_fraction, max_images_per_text=max_images_per_text,
+                          phash_distance=phash_distance)
+    try:
+        with _stop_on_first_interrupt("stopping after this shard: finished shards are kept") as stop:
+            result = web_filter(list(inputs), out, config=config, engine=engine, address=address, num_cpus=num_cpus,
+                                shard_rows=shard_rows, batch_size=batch_size, overwrite=overwrite,
+                                shard_size=shard_size, progress=progress,
+                                should_stop=stop.is_set if stop else None)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished shards are kept in {out}.work; rerun the same command to go on", err=True)
+        sys.exit(130)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    _done(result)
+    click.echo(f"Rejected rows: {Path(out) / 'rejected.jsonl'}; funnel: {Path(out) / 'funnel.html'}")
+
+
+@build_main.command("train-web-scorer", cls=_BuildCommand, context_settings=CONTEXT)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write (JSON).")
+@click.option("--world", type=click.Path(exists=True, file_okay=False),
+              help="A synthetic world (vlp synth): train on its captions, oracle features and web/ crawl.")
+@click.option("--captions", type=click.Path(exists=True, file_okay=False),
+              help="Clean caption pair store: positives of the semantic scorer.")
+@click.option("--caption-features", type=click.Path(exists=True, file_okay=False),
+              help="Feature store of the caption store's images.")
+@click.option("--crawl", type=click.Path(exists=True, file_okay=False),
+              help="Labelled crawl folder (records.jsonl + truth.jsonl with key, category): trains the naturalness "
+                   "classifier (category unnatural) and adds good / mismatch rows to the semantic scorer.")
+@click.option("--crawl-features", type=click.Path(exists=True, file_okay=False),
+              help="Feature store of the crawl's images, named by key.")
+@click.option("--keep-good", type=click.FloatRange(0.5, 1), default=0.98, show_default=True,
+              help="The semantic threshold keeps this share of the positives it was trained on (at most 0.5).")
+def build_train_web_scorer_cmd(out, world, captions, caption_features, crawl, crawl_features, keep_good):
+    """Fit the web filter's naturalness classifier and semantic scorer (logistic regressions
+    stored as JSON numbers; nothing is pickled)."""
+    from vlp.builders.web_filter.train import train_from_world, train_web_scorer
+
+    if world is None and captions is None and crawl is None:
+        raise click.UsageError("give --world, or --captions/--caption-features and/or --crawl/--crawl-features")
+    try:
+        if world is not None:
+            summary = train_from_world(world, out, keep_good=keep_good)
+        else:
+            summary = train_web_scorer(out, captions=captions, caption_features=caption_features, crawl=crawl,
+                                       crawl_features=crawl_features, keep_good=keep_good)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Wrote {out}: naturalness {summary['naturalness']}, semantic {summary['semantic']}, "
+               f"thresholds {summary['thresholds']}.")
+
+
 # --- end of vlp-build ---
 
 
