@@ -332,12 +332,16 @@ def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_forma
     The export is atomic (built in OUT.partial, renamed at the end) and carries a sidecar
     vlp-export.json (source store, detector config hash, settings, counts).
     """
-    from vlp.exporters import export
+    from vlp.exporters import ExportError, export, resolve_options
 
+    options = dict(num_boxes=num_boxes, max_boxes=max_boxes, min_boxes=min_boxes, id_format=id_format,
+                   conf_th=conf_th, key_suffix=key_suffix)
     try:
-        stats = export(features_dir, out, fmt, overwrite=overwrite, on_error=on_error,
-                       num_boxes=num_boxes, max_boxes=max_boxes, min_boxes=min_boxes,
-                       id_format=id_format, conf_th=conf_th, key_suffix=key_suffix)
+        resolve_options(fmt, **options)
+    except ExportError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        stats = export(features_dir, out, fmt, overwrite=overwrite, on_error=on_error, **options)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: nothing was written to {out}", err=True)
         sys.exit(130)

@@ -3,8 +3,8 @@
 One :class:`Export` run reads a feature store record by record (flat memory), asks the
 format to write each record, and keeps the bookkeeping in one place:
 
-* regions are chosen the way the target's readers expect (:func:`select_regions`: sorted
-  by detector confidence, a fixed count or a cap, boxes clipped to the image);
+* regions are chosen the way the target's readers expect (:func:`select_regions`: the
+  store's order, a fixed count or a cap, boxes clipped to the image);
 * a record that cannot satisfy the target (too few boxes, an id the format cannot carry)
   raises :class:`RecordIssue`; it becomes a line of ``errors.jsonl`` and the export goes on
   (``on_error="skip"``) or stops (``"stop"``);
@@ -120,11 +120,12 @@ def select_regions(record: FeatureRecord, *, num_boxes: Optional[int] = None,
                    need_labels: bool = False, need_cls_prob: bool = False) -> Regions:
     """Choose a record's regions the way BUTD-style readers expect them.
 
-    Regions are sorted by object confidence, highest first (stable: a store written by
-    vlp-extract is already in this order and keeps it); ``num_boxes`` keeps exactly that
-    many (RecordIssue when the record has fewer), ``max_boxes`` keeps at most that many,
-    ``min_boxes`` refuses records with fewer. Boxes are clipped to [0, W] x [0, H]
-    (vlp allows a 1-pixel overshoot; readers such as LXMERT's assert boxes / size <= 1).
+    Regions keep the store's order - vlp-extract writes them in the detector's order, most
+    confident first, as BUTD's generate_tsv.py does - so cutting keeps the first ones:
+    ``num_boxes`` keeps exactly that many (RecordIssue when the record has fewer),
+    ``max_boxes`` at most that many; ``min_boxes`` refuses records with fewer. Boxes are
+    clipped to [0, W] x [0, H] (vlp allows a 1-pixel overshoot; readers such as LXMERT's
+    assert boxes / size <= 1).
     """
     n = record.num_boxes
     if need_labels and record.objects_id is None:
@@ -134,15 +135,8 @@ def select_regions(record: FeatureRecord, *, num_boxes: Optional[int] = None,
     least = num_boxes if num_boxes is not None else min_boxes
     if least is not None and n < least:
         raise RecordIssue(f"too few boxes: {n}, the target needs at least {least}")
-    if record.objects_conf is not None:
-        order = np.argsort(-record.objects_conf, kind="stable")
-    else:
-        order = np.arange(n)
     keep = num_boxes if num_boxes is not None else max_boxes
-    if keep is not None:
-        order = order[:keep]
-    if np.array_equal(order, np.arange(n)):
-        order = slice(None)  # no copy when the store is already in reader order
+    order = slice(None, keep)  # a view: no copy
     boxes = np.array(record.boxes[order], dtype="<f4")
     limits = np.array([record.image_w, record.image_h, record.image_w, record.image_h], dtype="<f4")
     clipped_boxes = np.clip(boxes, 0, limits)
@@ -198,13 +192,14 @@ class ExportStats:
     clipped_boxes: int = 0
     errors_file: Optional[Path] = None
     sidecar: Optional[Path] = None
+    unit: str = "record"
 
     def summary(self) -> str:
-        text = f"exported {self.exported} record(s)"
+        text = f"exported {self.exported} {self.unit}(s)"
         if self.clipped_boxes:
             text += f"; {self.clipped_boxes} box(es) clipped to the image"
         if self.skipped:
-            text += f"; skipped {self.skipped} record(s), listed in {self.errors_file}"
+            text += f"; skipped {self.skipped} {self.unit}(s), listed in {self.errors_file}"
         return text
 
 

@@ -45,7 +45,7 @@ class MmfNpy(ExportFormat):
         "features": "<id>.npy: float32 [N, D]",
         "info": "<id>_info.npy: dict bbox <f4 [N,4] pixels, num_boxes, objects <i8 [N], "
                 "cls_prob <f4 [N,1600] (no background column), image_width, image_height",
-        "regions": "sorted by object confidence",
+        "regions": "store order (the detector's: most confident first)",
         "pickle": "protocol 3, numpy.core names (loads under numpy 1.x and 2.x)",
     }
 

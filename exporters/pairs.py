@@ -45,7 +45,8 @@ LXMERT_SOURCES = {"coco": "mscoco", "mscoco": "mscoco", "vg": "vg", "visual_geno
 def _label(pair: dict) -> dict:
     answers = pair.get("answers") or []
     scores = pair.get("answer_scores") or [1.0] * len(answers)
-    return {answer: float(score) for answer, score in zip(answers, scores)}
+    # scores are float32 in the store: 0.3 comes back as 0.30000001192...; 6 decimals say it as written
+    return {answer: round(float(score), 6) for answer, score in zip(answers, scores)}
 
 
 def _question_id(value: str):
@@ -86,7 +87,7 @@ def export_pairs(pair_dirs: Iterable, out, fmt: str, *, features=None, split: Op
     sidecar_path = out.with_name(out.name + "." + SIDECAR_NAME)
     errors = ErrorLog(out.with_name(f".{out.name}.errors.partial"))
     errors.remove()
-    stats = ExportStats(out=out)
+    stats = ExportStats(out=out, unit="pair")
     bar = Progress(sum(len(s) for s in stores), f"export-pairs {fmt}", unit="pair", mode=progress)
 
     def pairs():

@@ -84,7 +84,7 @@ class LxmertTsv(_TsvFormat):
         "dtypes": {"objects_id": "<i8", "attrs_id": "<i8", "others": "<f4"},
         "height_before_width": True,
         "boxes": "x1 y1 x2 y2 in pixels, clipped to the image",
-        "regions": "sorted by object confidence, exactly num_boxes per image",
+        "regions": "store order (the detector's: most confident first), the first num_boxes",
     }
 
     def __init__(self, work, store, options):
@@ -113,7 +113,7 @@ class ButdTsv(_TsvFormat):
         "width_before_height": True,
         "image_id": "an integer (id_format)",
         "boxes": "x1 y1 x2 y2 in pixels, clipped to the image",
-        "regions": "sorted by object confidence",
+        "regions": "store order (the detector's: most confident first)",
     }
 
     def __init__(self, work, store, options):

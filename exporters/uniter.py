@@ -14,8 +14,9 @@ with ``msgpack.loads(value, raw=False)`` after ``msgpack_numpy.patch()``:
 * ``soft_labels`` float16 [nbb, 1601]: class probabilities with the BACKGROUND FIRST (Caffe
   order; UNITER's MRC drops column 0), when the store has ``cls_prob``.
 
-As UNITER's own converter does, each image keeps its ``nbb = min(max_bb, max(min_bb, #(conf
-> conf_th)))`` most confident boxes and the arrays are cut to them; an image with fewer than
+As UNITER's own converter does, each image keeps its first ``nbb = min(max_bb, max(min_bb,
+#(conf > conf_th)))`` boxes (store order: the detector's, most confident first) and the
+arrays are cut to them; an image with fewer than
 ``min_bb`` boxes cannot satisfy the layout and is logged. The key of an image is its name
 in UNITER's text databases: the vlp image_id plus ``key_suffix`` (default ``.npz``, the
 suffix of the BUTD-docker files UNITER's keys come from). ``__keys__`` holds the JSON list
@@ -65,7 +66,7 @@ class UniterImgDb(ExportFormat):
                  "norm_bb <f2 [nbb,6], conf <f2 [nbb], soft_labels <f2 [nbb,1601]",
         "norm_bb": "x1/W y1/H x2/W y2/H w/W h/H",
         "soft_labels": "background first (column 0)",
-        "regions": "sorted by confidence, cut to nbb = min(max_bb, max(min_bb, #(conf > conf_th)))",
+        "regions": "store order, the first nbb = min(max_bb, max(min_bb, #(conf > conf_th)))",
         "key": "image_id + key_suffix; __keys__ = JSON list of keys",
     }
 

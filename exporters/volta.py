@@ -60,7 +60,7 @@ class VoltaLmdb(ExportFormat):
         "dtypes": {"boxes": "<f4 base64", "features": "<f4 base64", "objects_id": "<i8 base64",
                    "attrs_id": "<i8 base64", "objects_conf": "<f4 base64", "attrs_conf": "<f4 base64"},
         "boxes": "x1 y1 x2 y2 in pixels, clipped to the image",
-        "regions": "sorted by object confidence",
+        "regions": "store order (the detector's: most confident first)",
         "feature_size": "the readers reshape features to 2048 per box (VOLTA: v_feature_size)",
     }
 
