@@ -371,3 +371,53 @@ def test_mmf_npy_reads_like_mmf(store, tmp_path):
         assert image_info["cls_prob"].shape == (record.num_boxes, 1600)  # no background column
         np.testing.assert_array_equal(image_info["cls_prob"], want["cls_prob"][:, :-1].astype(np.float32))
     assert (out / "train" / "COCO_train2014_000000000205_info.npy").is_file()
+
+
+# -- the trainers' own environments -------------------------------------------------------------
+
+_NUMPY1_READER = """
+import base64, json, pickle, sys
+import lmdb, numpy as np
+assert int(np.__version__.split(".")[0]) == 1, np.__version__
+out = {}
+mmf, volta = sys.argv[1], sys.argv[2]
+info = np.load(mmf + "/101_info.npy", allow_pickle=True).item()
+out["mmf_bbox"] = info["bbox"].tolist()
+out["mmf_cls_prob_sum"] = float(info["cls_prob"].sum())
+out["mmf_features_sum"] = float(np.load(mmf + "/101.npy").sum())
+env = lmdb.open(volta, readonly=True, lock=False)
+with env.begin() as txn:
+    keys = pickle.loads(txn.get(b"keys"))
+    item = pickle.loads(txn.get(b"101"))
+out["volta_keys"] = [k.decode() for k in keys]
+out["volta_features_sum"] = float(np.frombuffer(base64.b64decode(item["features"]), dtype=np.float32).sum())
+print(json.dumps(out))
+"""
+
+
+def test_exports_load_under_numpy_1(store, tmp_path):
+    """MMF's and VOLTA's files load in a numpy 1.x interpreter (what those projects pin).
+
+    Needs such an interpreter (numpy<2 and lmdb installed), named by VLP_NUMPY1_PYTHON; the
+    pickletools checks above hold everywhere. Measured with numpy 1.24.4: a plain numpy-2
+    ``np.save(dict)`` fails there with "No module named 'numpy._core'", these files load.
+    """
+    import os
+    import subprocess
+
+    python = os.environ.get("VLP_NUMPY1_PYTHON")
+    if not python:
+        pytest.skip("set VLP_NUMPY1_PYTHON to a Python with numpy<2 and lmdb to run this check")
+    export(store, tmp_path / "mmf", "mmf-npy", progress="off")
+    export(store, tmp_path / "v.lmdb", "volta-lmdb", progress="off")
+    result = subprocess.run([python, "-c", _NUMPY1_READER, str(tmp_path / "mmf"), str(tmp_path / "v.lmdb")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    record = FeatureStore(store)["101"]
+    np.testing.assert_array_equal(np.array(got["mmf_bbox"], dtype=np.float32), record.boxes)
+    features = float(record.features.astype(np.float32).sum())
+    assert got["mmf_features_sum"] == pytest.approx(features, rel=1e-5)
+    assert got["volta_features_sum"] == pytest.approx(features, rel=1e-5)
+    assert got["mmf_cls_prob_sum"] == pytest.approx(float(record.cls_prob[:, :-1].astype(np.float32).sum()), rel=1e-5)
+    assert got["volta_keys"] == list(FeatureStore(store).keys())
