@@ -18,7 +18,7 @@ mismatch        an English description of ANOTHER scene (a caption that does not
 unnatural       screenshots, text cards, flat graphics, logos (``subkind``), plausible text
 shared_text     one short text ("free star clipart for your website") on 11-14 distinct images
 duplicate       copies of good rows: the same row again, the same bytes at another url, a
-                re-encoded (JPEG q70) or resized copy at another url with a reworded alt
+                re-encoded (JPEG q75) or resized copy at another url with a reworded alt
                 (``original`` = the good row's key; a copy always comes after it)
 too_small       32-48 px icons
 ==============  ==========================================================================
@@ -135,6 +135,13 @@ def _unnatural_image(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img.astype(np.float64) + noise, 0, 255).astype(np.uint8)
 
 
+def _photo(scene: Scene, seed: int) -> np.ndarray:
+    """The scene as a web photo: rendered, plus mild sensor noise (sigma 3), so that even a
+    plain one-object picture is a JPEG of more than 5 KB, as photos are."""
+    noise = np.random.default_rng([seed, scene.image_id, 77]).normal(0.0, 3.0, (scene.height, scene.width, 3))
+    return np.clip(render_scene(scene).astype(np.float64) + noise, 0, 255).astype(np.uint8)
+
+
 def _describe(scene: Scene, rng) -> str:
     return text.describe_scene_short(scene, rng)
 
@@ -154,7 +161,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
 
     def jpeg(scene: Scene) -> bytes:
         if scene.image_id not in jpegs:
-            jpegs[scene.image_id] = encode_jpeg(render_scene(scene))
+            jpegs[scene.image_id] = encode_jpeg(_photo(scene, seed))
         return jpegs[scene.image_id]
 
     counter = iter(range(10**7))
@@ -235,11 +242,11 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
             elif how == "resized" and min(scene.width, scene.height) * 0.85 > 300:
                 scale = 0.85
                 size = (round(scene.width * scale), round(scene.height * scale))
-                data = encode_jpeg(cv2.resize(render_scene(scene), size, interpolation=cv2.INTER_AREA))
+                data = encode_jpeg(cv2.resize(_photo(scene, seed), size, interpolation=cv2.INTER_AREA))
                 copy["width"], copy["height"] = size
             else:
                 how = "reencoded"
-                data = encode_jpeg(render_scene(scene), 70)
+                data = encode_jpeg(_photo(scene, seed), 75)
             write_bytes(f"{prefix}/{copy['image_path']}", data)
             regions = [[*reg[:2], *[round(v * scale, 1) for v in reg[2:6]], reg[6]] for reg in original_truth["regions"]]
         position = next(i for i, (row, _) in enumerate(order) if row is original)
@@ -285,7 +292,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
             key = new_key()
             row = {**base_row(r, "stock", key, scene.width, scene.height), "alt": shared,
                    "title": "Free clipart", "surrounding_text": ""}
-            write_bytes(f"{prefix}/{row['image_path']}", encode_jpeg(render_scene(scene)))
+            write_bytes(f"{prefix}/{row['image_path']}", encode_jpeg(_photo(scene, seed)))
             order.insert(int(rng.integers(0, len(order) + 1)),
                          (row, {"key": key, "category": "shared_text", "regions": _scene_regions(scene, r)}))
 
@@ -294,7 +301,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
         r = rng_of(4 * 10**6 + k, 5)
         scene = scenes[int(r.integers(n))]
         side = int(r.choice([32, 40, 48]))
-        icon = cv2.resize(render_scene(scene), (side, side), interpolation=cv2.INTER_AREA)
+        icon = cv2.resize(_photo(scene, seed), (side, side), interpolation=cv2.INTER_AREA)
         key = new_key()
         row = {**base_row(r, "icons", key, side, side), "alt": _describe(scene, r) + " icon",
                "title": "Shape icons", "surrounding_text": "Small icons for your website."}

@@ -58,13 +58,14 @@ def plan_shards(sources, shard_rows: int = DEFAULT_SHARD_ROWS) -> list[Shard]:
         if source.is_file():
             shards += _file_shards(source, source.parent, tag, shard_rows)
         elif source.is_dir():
-            files = _records_files(source)
+            # img2dataset output (its NNNNN.parquet files are metadata, not records) or a crawl folder
+            tars = sorted(source.glob("*.tar"))
+            folders = sorted(p for p in source.iterdir() if p.is_dir() and any(p.glob("*.json")))
+            files = _records_files(source) if not (tars or folders) else []
             if files:
                 for path in files:
                     shards += _file_shards(path, source, f"{tag}/{path.name}", shard_rows)
                 continue
-            tars = sorted(source.glob("*.tar"))
-            folders = sorted(p for p in source.iterdir() if p.is_dir() and any(p.glob("*.json")))
             for tar in tars:
                 shards.append(Shard(f"{tag}/{tar.name}", "tar", str(tar), str(source)))
             for folder in folders:

@@ -223,6 +223,7 @@ class _RayEngine:
             self.started = True
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
