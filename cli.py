@@ -1190,6 +1190,65 @@ def build_train_web_scorer_cmd(out, world, captions, caption_features, crawl, cr
                f"thresholds {summary['thresholds']}.")
 
 
+@build_main.command("generate-captions", cls=_BuildCommand, context_settings=CONTEXT)
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True),
+              help="A vlp-train captioner run folder (its captioner.pt and vocab.txt).")
+@click.option("--features", "features_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Feature store of the (out-of-domain) images to caption.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output pair-store folder.")
+@click.option("--decoding", type=click.Choice(["nucleus", "beam", "greedy"]), default="nucleus", show_default=True,
+              help="nucleus: top-p sampling; beam: beam search (the best --num-captions beams); greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="Nucleus mass (--decoding nucleus).")
+@click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True, help="Beams (--decoding beam).")
+@click.option("--num-captions", type=click.IntRange(min=1), default=1, show_default=True, help="Captions per image.")
+@click.option("--filter", "min_score", type=float, default=None,
+              help="Keep captions whose score (mean token log-prob, <= 0) is at least this.")
+@click.option("--max-len", type=click.IntRange(min=1), default=None,
+              help="Most WordPiece tokens per caption [the model's max_caption_len].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of nucleus sampling.")
+@click.option("--split", default="train", show_default=True, help="Split of every pair.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per task handed to a worker.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Ray actors (one per GPU when the cluster has GPUs, else this many CPU actors); 0: this process.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of a local Ray instance.")
+@click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a pair store at --out and start over (drops earlier work).")
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True,
+              help="Progress bar, periodic log lines, or none.")
+def generate_captions_cmd(model_dir, features_dir, out, decoding, top_p, beam_size, num_captions, min_score, max_len,
+                          seed, split, batch_size, chunk_size, num_workers, num_cpus, address, device, overwrite,
+                          progress):
+    """Caption every image of a feature store with a trained captioner -> generated pairs
+    (Singh et al.'s CC-generated captions), with score and generator columns.
+
+    Resumable: rerunning the same command after a stop or a kill continues where it was and
+    captions every image exactly once (work in OUT.generating/ until the store is written).
+    """
+    from vlp.trainer.captioning.generate import GenerateError, GenerateSettings, generate_captions, summary_lines
+
+    try:
+        settings = GenerateSettings(decoding=decoding, top_p=top_p, beam_size=beam_size, num_captions=num_captions,
+                                    max_len=max_len, seed=seed, batch_size=batch_size, chunk_size=chunk_size,
+                                    num_workers=num_workers, num_cpus=num_cpus, address=address, device=device,
+                                    min_score=min_score, split=split, overwrite=overwrite)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    with _stop_on_first_interrupt("stopping after the current images; captions so far are kept") as stop:
+        try:
+            stats = generate_captions(model_dir, features_dir, out, settings, progress=progress,
+                                      should_stop=stop.is_set if stop else None)
+        except (GenerateError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    for line in summary_lines(stats, out):
+        click.echo(line)
+    if not stats["complete"]:
+        sys.exit(130)
+
+
 # --- end of vlp-build ---
 
 
@@ -1382,6 +1441,65 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
         click.echo(f"interrupted at step {summary['end_step']} of {summary['steps']} (checkpoint saved); continue "
                    f"with: vlp-train finetune {config_path} --out {out} --resume", err=True)
         sys.exit(130)
+
+
+@train_main.command("captioner")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder: 01-xe/, 02-scst/ (checkpoints, history), captioner.pt, vocab.txt, results.json.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Override the stages' precision (autocast; fp16 needs a GPU).")
+@click.option("--progress", default="auto", show_default=True,
+              type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+def train_captioner_cmd(config_path, out, device, precision, progress, resume):
+    """Train a region-feature captioner on caption pairs: cross-entropy, then SCST with the
+    CIDEr-D reward when the CONFIG has an scst: section.
+
+    Same loop as pretrain (checkpoints, exact --resume, Ctrl-C, TensorBoard). Reports BLEU,
+    METEOR (Java), ROUGE-L and CIDEr-D on the test split after each stage in
+    OUT/results.json. CONFIG may name a shipped config: captioner (d 512, 3+3 layers) or
+    captioner-demo (a tiny model on the stores `vlp demo` wrote to demo-out/).
+    """
+    from vlp.trainer.captioning.config import load_captioner_config, shipped_captioner_configs
+    from vlp.trainer.captioning.train import check_captioner_stores, train_captioner
+    from vlp.trainer.config import ConfigError
+    from vlp.trainer.pretrain import NonFiniteLossError
+
+    config_path = _resolve_config(config_path, shipped_captioner_configs())
+    try:
+        config = load_captioner_config(config_path)
+        if precision:
+            config = config.replace_stages(precision=precision)
+        check_captioner_stores(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    device = _start_run(out, config, resume=resume, device=device, num_workers=1, progress=progress)
+    with _stop_on_first_interrupt(_STOP_TRAINING) as stop:
+        try:
+            summaries = train_captioner(config, out, device=device, progress=progress,
+                                        should_stop=stop.is_set if stop else None)
+        except (NonFiniteLossError, ConfigError, ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
+    for summary in summaries:
+        if summary["skipped"]:
+            click.echo(f"stage {summary['stage']}: already finished")
+            continue
+        last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
+        click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
+                   f"({summary['dir']})")
+        if summary.get("test"):
+            from vlp.trainer.captioning.metrics import metric_line
+
+            click.echo(f"  test: {metric_line(summary['test'])}")
+    last = summaries[-1] if summaries else {"skipped": True}
+    if stop and stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
+        click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
+                   f"(checkpoint saved); continue with: vlp-train captioner {config_path} --out {out} --resume",
+                   err=True)
+        sys.exit(130)
+    click.echo(f"captioner: {Path(out) / 'captioner.pt'}")
 
 
 @train_main.command("evaluate")
