@@ -24,7 +24,7 @@ WORDS = ("what color is it the left image right has a an red blue green yellow m
          "there are two of them").split()
 N_IMAGES = 40
 KINDS = {"vqa": "question", "vizwiz": "question", "gqa": "question", "snli_ve": "entailment", "nlvr2": "nlvr2",
-         "mmimdb": "multilabel", "retrieval": "caption"}
+         "mmimdb": "multilabel", "retrieval": "caption", "refcoco": "refexp", "vcr": "vcr"}
 
 
 def _split(i: int) -> str:
@@ -65,6 +65,16 @@ def _pairs(root: Path, task: str) -> Path:
                             "text": f"the left image has a {color}", "label": i % 2})
             elif kind == "caption":
                 writer.add({**row, "text": f"a {color} shape"})
+            elif kind == "refexp":
+                writer.add({**row, "text": f"the {color} shape", "ref_id": str(i), "ann_id": str(i),
+                            "target_box": [0.0, 0.0, 10.0, 10.0], "category": "shape", "image_w": 100, "image_h": 100})
+            elif kind == "vcr":
+                choices = [[c, "shape"] for c in COLORS]
+                writer.add({**row, "text": "what color is it", "annot_id": str(i),
+                            "question_words": ["what", "color", "is", "it"], "question_regions": [-1, -1, -1, 0],
+                            "answer_words": choices, "answer_regions": [[-1, 0]] * 4,
+                            "rationale_words": choices, "rationale_regions": [[-1, 0]] * 4,
+                            "answer_label": i % 4, "rationale_label": (i + 1) % 4, "objects": ["shape"]})
             else:
                 writer.add({**row, "text": f"a movie about {color}", "labels": [color] + (["drama"] if i % 3 == 0 else [])})
     return out

@@ -658,7 +658,7 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, spec, where: str = "task", *, data: DataConfig) -> "TaskConfig":
-        from vlp.trainer.downstream import task_class
+        from vlp.trainer.finetune_tasks import task_class
         from vlp.trainer.heads import HEADS
 
         if not isinstance(spec, dict):

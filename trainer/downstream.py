@@ -16,6 +16,10 @@ snli_ve    entailment  entailment/neutral/      CE                              
                        contradiction
 nlvr2      nlvr2       False / True             CE (pair or triplet setting)          accuracy, consistency
 mmimdb     multilabel  genres read from data    BCE (multi-label)                     micro-F1, macro-F1
+refcoco    refexp      one logit per region     BCE per region vs IoU >= 0.5, or CE   accuracy (IoU of the
+                       (vlp.trainer.grounding)  over regions                          best region >= 0.5)
+vcr        vcr         four candidates          CE over the four (+ masked RoI        Q->AR, Q->A, QA->R
+                       (vlp.trainer.vcr)        classification)
 =========  ==========  =======================  ====================================  ==================
 
 NLVR2 ``setting: pair`` encodes (text, left) and (text, right) as two rows of one batch
@@ -322,18 +326,7 @@ DOWNSTREAM_TASKS = {cls.key: cls for cls in (VQA, VizWiz, GQA, SNLIVE, NLVR2, MM
 
 
 def task_class(name: str):
-    if name == "retrieval":  # its module imports this one
-        from vlp.trainer.retrieval import Retrieval
-
-        return Retrieval
-    if name == "refcoco":  # these modules import this one
-        from vlp.trainer.grounding import RefCOCO
-
-        return RefCOCO
-    if name == "vcr":
-        from vlp.trainer.vcr import VCR
-
-        return VCR
+    """The tasks of this module; every task (retrieval, refcoco, vcr too): vlp.trainer.finetune_tasks."""
     if name not in DOWNSTREAM_TASKS:
         raise ValueError(f"unknown downstream task {name!r}; known: {', '.join(DOWNSTREAM_TASKS)}")
     return DOWNSTREAM_TASKS[name]
@@ -373,12 +366,6 @@ def task_labels(key: str, pairs, *, split=None, answer_vocab=None) -> tuple[list
         return list(ENTAILMENT_LABELS), "fixed"
     if key == "nlvr2":
         return list(NLVR2_LABELS), "fixed"
-    if key in ("refcoco", "vcr"):
-        return list(task_class(key).fixed_labels), "fixed"
-    if key == "retrieval":
-        from vlp.trainer.retrieval import RETRIEVAL_LABELS
-
-        return list(RETRIEVAL_LABELS), "fixed"
     if key in ("vqa", "vizwiz", "gqa"):
         if answer_vocab:
             return read_answer_vocab(answer_vocab), str(answer_vocab)

@@ -161,7 +161,8 @@ def load_encoder(model, state: dict, source: str) -> int:
 # -- building ----------------------------------------------------------------------------
 
 def _labels(config: FinetuneConfig, pairs, out_dir: Optional[Path], *, write: bool = True) -> tuple[list, str]:
-    from vlp.trainer.downstream import LABELS_FILE, task_labels
+    from vlp.trainer.downstream import LABELS_FILE
+    from vlp.trainer.finetune_tasks import task_labels
 
     saved = out_dir / LABELS_FILE if out_dir is not None else None
     if saved is not None and saved.is_file():
@@ -181,7 +182,7 @@ def _labels(config: FinetuneConfig, pairs, out_dir: Optional[Path], *, write: bo
 
 
 def make_task(config: FinetuneConfig, labels):
-    from vlp.trainer.downstream import task_class
+    from vlp.trainer.finetune_tasks import task_class
 
     task = config.task
     extra = {}
