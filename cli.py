@@ -321,12 +321,14 @@ _PAIR_EXPORT_FORMATS = ["lxmert-pretrain", "lxmert-vqa", "coco-captions"]
               help="uniter-imgdb: confidence threshold of its nbb rule (default 0.2).")
 @click.option("--key-suffix", default=None,
               help="uniter-imgdb: appended to the image id to form UNITER's image name (default .npz).")
+@click.option("--compress", is_flag=True,
+              help="uniter-imgdb: the _compressed layout (npz values), for UNITER's --compressed_db.")
 @click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip", show_default=True,
               help="skip: records the target cannot hold go to errors.jsonl; stop: the first one "
                    "aborts (nothing is written).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --out.")
 def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_format, conf_th, key_suffix,
-               on_error, overwrite):
+               compress, on_error, overwrite):
     """Write the feature store FEATURES_DIR in the format another V&L trainer reads.
 
     The export is atomic (built in OUT.partial, renamed at the end) and carries a sidecar
@@ -335,7 +337,7 @@ def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_forma
     from vlp.exporters import ExportError, export, resolve_options
 
     options = dict(num_boxes=num_boxes, max_boxes=max_boxes, min_boxes=min_boxes, id_format=id_format,
-                   conf_th=conf_th, key_suffix=key_suffix)
+                   conf_th=conf_th, key_suffix=key_suffix, compress=compress or None)
     try:
         resolve_options(fmt, **options)
     except ExportError as exc:

@@ -28,7 +28,7 @@ DEFAULTS = {
     "butd-tsv": {"id_format": "int"},
     "volta-lmdb": {"id_format": "keep"},
     "uniter-imgdb": {"id_format": "keep", "conf_th": 0.2, "max_boxes": 100, "min_boxes": 10,
-                     "key_suffix": ".npz"},
+                     "key_suffix": ".npz", "compress": False},
     "mmf-npy": {"id_format": "keep"},
 }
 #: which options each format reads (others are a usage error)
@@ -36,7 +36,7 @@ ACCEPTS = {
     "lxmert-tsv": {"num_boxes", "max_boxes"},
     "butd-tsv": {"num_boxes", "max_boxes", "min_boxes", "id_format"},
     "volta-lmdb": {"num_boxes", "max_boxes", "min_boxes", "id_format"},
-    "uniter-imgdb": {"conf_th", "max_boxes", "min_boxes", "id_format", "key_suffix"},
+    "uniter-imgdb": {"conf_th", "max_boxes", "min_boxes", "id_format", "key_suffix", "compress"},
     "mmf-npy": {"num_boxes", "max_boxes", "min_boxes", "id_format"},
 }
 
@@ -77,7 +77,7 @@ def export(store_dir, out, fmt: str, *, overwrite: bool = False, on_error: str =
            progress: str = "auto", **options) -> ExportStats:
     """Export the feature store at ``store_dir`` to ``out`` in format ``fmt``.
 
-    ``options``: num_boxes, max_boxes, min_boxes, id_format, conf_th, key_suffix (see
+    ``options``: num_boxes, max_boxes, min_boxes, id_format, conf_th, key_suffix, compress (see
     :data:`ACCEPTS` for which format reads which; None means the format's default).
     """
     resolved = resolve_options(fmt, **options)

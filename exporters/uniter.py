@@ -2,8 +2,10 @@
 
 UNITER (ChenRocks/UNITER data/data.py) opens ``IMG_DIR/feat_th{conf_th}_max{max_bb}_min{min_bb}``
 (an LMDB directory) and reads ``IMG_DIR/nbb_th{conf_th}_max{max_bb}_min{min_bb}.json``
-(image name -> number of boxes to use). Its defaults are conf_th 0.2, max_bb 100, min_bb 10;
-its training configs set ``compressed_db: false``, the layout written here: each value is
+(image name -> number of boxes to use). Its defaults are conf_th 0.2, max_bb 100, min_bb 10
+(also in its training configs), and its training scripts pass ``compressed_db`` False unless
+``--compressed_db`` is given (the class's own default is True). In that uncompressed layout,
+vlp's default, each value is
 ``msgpack.dumps(dict, use_bin_type=True)`` with arrays in msgpack-numpy's encoding, read back
 with ``msgpack.loads(value, raw=False)`` after ``msgpack_numpy.patch()``:
 
@@ -13,6 +15,11 @@ with ``msgpack.loads(value, raw=False)`` after ``msgpack_numpy.patch()``:
 * ``conf`` float16 [nbb]: the box's object confidence;
 * ``soft_labels`` float16 [nbb, 1601]: class probabilities with the BACKGROUND FIRST (Caffe
   order; UNITER's MRC drops column 0), when the store has ``cls_prob``.
+
+With ``compress`` (UNITER's ``--compressed_db``; the class's default) the folder is
+``feat_th..._compressed`` and each value is the bytes of ``np.savez_compressed`` of the same
+arrays, read with ``np.load(io.BytesIO(value), allow_pickle=True)`` (no pickles inside: plain
+arrays, ``.npy`` format 1.0, which numpy 1.x reads).
 
 As UNITER's own converter does, each image keeps its first ``nbb = min(max_bb, max(min_bb,
 #(conf > conf_th)))`` boxes (store order: the detector's, most confident first) and the
@@ -28,6 +35,7 @@ msgpack-numpy is not needed to write: its array encoding is a documented map
 
 from __future__ import annotations
 
+import io
 import json
 
 import msgpack
@@ -47,10 +55,17 @@ def encode_array(array: np.ndarray) -> dict:
             b"data": array.tobytes()}
 
 
-def db_names(conf_th: float, max_bb: int, min_bb: int) -> tuple[str, str]:
+def db_names(conf_th: float, max_bb: int, min_bb: int, compress: bool = False) -> tuple[str, str]:
     """(LMDB folder, nbb json) names for these settings, spelled as UNITER's f-strings spell them."""
     tail = f"th{conf_th}_max{max_bb}_min{min_bb}"
-    return f"feat_{tail}", f"nbb_{tail}.json"
+    return f"feat_{tail}" + ("_compressed" if compress else ""), f"nbb_{tail}.json"
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """What UNITER's converter stores with --compress: np.savez_compressed of the arrays."""
+    with io.BytesIO() as writer:
+        np.savez_compressed(writer, **arrays)
+        return writer.getvalue()
 
 
 def num_bb(conf: np.ndarray, conf_th: float, max_bb: int, min_bb: int) -> int:
@@ -59,7 +74,7 @@ def num_bb(conf: np.ndarray, conf_th: float, max_bb: int, min_bb: int) -> int:
 
 class UniterImgDb(ExportFormat):
     name = "uniter-imgdb"
-    reader = "ChenRocks/UNITER data/data.py DetectFeatLmdb (compress=False, as its configs set)"
+    reader = "ChenRocks/UNITER data/data.py DetectFeatLmdb as its training scripts open it (compress=False)"
     conventions = {
         "layout": "OUT/feat_th{conf_th}_max{max_bb}_min{min_bb}/ (LMDB) + OUT/nbb_th..._max..._min....json",
         "value": "msgpack (use_bin_type) dict of msgpack-numpy arrays: features <f2 [nbb,D], "
@@ -77,7 +92,8 @@ class UniterImgDb(ExportFormat):
         self.min_bb = int(options.get("min_boxes") or DEFAULT_MIN_BB)
         self.suffix = options.get("key_suffix", ".npz")
         self.ids = IdMap(options.get("id_format") or "keep")
-        self.db_name, self.nbb_name = db_names(self.conf_th, self.max_bb, self.min_bb)
+        self.compress = bool(options.get("compress"))
+        self.db_name, self.nbb_name = db_names(self.conf_th, self.max_bb, self.min_bb, self.compress)
         self.name2nbb: dict[str, int] = {}
         self.env = open_output_lmdb(self.work / self.db_name)
         self.txn = self.env.begin(write=True)
@@ -94,13 +110,16 @@ class UniterImgDb(ExportFormat):
         norm = np.stack([boxes[:, 0] / w, boxes[:, 1] / h, boxes[:, 2] / w, boxes[:, 3] / h,
                          (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], axis=1)
         self.clipped += regions.clipped
-        dump = {"features": encode_array(np.asarray(regions.features[:nbb], dtype="<f2")),
-                "norm_bb": encode_array(norm.astype("<f2")),
-                "conf": encode_array(regions.objects_conf[:nbb].astype("<f2"))}
+        arrays = {"features": np.asarray(regions.features[:nbb], dtype="<f2"), "norm_bb": norm.astype("<f2"),
+                  "conf": regions.objects_conf[:nbb].astype("<f2")}
         if regions.cls_prob is not None:
             probs = regions.cls_prob[:nbb]
-            dump["soft_labels"] = encode_array(np.concatenate([probs[:, -1:], probs[:, :-1]], axis=1).astype("<f2"))
-        add_committing(self, name.encode("utf-8"), msgpack.packb(dump, use_bin_type=True))
+            arrays["soft_labels"] = np.concatenate([probs[:, -1:], probs[:, :-1]], axis=1).astype("<f2")
+        if self.compress:
+            value = npz_bytes(arrays)
+        else:
+            value = msgpack.packb({k: encode_array(v) for k, v in arrays.items()}, use_bin_type=True)
+        add_committing(self, name.encode("utf-8"), value)
         self.name2nbb[name] = nbb
 
     def finish(self) -> dict:
@@ -111,7 +130,7 @@ class UniterImgDb(ExportFormat):
         atomic_write_json(self.work / self.nbb_name, self.name2nbb, indent=None)
         return {"lmdb": self.db_name, "nbb_file": self.nbb_name, "soft_labels": "cls_prob" in self.store.fields,
                 "reader_options": {"conf_th": self.conf_th, "max_bb": self.max_bb, "min_bb": self.min_bb,
-                                   "compress": False}}
+                                   "compress": self.compress}}
 
     def abort(self) -> None:
         try:

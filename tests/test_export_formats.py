@@ -421,3 +421,31 @@ def test_exports_load_under_numpy_1(store, tmp_path):
     assert got["volta_features_sum"] == pytest.approx(features, rel=1e-5)
     assert got["mmf_cls_prob_sum"] == pytest.approx(float(record.cls_prob[:, :-1].astype(np.float32).sum()), rel=1e-5)
     assert got["volta_keys"] == list(FeatureStore(store).keys())
+
+
+def test_uniter_imgdb_compressed_reads_like_detect_feat_lmdb_default(store, tmp_path):
+    """DetectFeatLmdb's own default (compress=True): the _compressed folder of npz values."""
+    import io
+
+    out = tmp_path / "img_db"
+    export(store, out, "uniter-imgdb", compress=True, progress="off")
+    name2nbb = json.load(open(f"{out}/nbb_th0.2_max100_min10.json"))
+    env = lmdb.open(f"{out}/feat_th0.2_max100_min10_compressed", readonly=True, create=False)
+    txn = env.begin(buffers=True)
+    for record in FeatureStore(store):
+        if record.image_id == "106":
+            continue
+        file_name = f"{record.image_id}.npz"
+        nbb = name2nbb[file_name]
+        dump = txn.get(file_name.encode("utf-8"))
+        with io.BytesIO(dump) as reader:  # DetectFeatLmdb.__getitem__ with compress=True
+            img_dump = np.load(reader, allow_pickle=True)
+            img_dump = {"features": img_dump["features"], "norm_bb": img_dump["norm_bb"],
+                        "soft_labels": img_dump["soft_labels"]}
+        want = _reader_view(record, nbb)
+        np.testing.assert_array_equal(img_dump["features"][:nbb].astype(np.float32),
+                                      want["features"].astype(np.float32))
+        assert img_dump["norm_bb"].shape == (nbb, 6) and img_dump["soft_labels"].shape == (nbb, 1601)
+        np.testing.assert_array_equal(img_dump["soft_labels"][:, 0], want["cls_prob"][:, -1])
+    env.close()
+    assert not (out / "feat_th0.2_max100_min10").exists()
