@@ -327,8 +327,10 @@ _PAIR_EXPORT_FORMATS = ["lxmert-pretrain", "lxmert-vqa", "coco-captions"]
               help="skip: records the target cannot hold go to errors.jsonl; stop: the first one "
                    "aborts (nothing is written).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --out.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True,
+              help="Progress with rate and ETA on stderr: a bar on a terminal, else a line every 30 s.")
 def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_format, conf_th, key_suffix,
-               compress, on_error, overwrite):
+               compress, on_error, overwrite, progress):
     """Write the feature store FEATURES_DIR in the format another V&L trainer reads.
 
     The export is atomic (built in OUT.partial, renamed at the end) and carries a sidecar
@@ -343,7 +345,8 @@ def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_forma
     except ExportError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        stats = export(features_dir, out, fmt, overwrite=overwrite, on_error=on_error, **options)
+        stats = export(features_dir, out, fmt, overwrite=overwrite, on_error=on_error, progress=progress,
+                       **options)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: nothing was written to {out}", err=True)
         sys.exit(130)
@@ -362,13 +365,15 @@ def export_cmd(features_dir, fmt, out, num_boxes, max_boxes, min_boxes, id_forma
 @click.option("--id-format", type=click.Choice(["int", "trailing-int"]), default=None,
               help="coco-captions: integer image ids (default int).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
-def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite):
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True,
+              help="Progress with rate and ETA on stderr: a bar on a terminal, else a line every 30 s.")
+def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite, progress):
     """Write pair stores PAIRS_DIRS as the annotation JSON another V&L trainer reads."""
     from vlp.exporters.pairs import export_pairs
 
     try:
         stats = export_pairs(pairs_dirs, out, fmt, features=features, split=split, id_format=id_format,
-                             overwrite=overwrite)
+                             overwrite=overwrite, progress=progress)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: nothing was written to {out}", err=True)
         sys.exit(130)

@@ -228,12 +228,17 @@ def run_export(format_cls, store_dir, out, *, options: dict, overwrite: bool = F
     single = format_cls.single_file
     sidecar_final = out.with_name(out.name + "." + SIDECAR_NAME) if single else out / SIDECAR_NAME
     errors_final = out.with_name(out.name + "." + ERRORS_NAME) if single else out / ERRORS_NAME
+    _restore_interrupted_swap(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists; pass --overwrite to replace it")
     if single and out.is_dir():
         raise ExportError(f"{out}: is a folder; {format_cls.name} writes one file")
-    if out.resolve() == store.root.resolve() or store.root.resolve() in out.resolve().parents:
-        raise ExportError(f"{out}: inside the source store {store.root}; choose another place")
+    source, target = store.root.resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ExportError(f"{out}: the source store {store.root} is or holds it; choose another place")
+    if out.is_dir() and any(out.iterdir()) and not (out / SIDECAR_NAME).is_file():
+        raise ExportError(f"{out}: a folder that holds no earlier vlp export ({SIDECAR_NAME}); "
+                          "--overwrite replaces only those, choose another place")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     _remove(partial)  # what a killed run left
@@ -264,7 +269,8 @@ def run_export(format_cls, store_dir, out, *, options: dict, overwrite: bool = F
             raise ExportError(f"no record of {store.root} could be exported to {format_cls.name}"
                               + (f" (first reason: {errors.read()[0]['reason']})" if stats.skipped else ""))
         extra = writer.finish()
-        stats.clipped_boxes = writer.clipped
+        finished, writer = writer, None  # closed: nothing left to abort
+        stats.clipped_boxes = finished.clipped
         errors.close()
         sidecar = {
             "format": format_cls.name, "complete": True, "created": now_iso(),
@@ -294,6 +300,18 @@ def run_export(format_cls, store_dir, out, *, options: dict, overwrite: bool = F
     return stats
 
 
+def _old_name(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def _restore_interrupted_swap(out: Path) -> None:
+    """A run killed between moving an earlier export aside and moving the new one in
+    leaves ``OUT.old`` and no ``OUT``: put the earlier export back."""
+    old = _old_name(out)
+    if old.is_dir() and not out.exists() and (old / SIDECAR_NAME).is_file():
+        os.rename(old, out)
+
+
 def _publish(partial: Path, out: Path, single: bool, sidecar: Path, errors: Path, has_errors: bool) -> None:
     """Move the finished result into place (see the module doc for the order)."""
     if single:
@@ -302,15 +320,13 @@ def _publish(partial: Path, out: Path, single: bool, sidecar: Path, errors: Path
         if has_errors:
             os.replace(partial / errors.name, errors)
         os.replace(partial / sidecar.name, sidecar)
-        if out.exists():
-            _remove(out)
-        os.replace(partial / out.name, out)
+        os.replace(partial / out.name, out)  # atomic, also over an earlier file
         fsync_dir(out.parent)
         shutil.rmtree(partial, ignore_errors=True)
         return
     old = None
     if out.exists():
-        old = out.with_name(out.name + ".old")
+        old = _old_name(out)
         _remove(old)
         os.rename(out, old)
     os.rename(partial, out)

@@ -221,3 +221,26 @@ def test_sidecar_names_the_store_detector_and_settings(store, tmp_path):
     assert sidecar["records"]["exported"] == 12 and sidecar["errors_file"] is None
     assert sidecar["conventions"]["width_before_height"] is True
     assert sidecar["created"].endswith("+00:00")
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_export(store, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ExportError, match="holds no earlier vlp export"):
+        export(store, precious, "mmf-npy", overwrite=True, progress="off")
+    assert (precious / "thesis.tex").read_text() == "do not delete"
+    with pytest.raises(ExportError, match="is or holds it"):
+        export(store, store.parent, "mmf-npy", overwrite=True, progress="off")
+    with pytest.raises(ExportError, match="is or holds it"):
+        export(store, store / "inside", "mmf-npy", progress="off")
+    assert FeatureStore(store).keys()
+
+
+def test_an_export_moved_aside_by_a_killed_overwrite_comes_back(store, tmp_path):
+    out = tmp_path / "v"
+    export(store, out, "volta-lmdb", progress="off")
+    out.rename(tmp_path / "v.old")  # killed between the two renames of an overwrite
+    with pytest.raises(ExportError, match="already exists"):
+        export(store, out, "volta-lmdb", progress="off")
+    assert (out / "vlp-export.json").is_file() and not (tmp_path / "v.old").exists()
