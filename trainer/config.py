@@ -4,7 +4,7 @@ A config file is read into a :class:`TrainConfig`::
 
     TrainConfig
       seed                     top-level seed; a stage without its own takes it
-      model: ModelConfig       architecture, text_checkpoint or vocab, visual / bert / lxmert options
+      model: ModelConfig       architecture, text_checkpoint or vocab, visual / bert / lxmert / two_stream options
       data:  DataConfig        features, max_text_len, max_regions: defaults of every source
       eval:  EvalConfig|None   held-out pairs for evaluation during training
       stages: [StageConfig]    optimisation settings + tasks + data sources
@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
-ARCHITECTURES = ("single_stream", "lxmert_s")
+ARCHITECTURES = ("single_stream", "lxmert_s", "two_stream")
 TOP_LEVEL_KEYS = ("model", "data", "stages", "seed", "eval")
 # whole numbers wherever they appear (data, eval, a stage or one of its sources)
 COUNT_KEYS = {"max_text_len", "max_regions", "append_labels", "hard_negative_top", "batch_size", "max_batches",
@@ -404,12 +404,13 @@ class ModelConfig:
     """``model:``: the encoder. ``text_checkpoint`` (a BERT directory: config.json,
     vocab.txt, weights) or ``vocab`` (a vocab.txt; a new small BERT from ``bert``)."""
 
-    architecture: str = "single_stream"  # or lxmert_s
+    architecture: str = "single_stream"  # or lxmert_s, two_stream
     text_checkpoint: Optional[str] = None
     vocab: Optional[str] = None
     visual: dict = dataclasses.field(default_factory=dict)  # VisualConfig fields
     bert: dict = dataclasses.field(default_factory=dict)  # tiny_bert_config / BertConfig overrides
     lxmert: dict = dataclasses.field(default_factory=dict)  # CrossModalEncoder.make_config options
+    two_stream: dict = dataclasses.field(default_factory=dict)  # TwoStreamConfig options (architecture two_stream)
 
     @classmethod
     def from_dict(cls, model, where: str = "model") -> "ModelConfig":
@@ -419,11 +420,14 @@ class ModelConfig:
             raise ConfigError(f"{where} needs text_checkpoint (a BERT directory) or vocab")
         architecture = model.get("architecture", "single_stream")
         if architecture not in ARCHITECTURES:
-            raise ConfigError(f"{where}.architecture must be single_stream or lxmert_s, got {architecture!r}")
+            raise ConfigError(f"{where}.architecture must be {' or '.join(ARCHITECTURES)}, got {architecture!r}")
+        if model.get("two_stream") and architecture != "two_stream":
+            raise ConfigError(f"{where}.two_stream: options of architecture two_stream (architecture is {architecture})")
         config = cls(architecture=architecture, text_checkpoint=_path(model.get("text_checkpoint"), where,
                                                                       "text_checkpoint"),
                      vocab=_vocab_path(_path(model.get("vocab"), where, "vocab")),
-                     **{k: dict(_mapping(model.get(k), f"{where}.{k}")) for k in ("visual", "bert", "lxmert")})
+                     **{k: dict(_mapping(model.get(k), f"{where}.{k}")) for k in ("visual", "bert", "lxmert",
+                                                                                   "two_stream")})
         config._check_options(where)
         return config
 
@@ -472,6 +476,19 @@ class ModelConfig:
             self.visual_config()
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}.visual: {error}") from None
+        if self.architecture == "two_stream":
+            from vlp.trainer.two_stream import TwoStreamConfig
+
+            try:
+                options = TwoStreamConfig.from_dict(self.two_stream)
+                if not self.text_checkpoint:  # the text stream's depth is known without reading a checkpoint
+                    options.layout(options.t_layers or self.bert.get("num_hidden_layers") or self.bert.get("layers")
+                                   or inspect.signature(tiny_bert_config).parameters["layers"].default)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{where}.two_stream: {error}") from None
+            if self.visual_config().region_positions != "shared":
+                raise ConfigError(f"{where}.visual.region_positions: the two-stream encoder's regions have no "
+                                  "positions (box geometry only); set it to shared")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

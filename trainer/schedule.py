@@ -123,7 +123,8 @@ def _model_config(config):
 
 
 def build_encoder(config: Union[TrainConfig, dict], tokenizer):
-    """The encoder named by ``model`` (single-stream; ``architecture: lxmert_s`` for LXMERT-S)."""
+    """The encoder named by ``model`` (single-stream; ``architecture: lxmert_s`` for LXMERT-S,
+    ``two_stream`` for the ViLBERT-style two-stream encoder)."""
     from vlp.trainer.model import SingleStreamEncoder, tiny_bert_config
 
     model = _model_config(config)
@@ -132,7 +133,11 @@ def build_encoder(config: Union[TrainConfig, dict], tokenizer):
         from vlp.trainer.lxmert import CrossModalEncoder
 
         return CrossModalEncoder.build(model.to_dict(), visual, tokenizer)
-    if model.text_checkpoint:
+    if model.architecture == "two_stream":
+        from vlp.trainer.two_stream import TwoStreamEncoder
+
+        encoder = TwoStreamEncoder.build(model.to_dict(), visual, tokenizer)
+    elif model.text_checkpoint:
         encoder = SingleStreamEncoder.from_pretrained_text(model.text_checkpoint, visual, **model.bert)
     else:
         encoder = SingleStreamEncoder(tiny_bert_config(len(tokenizer), **model.bert), visual)
