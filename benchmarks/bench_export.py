@@ -6,15 +6,20 @@ it to every format once (the whole run timed: reading the store, converting, wri
 fsync and the atomic rename) and prints, per format, records/s, bytes per record, and the
 ratio of the export's size to the store's. Every format stores features as float32
 except UNITER (float16, like vlp), so about 2x the store is expected for the others.
+With ``--memory`` it also exports stores of N and 4N records in fresh processes and prints
+each process's peak RSS, to show that memory stays flat as the store grows (streaming).
 It prints figures and ratios and never asserts. Run from the repository root::
 
-    python benchmarks/bench_export.py [--records 300] [--boxes 36] [--repeat 1]
+    python benchmarks/bench_export.py [--records 300] [--boxes 36] [--repeat 1] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import multiprocessing
 import os
+import resource
 import platform
 import shutil
 import sys
@@ -58,12 +63,46 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
+def _export_peak_rss(queue, store, out, fmt, options) -> None:
+    """In a fresh process: export, then report the peak RSS in MB (Linux ru_maxrss is in kB)."""
+    importlib.import_module(f"vlp.exporters.{FORMATS[fmt].__module__.rsplit('.', 1)[1]}")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    export(store, out, fmt, overwrite=True, progress="off", **options)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((before / 1024, after / 1024))
+
+
+def memory_table(work: Path, records: int, boxes: int) -> None:
+    print()
+    print(f"peak RSS of one export process (MB): stores of {records} and {4 * records} records, no cls_prob")
+    stores = {}
+    for n in (records, 4 * records):
+        stores[n] = work / f"store-{n}"
+        build_store(stores[n], n, boxes, cls_prob=False)
+    context = multiprocessing.get_context("spawn")
+    print(f"{'format':<14} {'after imports':>14} {f'{records} rec':>10} {f'{4 * records} rec':>10}")
+    for fmt in FORMATS:
+        peaks = []
+        for n in (records, 4 * records):
+            queue = context.Queue()
+            options = {"num_boxes": boxes} if fmt == "lxmert-tsv" else {}
+            child = context.Process(target=_export_peak_rss, args=(queue, stores[n], work / OUTPUTS[fmt], fmt, options))
+            child.start()
+            base, peak = queue.get()
+            child.join()
+            peaks.append(peak)
+        print(f"{fmt:<14} {base:>14.0f} {peaks[0]:>10.0f} {peaks[1]:>10.0f}")
+    for path in stores.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=300)
     parser.add_argument("--boxes", type=int, default=36)
     parser.add_argument("--repeat", type=int, default=1, help="runs per format (the best is shown)")
     parser.add_argument("--no-cls-prob", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS at N and 4N records")
     parser.add_argument("--tmp", default=None, help="work folder (default: a new temporary folder)")
     args = parser.parse_args()
 
@@ -96,6 +135,9 @@ def main() -> None:
             print(f"{fmt:<14} {stats.exported / best:>10.1f} {size / best / 1e6:>9.1f} "
                   f"{size / stats.exported / 1e3:>10.1f} {size / store_bytes:>8.2f}  {notes}")
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
+        if args.memory:
+            shutil.rmtree(work / "store", ignore_errors=True)
+            memory_table(work, args.records, args.boxes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
