@@ -244,3 +244,43 @@ def test_an_export_moved_aside_by_a_killed_overwrite_comes_back(store, tmp_path)
     with pytest.raises(ExportError, match="already exists"):
         export(store, out, "volta-lmdb", progress="off")
     assert (out / "vlp-export.json").is_file() and not (tmp_path / "v.old").exists()
+
+
+def test_lmdb_writers_commit_by_size_so_memory_stays_flat():
+    """LMDB keeps a write transaction's pages in memory until commit: 20 MB values must not
+    wait for 1000 records (the old rule: 1000 x 400 kB records held 400 MB)."""
+    from vlp.exporters.volta import add_committing
+
+    class Txn:
+        def __init__(self, log):
+            self.log = log
+
+        def put(self, key, value):
+            self.log.append(("put", len(value)))
+
+        def commit(self):
+            self.log.append(("commit",))
+
+    class Env:
+        def __init__(self, log):
+            self.log = log
+
+        def begin(self, write=False):
+            return Txn(self.log)
+
+    class Writer:
+        def __init__(self):
+            self.log = []
+            self.env = Env(self.log)
+            self.txn = Txn(self.log)
+            self._pending = 0
+
+    writer = Writer()
+    value = b"\0" * (20 << 20)
+    for k in range(4):
+        add_committing(writer, b"%d" % k, value)
+    assert [entry[0] for entry in writer.log] == ["put", "put", "commit", "put", "put", "commit"]
+    small = Writer()
+    for k in range(1001):
+        add_committing(small, b"%d" % k, b"x")
+    assert small.log.count(("commit",)) == 1 and small.log[1000] == ("commit",)
