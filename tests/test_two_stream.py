@@ -347,3 +347,33 @@ def test_singh_vilbert_builds_the_vilbert_base_layout_on_a_small_text_stream(tmp
         out = encoder.eval()(**{k: v for k, v in _batch(tok).items()
                                 if k in ("input_ids", "text_mask", "region_features", "region_boxes", "region_mask")})
     assert out.pooled.shape == (4, 32) and out.image.shape == (4, 32)
+
+
+# -- fuzz: any model.two_stream section is a config or one clear ConfigError ----------------
+
+def test_two_stream_options_fuzz():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    keys = [f.name for f in __import__("dataclasses").fields(TwoStreamConfig)] + ["v_hiden", "layers"]
+    values = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                       st.text(max_size=5), st.lists(st.integers(-2, 14), max_size=5),
+                       st.lists(st.one_of(st.text(max_size=2), st.floats()), max_size=3), st.just({"a": 1}))
+    sections = st.one_of(st.dictionaries(st.sampled_from(keys), values, max_size=6), values)
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(section=sections)
+    def check(section):
+        raw = {"model": {"architecture": "two_stream", "vocab": "demo", "bert": {"hidden": 32, "layers": 2},
+                         "two_stream": section},
+               "data": {"features": "f"}, "stages": [{"pairs": "p", "tasks": ["MLM"], "steps": 1}]}
+        try:
+            config = TrainConfig.from_dict(raw, "c.yaml")
+        except ConfigError as error:
+            assert str(error).startswith("c.yaml: model") and "\n" not in str(error)
+            return
+        options = TwoStreamConfig.from_dict(config.model.two_stream)
+        t_ids, v_ids = options.layout(options.t_layers or 2)
+        assert len(t_ids) == len(v_ids) >= 1 and max(v_ids) <= options.v_layers
+
+    check()
