@@ -12,6 +12,8 @@ Two sources:
   pickled dicts whose arrays are base64 strings or numpy arrays). Pickles can run
   code, so this needs ``trust_pickle=True``; even then values are read with the
   restricted unpickler, which only rebuilds arrays, dicts, lists, strings, numbers.
+- MMF's per-image folders (``<id>.npy`` features + ``<id>_info.npy`` dict), the same way
+  (``import_mmf_npy``: the info dicts are pickles).
 
 A bad row becomes an ``ImportIssue`` naming ``file:line`` (or the LMDB key) and the
 reason. With ``on_error="stop"`` the first one aborts the import (finished shards are
@@ -32,6 +34,7 @@ import numpy as np
 
 from vlp.core.errors_log import ERRORS_NAME, ErrorLog
 from vlp.schemas import FeatureRecord, FeatureStoreWriter, SchemaError, StoreError
+from vlp.schemas.record import NUM_CLS_PROB
 from vlp.schemas.store import FEATURE_SHARD_SIZE
 
 log = logging.getLogger(__name__)
@@ -311,3 +314,113 @@ def write_tsv(records: Iterable[FeatureRecord], path, layout: str = "lxmert") ->
                 if name in columns:
                     values[name] = b64(getattr(r, name), dtype)
             handle.write(b"\t".join(values[c] for c in columns) + b"\n")
+
+
+def _load_npy(path: Path, *, allow_pickle: bool):
+    """One ``.npy`` file: plain arrays through numpy (no pickle), object arrays (MMF's info
+    dicts) through the restricted unpickler only. ValueError on anything malformed."""
+    from vlp.schemas.safe_pickle import safe_load
+
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"npy format version {version} is not supported")
+        except (ValueError, OSError, SyntaxError, TypeError) as exc:
+            raise ValueError(f"not a .npy file ({exc})") from None
+        if not dtype.hasobject:
+            handle.seek(0)
+            try:
+                return np.load(handle, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise ValueError(f"cannot read the array ({exc})") from None
+        if not allow_pickle:
+            raise ValueError("holds pickled objects")
+        try:
+            value = safe_load(handle, source=str(path))
+        except Exception as exc:  # any unpickling failure is this file's problem
+            raise ValueError(f"cannot unpickle ({exc})") from None
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.hasobject:
+        value = value.item()
+    return value
+
+
+def _numeric_array(value) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind in "fiu"
+
+
+def read_mmf_rows(source: Path) -> Iterator[tuple[str, object]]:
+    """``(where, fields)`` for each ``<id>_info.npy`` + ``<id>.npy`` pair under ``source``
+    (MMF's layout, see :mod:`vlp.exporters.mmf`); ``(where, ImportIssue)`` for a bad one."""
+    for info_path in sorted(source.rglob("*_info.npy")):
+        rel = info_path.relative_to(source).as_posix()
+        image_id = rel[: -len("_info.npy")]
+        where = str(info_path)
+        features_path = info_path.with_name(info_path.name[: -len("_info.npy")] + ".npy")
+        try:
+            if not features_path.is_file():
+                raise ValueError(f"no features file {features_path.name} beside it")
+            info = _load_npy(info_path, allow_pickle=True)
+            if not isinstance(info, dict):
+                raise ValueError(f"holds a {type(info).__name__}, expected a dict")
+            features = _load_npy(features_path, allow_pickle=False)
+            if not _numeric_array(features) or features.ndim != 2:
+                raise ValueError(f"{features_path.name}: features must be a 2-d array of numbers")
+            fields = {"image_id": image_id, "num_boxes": features.shape[0], "features": features}
+            for ours, theirs in (("image_w", "image_width"), ("image_h", "image_height"), ("boxes", "bbox")):
+                if theirs not in info:
+                    raise ValueError(f"the info dict has no {theirs!r}")
+                fields[ours] = info[theirs]
+            for name in ("image_width", "image_height"):
+                if isinstance(info[name], bool) or not isinstance(info[name], (int, np.integer)):
+                    raise ValueError(f"{name} must be an integer, got {info[name]!r:.40}")
+            if not _numeric_array(fields["boxes"]):
+                raise ValueError("bbox is not an array of numbers")
+            probs = info.get("cls_prob")
+            if _numeric_array(probs) and probs.ndim == 2 and probs.shape[1] == NUM_CLS_PROB - 1:
+                # MMF drops the background column; softmax rows sum to 1, so it is what is left
+                probs = probs.astype(np.float32)
+                background = np.clip(1.0 - probs.sum(axis=1, keepdims=True), 0.0, 1.0)
+                fields["cls_prob"] = np.concatenate([probs, background], axis=1)
+            elif probs is not None:
+                raise ValueError(f"cls_prob must be [num_boxes, {NUM_CLS_PROB - 1}]")
+        except ValueError as exc:
+            yield where, ImportIssue(where, str(exc))
+            continue
+        yield where, fields
+
+
+def import_mmf_npy(source, out, *, trust_pickle: bool = False, storage: str = "lmdb",
+                   shard_size: int = FEATURE_SHARD_SIZE, feature_dim: Optional[int] = None,
+                   mode: str = "create", on_error: str = "stop", progress: bool = True) -> ImportStats:
+    """Import MMF per-image features (``<id>.npy`` + ``<id>_info.npy``, what ``vlp export
+    --to mmf-npy`` writes) into a feature store: boxes, features, image size and the class
+    probabilities (the background column, which MMF drops, restored as 1 - the rest). MMF
+    keeps no confidences or attributes, so the records carry no labels. The info files are
+    pickles: ``trust_pickle=True`` is required, and they go through the restricted unpickler."""
+    from tqdm import tqdm
+
+    if not trust_pickle:
+        raise StoreError(f"{source}: MMF's _info.npy files are pickles, which can run code when "
+                         "loaded; pass trust_pickle=True (--trust-pickle) only for files you trust")
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such folder of MMF features")
+    total = sum(1 for _ in source.rglob("*_info.npy"))
+    bar = tqdm(total=total, unit="rec", desc="import mmf", disable=not progress)
+
+    def rows():
+        for row in read_mmf_rows(source):
+            bar.update(1)
+            yield row
+
+    try:
+        return _run(out, on_error, dict(storage=storage, shard_size=shard_size, mode=mode,
+                                        extra={"source": {"kind": "mmf-npy", "path": str(source)}}),
+                    rows(), feature_dim)
+    finally:
+        bar.close()

@@ -449,3 +449,22 @@ def test_uniter_imgdb_compressed_reads_like_detect_feat_lmdb_default(store, tmp_
         np.testing.assert_array_equal(img_dump["soft_labels"][:, 0], want["cls_prob"][:, -1])
     env.close()
     assert not (out / "feat_th0.2_max100_min10").exists()
+
+
+def test_mmf_npy_round_trips_through_vlp_import(store, tmp_path):
+    from vlp.pipeline.import_features import import_mmf_npy
+
+    export(store, tmp_path / "mmf", "mmf-npy", progress="off")
+    import_mmf_npy(tmp_path / "mmf", tmp_path / "back", trust_pickle=True, progress=False)
+    back = FeatureStore(tmp_path / "back")
+    assert sorted(back.keys()) == sorted(FeatureStore(store).keys())
+    for record in FeatureStore(store):
+        got, want = back[record.image_id], _reader_view(record)
+        assert (got.image_w, got.image_h) == (record.image_w, record.image_h)
+        np.testing.assert_array_equal(got.boxes, want["boxes"])
+        assert got.features.tobytes() == record.features.tobytes()
+        # MMF drops the background column; it comes back as 1 - the rest (float16 storage)
+        np.testing.assert_array_equal(got.cls_prob[:, :-1], record.cls_prob[:, :-1])
+        np.testing.assert_allclose(got.cls_prob[:, -1].astype(np.float32),
+                                   record.cls_prob[:, -1].astype(np.float32), atol=2e-3)
+        assert got.objects_id is None  # MMF keeps no confidences or attributes

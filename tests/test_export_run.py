@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
@@ -284,3 +287,86 @@ def test_lmdb_writers_commit_by_size_so_memory_stays_flat():
     for k in range(1001):
         add_committing(small, b"%d" % k, b"x")
     assert small.log.count(("commit",)) == 1 and small.log[1000] == ("commit",)
+
+
+# -- reading MMF folders back (vlp.pipeline.import_features.import_mmf_npy) -----------------
+
+def _npy_bytes(value) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=True)
+    return buffer.getvalue()
+
+
+_VALUES = st.one_of(st.integers(-5, 5000), st.text(max_size=5), st.none(), st.booleans(),
+                    st.lists(st.integers(0, 9), max_size=3),
+                    st.builds(lambda r, c, k: np.ones((r, c), dtype=k), st.integers(0, 4), st.integers(0, 5),
+                              st.sampled_from(["<f4", "<f2", "<i8", "|u1", "<c8", "U3"])))
+_INFOS = st.one_of(
+    st.binary(max_size=200),  # not a .npy at all
+    st.builds(lambda d: _npy_bytes(d),  # a dict with any of the keys MMF uses, any values
+              st.dictionaries(st.sampled_from(["bbox", "image_width", "image_height", "cls_prob", "num_boxes",
+                                               "objects"]), _VALUES, max_size=6)),
+    st.builds(lambda v: _npy_bytes(v), _VALUES),  # a plain value, not a dict
+    st.builds(lambda b: _npy_bytes({"x": 1})[:60] + b, st.binary(max_size=80)),  # a torn pickle
+)
+_FEATURES = st.one_of(st.binary(max_size=100),
+                      st.builds(lambda r, c, k: _npy_bytes(np.ones((r, c), dtype=k)), st.integers(0, 5),
+                                st.integers(0, 6), st.sampled_from(["<f4", "<f2", "<i4", "U2"])),
+                      st.builds(lambda: _npy_bytes(np.ones(3))))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_INFOS, st.one_of(st.none(), _FEATURES))
+def test_fuzz_mmf_import_gives_records_or_clean_errors(info, features):
+    import tempfile
+
+    from vlp.pipeline.import_features import import_mmf_npy
+    from vlp.schemas import StoreError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "mmf"
+        source.mkdir()
+        (source / "7_info.npy").write_bytes(info)
+        if features is not None:
+            (source / "7.npy").write_bytes(features)
+        try:
+            stats = import_mmf_npy(source, Path(tmp) / "out", trust_pickle=True, on_error="skip", progress=False)
+        except StoreError as exc:
+            assert "no record could be imported" in str(exc)
+            errors = (Path(tmp) / "out" / "errors.jsonl").read_text().splitlines()
+            assert len(errors) == 1 and "7_info.npy" in json.loads(errors[0])["where"]
+        else:
+            assert stats.records == 1
+            record = FeatureStore(Path(tmp) / "out")["7"]
+            assert record.num_boxes >= 1
+
+
+def test_mmf_import_refuses_untrusted_pickles_and_code(tmp_path):
+    import pickle
+
+    from vlp.pipeline.import_features import import_mmf_npy
+    from vlp.schemas import StoreError
+
+    source = tmp_path / "mmf"
+    source.mkdir()
+    np.save(source / "1.npy", np.ones((2, 4), dtype=np.float32))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    holder = np.empty((), dtype=object)
+    holder[()] = {"bbox": Evil()}
+    with open(source / "1_info.npy", "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "|O", "fortran_order": False, "shape": ()})
+        pickle.dump(holder, handle, protocol=3)
+    with pytest.raises(StoreError, match="trust_pickle"):
+        import_mmf_npy(source, tmp_path / "out")
+    stats_error = None
+    try:
+        import_mmf_npy(source, tmp_path / "out", trust_pickle=True, on_error="skip", progress=False)
+    except StoreError as exc:
+        stats_error = str(exc)
+    assert stats_error and "no record could be imported" in stats_error
+    assert "refusing to load" in (tmp_path / "out" / "errors.jsonl").read_text()
+    assert not (tmp_path / "pwned").exists()
