@@ -263,6 +263,13 @@ def test_text_stream_from_a_bert_checkpoint(minilm_checkpoint):
                                     "two_stream": {**TINY, "t_layers": 2, "v_layers": 1}},
                                    VisualConfig(feature_dim=8, box_dims=5), tokenizer=None)
     assert len(short.text_layers) == 2 and short.t_biattention_id == [1]
+    # a layout past the checkpoint's layers is named before any weight is read
+    with pytest.raises(ValueError, match=rf"model.two_stream: t_biattention_id \[{layers}, {layers + 1}\] names text "
+                                         rf"layers past the text stream's {layers}"):
+        TwoStreamEncoder.build({"text_checkpoint": str(minilm_checkpoint),
+                                "two_stream": {**TINY, "t_biattention_id": [layers, layers + 1],
+                                               "v_biattention_id": [0, 1]}},
+                               VisualConfig(feature_dim=8, box_dims=5), tokenizer=None)
     assert torch.equal(short.bert.state_dict()["encoder.layer.1.attention.self.query.weight"],
                        reference["encoder.layer.1.attention.self.query.weight"])
     out = short(input_ids=torch.tensor([[101, 2054, 102]]), text_mask=torch.ones(1, 3, dtype=torch.bool),

@@ -256,12 +256,17 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
         if options.t_layers is not None:
             overrides.pop("layers", None)
             overrides["num_hidden_layers"] = options.t_layers
+        config = (BertConfig.from_pretrained(Path(checkpoint), **overrides) if checkpoint
+                  else tiny_bert_config(len(tokenizer), **overrides))
+        try:  # before loading weights: a layout that does not fit the text stream
+            options.layout(config.num_hidden_layers)
+        except ValueError as error:
+            raise ValueError(f"model.two_stream: {error}") from None
         if checkpoint:
-            path = Path(checkpoint)
-            config = BertConfig.from_pretrained(path, **overrides)
-            bert = BertModel.from_pretrained(path, config=config, add_pooling_layer=False)
+            # with its pooler, so loading reports no unused weights; the two-stream pooler replaces it
+            bert = BertModel.from_pretrained(Path(checkpoint), config=config, add_pooling_layer=True)
             return cls(config, visual, options, bert=bert)
-        return cls(tiny_bert_config(len(tokenizer), **overrides), visual, options)
+        return cls(config, visual, options)
 
     @property
     def hidden_size(self) -> int:
