@@ -202,6 +202,10 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
         start = trainer.step
         try:
             history = trainer.train(max_steps=budget, should_stop=should_stop)
+            if trainer.step < trainer.stage.steps and history:  # stopped early: resumable from here
+                pointer = stage_dir / "last.json"
+                if not pointer.is_file() or json.loads(pointer.read_text())["step"] != trainer.step:
+                    trainer.save_checkpoint()
         finally:
             trainer.close()
         summary = {"stage": stage.name, "dir": str(stage_dir), "skipped": False, "start_step": start,
