@@ -163,7 +163,7 @@ def test_every_pretraining_task_trains_a_step(tok, name):
     head = [p for n, p in params.items() if n.startswith(f"heads.{model.tasks[0].name}.")]
     assert head and any(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
     # both streams and the co-attention learn from every task
-    for key in ("encoder.bert.encoder.layer.0.attention.self.query.weight", "encoder.feature_proj.0.weight",
+    for key in ("encoder.bert.encoder.layer.0.attention.self.query.weight", "encoder.visual_feature_proj.0.weight",
                 "encoder.visual_layers.0.attention.self.query.weight", "encoder.co_layers.0.text_cross.key.weight"):
         assert params[key].grad is not None and params[key].grad.abs().sum() > 0, key
     optimizer.step()
@@ -198,7 +198,8 @@ def _stores(root):
     colors = ["red", "blue"]
     with PairStoreWriter(root / "captions", "caption") as writer:
         for i, image_id in enumerate(ids):
-            writer.add({"pair_id": f"c{i}", "image_id": image_id, "text": f"a {colors[i % 2]} shape", "split": "train"})
+            writer.add({"pair_id": f"c{i}", "image_id": image_id, "text": f"a {colors[i % 2]} shape",
+                        "split": "train" if i < 12 else "val"})
     with PairStoreWriter(root / "vqa", "question") as writer:
         for i, image_id in enumerate(ids):
             color = colors[i % 2]
@@ -241,6 +242,15 @@ def test_pretrain_then_finetune_on_the_two_stream_encoder(tmp_path):
     assert evals and 0.0 <= evals[-1]["accuracy"] <= 1.0 and evals[-1]["n"] == 4
     best = torch.load(tmp_path / "vqa" / "best.pt", weights_only=True)["model"]
     assert {k for k in best if k.startswith("encoder.")} == {k for k in saved["model"] if k.startswith("encoder.")}
+    # retrieval: the cross-encoder scores every caption against every image, with a shortlist
+    retrieval = FinetuneConfig.from_dict({
+        "model": _model_section(root), "data": {"features": str(root / "features"), "max_text_len": 12},
+        "task": {"name": "retrieval", "pairs": str(root / "captions"), "negatives": 1, "shortlist": 2},
+        "train": {"steps": 1, "batch_size": 4, "eval_every": 0, "log_every": 0}})
+    result = finetune(retrieval, tmp_path / "retrieval", init=tmp_path / "pretrain")
+    evals = [json.loads(line) for line in (tmp_path / "retrieval" / "01-finetune" / "eval.jsonl").read_text().splitlines()]
+    assert result["end_step"] == 1 and evals[-1]["n_images"] == 4 and evals[-1]["shortlist"] == 2
+    assert all(0.0 <= evals[-1][k] <= 1.0 for k in ("ir_r1", "tr_r1", "ir_r5", "tr_r5"))
 
 
 def test_text_stream_from_a_bert_checkpoint(minilm_checkpoint):

@@ -222,11 +222,13 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
             layer_norm_eps=eps, initializer_range=bert_config.initializer_range)
         self.visual_config._attn_implementation = self.bert.config._attn_implementation
         # bias-free feature projection, as in the single-stream encoder (a zeroed, masked
-        # region reaches the LayerNorm as exact zeros)
-        self.feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, opts.v_hidden, bias=False),
-                                          nn.LayerNorm(opts.v_hidden, eps=eps))
-        self.box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, opts.v_hidden),
-                                      nn.LayerNorm(opts.v_hidden, eps=eps))
+        # region reaches the LayerNorm as exact zeros). Named apart from the single-stream
+        # feature_proj / box_proj: those map into the text width, which code may rely on
+        # (retrieval's --shortlist without labels; the NLVR2 triplet hook)
+        self.visual_feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, opts.v_hidden, bias=False),
+                                                 nn.LayerNorm(opts.v_hidden, eps=eps))
+        self.visual_box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, opts.v_hidden),
+                                             nn.LayerNorm(opts.v_hidden, eps=eps))
         self.visual_dropout = nn.Dropout(bert_config.hidden_dropout_prob)
         self.visual_layers = nn.ModuleList(BertLayer(self.visual_config, layer_idx=i) for i in range(opts.v_layers))
         self.co_layers = nn.ModuleList(CoAttentionBlock(bert_config, self.visual_config, opts.co_hidden,
@@ -282,7 +284,7 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
 
     # -- forward -------------------------------------------------------------------
     def region_embeddings(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.feature_proj(features) + self.box_proj(boxes)
+        return self.visual_feature_proj(features) + self.visual_box_proj(boxes)
 
     def forward(self, input_ids, text_mask, region_features, region_boxes, region_mask,
                 token_regions=None, image_feature=None, **_) -> EncoderOutput:
