@@ -20,6 +20,9 @@ refcoco    refexp      one logit per region     BCE per region vs IoU >= 0.5, or
                        (vlp.trainer.grounding)  over regions                          best region >= 0.5)
 vcr        vcr         four candidates          CE over the four (+ masked RoI        Q->AR, Q->A, QA->R
                        (vlp.trainer.vcr)        classification)
+retrieval  caption     one score per (caption,  BCE / CE over sampled negatives, or   R-mean, IR/TR R@1/5/10
+                       image) pair              hinge over mined hardest negatives    (N x M score matrix)
+                       (vlp.trainer.retrieval)
 =========  ==========  =======================  ====================================  ==================
 
 NLVR2 ``setting: pair`` encodes (text, left) and (text, right) as two rows of one batch
