@@ -366,7 +366,11 @@ def _write_vqa(writer: _Writer, scenes, questions, split_of) -> None:
 
 
 def _write_cc(writer: _Writer, scenes, jpegs, seed: int) -> list[dict]:
-    """CC TSV plus an img2dataset folder; one row's download "failed" (no image anywhere)."""
+    """CC TSV plus an img2dataset folder; one row's download "failed" (no image anywhere).
+
+    Row k describes world image k (URL ``cc/<image_id>.jpg``) in web style, so every image,
+    the held-out val/test ones included, has both a CC alt text and its COCO-style truth
+    captions: generated captions (CCG) and CC texts can be scored against the same truth."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -100,3 +100,32 @@ def test_with_java_the_ptb_tokenizer_and_meteor_run():
     # the PTB tokenizer and the Python stand-in agree on plain ASCII captions
     simple = caption_metrics(predictions, references, use_java=False, meteor=False)
     assert out["CIDEr-D"] == pytest.approx(simple["CIDEr-D"]) and out["BLEU-4"] == pytest.approx(simple["BLEU-4"])
+
+
+def test_held_out_cc_images_have_coco_style_truth_captions(tmp_path):
+    """The synthetic world's CC rows describe its own images: every held-out (val/test) image
+    has one CC alt text and five COCO-style truth captions, so CC and CCG texts can be scored
+    against the same truth; the web-style CC text is far from it."""
+    import json
+
+    from vlp.synthetic import generate
+
+    generate(tmp_path, 20, seed=2, split_fractions=(0.5, 0.25, 0.25), overwrite=True)
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    held_out = {str(i) for i in splits["val"] + splits["test"]}
+    cc = {}
+    for line in (tmp_path / "cc" / "train.tsv").read_text().splitlines():
+        text, url = line.split("\t")
+        name = url.rsplit("/", 1)[-1][:-4]
+        if name.isdigit():
+            cc[name] = text
+    truth: dict = {}
+    for ann in json.loads((tmp_path / "annotations" / "captions_val.json").read_text())["annotations"]:
+        truth.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    assert set(truth) == held_out and held_out <= set(cc)
+    assert all(len(truth[i]) == 5 for i in held_out)
+    ids = sorted(held_out)
+    refs = {i: [" ".join(simple_tokens(t)) for t in truth[i]] for i in ids}
+    web, _ = corpus_cider_d({i: " ".join(simple_tokens(cc[i])) for i in ids}, refs)
+    own, _ = corpus_cider_d({i: refs[i][0] for i in ids}, {i: refs[i][1:] for i in ids})
+    assert web < 0.3 < own  # a COCO-style caption is much closer to the others than the CC text
