@@ -110,7 +110,11 @@ def test_language_stage():
     assert ok and values["lang"] == "en" and values["p_en"] > 0.9
     ok, values = stage("Bild mit einem Kreis in Rot vor neutralem Hintergrund")
     assert not ok and values["lang"] == "de" and values["p_en"] < 0.3
-    assert not texts.LanguageStage(floor=0.999)("white diamond on grey background")[0]
+    assert not texts.LanguageStage(floor=0.999)("a white diamond and a red circle on a grey background")[0]
+    # a few common English words are English even when the identifier guesses otherwise
+    ok, values = stage("two black stars")
+    assert ok and values["p_en"] < 0.3 and values["short_text_words_english"]
+    assert not stage("Un anillo azul")[0] and not stage("une croix noire")[0]
 
 
 def test_text_rules():

@@ -24,7 +24,7 @@ from vlp.builders.web_filter.images import DEFAULT_MAX_ASPECT, DEFAULT_MIN_BYTES
 STAGES = ("image", "naturalness", "text", "language", "text_rules", "semantic")
 #: stages that need --features
 FEATURE_STAGES = ("naturalness", "semantic")
-THUMBS_PER_REASON = 2  # sample thumbnails kept per (stage, reason) and shard for the funnel page
+THUMBS_PER_REASON = 6  # sample thumbnails kept per (stage, reason) and shard for the funnel page
 THUMB_SIDE = 96
 
 
@@ -251,7 +251,7 @@ def stage_semantic(rows: list, st: _State) -> list:
     live = [i for i, r in enumerate(rows) if not r.get("_reject")]
     if st.features is None:
         for i in live:  # without features the score is the text selection's, scaled to 0..1
-            rows[i]["score"] = round(rows[i]["text_score"] / 3.0, 4)
+            rows[i]["score"] = round(rows[i]["text_score"] / 4.0, 4)
         return rows
     from vlp.builders.web_filter.scorer import semantic_features
 

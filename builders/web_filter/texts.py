@@ -8,14 +8,16 @@ such phrases joined by ``·``, ``|``, ``»`` ...).
 
 Selection (:func:`select_text`): the candidates are the alt text, the title and each
 sentence of the surrounding text; each surviving candidate is scored
-``source prior (alt 1.0, surrounding 0.7, title 0.5) + 1 if it has 3-256 words +
+``source prior (alt 1.0, surrounding 0.7, title 0.5) + 2 if it has 3-256 words +
 concreteness`` (the share of its words that are Visual Genome object or attribute names:
-descriptions name things), and the best one is kept (ties: alt, then surrounding, then
+descriptions name things; so any candidate of 3-256 words beats every other), and the
+best one is kept (ties: alt, then surrounding, then
 title; then the earlier sentence).
 
 Language (:class:`LanguageStage`): py3langid (its model ships inside the wheel) over a
 fixed set of 26 common languages, normalised probabilities; a text is English when
-P(en) >= the floor.
+P(en) >= the floor, or when it has at most 6 words that are all common English words
+(wordfreq Zipf >= 4: identifiers guess on three words, "two black stars" -> not English).
 
 Text rules (:class:`TextRules`): more than 5 characters, 3-256 words, at least one noun
 (the spaCy tagger the project ships, Penn tags NN*), the share of out-of-vocabulary words
@@ -37,6 +39,9 @@ DEFAULT_MIN_CHARS = 5
 DEFAULT_MIN_WORDS, DEFAULT_MAX_WORDS = 3, 256
 DEFAULT_MAX_OOV = 0.5
 DEFAULT_LANG_FLOOR = 0.3
+#: texts of at most this many words whose every word has an English Zipf frequency >= SHORT_TEXT_ZIPF
+#: (wordfreq; "two black stars") are English whatever the identifier says
+SHORT_TEXT_WORDS, SHORT_TEXT_ZIPF = 6, 4.0
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 
 _URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
@@ -131,7 +136,7 @@ def score_candidate(source: str, text: str) -> float:
         return 0.0
     vocab_words = _vocab_words()
     concrete = sum(1 for w in words if w in vocab_words) / len(words)
-    in_range = 1.0 if DEFAULT_MIN_WORDS <= len(words) <= DEFAULT_MAX_WORDS else 0.0
+    in_range = 2.0 if DEFAULT_MIN_WORDS <= len(words) <= DEFAULT_MAX_WORDS else 0.0
     return SOURCE_PRIOR.get(source, 0.5) + in_range + concrete
 
 
@@ -168,7 +173,16 @@ class LanguageStage:
         ranked = self.identifier.rank(text)
         p_en = next((float(p) for lang, p in ranked if lang == "en"), 0.0)
         top, p_top = ranked[0]
-        return p_en >= self.floor, {"lang": top, "p": round(float(p_top), 4), "p_en": round(p_en, 4)}
+        values = {"lang": top, "p": round(float(p_top), 4), "p_en": round(p_en, 4)}
+        if p_en >= self.floor:
+            return True, values
+        words = words_of(text)
+        if words and len(words) <= SHORT_TEXT_WORDS:  # identifiers guess on a few words; a dictionary does not
+            from wordfreq import zipf_frequency
+
+            if all(zipf_frequency(w, "en") >= SHORT_TEXT_ZIPF for w in words):
+                return True, {**values, "short_text_words_english": True}
+        return False, values
 
 
 _TAGGERS: dict = {}
