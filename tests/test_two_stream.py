@@ -111,6 +111,38 @@ def test_shapes_and_padding_cannot_change_real_outputs(tok, image_token):
         assert not torch.allclose(model(**moved).text[1, :t], out.text[1, :t])
 
 
+def test_image_token_is_the_mean_of_the_regions_that_are_not_masked(tok):
+    model = _encoder(tok, image_token=True).eval()
+    batch = _batch(tok)
+    masked = torch.zeros(4, 5, dtype=torch.bool)
+    masked[0, 1] = True
+    changed = dict(batch, region_features=batch["region_features"].clone())
+    changed["region_features"][0, 1] += 5.0  # (a kept masked region: its input still shows)
+    seen = []
+    model.visual_feature_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(**batch, region_masked=masked)
+        model(**changed, region_masked=masked)
+        model(**changed)
+    # each forward projects the regions, then the IMG feature, which ignores the masked region
+    torch.testing.assert_close(seen[1], seen[3])
+    expected = batch["region_features"][0, [0, 2, 3, 4]].mean(0)
+    torch.testing.assert_close(seen[1][0], expected)
+    assert not torch.allclose(seen[5][0], expected)  # without region_masked: the mean of all
+
+
+def test_single_stream_visual_options_are_refused(tok):
+    from vlp.trainer.two_stream import check_visual
+
+    for name, value in (("visual_clue", True), ("mask_embedding", True), ("geometry", "sinusoidal")):
+        visual = VisualConfig(feature_dim=8)
+        setattr(visual, name, value)
+        with pytest.raises(ValueError, match=f"visual.{name} is a single-stream"):
+            check_visual(visual)
+    with pytest.raises(ValueError, match="region_positions: shared"):
+        _encoder(tok, region_positions="index")
+
+
 def test_pooled_is_the_product_of_the_two_poolers(tok):
     model = _encoder(tok, image_token=True).eval()
     batch = _batch(tok)

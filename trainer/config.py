@@ -486,9 +486,12 @@ class ModelConfig:
                                    or inspect.signature(tiny_bert_config).parameters["layers"].default)
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"{where}.two_stream: {error}") from None
-            if self.visual_config().region_positions != "shared":
-                raise ConfigError(f"{where}.visual.region_positions: the two-stream encoder's regions have no "
-                                  "positions (box geometry only); set it to shared")
+            from vlp.trainer.two_stream import check_visual
+
+            try:
+                check_visual(self.visual_config())
+            except ValueError as error:
+                raise ConfigError(f"{where}: {error}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,7 +8,9 @@ two_stream`` with a ``model.two_stream`` section, :class:`TwoStreamConfig`):
 * visual stream: regions ``LN(Linear(features)) + LN(Linear(geometry))`` in its own width
   ``v_hidden``, then ``v_layers`` transformer layers (``v_heads``, ``v_intermediate``);
   optionally led by a whole-image token (``visual.image_token``: ViLBERT's ``IMG``, the
-  given ``image_feature`` or the mean of the real input regions, box = the whole image);
+  given ``image_feature`` or the mean of the real regions that are not masked, box = the
+  whole image). The single-stream VL-BERT options (``visual_clue``, ``mask_embedding``,
+  ``geometry: sinusoidal``) are refused: ViLBERT has none of them;
 * co-attention blocks, one per entry of ``t_biattention_id`` / ``v_biattention_id``
   (ViLBERT's names and meaning): block k runs once the text stream has run its layers
   ``0 .. t_biattention_id[k]-1`` and the visual stream its layers ``0 ..
@@ -197,6 +199,22 @@ def _run(layer, hidden, mask):
     return out[0] if isinstance(out, tuple) else out
 
 
+#: VisualConfig options of the single-stream (VL-BERT) encoder that this one does not have,
+#: with the value that means "off" (read with getattr: older VisualConfigs lack them)
+_SINGLE_STREAM_ONLY = {"visual_clue": False, "mask_embedding": False, "geometry": "linear"}
+
+
+def check_visual(visual: VisualConfig) -> None:
+    """ValueError for visual options the two-stream encoder has no use for."""
+    if visual.region_positions != "shared":
+        raise ValueError("the two-stream encoder's regions have no positions (box geometry only); "
+                         "set visual.region_positions: shared")
+    for name, off in _SINGLE_STREAM_ONLY.items():
+        if getattr(visual, name, off) != off:
+            raise ValueError(f"visual.{name} is a single-stream (VL-BERT) option; the two-stream encoder "
+                             f"(ViLBERT) has none: leave it {str(off).lower()}")
+
+
 class TwoStreamEncoder(BertStyleInit, nn.Module):
     def __init__(self, bert_config, visual: Optional[VisualConfig] = None,
                  options: Optional[TwoStreamConfig] = None, *, bert=None):
@@ -205,9 +223,7 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
         from transformers.models.bert.modeling_bert import BertLayer
 
         self.visual = visual or VisualConfig()
-        if self.visual.region_positions != "shared":
-            raise ValueError("the two-stream encoder's regions have no positions (box geometry only); "
-                             "set visual.region_positions: shared")
+        check_visual(self.visual)
         self.options = options or TwoStreamConfig()
         self.config = bert_config
         self.bert = bert if bert is not None else BertModel(bert_config, add_pooling_layer=False)
@@ -287,7 +303,7 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
         return self.visual_feature_proj(features) + self.visual_box_proj(boxes)
 
     def forward(self, input_ids, text_mask, region_features, region_boxes, region_mask,
-                token_regions=None, image_feature=None, **_) -> EncoderOutput:
+                token_regions=None, image_feature=None, region_masked=None, **_) -> EncoderOutput:
         batch, text_len = input_ids.shape
         device = input_ids.device
         if text_len > self.config.max_position_embeddings:
@@ -303,8 +319,10 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
         regions = self.region_embeddings(region_features, region_boxes)
         region_mask = region_mask.bool()
         if self.visual.image_token:
-            if image_feature is None:  # the mean of the real (input) regions, as ViLBERT's IMG
-                weights = region_mask.unsqueeze(-1).to(region_features.dtype)
+            if image_feature is None:  # ViLBERT's IMG: the mean region, over the real regions that are
+                # not masked (a mean over masked ones would hand their content back)
+                visible = region_mask if region_masked is None else region_mask & ~region_masked.bool()
+                weights = visible.unsqueeze(-1).to(region_features.dtype)
                 image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
             whole = torch.zeros(batch, self.visual.box_dims, device=device, dtype=region_boxes.dtype)
             whole[:, 2:4] = 1.0
