@@ -910,6 +910,7 @@ def import_refcoco(refs_file, instances_file, out, *, dataset: str = "refcoco+",
             stats["refs"] += 1
             referred[(image["file_name"].strip(), image_id)] = boxes_of.get(image["id"], [])
             category = ref.get("category_id", ann[2])
+            category = category if is_int(category) else ann[2] if is_int(ann[2]) else None
             for j, sentence in enumerate(ref["sentences"]):
                 swhere = f"{where}.sentences[{j}]"
                 if not _check(build, refs_file, swhere, sentence, [
@@ -1006,7 +1007,9 @@ def import_vcr(files, out, *, images_dir=None, image_id_template: str = "{path}"
                 if images_dir is not None:
                     meta_fn = (row.get("metadata_fn") or img_fn.rsplit(".", 1)[0] + ".json").strip()
                     if meta_fn not in metadata:
-                        metadata[meta_fn] = _vcr_metadata(images_dir / meta_fn)
+                        inside = not Path(meta_fn).is_absolute() and ".." not in Path(meta_fn).parts
+                        metadata[meta_fn] = (_vcr_metadata(images_dir / meta_fn) if inside else
+                                             f"metadata_fn {meta_fn!r} leads outside {images_dir}")
                     meta = metadata[meta_fn]
                     if isinstance(meta, str):
                         build.bad.add(path, number, meta, field="metadata_fn")

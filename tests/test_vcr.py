@@ -107,18 +107,20 @@ def _official(tmp_path: Path, rows, boxes=3) -> Path:
 
 def test_import_of_the_official_layout(tmp_path):
     rows = [_official_row(), _official_row(annot_id="val-1", question=["Is", [5], "ok"]), "{broken",
-            _official_row(annot_id="val-2", img_fn="lsmdc_x/none.jpg", metadata_fn="lsmdc_x/none.json")]
+            _official_row(annot_id="val-2", img_fn="lsmdc_x/none.jpg", metadata_fn="lsmdc_x/none.json"),
+            _official_row(annot_id="val-3", metadata_fn="../secret.json")]
+    (tmp_path / "secret.json").write_text(json.dumps({"boxes": [[0, 0, 1, 1]] * 3}))  # outside vcr1images: not read
     result = import_vcr([_official(tmp_path, rows)], tmp_path / "out", progress="off")
     pairs = list(PairStore(tmp_path / "out"))
-    assert [p["pair_id"] for p in pairs] == ["vcr/val-0"] and result.stats["malformed"] == 3
+    assert [p["pair_id"] for p in pairs] == ["vcr/val-0"] and result.stats["malformed"] == 4
     row = pairs[0]
     assert row["image_id"] == "lsmdc_1054_Harry_Potter/1054_00.01" and row["split"] == "val"
     assert row["question_words"] == ["Why", "is", "person", "looking", "at", "person", "and", "dining", "table", "?"]
     assert row["question_regions"] == [-1, -1, 0, -1, -1, 1, -1, 2, 2, -1]
     assert row["answer_words"][3] == ["dining", "table", "is", "big"] and row["answer_regions"][3] == [2, 2, -1, -1]
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
-    assert [e["line"] for e in errors] == [2, 3, 4] and "object tag" in errors[0]["reason"]
-    assert "no such file" in errors[2]["reason"]
+    assert [e["line"] for e in errors] == [2, 3, 4, 5] and "object tag" in errors[0]["reason"]
+    assert "no such file" in errors[2]["reason"] and "leads outside" in errors[3]["reason"]
     boxes = json.loads((tmp_path / "out" / GT_BOXES_NAME).read_text())
     assert boxes["boxes"] == [[10.0, 20.0, 50.0, 80.0], [0, 0, 5, 5], [1, 2, 3, 4]]
     # a tag beyond the metadata's boxes cannot be linked: the row is refused

@@ -4,7 +4,9 @@ Pairs of kind ``vcr`` (``vlp-build import-vcr``): a question with four answers a
 rationales as word lists in which every object tag became the object's label words linked
 to its region (the regions are the metadata's given boxes: ``vlp-extract --boxes
 OUT/gt_boxes.jsonl``). A linked word gets its region's spatial embedding, as LAMP's label
-tokens (the encoder's ``token_regions``).
+tokens (the encoder's ``token_regions``), and, as VL-BERT's tagged words, its region's
+feature embedding (the encoder's feature projection, added by a forward hook on the word
+embeddings; single-stream encoder).
 
 * Q->A: candidate c = ``[CLS] question [SEP] answer_c [SEP]``;
 * QA->R: candidate c = ``[CLS] question answer [SEP] rationale_c [SEP]`` with the right
@@ -143,12 +145,27 @@ class VCR(DownstreamTask):
         return VCRDataset(pairs, features, tokenizer, modes=self.modes(), **kwargs)
 
     def build_head(self, encoder, ctx):
+        self._links = None
+        if hasattr(encoder, "feature_proj") and hasattr(encoder, "word_embeddings"):
+            encoder.word_embeddings.register_forward_hook(self._add_region_features)
+            self._feature_proj = [encoder.feature_proj]  # a list: not a submodule of the task's head
         heads = {"score": build_head(self.head_name, encoder.hidden_size, 1)}
         if self.roi_mask_prob:
             from vlp.schemas.vocab import NUM_OBJECTS
 
             heads["roi"] = nn.Linear(encoder.hidden_size, NUM_OBJECTS)
         return nn.ModuleDict(heads)
+
+    def _add_region_features(self, module, inputs, output):
+        """VL-BERT's tagged words: a word linked to a region also gets that region's feature
+        embedding (the encoder's own projection), besides LAMP's spatial one."""
+        links = self._links
+        if links is None or output.dim() != 3 or tuple(output.shape[:2]) != tuple(links[0].shape):
+            return None
+        token_regions, features = links
+        gather = token_regions.clamp(min=0).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        linked = self._feature_proj[0](torch.gather(features, 1, gather).to(output.dtype))
+        return output + linked * (token_regions >= 0).unsqueeze(-1).to(output.dtype)
 
     def target(self, pair):  # VCRDataset sets the label itself
         raise NotImplementedError
@@ -177,8 +194,10 @@ class VCR(DownstreamTask):
             if key in batch:
                 batch[key] = batch[key].repeat_interleave(VCR_CHOICES, 0)
         batch["vcr_gold"], batch["vcr_mode"] = label[:, 0], label[:, 1]
+        self._links = (batch["token_regions"], batch["region_features"])  # read by the word-embedding hook
 
     def logits(self, out, batch, head) -> torch.Tensor:
+        self._links = None
         return head["score"](out.pooled).float().view(-1, VCR_CHOICES)
 
     def loss(self, out, batch, head, ctx):
