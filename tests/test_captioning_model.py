@@ -175,7 +175,8 @@ def test_config_defaults_presets_and_errors():
     assert (default.model.hidden_size, default.model.encoder_layers, default.model.decoder_layers) == (512, 3, 3)
     again = CaptionerConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
-    bad = [({"model": {"preset": "huge"}}, "model.preset"), ({"scst": {"steps": 5, "samples": 1}}, "scst.samples"),
+    bad = [({"model": {"preset": "huge"}}, "model.preset"), ({"model": {"preset": []}}, "model.preset"),
+           ({"scst": {"steps": 5, "samples": 1}}, "scst.samples"),
            ({"xe": {"steps": 5, "epochs": 1}}, "xe: give a stage either"), ({"eval": {"decoding": "nucleus"}},
                                                                            "eval: decoding"),
            ({"model": {"hidden_size": 30, "heads": 4}}, "multiple of heads"), ({"extra": 1}, "unknown key"),
@@ -195,9 +196,25 @@ keys = st.sampled_from(["model", "data", "xe", "scst", "eval", "seed", "preset",
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(value, st.dictionaries(keys, st.one_of(value, st.dictionaries(keys, value, max_size=4)),
-                                        max_size=6)))
-def test_any_config_data_is_a_config_or_a_config_error(data):
+                                        max_size=6)), st.booleans())
+def test_any_config_data_is_a_config_or_a_config_error(data, merge):
+    if merge and isinstance(data, dict):  # bad values inside an otherwise good config reach the deeper checks
+        good = _config()
+        data = {**good, **{k: {**good[k], **v} if isinstance(v, dict) and isinstance(good.get(k), dict) else v
+                           for k, v in data.items()}}
     try:
         CaptionerConfig.from_dict(data, "fuzz.yaml")
     except ConfigError as error:
         assert str(error).startswith("fuzz.yaml")
+
+
+def test_shipped_captioner_configs_parse():
+    from vlp.trainer.captioning.config import load_captioner_config, shipped_captioner_configs
+
+    shipped = shipped_captioner_configs()
+    assert set(shipped) == {"captioner", "captioner-demo"}
+    default = load_captioner_config(shipped["captioner"])
+    assert (default.model.hidden_size, default.model.encoder_layers, default.model.decoder_layers) == (512, 3, 3)
+    assert default.scst_options["samples"] == 5 and default.data.train_split == ("train", "restval")
+    demo = load_captioner_config(shipped["captioner-demo"])
+    assert demo.preset == "tiny" and demo.data.pairs == "demo-out/pairs/coco-captions" and demo.scst is not None

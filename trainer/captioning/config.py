@@ -125,7 +125,7 @@ class CaptionerConfig(_ReadFromFile):
             raise ConfigError(f"{where}: seed must be a non-negative whole number, got {seed!r}")
         raw_model = dict(_mapping(config.get("model"), f"{where}: model"))
         preset = raw_model.pop("preset", "default")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"{where}: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         vocab = raw_model.pop("vocab", "demo")
         if not isinstance(vocab, str) or not vocab:
