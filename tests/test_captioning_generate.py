@@ -201,3 +201,27 @@ def test_kill_9_of_a_ray_run_then_rerun_captions_every_image_exactly_once(captio
         per_image.setdefault(row["image_id"], []).append(row["pair_id"])
     assert sorted(per_image) == [f"img{i:03d}" for i in range(NUM_IMAGES)]
     assert all(len(v) == 2 for v in per_image.values())
+
+
+def test_a_model_that_does_not_fit_is_one_error_line(captioner, tmp_path):
+    import shutil
+
+    from vlp.trainer.captioning.train import MODEL_FILE, VOCAB_FILE
+    from vlp.trainer.toydata import tiny_feature_store
+
+    model, features, _ = captioner
+    other = tiny_feature_store(tmp_path / "f16", ["a", "b"], feature_dim=16)
+    runner = CliRunner()
+    result = runner.invoke(build_main, ["generate-captions", "--model", str(model), "--features", str(other.root),
+                                        "--out", str(tmp_path / "x"), "--num-workers", "0"])
+    assert result.exit_code == 1 and "16-d features" in result.output and "reads 8-d" in result.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copyfile(Path(model) / VOCAB_FILE, broken / VOCAB_FILE)
+    state = torch.load(Path(model) / MODEL_FILE, weights_only=True)
+    state["model_config"]["no_such_field"] = 1
+    torch.save(state, broken / MODEL_FILE)
+    result = runner.invoke(build_main, ["generate-captions", "--model", str(broken), "--features", str(features),
+                                        "--out", str(tmp_path / "x"), "--num-workers", "1"])
+    assert result.exit_code == 1 and "do not fit" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.generating").exists()

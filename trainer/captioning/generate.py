@@ -231,6 +231,13 @@ def generate_captions(model_dir, features_dir, out, settings: Optional[GenerateS
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file}: no captioner weights (give --model a vlp-train captioner run folder)")
     features = FeatureStore(features_dir)
+    from vlp.trainer.captioning.train import load_captioner
+
+    net, _, _ = load_captioner(model_file)  # a bad model is one clear error before any work
+    if features.feature_dim != net.config.feature_dim:
+        raise GenerateError(f"{features_dir} holds {features.feature_dim}-d features; the captioner of {model_dir} "
+                            f"reads {net.config.feature_dim}-d features")
+    del net
     work = work_folder(out)
     if settings.overwrite and work.exists():
         shutil.rmtree(work)

@@ -270,10 +270,10 @@ def load_captioner(run_dir, *, device: str = "cpu"):
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ValueError(f"{model_file}: not a vlp captioner file")
     tokenizer = load_tokenizer(vocab)
-    net = build_net(CaptionerModelConfig(**state["model_config"]), tokenizer)
     try:
+        net = build_net(CaptionerModelConfig(**state["model_config"]), tokenizer)
         net.load_state_dict(state["state"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"{model_file}: weights do not fit the model ({str(error).splitlines()[0]})") from None
     net.to(device).eval()
     info = {"file": str(model_file), "sha256": sha256_file(model_file), "stage": state.get("stage"),
