@@ -31,7 +31,7 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs")
     generate(root / "world", 24, seed=6, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16,
-                                             vocab_extra=_label_words())
+                                             vocab_extra=_label_words(), cls_prob=True)
     build_objects_labels(features.root, root / "stores" / "objects-labels", progress="off")
     build_labels_in_order(features.root, root / "stores" / "labels-in-order", progress="off")
     build_hard_negatives(features.root, root / "stores" / "hard-negatives", top_m=3, progress="off")

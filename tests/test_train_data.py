@@ -11,7 +11,7 @@ import torch
 
 from vlp.schemas.pairs import PairStore, PairStoreWriter
 from vlp.trainer.data import (IGNORE, Collator, LengthBucketBatchSampler, PairDataset,
-                              box_geometry, collate, load_tokenizer)
+                              attach_label_tokens, box_geometry, collate, load_tokenizer)
 from vlp.trainer.toydata import tiny_feature_store, write_vocab
 
 
@@ -194,24 +194,58 @@ def test_hard_negatives_through_collate_and_itm_hs(stores, tokenizer, tmp_path):
                                   features.get("img3").features.astype(np.float32))
 
 
-def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
+def _label_pieces(tokenizer, record, regions_kept: int):
+    """LAMP's 2N labels of the first regions: every region's attribute and category word."""
     from vlp.schemas.labels import region_label_words
 
+    words, regions, _ = region_label_words(record, attr_conf_floor=0.0)
+    kept = [(w, r) for w, r in zip(words, regions) if r < regions_kept]
+    expected = tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
+    return expected["input_ids"], [kept[w][1] for w in expected.word_ids()]
+
+
+def test_append_labels_links_label_tokens_to_regions(stores, tokenizer):
     features, captions, labels = stores
     plain = PairDataset(captions, features, tokenizer, max_text_len=12)
     augmented = PairDataset(captions, features, tokenizer, max_text_len=12, append_labels=2)
     a, b = plain[3], augmented[3]
+    assert torch.equal(b["input_ids"], a["input_ids"])  # the caption alone: labels belong to the image
+    ids, regions = _label_pieces(tokenizer, features.get(a["image_id"]), 2)
+    assert b["label_ids"].tolist() == ids and b["label_regions"].tolist() == regions
+    record = features.get(a["image_id"])
+    assert len(set(regions)) == 2 and len(ids) >= 4  # a category and an attribute for each region
+
+    batch = attach_label_tokens(collate([b], tokenizer.pad_token_id), tokenizer.sep_token_id)
     n = len(a["input_ids"])
-    assert torch.equal(b["input_ids"][:n], a["input_ids"])  # caption (and its [SEP]) unchanged
-    assert b["input_ids"][-1].item() == tokenizer.sep_token_id
-    words, regions, _ = region_label_words(features.get(a["image_id"]))
-    kept = [(w, r) for w, r in zip(words, regions) if r < 2]
-    expected = tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
-    assert b["input_ids"][n:-1].tolist() == expected["input_ids"]
-    assert b["token_regions"][n:-1].tolist() == [kept[w][1] for w in expected.word_ids()]
-    assert (b["token_regions"][:n] == -1).all() and b["token_regions"][-1] == -1
+    assert batch["input_ids"][0, :n].tolist() == a["input_ids"].tolist()
+    assert batch["input_ids"][0, n:].tolist() == ids + [tokenizer.sep_token_id]
+    assert batch["token_regions"][0].tolist() == [-1] * n + regions + [-1]
+    assert batch["text_mask"].all() and "label_ids" not in batch
+    assert record.attrs_id is not None
     with pytest.raises(ValueError, match="objects_labels"):
         PairDataset(labels, features, tokenizer, append_labels=2)
+
+
+def test_label_tokens_come_from_the_image_shown_after_an_itm_swap(stores, tokenizer):
+    """LAMP + ITM: a mismatched pair must read the labels of the image it shows, or the
+    label words reveal whether the pair matches (the leak this guards against)."""
+    from vlp.trainer.tasks import TaskContext, make_tasks, prepare_batch
+
+    features, captions, _ = stores
+    ds = PairDataset(captions, features, tokenizer, max_text_len=12, append_labels=36)
+    examples = [ds[i] for i in range(len(ds))]
+    batch = collate(examples, tokenizer.pad_token_id)
+    tasks = make_tasks([{"name": "ITM", "negative_prob": 0.5}])
+    prepared = prepare_batch(batch, tasks, torch.Generator().manual_seed(3), TaskContext.from_tokenizer(tokenizer))
+    assert (~prepared["matched"]).sum() >= 2 and prepared["matched"].sum() >= 1
+    for row, example in enumerate(examples):
+        shown = prepared["shown_image_id"][row]
+        n = len(example["input_ids"])
+        ids, regions = _label_pieces(tokenizer, features.get(shown), 36)
+        length = int(prepared["text_mask"][row].sum())
+        assert prepared["input_ids"][row, :n].tolist() == example["input_ids"].tolist()  # its own caption
+        assert prepared["input_ids"][row, n:length].tolist() == ids + [tokenizer.sep_token_id]
+        assert prepared["token_regions"][row, n:length].tolist() == regions + [-1]
 
 
 def test_split_keeps_only_the_pairs_of_a_split(stores, tokenizer, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlp.trainer.data import IGNORE, LengthBucketBatchSampler, PairDataset, collate
+from vlp.trainer.data import IGNORE, LengthBucketBatchSampler, PairDataset, attach_label_tokens, collate
 from vlp.trainer.evaluation import (evaluate_during_training, heldout_metrics, retrieval_examples,
                                     retrieval_recall, retrieval_scores, zero_shot_retrieval)
 from vlp.trainer.pretrain import Pretrainer, StageConfig
@@ -194,11 +194,9 @@ def test_heldout_reports_only_the_tasks_of_the_model(world):
 def _pair_score(model, dataset, text_index, image_index):
     """The ITM log-odds of one (caption, image) pair, encoded alone."""
     text, image = dataset[text_index], dataset[image_index]
-    # label tokens keep their region index into the image shown, if it has that region
-    links = text["token_regions"].clone()
-    links[links >= len(image["region_features"])] = -1
-    example = {**image, "input_ids": text["input_ids"], "token_regions": links}
-    batch = collate([example], model.ctx.pad_id)
+    # the caption of one example, the regions and label tokens (LAMP) of the other
+    example = {**image, "input_ids": text["input_ids"], "token_regions": text["token_regions"]}
+    batch = attach_label_tokens(collate([example], model.ctx.pad_id), model.ctx.sep_id, model.ctx.pad_id)
     model.eval()
     with torch.no_grad():
         out = model.encoder(**{k: batch[k] for k in ("input_ids", "text_mask", "region_features",

@@ -9,7 +9,7 @@ from vlp.trainer.data import IGNORE, load_tokenizer
 from vlp.trainer.model import SingleStreamEncoder, VisualConfig, tiny_bert_config
 from vlp.trainer.tasks import (PretrainModel, TaskContext, ifrs_restore, make_tasks, mask_regions,
                                mask_tokens, prepare_batch, shuffle_triplets)
-from vlp.trainer.toydata import write_vocab
+from vlp.trainer.toydata import toy_batch as make_batch, write_vocab
 
 WORDS = ["a", "red", "blue", "circle", "star", "heart", "and", "near", "the", "large", "small", "person"]
 
@@ -25,32 +25,6 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ctx(tok):
     return TaskContext.from_tokenizer(tok)
-
-
-def make_batch(tok, batch=4, regions=6, dim=8, seed=0, texts=None):
-    from vlp.schemas import vocab
-
-    g = torch.Generator().manual_seed(seed)
-    texts = texts or ["a red circle near the blue star", "a heart", "the large heart and a small star",
-                      "a circle"][:batch]
-    enc = tok(texts, padding=True, return_tensors="pt")
-    region_mask = torch.ones(batch, regions, dtype=torch.bool)
-    region_mask[1, regions - 2:] = False
-    names = ["circle", "star", "heart"]
-    objects = torch.tensor([vocab.objects().id(names[i % 3]) for i in range(regions)]).repeat(batch, 1)
-    objects[~region_mask] = IGNORE
-    attrs = torch.randint(0, 400, (batch, regions), generator=g).masked_fill(~region_mask, IGNORE)
-    return {
-        "index": torch.arange(batch), "pair_id": [f"p{i}" for i in range(batch)],
-        "image_id": [f"img{i}" for i in range(batch)], "text": texts,
-        "input_ids": enc["input_ids"], "text_mask": enc["attention_mask"].bool(),
-        "token_regions": torch.full(enc["input_ids"].shape, -1, dtype=torch.long),
-        "region_features": torch.randn(batch, regions, dim, generator=g) * region_mask.unsqueeze(-1),
-        "region_boxes": torch.rand(batch, regions, 5, generator=g),
-        "region_mask": region_mask, "objects_id": objects, "attrs_id": attrs,
-        "objects_conf": torch.ones(batch, regions), "attrs_conf": torch.ones(batch, regions),
-        "cls_prob": torch.softmax(torch.randn(batch, regions, 1601, generator=g), -1),
-    }
 
 
 def make_model(tok, ctx, spec, positions="shared", seed=0):

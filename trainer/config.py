@@ -267,6 +267,8 @@ class StageConfig:
     num_workers: int = 0
     text_mask_prob: float = 0.15
     region_mask_prob: float = 0.15
+    # a masked region's input: (zeros or [MASK] embedding, another region's features, kept)
+    region_mask_split: tuple = (0.8, 0.1, 0.1)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: at the end only)
     sources: tuple = ()  # SourceConfig, in a schedule (a Pretrainer gets its data directly)
@@ -284,6 +286,13 @@ class StageConfig:
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(_checked_number("betas", b, integer=False) for b in self.betas)
+        split = self.region_mask_split
+        if not isinstance(split, (list, tuple)) or len(split) != 3:
+            raise ValueError(f"region_mask_split must be three shares (zero, other region, kept), got {split!r}")
+        split = tuple(_checked_number("region_mask_split", s, integer=False) for s in split)
+        if min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"region_mask_split shares must be >= 0 and sum to 1, got {list(split)}")
+        self.region_mask_split = split
         if self.lr <= 0 or self.eps <= 0:
             raise ValueError(f"lr and eps must be positive, got lr={self.lr}, eps={self.eps}")
         if self.schedule not in SCHEDULES:
@@ -351,7 +360,7 @@ class StageConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sources"}
-        d["betas"] = list(self.betas)
+        d["betas"], d["region_mask_split"] = list(self.betas), list(self.region_mask_split)
         if self.sources:
             d["sources"] = [s.to_dict() for s in self.sources]
         return d
@@ -646,7 +655,7 @@ FINETUNE_TASKS = {"vqa": "question", "vizwiz": "question", "gqa": "question", "s
 TASK_SETTINGS = {"nlvr2": ("pair", "triplet"), "vcr": ("joint", "q_a", "qa_r")}
 FINETUNE_TOP_LEVEL_KEYS = ("model", "data", "task", "train", "seed")
 #: StageConfig fields a finetune ``train:`` section may not set (no masking, one fixed stage)
-_NOT_FINETUNE = ("name", "tasks", "sources", "text_mask_prob", "region_mask_prob")
+_NOT_FINETUNE = ("name", "tasks", "sources", "text_mask_prob", "region_mask_prob", "region_mask_split")
 
 
 @dataclasses.dataclass

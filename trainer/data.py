@@ -216,7 +216,7 @@ class PairDataset(Dataset):
         return self._lengths
 
     # -- examples ------------------------------------------------------------------
-    def _tokenize(self, pair: dict, record=None):
+    def _tokenize(self, pair: dict):
         words = pair.get("words") if self.kind == "objects_labels" else None
         if words:
             enc = self.tokenizer(list(words), is_split_into_words=True, truncation=True,
@@ -226,24 +226,19 @@ class PairDataset(Dataset):
         else:
             enc = self.tokenizer(pair.get("text") or "", truncation=True, max_length=self.max_text_len)
             token_regions = [-1] * len(enc["input_ids"])
-        input_ids = list(enc["input_ids"])
-        if self.append_labels and record is not None:
-            label_ids, label_regions = self._label_tokens(record)
-            if label_ids:
-                input_ids += label_ids + [self.tokenizer.sep_token_id]
-                token_regions += label_regions + [-1]
-        return input_ids, token_regions
+        return list(enc["input_ids"]), token_regions
 
-    def _label_tokens(self, record) -> tuple[list[int], list[int]]:
-        """LAMP's label augmentation: the detector labels of the first ``append_labels``
-        regions, each word linked to its region (so it gets the region's spatial embedding)."""
+    def _label_tokens(self, record, regions_kept: int) -> tuple[list[int], list[int]]:
+        """LAMP's label augmentation: a category and an attribute word for each of the first
+        ``append_labels`` regions (2N labels: every region's top attribute, whatever its
+        confidence), each word piece linked to its region (it takes the region's spatial
+        embedding in place of a text position)."""
         from vlp.schemas.labels import region_label_words
 
         if record.objects_id is None:
             return [], []
-        limit = record.num_boxes if self.max_regions is None else min(record.num_boxes, self.max_regions)
-        words, regions, _ = region_label_words(record)
-        kept = [(w, r) for w, r in zip(words, regions) if r < min(limit, self.append_labels)]
+        words, regions, _ = region_label_words(record, attr_conf_floor=0.0)
+        kept = [(w, r) for w, r in zip(words, regions) if r < min(regions_kept, self.append_labels)]
         if not kept:
             return [], []
         enc = self.tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
@@ -269,6 +264,12 @@ class PairDataset(Dataset):
             out["cls_prob"] = torch.from_numpy(np.array(record.cls_prob[:n], dtype=np.float32))
         if record.image_feature is not None:
             out["image_feature"] = torch.from_numpy(np.array(record.image_feature, dtype=np.float32))
+        if self.append_labels:
+            # label tokens belong to the image, not to the text: an image swapped in for ITM
+            # brings its own labels (attach_label_tokens puts them after the text)
+            label_ids, label_regions = self._label_tokens(record, n)
+            out["label_ids"] = torch.tensor(label_ids, dtype=torch.long)
+            out["label_regions"] = torch.tensor(label_regions, dtype=torch.long)
         return out
 
     def __getitem__(self, i: int) -> dict:
@@ -279,7 +280,7 @@ class PairDataset(Dataset):
         index = int(self.indices[i])
         pair = self.pairs[index]
         record = self.features.get(pair["image_id"])
-        input_ids, token_regions = self._tokenize(pair, record)
+        input_ids, token_regions = self._tokenize(pair)
         example = {
             "index": i,
             "pair_id": pair["pair_id"],
@@ -334,6 +335,42 @@ def _collate_regions(examples: list[dict], feature_dim: Optional[int] = None) ->
         batch["cls_prob"] = _pad([e["cls_prob"] for e in examples], 0.0)
     if all("image_feature" in e for e in examples):
         batch["image_feature"] = torch.stack([e["image_feature"] for e in examples])
+    if all("label_ids" in e for e in examples):
+        label_lengths = torch.tensor([len(e["label_ids"]) for e in examples])
+        batch["label_ids"] = _pad([e["label_ids"] for e in examples], 0)
+        batch["label_regions"] = _pad([e["label_regions"] for e in examples], -1)
+        batch["label_mask"] = torch.arange(batch["label_ids"].shape[1])[None, :] < label_lengths[:, None]
+    return batch
+
+
+def attach_label_tokens(batch: dict, sep_token_id: int, pad_token_id: int = 0) -> dict:
+    """LAMP's label-augmented text: each row's text, then the label tokens of the image the
+    row shows (``label_ids``, which an ITM swap moves with the image) and ``[SEP]``.
+
+    Returns a new batch without the label fields; a batch without them is returned as is.
+    Called after the negatives are drawn and before any masking, so masked-token targets
+    include the label tokens and a mismatched pair reads the labels of the image it shows.
+    """
+    if "label_ids" not in batch:
+        return batch
+    batch = dict(batch)
+    label_ids, label_regions, label_mask = (batch.pop(k) for k in ("label_ids", "label_regions", "label_mask"))
+    ids, regions = [], []
+    sep = torch.tensor([sep_token_id], dtype=torch.long, device=label_ids.device)
+    no_region = torch.tensor([-1], dtype=torch.long, device=label_ids.device)
+    for row in range(batch["input_ids"].shape[0]):
+        text = batch["text_mask"][row].bool()
+        labels = label_mask[row].bool()
+        if labels.any():
+            ids.append(torch.cat([batch["input_ids"][row][text], label_ids[row][labels], sep]))
+            regions.append(torch.cat([batch["token_regions"][row][text], label_regions[row][labels], no_region]))
+        else:
+            ids.append(batch["input_ids"][row][text])
+            regions.append(batch["token_regions"][row][text])
+    lengths = torch.tensor([len(x) for x in ids], device=label_ids.device)
+    batch["input_ids"] = _pad(ids, pad_token_id)
+    batch["token_regions"] = _pad(regions, -1)
+    batch["text_mask"] = torch.arange(int(lengths.max()), device=label_ids.device)[None, :] < lengths[:, None]
     return batch
 
 

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from vlp.trainer.data import LengthBucketBatchSampler, collate, to_device
-from vlp.trainer.tasks import IFRS, ITM, ITM_HS, MRFR, link_to_shown_regions, prepare_batch
+from vlp.trainer.data import LengthBucketBatchSampler, attach_label_tokens, collate, to_device
+from vlp.trainer.tasks import IFRS, ITM, ITM_HS, LABEL_FIELDS, MRFR, link_to_shown_regions, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,10 @@ def retrieval_scores(model, dataset, indices: Sequence[int], *, batch_size: int 
             pairs["token_regions"] = link_to_shown_regions(batch["token_regions"][rows, :t], pairs["region_mask"])
             if "image_feature" in batch:
                 pairs["image_feature"] = batch["image_feature"][cols]
+            for key in LABEL_FIELDS:  # LAMP: the labels of the image shown, after the caption
+                if key in batch:
+                    pairs[key] = batch[key][cols]
+            pairs = attach_label_tokens(pairs, model.ctx.sep_id, model.ctx.pad_id)
             logits = head(model.encode(pairs).pooled).float()
             scores[start:start + len(flat)] = (logits[:, 1] - logits[:, 0]).cpu()
     return scores.view(n, n)

@@ -106,7 +106,11 @@ class CrossModalEncoder(BertStyleInit, nn.Module):
             visn = self.lxmert.encoder.visn_fc
             gather = token_regions.clamp(min=0).unsqueeze(-1).expand(-1, -1, region_boxes.shape[-1])
             spatial = visn.box_layer_norm(visn.box_fc(torch.gather(region_boxes, 1, gather)))
-            embeds = embeds + spatial * (token_regions >= 0).unsqueeze(-1).to(embeds.dtype)
+            # the region's spatial embedding takes the place of the text position the
+            # embedding layer adds (LAMP)
+            text_pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            position = self.lxmert.embeddings.position_embeddings(text_pos)
+            embeds = embeds + (spatial - position) * (token_regions >= 0).unsqueeze(-1).to(embeds.dtype)
         out = self.lxmert(inputs_embeds=embeds, visual_feats=region_features, visual_pos=region_boxes,
                           attention_mask=text_mask.float(), visual_attention_mask=region_mask.float(),
                           token_type_ids=torch.zeros_like(input_ids))

@@ -3,7 +3,8 @@
 Input sequence: ``[CLS] text [SEP]`` followed by the regions (optionally led by a
 whole-image token), padded text and padded regions each masked out::
 
-    text token  = word + segment A + position              (+ spatial(region) for LAMP label tokens)
+    text token  = word + segment A + position              (+ visual(whole image) with visual_clue)
+    label token = word + segment A + spatial(its region)   (LAMP; label_spatial: no text position)
     region      = LN(Linear(features)) + LN(Linear(geometry)) + segment B + position
 
 Word, position and segment embeddings and the final embedding LayerNorm are BertModel's
@@ -13,6 +14,15 @@ are new. We pass ``inputs_embeds`` with explicit ``position_ids`` / ``token_type
 LayerNorm. Region positions: ``"shared"`` (VL-BERT: every region gets the position right
 after ``[SEP]``) or ``"index"`` (region j gets ``text_len + j``; needed by tasks that
 restore region order, e.g. IFRS).
+
+VL-BERT options: ``visual_clue`` adds the visual feature embedding of the whole image (the
+record's ``image_feature``, with the whole-image box) to every text token, as VL-BERT
+attaches a visual feature to every input element; ``geometry: sinusoidal`` embeds the box
+coordinates with sines and cosines of several wavelengths before the linear layer, as
+VL-BERT (after Relation Networks) does; ``mask_embedding`` replaces the feature embedding of
+every masked region by one learned [MASK] vector. Without a stored ``image_feature`` the
+whole image is the mean of the regions that are not masked (a mean over masked ones would
+hand their content back to the model).
 """
 
 from __future__ import annotations
@@ -33,12 +43,43 @@ class VisualConfig:
     image_token: bool = False  # prepend a whole-image token to the regions
     label_spatial: bool = True  # LAMP: label tokens get their region's spatial embedding
     visual_segment: int = 1  # token type id of region tokens
+    visual_clue: bool = False  # VL-BERT: every text token also gets the whole image's visual embedding
+    geometry: str = "linear"  # or "sinusoidal" (VL-BERT)
+    mask_embedding: bool = False  # VL-BERT: a learned [MASK] feature embedding for masked regions
 
     def __post_init__(self):
         if self.region_positions not in ("shared", "index"):
             raise ValueError(f"region_positions must be shared or index, got {self.region_positions!r}")
         if self.box_dims not in (4, 5, 7):
             raise ValueError(f"box_dims must be 4, 5 or 7, got {self.box_dims}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be linear or sinusoidal, got {self.geometry!r}")
+
+
+GEOMETRIES = ("linear", "sinusoidal")
+
+
+class SinusoidalBoxes(nn.Module):
+    """Each box coordinate (in [0, 1]) as sin/cos at ``frequencies`` wavelengths from 1 to
+    1000 (relative to the image), concatenated: [.., dims] -> [.., dims * 2 * frequencies]."""
+
+    def __init__(self, frequencies: int = 16):
+        super().__init__()
+        wavelengths = 1000.0 ** (torch.arange(frequencies, dtype=torch.float32) / frequencies)
+        self.register_buffer("scale", 100.0 / wavelengths, persistent=False)
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        angles = boxes.unsqueeze(-1) * self.scale.to(boxes.dtype)
+        return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
+
+
+def geometry_projection(visual: "VisualConfig", hidden: int, eps: float) -> nn.Module:
+    """LN(Linear(boxes)), or LN(Linear(sinusoids(boxes))) with ``geometry: sinusoidal``."""
+    if visual.geometry == "sinusoidal":
+        sinusoids = SinusoidalBoxes()
+        width = visual.box_dims * 2 * len(sinusoids.scale)
+        return nn.Sequential(sinusoids, nn.Linear(width, hidden), nn.LayerNorm(hidden, eps=eps))
+    return nn.Sequential(nn.Linear(visual.box_dims, hidden), nn.LayerNorm(hidden, eps=eps))
 
 
 @dataclasses.dataclass
@@ -59,6 +100,13 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
                     max_position_embeddings=256, type_vocab_size=2)
     defaults.update(kwargs)
     return BertConfig(**defaults)
+
+
+def whole_image_box(batch: int, box_dims: int, device, dtype) -> torch.Tensor:
+    """The geometry of a box covering the image: (0, 0, 1, 1[, area 1[, w 1, h 1]])."""
+    whole = torch.zeros(batch, box_dims, device=device, dtype=dtype)
+    whole[:, 2:] = 1.0
+    return whole
 
 
 class BertStyleInit:
@@ -94,9 +142,11 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
         # and gradient clipping then freezes the rest of the model on those steps.
         self.feature_proj = nn.Sequential(nn.Linear(self.visual.feature_dim, hidden, bias=False),
                                           nn.LayerNorm(hidden, eps=eps))
-        self.box_proj = nn.Sequential(nn.Linear(self.visual.box_dims, hidden), nn.LayerNorm(hidden, eps=eps))
+        self.box_proj = geometry_projection(self.visual, hidden, eps)
         for module in (self.feature_proj, self.box_proj):
             module.apply(self._init_weights)
+        if self.visual.mask_embedding:
+            self.region_mask_embedding = nn.Parameter(torch.zeros(hidden).normal_(0.0, bert_config.initializer_range))
 
     @property
     def hidden_size(self) -> int:
@@ -129,35 +179,57 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
         return cls(config, visual, bert=bert)
 
     # -- forward -------------------------------------------------------------------
-    def region_embeddings(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.feature_proj(features) + self.box_proj(boxes)
+    def region_embeddings(self, features: torch.Tensor, boxes: torch.Tensor,
+                          replaced: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``replaced`` [B, N] bool: regions whose features masking replaced by zeros; with
+        ``mask_embedding`` they get the learned [MASK] embedding instead."""
+        appearance = self.feature_proj(features)
+        if replaced is not None and self.visual.mask_embedding:
+            appearance = torch.where(replaced.unsqueeze(-1), self.region_mask_embedding.to(appearance.dtype),
+                                     appearance)
+        return appearance + self.box_proj(boxes)
+
+    def _whole_image(self, region_features, region_mask, region_masked, image_feature):
+        """The whole image's visual embedding [B, H]: the stored image feature, else the
+        mean of the regions that are not masked."""
+        batch = region_features.shape[0]
+        if image_feature is None:
+            visible = region_mask if region_masked is None else region_mask & ~region_masked.bool()
+            weights = visible.unsqueeze(-1).to(region_features.dtype)
+            image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
+        whole = whole_image_box(batch, self.visual.box_dims, region_features.device, region_features.dtype)
+        return self.region_embeddings(image_feature, whole)
 
     def forward(self, input_ids, text_mask, region_features, region_boxes, region_mask,
-                token_regions=None, image_feature=None, **_) -> EncoderOutput:
+                token_regions=None, image_feature=None, region_masked=None, region_mask_how=None,
+                **_) -> EncoderOutput:
         batch, text_len = input_ids.shape
         device = input_ids.device
+        region_mask = region_mask.bool()
         text = self.word_embeddings(input_ids)
+        text_pos = torch.arange(text_len, device=device).expand(batch, -1)
         if self.visual.label_spatial and token_regions is not None and (token_regions >= 0).any():
-            # LAMP: a label token gets the spatial (geometry) embedding of its region.
+            # LAMP: a label token's position is its region's spatial (geometry) embedding:
+            # add that and take away the text position the BERT embedding layer will add.
+            labels = (token_regions >= 0).unsqueeze(-1).to(text.dtype)
             gather = token_regions.clamp(min=0).unsqueeze(-1).expand(-1, -1, region_boxes.shape[-1])
             spatial = self.box_proj(torch.gather(region_boxes, 1, gather))
-            text = text + spatial * (token_regions >= 0).unsqueeze(-1).to(text.dtype)
-        regions = self.region_embeddings(region_features, region_boxes)
-        region_mask = region_mask.bool()
+            position = self.bert.embeddings.position_embeddings(text_pos)
+            text = text + (spatial - position) * labels
+        whole = None
+        if self.visual.image_token or self.visual.visual_clue:
+            whole = self._whole_image(region_features, region_mask, region_masked, image_feature)
+        if self.visual.visual_clue:
+            text = text + whole.unsqueeze(1)
+        replaced = None
+        if region_masked is not None and region_mask_how is not None:
+            replaced = region_masked.bool() & (region_mask_how == 0)
+        regions = self.region_embeddings(region_features, region_boxes, replaced)
         if self.visual.image_token:
-            if image_feature is None:  # mean of the real regions
-                weights = region_mask.unsqueeze(-1).to(region_features.dtype)
-                image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
-            whole = torch.zeros(batch, self.visual.box_dims, device=device, dtype=region_boxes.dtype)
-            whole[:, 2:4] = 1.0
-            if self.visual.box_dims >= 5:
-                whole[:, 4:] = 1.0
-            image = self.region_embeddings(image_feature, whole).unsqueeze(1)
-            regions = torch.cat([image, regions], 1)
+            regions = torch.cat([whole.unsqueeze(1), regions], 1)
             region_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), region_mask], 1)
         visual_len = regions.shape[1]
         text_lengths = text_mask.long().sum(1, keepdim=True)  # [B,1]
-        text_pos = torch.arange(text_len, device=device).expand(batch, -1)
         if self.visual.region_positions == "shared":
             region_pos = text_lengths.expand(-1, visual_len)
         else:

@@ -337,7 +337,7 @@ class Pretrainer:
         torch.manual_seed(seed)  # dropout
         batch = to_device(batch, self.device)
         prepared = prepare_batch(batch, self.model.select(source.tasks), self.generator, self.model.ctx,
-                                 stage.text_mask_prob, stage.region_mask_prob)
+                                 stage.text_mask_prob, stage.region_mask_prob, stage.region_mask_split)
         context = self.forward.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with context:
             with torch.autocast(**self.autocast):

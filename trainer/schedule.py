@@ -84,7 +84,7 @@ def _check_stores(config: TrainConfig) -> None:
             places.append((f"stages[{i}]" + (f".sources[{k}]" if len(stage.sources) > 1 or spec.name != "pairs"
                                              else ""), spec, i))
     checked: set = set()
-    for where, spec, _ in places:
+    for where, spec, stage_index in places:
         for key, store_class in (("pairs", PairStore), ("hard_negatives", PairStore), ("features", FeatureStore)):
             path, label = getattr(spec, key, None), f"{where}.{key}"
             if key == "features" and path == config.data.features:
@@ -108,6 +108,12 @@ def _check_stores(config: TrainConfig) -> None:
                 raise ConfigError(f"{label}: {path} holds {store.feature_dim}-d features, model.visual.feature_dim "
                                   f"is {feature_dim}: set model.visual.feature_dim: {store.feature_dim}")
             checked.add(identity)
+        if stage_index is not None:
+            try:
+                check_class_distribution(spec, source_task_names(config.stages[stage_index], spec),
+                                         FeatureStore(spec.features))
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
 
 
 def build_tokenizer(config: Union[TrainConfig, dict]):
@@ -213,6 +219,25 @@ def _dataset(spec, stores: _Stores, tokenizer, box_dims: int, seed: int):
                        split=list(spec.split) if spec.split else None)
 
 
+def source_task_names(stage, source) -> tuple:
+    """The tasks a source trains: its own list, or else all of its stage's."""
+    from vlp.trainer.tasks import make_tasks
+
+    return tuple(source.tasks) or tuple(t.name for t in make_tasks(stage.tasks))
+
+
+def check_class_distribution(spec, task_names, features) -> None:
+    """MOC_KL's target is the detector's class distribution: a source that trains it on a
+    store without ``cls_prob`` is refused (a silent fall-back to the top class would be
+    another task than the config names)."""
+    if "MOC_KL" in task_names and "cls_prob" not in features.fields:
+        raise ConfigError(
+            f"source {spec.name!r}: MOC_KL needs the detector's class distribution, and "
+            f"{getattr(features, 'root', features)} has no cls_prob. Extract with "
+            "`vlp-extract ... --set with_probs=true` (1601 float16 per region: about 3.2 KB, "
+            "115 KB for a 36-region image), or train MOC (the top class) instead.")
+
+
 def _evaluator(config: TrainConfig, stores: _Stores, tokenizer, box_dims: int):
     """A callable model -> metrics on the config's held-out pairs (``eval:``), or None."""
     spec = config.eval
@@ -245,6 +270,7 @@ def stage_trainer(config: Union[TrainConfig, dict], index: int, out_dir, *, enco
     sources = []
     for k, spec in enumerate(stage.sources):
         dataset = _dataset(spec, stores, tokenizer, encoder.visual.box_dims, seed=stage.seed + k)
+        check_class_distribution(spec, source_task_names(stage, spec), dataset.features)
         sources.append(DataSource(spec.name, dataset, tuple(spec.tasks), spec.ratio))
     stage_dir = config.stage_dir(out_dir, index)
     trainer = Pretrainer(model, sources, stage, stage_dir, device=device, rank=rank, world_size=world_size,

@@ -6,8 +6,8 @@ name          what it does
 MLM           15% of text tokens (never [CLS]/[SEP]/[PAD]/other specials): 80% [MASK],
               10% random token, 10% kept; CE on them (head tied to the word embeddings)
 MOC           masked regions: CE for the detector category (1600) and attribute (400)
-MOC_KL        masked regions: KL(cls_prob || softmax(head)) over 1601 classes when the
-              store has ``cls_prob``; falls back to CE on ``objects_id`` otherwise
+MOC_KL        masked regions: KL(cls_prob || softmax(head)) over 1601 classes; needs a store
+              with ``cls_prob`` (``vlp-extract --set with_probs=true``), refused without
 MRFR (MOR)    masked regions: L2 regression of the original region features
 ITM (VLM)     50% of pairs get another image of the batch; binary matched/not on [CLS]
 ITM_HS        as ITM, but the negative image is the pair's hard negative (the dataset's
@@ -37,14 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.trainer.data import IGNORE
+from vlp.trainer.data import IGNORE, attach_label_tokens
 from vlp.trainer.model import EncoderOutput
 
 ENCODER_INPUTS = ("input_ids", "text_mask", "region_features", "region_boxes", "region_mask",
-                  "token_regions", "image_feature")
+                  "token_regions", "image_feature", "region_masked", "region_mask_how")
+#: how a masked region's input is replaced: zeros / another region's features / kept
+REGION_MASK_SPLIT = (0.8, 0.1, 0.1)
 REGION_FIELDS = ("region_features", "region_boxes", "region_mask", "objects_id", "attrs_id",
                  "objects_conf", "attrs_conf", "cls_prob")
-_PAD_VALUE = {"objects_id": IGNORE, "attrs_id": IGNORE, "region_mask": False}
+#: LAMP's label tokens of the image (vlp.trainer.data.attach_label_tokens): they move with it
+LABEL_FIELDS = ("label_ids", "label_regions", "label_mask")
+_PAD_VALUE = {"objects_id": IGNORE, "attrs_id": IGNORE, "region_mask": False, "label_regions": -1,
+              "label_mask": False}
 
 
 @dataclasses.dataclass
@@ -56,6 +61,7 @@ class TaskContext:
     pad_id: int
     special_ids: tuple
     tokenizer: object = None
+    sep_id: int = -1
 
     def regular_ids(self) -> torch.Tensor:
         """Every token id that is not special (cached)."""
@@ -70,7 +76,7 @@ class TaskContext:
     def from_tokenizer(cls, tokenizer) -> "TaskContext":
         return cls(vocab_size=len(tokenizer), mask_id=tokenizer.mask_token_id,
                    pad_id=tokenizer.pad_token_id, special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, sep_id=tokenizer.sep_token_id)
 
 
 def _zero_loss(reference: torch.Tensor) -> torch.Tensor:
@@ -101,14 +107,17 @@ def mask_tokens(input_ids, text_mask, ctx: TaskContext, generator, prob: float =
     return out, labels
 
 
-def mask_regions(features, region_mask, generator, prob: float = 0.15):
-    """Region masking. Returns (new features, masked bool [B,N], how: 0 zero / 1 random / 2 keep)."""
+def mask_regions(features, region_mask, generator, prob: float = 0.15, split=REGION_MASK_SPLIT):
+    """Region masking. Returns (new features, masked bool [B,N], how: 0 zero / 1 random / 2 keep).
+
+    ``split``: the shares of (zeros, another region's features, kept) among masked regions."""
     region_mask = region_mask.bool()
     device = features.device
     draw = torch.rand(region_mask.shape, generator=generator).to(device)
     masked = region_mask & (draw < prob)
     action = torch.rand(region_mask.shape, generator=generator).to(device)
-    how = torch.where(action < 0.8, 0, torch.where(action < 0.9, 1, 2))
+    zero, other = float(split[0]), float(split[0]) + float(split[1])
+    how = torch.where(action < zero, 0, torch.where(action < other, 1, 2))
     out = features.clone()
     out[masked & (how == 0)] = 0.0
     rand_rows = masked & (how == 1)
@@ -172,20 +181,32 @@ def link_to_shown_regions(token_regions: torch.Tensor, region_mask: torch.Tensor
 
 def _swap_images(batch: dict, rows: torch.Tensor, source: dict, source_rows: torch.Tensor) -> None:
     """Put the regions of ``source[source_rows]`` into ``batch`` at ``rows`` (pads N as needed)."""
-    n_batch = batch["region_features"].shape[1]
-    n_source = source["region_features"].shape[1]
-    n = max(n_batch, n_source)
-    for field in REGION_FIELDS + ("image_feature",):
+    for field in REGION_FIELDS + LABEL_FIELDS + ("image_feature",):
         if field not in batch:
             continue
         if field not in source:
             raise KeyError(f"cannot swap images: the negatives lack {field}")
         target, src = batch[field], source[field]
         if field != "image_feature":
+            n = max(target.shape[1], src.shape[1])
             target, src = _pad_regions(target, n, field), _pad_regions(src, n, field)
         target = target.clone()
         target[rows] = src[source_rows]
         batch[field] = target
+
+
+def _swap_texts(batch: dict, rows: torch.Tensor, source: dict, source_rows: torch.Tensor) -> None:
+    """Put the captions of ``source[source_rows]`` into ``batch`` at ``rows`` (same padding)."""
+    for field in TEXT_FIELDS:
+        target = batch[field].clone()
+        target[rows] = source[field][source_rows]
+        batch[field] = target
+    for field in ("text", "topics"):
+        if field in batch:
+            values = list(batch[field])
+            for r, p in zip(rows.tolist(), source_rows.tolist()):
+                values[r] = source[field][p]
+            batch[field] = values
 
 
 def _pad_regions(tensor, n, field):
@@ -339,11 +360,8 @@ class MOC_KL(Task):
             loss = F.kl_div(F.log_softmax(logits, -1), target, reduction="batchmean")
             return loss, {"moc_kl_agree": (logits.argmax(-1) == target.argmax(-1)).float().mean().item(),
                           "moc_kl_agree_n": int(masked.sum())}
-        target = batch["objects_id"][masked]
-        ok = target != IGNORE
-        if not ok.any():
-            return _zero_loss(logits), {}
-        return F.cross_entropy(logits[ok], target[ok]), {}
+        raise KeyError("MOC_KL needs cls_prob (the detector's class distribution) in the feature store; "
+                       "extract with --set with_probs=true, or train MOC")
 
 
 class MRFR(Task):
@@ -357,36 +375,67 @@ class MRFR(Task):
         return _feature_regression(out, head, _masked_regions(batch), batch["region_targets"], "mrfr_mse")
 
 
+NEGATIVE_SIDES = ("image", "text", "both")
+TEXT_FIELDS = ("input_ids", "text_mask", "token_regions")
+
+
 class ITM(Task):
+    """``negative_side``: what a negative pair replaces - the ``image`` (another image of the
+    batch; the default), the ``text`` (another caption of the batch: VL-BERT's sentence-image
+    relation prediction) or ``both`` (each negative one or the other with equal chance:
+    ImageBERT)."""
+
     name = "ITM"
-    option_names = ("negative_prob",)
+    option_names = ("negative_prob", "negative_side")
     matching = True
+
+    def __init__(self, weight: float = 1.0, **options):
+        super().__init__(weight, **options)
+        self._side()  # a bad value fails when the config is read, not at the first batch
 
     def build_head(self, encoder, ctx):
         return nn.Linear(encoder.hidden_size, 2)
 
+    def _side(self) -> str:
+        side = self.options.get("negative_side", "image")
+        if side not in NEGATIVE_SIDES:
+            raise ValueError(f"{self.name}.negative_side must be image, text or both, got {side!r}")
+        return side
+
     def prepare(self, batch, generator, ctx):
         size = batch["input_ids"].shape[0]
+        side = self._side()
         negative = torch.rand(size, generator=generator) < float(self.options.get("negative_prob", 0.5))
         rows = torch.nonzero(negative).flatten()
         if size < 2 or len(rows) == 0:
             batch["matched"] = torch.ones(size, dtype=torch.bool, device=batch["input_ids"].device)
+            batch["shown_image_id"] = list(batch["image_id"])
             return
         # another example of the batch: i + offset (offset in 1..B-1) is never i
         offsets = torch.randint(1, size, (len(rows),), generator=generator)
         partners = (rows + offsets) % size
+        text_side = torch.rand(len(rows), generator=generator) < 0.5 if side == "both" else \
+            torch.full((len(rows),), side == "text")
         image_ids = list(batch["image_id"])
-        _swap_images(batch, rows, dict(batch), partners)
-        for r, p in zip(rows.tolist(), partners.tolist()):
-            image_ids[r] = batch["image_id"][p]
-        self._finish(batch, rows, image_ids)
+        caption_of = list(batch["image_id"])  # the image each row's caption was written for
+        original = dict(batch)
+        swap_image, swap_text = rows[~text_side], rows[text_side]
+        if len(swap_image):
+            _swap_images(batch, swap_image, original, partners[~text_side])
+            for r, p in zip(swap_image.tolist(), partners[~text_side].tolist()):
+                image_ids[r] = original["image_id"][p]
+        if len(swap_text):
+            _swap_texts(batch, swap_text, original, partners[text_side])
+            for r, p in zip(swap_text.tolist(), partners[text_side].tolist()):
+                caption_of[r] = original["image_id"][p]
+        self._finish(batch, rows, image_ids, caption_of)
 
     @staticmethod
-    def _finish(batch, rows, image_ids):
-        original = batch["image_id"]
+    def _finish(batch, rows, image_ids, caption_of=None):
+        caption_of = batch["image_id"] if caption_of is None else caption_of
         # a caption paired with another caption's copy of its own image is still a match
         device = batch["input_ids"].device
-        matched = torch.tensor([a == b for a, b in zip(image_ids, original)], dtype=torch.bool, device=device)
+        matched = torch.tensor([a == b for a, b in zip(image_ids, caption_of)], dtype=torch.bool, device=device)
         batch["matched"] = matched
         batch["shown_image_id"] = image_ids
         batch["token_regions"] = link_to_shown_regions(batch["token_regions"], batch["region_mask"])
@@ -404,6 +453,7 @@ class ITM_HS(ITM):
     another image of the batch, as in ITM."""
 
     name = "ITM_HS"
+    option_names = ("negative_prob",)  # its negatives are images
 
     def prepare(self, batch, generator, ctx):
         size = batch["input_ids"].shape[0]
@@ -535,15 +585,16 @@ def make_tasks(spec) -> list[Task]:
 
 
 def prepare_batch(batch: dict, tasks: list[Task], generator, ctx: TaskContext,
-                  text_prob: float = 0.15, region_prob: float = 0.15) -> dict:
-    """Apply every task's masking to a copy of ``batch``; order: negatives, IFRS, topic
-    targets, text masking, region masking."""
+                  text_prob: float = 0.15, region_prob: float = 0.15, region_split=REGION_MASK_SPLIT) -> dict:
+    """Apply every task's masking to a copy of ``batch``; order: negatives, the label tokens
+    of the image each row shows (LAMP), IFRS, topic targets, text masking, region masking."""
     batch = dict(batch)
     for task in tasks:  # negatives first: the other rules act on the image actually shown
         if task.matching:
             if any(isinstance(t, TITP) for t in tasks) and "topics" not in batch and "objects_id" in batch:
                 batch["topic_objects_id"] = batch["objects_id"]  # topics follow the pair's own image
             task.prepare(batch, generator, ctx)
+    batch = attach_label_tokens(batch, ctx.sep_id, ctx.pad_id)
     for task in tasks:
         if not task.matching:
             task.prepare(batch, generator, ctx)
@@ -557,7 +608,7 @@ def prepare_batch(batch: dict, tasks: list[Task], generator, ctx: TaskContext,
     if any(t.masks_regions for t in tasks):
         batch["region_targets"] = batch["region_features"]
         batch["region_features"], batch["region_masked"], batch["region_mask_how"] = mask_regions(
-            batch["region_features"], batch["region_mask"], generator, region_prob)
+            batch["region_features"], batch["region_mask"], generator, region_prob, region_split)
     return batch
 
 

@@ -4,7 +4,8 @@
 * :func:`tiny_feature_store` - random feature records (optionally with cls_prob);
 * :func:`world_stores` - a FeatureStore built from a synthetic world's ground-truth boxes,
   with random-but-class-dependent features (so MOC is learnable), and a caption
-  PairStore from its COCO captions. No detector needed.
+  PairStore from its COCO captions. No detector needed;
+* :func:`toy_batch` - one batch as ``collate`` makes it, for task and model tests.
 """
 
 from __future__ import annotations
@@ -64,14 +65,18 @@ def _words(text: str) -> list[str]:
 
 
 def world_stores(world_dir, out_dir, *, feature_dim: int = 32, noise: float = 0.3, seed: int = 0,
-                 split: str = "train", vocab_extra: Iterable[str] = ()):
+                 split: str = "train", vocab_extra: Iterable[str] = (), cls_prob: bool = False):
     """Feature + caption stores from a synthetic world (``vlp.synthetic.generate``).
 
     Regions are the ground-truth objects of ``attributes.json`` (boxes, category, first
     attribute); features = a per-category vector + a per-colour vector + Gaussian noise,
-    so both MOC heads are learnable from the features. Returns ``(FeatureStore,
-    PairStore, vocab_path)``; the vocab holds every caption word.
+    so both MOC heads are learnable from the features. ``cls_prob``: also a class
+    distribution per region (MOC_KL's target), 0.8 on its category (index + 1: column 0 is
+    the background) and the rest spread at random. Returns ``(FeatureStore, PairStore,
+    vocab_path)``; the vocab holds every caption word.
     """
+    from vlp.schemas.record import NUM_CLS_PROB
+
     from vlp.schemas import FeatureRecord, FeatureStore, FeatureStoreWriter, vocab
     from vlp.schemas.pairs import PairStore, PairStoreWriter
 
@@ -95,10 +100,16 @@ def world_stores(world_dir, out_dir, *, feature_dim: int = 32, noise: float = 0.
         obj, att = np.asarray(obj), np.asarray(att)
         n = len(obj)
         feats = centers_obj[obj] + centers_attr[att] + noise * rng.standard_normal((n, feature_dim))
+        extra = {}
+        if cls_prob:
+            spread = rng.random((n, NUM_CLS_PROB))
+            probs = 0.2 * spread / spread.sum(1, keepdims=True)
+            probs[np.arange(n), obj + 1] += 0.8
+            extra["cls_prob"] = probs.astype(np.float32)
         writer.add(FeatureRecord.from_arrays(
             str(entry["image_id"]), width, height, boxes=np.asarray(boxes, np.float32),
             features=feats.astype(np.float32), objects_id=obj, objects_conf=np.ones(n),
-            attrs_id=att, attrs_conf=np.ones(n)))
+            attrs_id=att, attrs_conf=np.ones(n), **extra))
     writer.close()
     captions = json.loads((world_dir / "annotations" / f"captions_{split}.json").read_text())
     words = set(vocab_extra)
@@ -168,3 +179,34 @@ def demo_vocab_words(scenes: int = DEMO_VOCAB_SCENES) -> list[str]:
 def build_demo_vocab(path, scenes: int = DEMO_VOCAB_SCENES) -> Path:
     """Write the demo vocabulary (see :func:`demo_vocab_words`) to ``path``."""
     return write_vocab(path, demo_vocab_words(scenes))
+
+
+def toy_batch(tok, batch=4, regions=6, dim=8, seed=0, texts=None) -> dict:
+    """A collated-looking batch of up to 4 short captions and random regions with detector
+    labels and class distributions (row 1 has two padded regions), for task and model tests."""
+    import torch
+
+    from vlp.schemas import vocab
+    from vlp.trainer.data import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    texts = texts or ["a red circle near the blue star", "a heart", "the large heart and a small star",
+                      "a circle"][:batch]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    region_mask = torch.ones(batch, regions, dtype=torch.bool)
+    region_mask[1, regions - 2:] = False
+    names = ["circle", "star", "heart"]
+    objects = torch.tensor([vocab.objects().id(names[i % 3]) for i in range(regions)]).repeat(batch, 1)
+    objects[~region_mask] = IGNORE
+    attrs = torch.randint(0, 400, (batch, regions), generator=g).masked_fill(~region_mask, IGNORE)
+    return {
+        "index": torch.arange(batch), "pair_id": [f"p{i}" for i in range(batch)],
+        "image_id": [f"img{i}" for i in range(batch)], "text": texts,
+        "input_ids": enc["input_ids"], "text_mask": enc["attention_mask"].bool(),
+        "token_regions": torch.full(enc["input_ids"].shape, -1, dtype=torch.long),
+        "region_features": torch.randn(batch, regions, dim, generator=g) * region_mask.unsqueeze(-1),
+        "region_boxes": torch.rand(batch, regions, 5, generator=g),
+        "region_mask": region_mask, "objects_id": objects, "attrs_id": attrs,
+        "objects_conf": torch.ones(batch, regions), "attrs_conf": torch.ones(batch, regions),
+        "cls_prob": torch.softmax(torch.randn(batch, regions, 1601, generator=g), -1),
+    }
