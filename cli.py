@@ -1222,7 +1222,8 @@ def build_train_web_scorer_cmd(out, world, captions, caption_features, crawl, cr
               help="Ray actors (one per GPU when the cluster has GPUs, else this many CPU actors); 0: this process.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of a local Ray instance.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: GPU actors when the Ray cluster (or, with --num-workers 0, this machine) has GPUs.")
 @click.option("--overwrite", is_flag=True, help="Replace a pair store at --out and start over (drops earlier work).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True,
               help="Progress bar, periodic log lines, or none.")
