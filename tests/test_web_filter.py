@@ -363,3 +363,22 @@ def test_synthetic_crawl_without_features_skips_model_stages(web_world, tmp_path
 def test_shard_object_is_stable():
     shard = Shard("0/records.jsonl#0", "jsonl", "/x/records.jsonl", "/x", 0, 10, 1, 3)
     assert shard.name == "0/records.jsonl#0" and shard.rows == 3
+
+
+def test_parquet_records_with_image_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "crawl"
+    folder.mkdir()
+    table = pa.table({"key": ["p1", "p2", "p3"], "url": ["https://x.invalid/1", "https://x.invalid/2", None],
+                      "image": [_jpeg(420, 360, 5), b"\x00garbage" * 1000, _jpeg(420, 360, 6)],
+                      "alt": [GOOD_TEXT, GOOD_TEXT, "Bild mit einem Kreis in Rot vor neutralem Hintergrund"]})
+    pq.write_table(table, folder / "part-0.parquet", row_group_size=2)
+    shards = plan_shards([folder])
+    assert [(s.kind, s.rows) for s in shards] == [("parquet", 2), ("parquet", 1)]
+    web_filter(folder, tmp_path / "out", engine="local", progress="off")
+    assert [(p["pair_id"], p["url"]) for p in PairStore(tmp_path / "out")] == [("web/p1", "https://x.invalid/1")]
+    rejected = [json.loads(line) for line in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["stage"], r["reason"]) for r in rejected] == [
+        ("p2", "image", "undecodable"), ("p3", "language", "not_english")]
