@@ -67,6 +67,9 @@ def shrink(config: dict, stores: dict) -> dict:
         model["lxmert"] = {**model.get("lxmert", {}), "hidden": 32, "heads": 2, "x_layers": 1}
     else:
         model["bert"] = {"hidden": 32, "layers": 1, "heads": 2}
+    if model.get("architecture") == "two_stream":  # ViLBERT's layout kept, every width small
+        model["bert"]["layers"] = 12
+        model["two_stream"].update(v_hidden=16, v_heads=2, v_intermediate=32, co_hidden=16, co_heads=2)
     config["data"]["features"] = stores["features"]
     if "eval" in config:
         config["eval"].update(pairs=stores["captions"], max_batches=2, retrieval_images=8, batch_size=16)
