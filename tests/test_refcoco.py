@@ -249,3 +249,22 @@ def test_finetune_and_evaluate_with_gt_and_detected_regions(world, tmp_path, los
     assert len(rows) == gt["metrics"]["n"] and len(rows[0]["prediction"]["box"]) == 4
     results = json.loads((run / "results.json").read_text())
     assert set(results["evaluations"]) == {"pairs:testA/testB"} and results["main_metric"] == "accuracy"
+
+
+@pytest.mark.slow
+def test_world_refcoco_beats_chance_and_the_category_baseline(world, tmp_path):
+    """300 steps (UNITER's CE over regions) from random init on the world's RefCOCO+ with
+    ground-truth regions: testA + testB accuracy clearly above picking a random object of
+    the right category (the figures of README / RESULTS come from bench_grounding.py)."""
+    from vlp.trainer.config import FinetuneConfig
+    from vlp.trainer.finetune import evaluate_run, finetune
+
+    config = _config(world, 300, loss="ce")
+    config["train"].update(batch_size=32, eval_every=100, warmup_ratio=0.1)
+    finetune(FinetuneConfig.from_dict(config), tmp_path / "run")
+    entry = evaluate_run(tmp_path / "run", _import(world), world / "features", split=["testA", "testB"])
+    truth = json.loads((world / "world" / "truth.json").read_text())["tasks"]["refcoco+"]
+    counts = {k: truth["counts"][k] for k in ("testA", "testB")}
+    category_only = sum(truth["baselines"][k]["category_only"] * n for k, n in counts.items()) / sum(counts.values())
+    assert entry["metrics"]["n"] == sum(counts.values())
+    assert entry["metrics"]["accuracy"] > category_only + 0.2, (entry["metrics"], category_only)
