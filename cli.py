@@ -1550,7 +1550,7 @@ def train_evaluate_cmd(run_dir, pairs_dir, features_dir, split, predictions, dev
         device = "cuda" if torch.cuda.is_available() else "cpu"
     splits = None if split == "all" else [s for s in split.split(",") if s]
     if zero_shot:
-        from vlp.trainer.retrieval import zero_shot_evaluate
+        from vlp.trainer.retrieval_zero_shot import zero_shot_evaluate
 
         try:
             metrics = zero_shot_evaluate(run_dir, pairs_dir, features_dir, split=splits, device=device,

@@ -5,7 +5,7 @@ finetuned against zero-shot.
 world's test split (oracle features), by batch size, one process and ``--workers`` Ray workers,
 and with a ``--shortlist``; pairs/s and the share of pairs a shortlist scores.
 
-``compare`` (``--compare``): a short ``vlp-train pretrain`` run (MLM + ITM on the Karpathy train
+``compare`` (``--compare``): a short ``vlp-train pretrain`` run (MLM + MOC + ITM on the Karpathy train
 captions) scored zero-shot by its ITM head on the test split, then retrieval finetuning from it
 (``--loss``, ``--steps``) for each seed, best step chosen on val, R@K on test; the chance level
 (R@K = K / images for IR) printed alongside. Prints figures; asserts nothing.
@@ -99,7 +99,7 @@ def throughput(paths: dict, args) -> None:
 def compare(paths: dict, root: Path, args) -> None:
     from vlp.trainer.config import FinetuneConfig
     from vlp.trainer.finetune import evaluate_run, finetune
-    from vlp.trainer.retrieval import zero_shot_evaluate
+    from vlp.trainer.retrieval_zero_shot import zero_shot_evaluate
     from vlp.trainer.schedule import run_stages
 
     import yaml
@@ -108,13 +108,13 @@ def compare(paths: dict, root: Path, args) -> None:
     config = {"seed": 0, "model": model_section(args),
               "data": {"features": str(paths["features"]), "max_text_len": 40, "max_regions": 36},
               "stages": [{"name": "pretrain", "pairs": str(paths["pairs"]), "split": ["train"],
-                          "tasks": {"MLM": 1.0, "ITM": 1.0}, "steps": args.pretrain_steps,
+                          "tasks": {"MLM": 1.0, "MOC": 1.0, "ITM": 1.0}, "steps": args.pretrain_steps,
                           "batch_size": args.batch_size, "lr": args.pretrain_lr, "warmup_ratio": 0.1,
                           "checkpoint_every": 0, "log_every": 0}]}
     started = time.perf_counter()
     run_stages(config, pre)
     (pre / "config.yaml").write_text(yaml.safe_dump(config))
-    print(f"pretraining (MLM + ITM, {args.pretrain_steps} steps): {time.perf_counter() - started:.0f} s")
+    print(f"pretraining (MLM + MOC + ITM, {args.pretrain_steps} steps): {time.perf_counter() - started:.0f} s")
     zero = zero_shot_evaluate(pre, paths["pairs"], paths["features"], split=["test"])
     keys = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "r_mean")
     n_images = zero["n_images"]
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="store_true", help="finetuned against zero-shot (minutes)")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--pretrain-lr", type=float, default=5.0e-4)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2.0e-3)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=5.0e-4)
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--negatives", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=32)
