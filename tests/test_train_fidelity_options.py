@@ -212,3 +212,42 @@ def test_moc_kl_is_refused_on_a_store_without_class_distributions(tmp_path, tok)
         check_stores(config)
     config["stages"][0]["tasks"] = ["MLM", "MOC"]
     check_stores(config)
+
+
+# -- Singh et al.: VQA-P ------------------------------------------------------------------
+
+def test_vqa_p_text_is_the_question_then_an_answer_drawn_by_its_score(tmp_path, tok):
+    import collections
+
+    from vlp.schemas.pairs import PairStore, PairStoreWriter
+    from vlp.trainer.config import TrainConfig
+    from vlp.trainer.data import PairDataset
+    from vlp.trainer.toydata import tiny_feature_store
+
+    features = tiny_feature_store(tmp_path / "features", ["img0"], feature_dim=8)
+    with PairStoreWriter(tmp_path / "vqa", "question") as writer:
+        writer.add({"pair_id": "q0", "image_id": "img0", "text": "the red circle", "question_id": "0",
+                    "answers": ["star", "heart"], "answer_scores": [0.75, 0.25]})
+    pairs = PairStore(tmp_path / "vqa")
+    dataset = PairDataset(pairs, features, tok, answer_text=True)
+    question = tok("the red circle")["input_ids"]
+    drawn = collections.Counter()
+    for epoch in range(400):
+        ids = dataset.example(0, epoch)["input_ids"].tolist()
+        assert ids[:len(question)] == question and ids[-1] == tok.sep_token_id
+        drawn[tok.decode(ids[len(question):-1])] += 1
+    assert set(drawn) == {"star", "heart"}
+    assert 0.68 < drawn["star"] / 400 < 0.82
+    assert dataset.example(0, 7)["input_ids"].tolist() == dataset.example(0, 7)["input_ids"].tolist()
+    with pytest.raises(ValueError, match="answer_text is for question pairs"):
+        from vlp.schemas.pairs import PairStoreWriter as Writer
+
+        with Writer(tmp_path / "captions", "caption") as writer:
+            writer.add({"pair_id": "c0", "image_id": "img0", "text": "a red circle"})
+        PairDataset(PairStore(tmp_path / "captions"), features, tok, answer_text=True)
+    config = TrainConfig.from_dict({"model": {"vocab": "demo"}, "data": {"features": "f"},
+                                    "stages": [{"pairs": "p", "tasks": ["MLM"], "steps": 1, "answer_text": True}]})
+    assert config.stages[0].sources[0].answer_text is True
+    with pytest.raises(ValueError, match="answer_text must be true or false"):
+        TrainConfig.from_dict({"model": {"vocab": "demo"}, "data": {"features": "f"},
+                               "stages": [{"pairs": "p", "tasks": ["MLM"], "steps": 1, "answer_text": "yes"}]})

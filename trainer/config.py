@@ -116,6 +116,12 @@ def _check_counts(spec: dict, where: str) -> None:
             raise ConfigError(f"{where}: {key} must be a whole number of at least {least}, got {value!r}")
 
 
+def _flag(value, where: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _split(value, where: str) -> Optional[tuple]:
     """A split name or a list of them, as a tuple (hashable); None: every pair."""
     if value is None:
@@ -190,9 +196,10 @@ class SourceConfig:
     max_regions: Optional[int] = None
     append_labels: int = 0  # LAMP: append up to N detector labels to the text
     split: Optional[tuple] = None  # keep only the pairs of these splits
+    answer_text: bool = False  # question pairs: "question [SEP] a sampled answer" (Singh et al.'s VQA-P)
 
     KEYS = ("name", "pairs", "features", "tasks", "ratio", "hard_negatives", "hard_negative_top",
-            "max_text_len", "max_regions", "append_labels", "split")
+            "max_text_len", "max_regions", "append_labels", "split", "answer_text")
 
     @classmethod
     def from_dict(cls, spec, where: str, *, data: DataConfig, name: str, stage_tasks: list) -> "SourceConfig":
@@ -233,7 +240,8 @@ class SourceConfig:
                    hard_negative_top=spec.get("hard_negative_top") or 5,
                    max_text_len=spec.get("max_text_len") or data.max_text_len,
                    max_regions=spec.get("max_regions", data.max_regions),
-                   append_labels=spec.get("append_labels") or 0, split=split)
+                   append_labels=spec.get("append_labels") or 0, split=split,
+                   answer_text=_flag(spec.get("answer_text", False), where, "answer_text"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

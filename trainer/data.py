@@ -134,7 +134,8 @@ class PairDataset(Dataset):
     def __init__(self, pairs, features, tokenizer, *, max_text_len: int = 40,
                  max_regions: Optional[int] = None, box_dims: int = 5,
                  hard_negatives=None, hard_negative_top: int = 5, seed: int = 0,
-                 append_labels: int = 0, split=None, targets=None, second_image: bool = False):
+                 append_labels: int = 0, split=None, targets=None, second_image: bool = False,
+                 answer_text: bool = False):
         if box_dims not in BOX_DIMS:
             raise ValueError(f"box_dims must be 4, 5 or 7, got {box_dims}")
         if max_text_len < 2:
@@ -145,6 +146,9 @@ class PairDataset(Dataset):
         if append_labels and self.kind == "objects_labels":
             raise ValueError("append_labels is for caption-like pairs; objects_labels pairs are labels already")
         self.append_labels = int(append_labels)
+        if answer_text and self.kind != "question":
+            raise ValueError(f"answer_text is for question pairs; {getattr(pairs, 'root', pairs)} holds {self.kind} pairs")
+        self.answer_text = bool(answer_text)
         self.seed, self.epoch = seed, 0
         self.targets, self.second_image = targets, bool(second_image)
         image_ids = pairs.column("image_id")
@@ -216,9 +220,13 @@ class PairDataset(Dataset):
         return self._lengths
 
     # -- examples ------------------------------------------------------------------
-    def _tokenize(self, pair: dict):
+    def _tokenize(self, pair: dict, answer: Optional[str] = None):
         words = pair.get("words") if self.kind == "objects_labels" else None
-        if words:
+        if answer is not None:  # Singh et al.'s VQA-P: "question [SEP] answer"
+            enc = self.tokenizer(pair.get("text") or "", answer, truncation="only_first",
+                                 max_length=self.max_text_len)
+            token_regions = [-1] * len(enc["input_ids"])
+        elif words:
             enc = self.tokenizer(list(words), is_split_into_words=True, truncation=True,
                                  max_length=self.max_text_len)
             regions = pair.get("word_regions") or []
@@ -243,6 +251,18 @@ class PairDataset(Dataset):
             return [], []
         enc = self.tokenizer([w for w, _ in kept], is_split_into_words=True, add_special_tokens=False)
         return list(enc["input_ids"]), [kept[w][1] for w in enc.word_ids()]
+
+    def _sampled_answer(self, pair: dict, index: int, epoch: int) -> Optional[str]:
+        """One of the question's answers, drawn in proportion to its score (its share of the
+        annotators), a pure function of seed, epoch and pair; None when it has none."""
+        answers = list(pair.get("answers") or [])
+        if not answers:
+            return None
+        scores = np.asarray(pair.get("answer_scores") or [1.0] * len(answers), dtype=np.float64)
+        scores = np.where(np.isfinite(scores) & (scores > 0), scores, 0.0)
+        weights = scores / scores.sum() if scores.sum() > 0 else None
+        rng = np.random.default_rng(stable_seed(self.seed, epoch, index, "answer"))
+        return answers[int(rng.choice(len(answers), p=weights))]
 
     def _regions(self, image_id: str, record=None) -> dict:
         record = record if record is not None else self.features.get(image_id)
@@ -280,7 +300,8 @@ class PairDataset(Dataset):
         index = int(self.indices[i])
         pair = self.pairs[index]
         record = self.features.get(pair["image_id"])
-        input_ids, token_regions = self._tokenize(pair)
+        answer = self._sampled_answer(pair, index, epoch) if self.answer_text else None
+        input_ids, token_regions = self._tokenize(pair, answer)
         example = {
             "index": i,
             "pair_id": pair["pair_id"],

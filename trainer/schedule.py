@@ -216,7 +216,8 @@ def _dataset(spec, stores: _Stores, tokenizer, box_dims: int, seed: int):
                        max_text_len=spec.max_text_len, max_regions=spec.max_regions, box_dims=box_dims,
                        hard_negatives=hard, hard_negative_top=getattr(spec, "hard_negative_top", 5),
                        seed=seed, append_labels=getattr(spec, "append_labels", 0),
-                       split=list(spec.split) if spec.split else None)
+                       split=list(spec.split) if spec.split else None,
+                       answer_text=getattr(spec, "answer_text", False))
 
 
 def source_task_names(stage, source) -> tuple:
