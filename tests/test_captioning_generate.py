@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from vlp.cli import build_main
 from vlp.schemas.pairs import PairStore
@@ -225,3 +227,30 @@ def test_a_model_that_does_not_fit_is_one_error_line(captioner, tmp_path):
                                         "--out", str(tmp_path / "x"), "--num-workers", "1"])
     assert result.exit_code == 1 and "do not fit" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.generating").exists()
+
+
+junk_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
+                          lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                  st.dictionaries(st.sampled_from(["image_id", "captions", "text",
+                                                                                   "score", "error", "x"]),
+                                                                  inner, max_size=3)), max_leaves=6)
+junk_line = st.one_of(junk_value.map(lambda v: json.dumps(v).encode() + b"\n"),
+                      st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ") + b"\n"))
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(junk_line, min_size=1, max_size=4))
+@example([b'{"image_id": ["img028"]}\n', b'{"image_id": "img029", "captions": 5}\n'])
+@example([b'{"image_id": "img029", "captions": [{"text": "a"}]}\n', b'[1, 2]\n', b'\xff\xfe\n'])
+def test_junk_lines_in_the_work_file_never_break_a_rerun(captioner, tmp_path_factory, lines):
+    model, features, _ = captioner
+    out = tmp_path_factory.mktemp("junk") / "ccg"
+    settings_ = GenerateSettings(num_workers=0, decoding="greedy", chunk_size=10)
+    seen = []
+    generate_captions(model, features, out, settings_, on_row=seen.append, should_stop=lambda: len(seen) >= 5)
+    with open(work_folder(out) / CAPTIONS_FILE, "ab") as handle:
+        handle.write(b"".join(lines))
+    stats = generate_captions(model, features, out, settings_)
+    assert stats["complete"]
+    assert sorted(p["image_id"] for p in PairStore(out)) == [f"img{i:03d}" for i in range(NUM_IMAGES)]

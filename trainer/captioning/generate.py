@@ -258,7 +258,7 @@ def generate_captions(model_dir, features_dir, out, settings: Optional[GenerateS
         atomic_write_json(saved, wanted)
     captions_path = work / CAPTIONS_FILE
     cut_torn_tail(captions_path)
-    done = {row["image_id"] for row in read_json_lines(captions_path) if "image_id" in row}
+    done = {row["image_id"] for row in read_json_lines(captions_path) if _valid_row(row)}
     already = len(done)
     total = len(features)
     todo = (i for i in features.keys() if i not in done)
@@ -296,6 +296,18 @@ def generate_captions(model_dir, features_dir, out, settings: Optional[GenerateS
     stats.update(_write_store(work, out, settings, generator))
     stats["complete"] = True
     return stats
+
+
+def _valid_row(row: dict) -> bool:
+    """A line of captions.jsonl as this module writes it (anything else is ignored and its image redone)."""
+    if not isinstance(row.get("image_id"), str):
+        return False
+    if "error" in row:
+        return isinstance(row["error"], str)
+    captions = row.get("captions")
+    return isinstance(captions, list) and bool(captions) and all(
+        isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("score"), (int, float))
+        and not isinstance(c.get("score"), bool) for c in captions)
 
 
 def _chunks(todo, size: int):
@@ -384,9 +396,9 @@ def _write_store(work: Path, out: Path, settings: GenerateSettings, generator: s
                          sources=[generator]) as writer:
         seen = set()
         for row in read_json_lines(work / CAPTIONS_FILE):
-            image_id = row.get("image_id")
-            if image_id in seen:
+            if not _valid_row(row) or row["image_id"] in seen:
                 continue
+            image_id = row["image_id"]
             seen.add(image_id)
             if "error" in row:
                 counts["images_without_captions"] += 1
