@@ -251,3 +251,28 @@ def test_vqa_p_text_is_the_question_then_an_answer_drawn_by_its_score(tmp_path, 
     with pytest.raises(ValueError, match="answer_text must be true or false"):
         TrainConfig.from_dict({"model": {"vocab": "demo"}, "data": {"features": "f"},
                                "stages": [{"pairs": "p", "tasks": ["MLM"], "steps": 1, "answer_text": "yes"}]})
+
+
+# -- MSP: TITS reads the pooled output like TITP ------------------------------------------------
+
+@pytest.mark.parametrize("representation", ["pooled", "regions"])
+def test_topic_tasks_read_the_representation_asked_for(tok, ctx, representation):
+    from vlp.trainer.tasks import PretrainModel
+
+    torch.manual_seed(0)
+    encoder_ = SingleStreamEncoder(tiny_bert_config(len(tok)), VisualConfig(feature_dim=8))
+    spec = [{"name": "TITS", "representation": representation}] if representation != "pooled" else ["TITS"]
+    model = PretrainModel(encoder_, make_tasks(spec), ctx).eval()  # no dropout: two encodes agree
+    prepared = prepare_batch(make_batch(tok), model.tasks, torch.Generator().manual_seed(0), ctx)
+    seen = []
+    model.heads["TITS"].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(prepared, None, prepared=True)
+    out = model.encode(prepared)
+    if representation == "pooled":
+        expected = out.pooled
+    else:
+        weights = prepared["region_mask"].unsqueeze(-1).float()
+        expected = (out.regions * weights).sum(1) / weights.sum(1)
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ValueError, match="representation must be pooled or regions"):
+        make_tasks([{"name": "TITP", "representation": "cls"}])

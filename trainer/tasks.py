@@ -14,8 +14,9 @@ ITM_HS        as ITM, but the negative image is the pair's hard negative (the da
               ``negative``, from a ``hard_negatives`` pair store)
 IFRS          the features of region triplets shuffled with p=0.05 while boxes (and
               positions) stay; regress the original feature at each moved position
-TITP / TITS   multi-label BCE over the vocabulary for the topic set W ∩ L; TITP predicts
-              from [CLS] (pooled), TITS from the mean of the region outputs
+TITP / TITS   multi-label BCE over the vocabulary for the word pieces of the topic set
+              W ∩ L, from [CLS] (pooled; option representation: regions = mean of the
+              region outputs); TITP on phrases, TITS on sentences
 ============  ===========================================================================
 
 Region masking (shared by MOC, MOC_KL, MRFR): 15% of the real regions; a masked region's
@@ -508,8 +509,18 @@ class IFRS(Task):
 
 
 class TITP(Task):
+    """``representation``: ``pooled`` ([CLS], the default) or ``regions`` (mean of the region
+    outputs). MSP describes TITP and TITS with the same head wording, so both default to the
+    pooled output; the topic targets are the word pieces of the W ∩ L labels."""
+
     name = "TITP"
-    source = "pooled"
+    option_names = ("representation",)
+
+    def __init__(self, weight: float = 1.0, **options):
+        super().__init__(weight, **options)
+        if self.options.get("representation", "pooled") not in ("pooled", "regions"):
+            raise ValueError(f"task {self.name}: representation must be pooled or regions, "
+                             f"got {self.options['representation']!r}")
 
     def build_head(self, encoder, ctx):
         return nn.Linear(encoder.hidden_size, ctx.vocab_size)
@@ -534,7 +545,7 @@ class TITP(Task):
         return target
 
     def loss(self, out, batch, head, ctx):
-        if self.source == "pooled":
+        if self.options.get("representation", "pooled") == "pooled":
             hidden = out.pooled
         else:
             weights = batch["region_mask"].unsqueeze(-1).to(out.regions.dtype)
@@ -551,7 +562,6 @@ class TITP(Task):
 
 class TITS(TITP):
     name = "TITS"
-    source = "regions"
 
 
 TASKS = {cls.name: cls for cls in (MLM, MOC, MOC_KL, MRFR, ITM, ITM_HS, IFRS, TITP, TITS)}
