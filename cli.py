@@ -1460,8 +1460,10 @@ def train_finetune_cmd(config_path, out, init, device, num_workers, precision, p
               help="Override the stages' precision (autocast; fp16 needs a GPU).")
 @click.option("--progress", default="auto", show_default=True,
               type=click.Choice(["auto", "bar", "lines", "off"]), help="Progress display.")
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel workers (Ray Train DDP: gloo on CPU, nccl on GPU), as for pretrain; 1: this process.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
-def train_captioner_cmd(config_path, out, device, precision, progress, resume):
+def train_captioner_cmd(config_path, out, device, precision, progress, num_workers, resume):
     """Train a region-feature captioner on caption pairs: cross-entropy, then SCST with the
     CIDEr-D reward when the CONFIG has an scst: section.
 
@@ -1483,11 +1485,17 @@ def train_captioner_cmd(config_path, out, device, precision, progress, resume):
         check_captioner_stores(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    device = _start_run(out, config, resume=resume, device=device, num_workers=1, progress=progress)
-    with _stop_on_first_interrupt(_STOP_TRAINING) as stop:
+    device = _start_run(out, config, resume=resume, device=device, num_workers=num_workers, progress=progress)
+    with _stop_on_first_interrupt(_STOP_TRAINING, enabled=num_workers == 1) as stop:
         try:
-            summaries = train_captioner(config, out, device=device, progress=progress,
-                                        should_stop=stop.is_set if stop else None)
+            if num_workers > 1:
+                from vlp.trainer.captioning.train import run_distributed_captioner
+
+                summaries = run_distributed_captioner(config, out, num_workers=num_workers, device=device,
+                                                      progress=progress)
+            else:
+                summaries = train_captioner(config, out, device=device, progress=progress,
+                                            should_stop=stop.is_set if stop else None)
         except (NonFiniteLossError, ConfigError, ValueError, RuntimeError) as exc:
             raise click.ClickException(str(exc)) from None
     for summary in summaries:

@@ -132,3 +132,28 @@ def test_generated_captions_of_the_world_images_pretrain_with_singh_mlm_ccg(worl
     history = [json.loads(line) for line in (tmp_path / "pre" / "01-mlm_ccg" / "history.jsonl").read_text()
                .splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["losses"]["MLM"] > 0 for h in history)
+
+
+def test_two_ddp_workers_train_the_captioner_as_one_process_with_grad_accum_2(world, tmp_path):
+    import dataclasses
+
+    from vlp.trainer.captioning.config import CaptionerConfig
+    from vlp.trainer.captioning.train import run_distributed_captioner, train_captioner
+
+    config = CaptionerConfig.from_dict(_config(world, xe={"steps": 3, "batch_size": 4, "lr": 3.0e-3, "log_every": 0},
+                                               scst={"steps": 2, "batch_size": 2, "lr": 1.0e-4, "samples": 2,
+                                                     "log_every": 0}))
+    one = dataclasses.replace(config, xe=dataclasses.replace(config.xe, grad_accum=2),
+                              scst=dataclasses.replace(config.scst, grad_accum=2))
+    train_captioner(one, tmp_path / "one", evaluate_test=False)
+    summaries = run_distributed_captioner(config, tmp_path / "ddp", num_workers=2, device="cpu",
+                                          evaluate_test=False)
+    assert [(s["stage"], s["end_step"]) for s in summaries] == [("xe", 3), ("scst", 2)]
+    for stage in ("01-xe", "02-scst"):
+        a = [json.loads(line) for line in (tmp_path / "one" / stage / "history.jsonl").read_text().splitlines()]
+        b = [json.loads(line) for line in (tmp_path / "ddp" / stage / "history.jsonl").read_text().splitlines()]
+        assert [h["samples"] for h in a] == [h["samples"] for h in b]
+        assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], abs=1e-4)
+    x = torch.load(tmp_path / "one" / "captioner.pt", weights_only=True)["state"]
+    y = torch.load(tmp_path / "ddp" / "captioner.pt", weights_only=True)["state"]
+    assert all(torch.allclose(x[k], y[k], atol=1e-4) for k in x)

@@ -136,8 +136,12 @@ def score_predictions(predictions: dict, references: dict, *, full: bool = False
 
 
 def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", progress: str = "off",
-                    stop_after_steps: Optional[int] = None, should_stop=None, evaluate_test: bool = True) -> list[dict]:
-    """Run the XE stage, then SCST when configured; returns one summary per stage."""
+                    stop_after_steps: Optional[int] = None, should_stop=None, evaluate_test: bool = True,
+                    rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Run the XE stage, then SCST when configured; returns one summary per stage.
+
+    ``rank``/``world_size``: this process's place in a DDP group (:func:`run_distributed_captioner`):
+    rank 0 alone writes the run folder and evaluates; the others train and wait."""
     from vlp.schemas import FeatureStore
     from vlp.schemas.pairs import PairStore
     from vlp.trainer.captioning.task import (SCST, CaptionModel, CaptionXE, ImageDataset, make_scorer,
@@ -147,14 +151,19 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
     from vlp.trainer.schedule import hand_over
     from vlp.trainer.tasks import TaskContext
 
+    from vlp.trainer.pretrain import _Distributed
+
     check_captioner_stores(config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lead = rank == 0
+    group = _Distributed(rank, world_size)
     vocab = Path(config.vocab_path())
     vocab_file = vocab / "vocab.txt" if vocab.is_dir() else vocab
-    if not (out_dir / VOCAB_FILE).is_file():
-        shutil.copyfile(vocab_file, out_dir / VOCAB_FILE)
-    tokenizer = load_tokenizer(out_dir / VOCAB_FILE)
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / VOCAB_FILE).is_file():
+            shutil.copyfile(vocab_file, out_dir / VOCAB_FILE)
+    tokenizer = load_tokenizer(vocab_file)
     ctx = TaskContext.from_tokenizer(tokenizer)
     pairs, features = PairStore(config.data.pairs), FeatureStore(config.data.features)
     data, mc = config.data, config.model
@@ -172,6 +181,8 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
     for index, stage in enumerate(config.stages):
         stage_dir = config.stage_dir(out_dir, index)
         finished = _final_state(stage_dir)
+        resuming = (stage_dir / "last.json").is_file()  # read by every rank before any writes a checkpoint
+        group.barrier()
         if finished is not None:
             summaries.append({"stage": stage.name, "dir": str(stage_dir), "skipped": True})
             previous = finished["model"]
@@ -196,8 +207,9 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
             return {k: v for k, v in metrics.items() if k != "n"}
 
         trainer = Pretrainer(model, [DataSource("train", dataset, (task.name,))], stage, stage_dir, device=device,
-                             evaluator=evaluator, progress=progress, step_offset=offset)
-        if (stage_dir / "last.json").is_file():
+                             evaluator=evaluator, progress=progress, step_offset=offset, rank=rank,
+                             world_size=world_size)
+        if resuming:
             trainer.load_checkpoint(stage_dir)
         start = trainer.step
         try:
@@ -217,17 +229,53 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
         if trainer.step < trainer.stage.steps:
             break
         net = model.encoder
-        save_model(out_dir / MODEL_FILE, net, config, stage.name, trainer.step)
-        if stage.name == "xe":
-            shutil.copyfile(out_dir / MODEL_FILE, out_dir / XE_MODEL_FILE)
-        if evaluate_test and data.test_split:
+        if lead:
+            save_model(out_dir / MODEL_FILE, net, config, stage.name, trainer.step)
+            if stage.name == "xe":
+                shutil.copyfile(out_dir / MODEL_FILE, out_dir / XE_MODEL_FILE)
+        if lead and evaluate_test and data.test_split:
             results = json.loads(results_path.read_text()) if results_path.is_file() else {}
             results[stage.name] = test_metrics(net, tokenizer, pairs, features, config, device=device)
             atomic_write_json(results_path, results, indent=1)
             summary["test"] = results[stage.name]
+        group.barrier()
         previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
         offset += trainer.step
     return summaries
+
+
+def _captioner_worker_loop(settings: dict) -> None:
+    import ray.train
+    from ray.train.torch import get_device
+
+    from vlp.trainer.distributed import SUMMARY_FILE
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(settings["threads"])))
+    device = str(get_device()) if settings["use_gpu"] else "cpu"
+    summaries = train_captioner(settings["config"], settings["out_dir"], device=device,
+                                stop_after_steps=settings["stop_after_steps"], rank=rank, world_size=world_size,
+                                evaluate_test=settings["evaluate_test"])
+    if rank == 0:
+        for summary in summaries:
+            summary.pop("history", None)
+        atomic_write_json(Path(settings["out_dir"]) / SUMMARY_FILE, summaries, indent=1)
+
+
+def run_distributed_captioner(config: CaptionerConfig, out_dir, *, num_workers: int, device: str = "auto",
+                              stop_after_steps: Optional[int] = None, address: Optional[str] = None,
+                              cpus_per_worker: Optional[int] = None, progress: str = "off",
+                              evaluate_test: bool = True) -> list[dict]:
+    """:func:`train_captioner` on ``num_workers`` Ray Train DDP workers (as ``vlp-train pretrain
+    --num-workers``: gloo on CPU, nccl on GPU; rank 0 writes and evaluates). The stage summaries
+    come back without per-step history."""
+    from vlp.trainer.distributed import _fit
+
+    return _fit(_captioner_worker_loop, {"config": config, "stop_after_steps": stop_after_steps,
+                                         "evaluate_test": evaluate_test}, config, out_dir, name="captioner",
+                num_workers=num_workers, device=device, address=address, cpus_per_worker=cpus_per_worker,
+                progress=progress)
 
 
 def test_metrics(net, tokenizer, pairs, features, config: CaptionerConfig, *, device="cpu") -> dict:
