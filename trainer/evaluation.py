@@ -159,23 +159,23 @@ def retrieval_recall(scores: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> dic
     rather than a lucky 1. ``ir_r{k}``: text->image (rank the images of each caption);
     ``tr_r{k}``: image->text (rank the captions of each image); fractions in [0, 1].
     """
+    from vlp.trainer.metrics import retrieval_ranks
+
     scores = torch.as_tensor(scores).detach().double().cpu()
     if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores must be square [texts, images], got shape {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN: rankings would be meaningless")
     n = scores.shape[0]
-    true = scores.diagonal()
-    others = ~torch.eye(n, dtype=torch.bool)
-    ir_rank = 1 + ((scores >= true[:, None]) & others).sum(1)  # row i: images for caption i
-    tr_rank = 1 + ((scores >= true[None, :]) & others).sum(0)  # column j: captions for image j
+    # the finetuning evaluation's ranking rule (several captions per image there, one here)
+    ir_rank, tr_rank = retrieval_ranks(scores.numpy(), np.arange(n))
     result = {}
     for k in ks:
-        result[f"ir_r{k}"] = float((ir_rank <= k).double().mean())
+        result[f"ir_r{k}"] = float((ir_rank <= k).mean())
     for k in ks:
-        result[f"tr_r{k}"] = float((tr_rank <= k).double().mean())
-    result["ir_mean_rank"] = float(ir_rank.double().mean())
-    result["tr_mean_rank"] = float(tr_rank.double().mean())
+        result[f"tr_r{k}"] = float((tr_rank <= k).mean())
+    result["ir_mean_rank"] = float(ir_rank.mean())
+    result["tr_mean_rank"] = float(tr_rank.mean())
     result["retrieval_n"] = n
     return result
 
