@@ -1,10 +1,13 @@
 """``vg_phrases`` pairs (MSP phrase stage): Visual Genome region descriptions without verbs.
 
-Per image, every region phrase that contains a verb is dropped; the rest are joined with
-", " in file order, bounded by ``max_phrases`` and ``max_chars`` (a phrase that would
-overflow ``max_chars`` ends the text; a single longer phrase is cut at a word boundary).
-Phrases are cleaned (whitespace collapsed, trailing ``.,;`` removed) and an image's exact
-repeats are kept once.
+Per image, every region phrase that contains a verb is dropped; the rest, in file order,
+are joined with ", " into as many pairs as it takes, each holding at most ``max_phrases``
+phrases and ``max_chars`` characters (a phrase that would overflow starts the next pair; a
+single phrase longer than ``max_chars`` is cut at a word boundary). So no phrase is lost to
+a text limit: MSP's phrase stage reads 20 tokens per pair, and one pair per image would keep
+only its first three or four phrases. Pair ids: ``IMAGE_ID#vg_phrases`` for an image's
+first pair, ``IMAGE_ID#vg_phrases-2``, ``-3``, ... for the next ones. Phrases are cleaned
+(whitespace collapsed, trailing ``.,;`` removed) and an image's exact repeats are kept once.
 
 The verb test (:class:`VerbTagger`): spaCy ``en_core_web_sm`` with only ``tok2vec`` +
 ``tagger`` (parser, NER, lemmatizer, attribute ruler, senter disabled). Rule ``"vb"``
@@ -191,7 +194,7 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
                shard_size=shard_size, total=0, desc="vg-phrases", unit="phrase", progress=progress) as build:
         stats = build.stats
         stats.update({"images": 0, "phrases": 0, "distinct_phrases": 0, "verb_phrases_dropped": 0,
-                      "duplicates": 0, "empty_phrases": 0, "phrases_over_bounds": 0,
+                      "duplicates": 0, "empty_phrases": 0, "phrases_cut": 0, "pairs": 0,
                       "images_without_phrases": 0, "images_not_in_image_data": 0})
         per_image: list[tuple[str, str, list[str]]] = []
         for index, entry in enumerate(data):
@@ -251,24 +254,36 @@ def build_vg_phrases(vg_dir, out, *, max_phrases: int = DEFAULT_MAX_PHRASES, max
             kept = [p for p in phrases if p not in verbs]
             dropped = len(phrases) - len(kept)
             stats["verb_phrases_dropped"] += dropped
-            chosen: list[str] = []
-            length = 0
-            for phrase in kept:
-                extra = len(phrase) + (2 if chosen else 0)
-                if len(chosen) >= max_phrases or length + extra > max_chars:
-                    if not chosen:  # one phrase longer than max_chars: cut it at a word boundary
-                        cut = phrase[:max_chars].rsplit(" ", 1)[0] or phrase[:max_chars]
-                        chosen.append(cut)
-                        length = len(cut)
-                    break
-                chosen.append(phrase)
-                length += extra
-            stats["phrases_over_bounds"] += len(kept) - len(chosen)
+            groups, cut = _group_phrases(kept, max_phrases, max_chars)
+            stats["phrases_cut"] += cut
             stats["images"] += 1
-            if not chosen:
+            if not groups:
                 stats["images_without_phrases"] += 1
                 continue
-            build.add({"pair_id": f"{image_id}#vg_phrases", "image_id": image_id, "text": ", ".join(chosen),
-                       "source": "visual_genome", "split": splits.get(image_key, ""),
-                       "num_phrases": len(chosen), "num_dropped": dropped}, (path, where))
+            stats["pairs"] += len(groups)
+            for k, chosen in enumerate(groups):
+                build.add({"pair_id": f"{image_id}#vg_phrases" + (f"-{k + 1}" if k else ""), "image_id": image_id,
+                           "text": ", ".join(chosen), "source": "visual_genome", "split": splits.get(image_key, ""),
+                           "num_phrases": len(chosen), "num_dropped": dropped}, (path, where))
     return build.result
+
+
+def _group_phrases(phrases: list[str], max_phrases: int, max_chars: int) -> tuple[list[list[str]], int]:
+    """Consecutive phrases packed into texts of at most ``max_phrases`` phrases and
+    ``max_chars`` characters (", "-joined); also how many phrases had to be cut."""
+    groups: list[list[str]] = []
+    chosen: list[str] = []
+    length = cut = 0
+    for phrase in phrases:
+        if len(phrase) > max_chars:  # it fits no text whole: cut at a word boundary
+            phrase = phrase[:max_chars].rsplit(" ", 1)[0] or phrase[:max_chars]
+            cut += 1
+        extra = len(phrase) + (2 if chosen else 0)
+        if chosen and (len(chosen) >= max_phrases or length + extra > max_chars):
+            groups.append(chosen)
+            chosen, length, extra = [], 0, len(phrase)
+        chosen.append(phrase)
+        length += extra
+    if chosen:
+        groups.append(chosen)
+    return groups, cut
