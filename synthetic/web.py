@@ -135,11 +135,19 @@ def _unnatural_image(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img.astype(np.float64) + noise, 0, 255).astype(np.uint8)
 
 
-def _photo(scene: Scene, seed: int) -> np.ndarray:
-    """The scene as a web photo: rendered, plus mild sensor noise (sigma 3), so that even a
-    plain one-object picture is a JPEG of more than 5 KB, as photos are."""
-    noise = np.random.default_rng([seed, scene.image_id, 77]).normal(0.0, 3.0, (scene.height, scene.width, 3))
-    return np.clip(render_scene(scene).astype(np.float64) + noise, 0, 255).astype(np.uint8)
+def _noise_tile(seed: int) -> np.ndarray:
+    """Sensor noise (sigma 3) for one crawl, as int16, large enough for any scene plus an offset."""
+    side = 640 + 16
+    return np.rint(np.random.default_rng([seed, 77]).standard_normal((side, side, 3), dtype=np.float32) * 3.0
+                   ).astype(np.int16)
+
+
+def _photo(scene: Scene, noise: np.ndarray) -> np.ndarray:
+    """The scene as a web photo: rendered, plus mild sensor noise, so that even a plain
+    one-object picture is a JPEG of more than 5 KB, as photos are."""
+    offset = scene.image_id % 16
+    crop = noise[offset:offset + scene.height, offset:offset + scene.width]
+    return np.clip(render_scene(scene).astype(np.int16) + crop, 0, 255).astype(np.uint8)
 
 
 def _describe(scene: Scene, rng) -> str:
@@ -156,12 +164,13 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
 
     n = max(int(num_scenes), 6)
     rng = rng_of(0)
+    noise = _noise_tile(seed)
     scenes = [sample_scene(rng_of(i + 1), i + 1, min_side=WEB_MIN_SIDE) for i in range(n)]
     jpegs: dict[int, bytes] = {}
 
     def jpeg(scene: Scene) -> bytes:
         if scene.image_id not in jpegs:
-            jpegs[scene.image_id] = encode_jpeg(_photo(scene, seed))
+            jpegs[scene.image_id] = encode_jpeg(_photo(scene, noise))
         return jpegs[scene.image_id]
 
     counter = iter(range(10**7))
@@ -242,11 +251,11 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
             elif how == "resized" and min(scene.width, scene.height) * 0.85 > 300:
                 scale = 0.85
                 size = (round(scene.width * scale), round(scene.height * scale))
-                data = encode_jpeg(cv2.resize(_photo(scene, seed), size, interpolation=cv2.INTER_AREA))
+                data = encode_jpeg(cv2.resize(_photo(scene, noise), size, interpolation=cv2.INTER_AREA))
                 copy["width"], copy["height"] = size
             else:
                 how = "reencoded"
-                data = encode_jpeg(_photo(scene, seed), 75)
+                data = encode_jpeg(_photo(scene, noise), 75)
             write_bytes(f"{prefix}/{copy['image_path']}", data)
             regions = [[*reg[:2], *[round(v * scale, 1) for v in reg[2:6]], reg[6]] for reg in original_truth["regions"]]
         position = next(i for i, (row, _) in enumerate(order) if row is original)
@@ -292,7 +301,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
             key = new_key()
             row = {**base_row(r, "stock", key, scene.width, scene.height), "alt": shared,
                    "title": "Free clipart", "surrounding_text": ""}
-            write_bytes(f"{prefix}/{row['image_path']}", encode_jpeg(_photo(scene, seed)))
+            write_bytes(f"{prefix}/{row['image_path']}", encode_jpeg(_photo(scene, noise)))
             order.insert(int(rng.integers(0, len(order) + 1)),
                          (row, {"key": key, "category": "shared_text", "regions": _scene_regions(scene, r)}))
 
@@ -301,7 +310,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
         r = rng_of(4 * 10**6 + k, 5)
         scene = scenes[int(r.integers(n))]
         side = int(r.choice([32, 40, 48]))
-        icon = cv2.resize(_photo(scene, seed), (side, side), interpolation=cv2.INTER_AREA)
+        icon = cv2.resize(_photo(scene, noise), (side, side), interpolation=cv2.INTER_AREA)
         key = new_key()
         row = {**base_row(r, "icons", key, side, side), "alt": _describe(scene, r) + " icon",
                "title": "Shape icons", "surrounding_text": "Small icons for your website."}

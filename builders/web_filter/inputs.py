@@ -53,7 +53,7 @@ def plan_shards(sources, shard_rows: int = DEFAULT_SHARD_ROWS) -> list[Shard]:
     """The shards of every source, in a stable order."""
     shards: list[Shard] = []
     for number, source in enumerate(sources):
-        source = Path(source)
+        source = Path(source).absolute()  # Ray workers on other machines or folders see absolute paths
         tag = f"{number}"
         if source.is_file():
             shards += _file_shards(source, source.parent, tag, shard_rows)
