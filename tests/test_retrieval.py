@@ -121,6 +121,28 @@ def test_sampled_negatives_never_show_the_positives_image(world):
         assert torch.isfinite(loss_value) and metrics["retrieval_n"] == 8
 
 
+def test_ce_first_image_negative_is_the_stores_hard_negative(world):
+    """With a hard-negatives store (vlp-build hard-negatives), each caption's first image
+    negative under ce is its image's hard negative (VOLTA's "hard image")."""
+    from vlp.builders.hard_negatives import build_hard_negatives
+    from vlp.trainer.tasks import prepare_batch
+
+    hard = world / "hard-negatives"
+    if not hard.exists():
+        build_hard_negatives(world / "features", hard, top_m=3, device="cpu", progress="off")
+    model, dataset, batch = _model_and_batch(world, loss="ce", negatives=2, candidates=0, hard_negatives=str(hard))
+    assert dataset.hard_negatives and "negative" in batch
+    valid = batch["negative"]["negative_valid"]
+    assert valid.all()
+    prepared = prepare_batch(batch, [model.task], torch.Generator().manual_seed(0), model.ctx)
+    shown = prepared["region_features"][8:16]  # group 1
+    for i in range(8):
+        n = int(batch["negative"]["region_mask"][i].sum())
+        assert batch["negative"]["image_id"][i] != batch["image_id"][i]
+        assert torch.equal(shown[i, :n], batch["negative"]["region_features"][i, :n])
+        assert torch.equal(prepared["input_ids"][8 + i], prepared["input_ids"][i])  # the caption stays
+
+
 def test_hinge_keeps_the_hardest_candidates_scored_without_gradient(world):
     from vlp.trainer.retrieval import cat_images, cat_texts, pair_scores
     from vlp.trainer.tasks import prepare_batch
