@@ -382,3 +382,15 @@ def test_parquet_records_with_image_bytes(tmp_path):
     rejected = [json.loads(line) for line in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
     assert [(r["key"], r["stage"], r["reason"]) for r in rejected] == [
         ("p2", "image", "undecodable"), ("p3", "language", "not_english")]
+
+
+def test_empty_or_odd_image_paths_are_bad_rows_not_crashes(tmp_path):
+    crawl = _crawl(tmp_path / "c", [{"key": "0", "image": ""}, {"key": "1", "image_path": "."},
+                                    {"key": "2", "image_path": "images"}], {})
+    rows = list(read_shard(plan_shards([crawl])[0]))
+    assert rows[0]["reason"] == "no_image_field"
+    result = web_filter(crawl, tmp_path / "out", engine="local", progress="off")
+    assert result.stats["kept"] == 0
+    rejected = [json.loads(line) for line in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["stage"], r["reason"]) for r in rejected] == [
+        ("0", "input", "no_image_field"), ("1", "image", "missing"), ("2", "image", "missing")]

@@ -19,6 +19,7 @@ stage ``input``; the run goes on.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +130,13 @@ def _record_row(record: dict, shard: Shard, where: str):
     if data is not None:
         row["image_bytes"] = data
     else:
-        path = next((record[c] for c in ("image_path", "image", "path", "file") if isinstance(record.get(c), str)), None)
+        path = next((record[c] for c in ("image_path", "image", "path", "file")
+                     if isinstance(record.get(c), str) and record[c].strip()), None)
         if path is None:
             return _bad(shard, where, "no_image_field", key)
         full = Path(path) if Path(path).is_absolute() else Path(shard.root) / path
         row["image_file"] = str(full)
-        row["image_rel"] = str(Path(path).with_suffix("")) if not Path(path).is_absolute() else Path(path).stem
+        row["image_rel"] = Path(path).stem if Path(path).is_absolute() else os.path.splitext(path)[0]
     return row
 
 
