@@ -191,3 +191,34 @@ def test_records_reader_never_raises(tmp_path_factory, lines):
 
     processed = run_all([r for r in rows if not r.get("_reject")], FilterConfig(need_noun=False))
     assert all(r.get("_reject") for r in processed)  # no image file exists: all rejected, none raised
+
+
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.one_of(_JSON, st.fixed_dictionaries({"format": st.just("vlp-web-scorer")}, optional={
+    "naturalness": _JSON, "semantic": _JSON})))
+def test_model_file_parser_gives_value_errors_only(doc):
+    from vlp.builders.web_filter.scorer import WebScorer
+
+    try:
+        WebScorer.from_dict(doc)
+    except ValueError:
+        pass
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from([".json", ".txt", ".jpg"]), st.binary(max_size=60)), max_size=6))
+def test_img2dataset_sidecars_never_raise(tmp_path_factory, files):
+    folder = tmp_path_factory.mktemp("i2d")
+    shard = folder / "00000"
+    shard.mkdir()
+    for number, (ext, data) in enumerate(files):
+        (shard / f"{number % 3:09d}{ext}").write_bytes(data)
+    if not any(shard.glob("*.json")):
+        (shard / "000000009.json").write_bytes(b"{}")
+    rows = [row for s in plan_shards([folder]) for row in read_shard(s)]
+    assert all(isinstance(r["key"], str) and r["key"] for r in rows)
