@@ -175,6 +175,9 @@ class DetectorConfig:
     attr_softmax: str = "all"
     # Records carry cls_prob [N,1601] and attr_prob [N,401] when True.
     with_probs: bool = False
+    # Records carry image_feature [D]: the RoI feature of the whole image (a box over all of
+    # it, pooled with the regions in the same pass), VL-BERT's visual clue for text tokens.
+    image_feature: bool = False
     # Compute dtype: "float32" (reference), "bfloat16" or "float16" (autocast).
     dtype: str = "float32"
 

@@ -330,6 +330,10 @@ class Detector:
                     rois.append(boxes.float())
             else:
                 rois = [b.to(features.device).float() for b in given_boxes]
+            whole = cfg.image_feature
+            if whole:  # the whole image as one more RoI, pooled in the same pass, split off below
+                rois = [torch.cat([r, torch.tensor([[0.0, 0.0, float(w), float(h)]], device=r.device)])
+                        for r, (h, w) in zip(rois, sizes)]
             counts = [r.shape[0] for r in rois]
             batch_index = torch.cat([torch.full((n, 1), float(i), device=features.device)
                                      for i, n in enumerate(counts)])
@@ -339,7 +343,13 @@ class Detector:
         cls_logits = predictor.class_logits(pooled)
         outs = []
         for i, (roi, feat, logits) in enumerate(zip(rois, pooled.split(counts), cls_logits.split(counts))):
-            outs.append(self._select(roi, feat, logits, sizes[i], given=given_boxes is not None))
+            image_feature = None
+            if whole:
+                image_feature, roi, feat, logits = feat[-1], roi[:-1], feat[:-1], logits[:-1]
+            out = self._select(roi, feat, logits, sizes[i], given=given_boxes is not None)
+            if image_feature is not None:
+                out["image_feature"] = image_feature
+            outs.append(out)
         return outs
 
     def _select(self, rois, features, cls_logits, size, *, given: bool) -> dict:
@@ -392,6 +402,8 @@ class Detector:
         if with_probs:
             arrays["cls_prob"] = out["cls_prob"].cpu().numpy()
             arrays["attr_prob"] = out["attr_prob"].cpu().numpy()
+        if "image_feature" in out:
+            arrays["image_feature"] = out["image_feature"].cpu().numpy()
         record = FeatureRecord.from_arrays(image_id, width, height, boxes=boxes, **arrays)
         return record.validate(self.feature_dim)
 

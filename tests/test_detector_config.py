@@ -95,8 +95,9 @@ def test_config_dict_is_json_and_hash_is_stable():
     # Pinned: changing a default changes every manifest's config hash; do it on purpose.
     # (225e94f08882c1f9 -> efa510e937b6301d when ArchitectureConfig gained the `pooler`
     # field, default "roipool": to_dict() lists every field, so the hash changed although
-    # the butd-10-100 behaviour did not.)
-    assert cfg.config_hash() == "efa510e937b6301d"
+    # the butd-10-100 behaviour did not; efa510e937b6301d -> 79926cb6984b704f when
+    # DetectorConfig gained `image_feature`, default false.)
+    assert cfg.config_hash() == "79926cb6984b704f"
     assert make_config().config_hash() == cfg.config_hash()
     assert make_config(score_threshold=0.3).config_hash() != cfg.config_hash()
     assert make_config(dtype="bfloat16").config_hash() != cfg.config_hash()

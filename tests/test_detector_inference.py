@@ -235,6 +235,24 @@ def test_with_probs_and_presets(slim):
     assert not np.array_equal(records[0].boxes[:10], butd.boxes[:10])
 
 
+def test_image_feature_is_the_whole_image_box_pooled_in_the_same_pass(slim):
+    """With image_feature, each record also holds the RoI feature of a box over the whole
+    image; the regions are exactly those of a run without it, and the feature equals the
+    given-box mode's feature of that box."""
+    det = load_detector(allow_random=True, seed=1, image_feature=True, **SLIM, **SMALL)
+    records = det.detect(IMAGES[:2])
+    plain = slim.detect(IMAGES[:2])
+    for record, reference, image in zip(records, plain, IMAGES[:2]):
+        np.testing.assert_array_equal(record.boxes, reference.boxes)
+        np.testing.assert_array_equal(record.features, reference.features)
+        height, width = image.shape[:2]
+        given = slim.features_for_boxes(image, [[0.0, 0.0, float(width), float(height)]])
+        assert record.image_feature.shape == (256,) and record.image_feature.dtype == np.float16
+        np.testing.assert_allclose(record.image_feature.astype(np.float32), given.features[0].astype(np.float32),
+                                   rtol=1e-2, atol=1e-2)
+    assert det.config_hash != slim.config_hash and reference.image_feature is None
+
+
 def test_full_resnet101_on_cpu():
     det = load_detector(allow_random=True, min_size=128, max_size=192, rpn_post_nms_topk=40)
     assert det.model.backbone.res4[22].conv2.weight.shape == (256, 256, 3, 3)
