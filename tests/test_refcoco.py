@@ -268,3 +268,20 @@ def test_world_refcoco_beats_chance_and_the_category_baseline(world, tmp_path):
     category_only = sum(truth["baselines"][k]["category_only"] * n for k, n in counts.items()) / sum(counts.values())
     assert entry["metrics"]["n"] == sum(counts.values())
     assert entry["metrics"]["accuracy"] > category_only + 0.2, (entry["metrics"], category_only)
+
+
+def test_cli_imports_the_world_and_refuses_a_code_pickle_in_one_line(world, tmp_path):
+    from click.testing import CliRunner
+
+    from vlp.cli import build_main
+
+    ref = world / "world" / "refcoco+"
+    result = CliRunner().invoke(build_main, ["import-refcoco", str(ref / "refs(unc).p"), str(ref / "instances.json"),
+                                             "-o", str(tmp_path / "out"), "--progress", "off"])
+    assert result.exit_code == 0 and "refexp pairs" in result.output
+    evil = tmp_path / "evil.p"
+    evil.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+    result = CliRunner().invoke(build_main, ["import-refcoco", str(evil), str(ref / "instances.json"),
+                                             "-o", str(tmp_path / "evil-out")])
+    assert result.exit_code == 1 and not (tmp_path / "pwned").exists()
+    assert result.output.strip().splitlines()[-1].startswith("Error: ") and "os.system" in result.output

@@ -225,3 +225,26 @@ def test_finetune_and_evaluate(world, tmp_path, options, main):
     assert len(rows) == questions * (2 if main == "q_ar" else 1)
     test = evaluate_run(run, _import(world), world / "features", split=["test"])  # no labels: nothing scored
     assert test["metrics"]["n"] == 0
+
+
+def test_cli_default_flags_on_the_world_name_images_as_vlp_extract_does(world, tmp_path):
+    from click.testing import CliRunner
+
+    from vlp.cli import build_main
+    from vlp.pipeline.discover import discover, image_id_of
+
+    files = sorted(str(p) for p in (world / "world" / "vcr").glob("*.jsonl"))
+    result = CliRunner().invoke(build_main, ["import-vcr", *files, "-o", str(tmp_path / "out"), "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    images = world / "world" / "vcr" / "vcr1images"
+    extracted = {image_id_of(p) for p in discover(images).paths}
+    pairs = list(PairStore(tmp_path / "out"))
+    assert pairs and {p["image_id"] for p in pairs} <= extracted  # e.g. synthetic/12
+    for line in (tmp_path / "out" / GT_BOXES_NAME).read_text().splitlines():
+        assert (images / json.loads(line)["image"]).is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1, 2]\n")
+    result = CliRunner().invoke(build_main, ["import-vcr", str(bad), "-o", str(tmp_path / "strict"), "--strict",
+                                             "--progress", "off"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: {bad}:1: expected a JSON object, got list"
