@@ -25,6 +25,8 @@ from vlp.trainer.captioning.generate import (CAPTIONS_FILE, GenerateError, Gener
 
 NUM_IMAGES = 30
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the test machine is shared
+
 
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory):
@@ -254,3 +256,26 @@ def test_junk_lines_in_the_work_file_never_break_a_rerun(captioner, tmp_path_fac
     stats = generate_captions(model, features, out, settings_)
     assert stats["complete"]
     assert sorted(p["image_id"] for p in PairStore(out)) == [f"img{i:03d}" for i in range(NUM_IMAGES)]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_130_and_the_rerun_finishes(captioner, tmp_path):
+    model, features, _ = captioner
+    out = tmp_path / "ccg"
+    command = [str(Path(sys.executable).with_name("vlp-build")), "generate-captions", "--model", str(model),
+               "--features", str(features), "--out", str(out), "--num-workers", "0", "--chunk-size", "1",
+               "--batch-size", "1", "--decoding", "beam", "--beam-size", "3", "--progress", "off"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    captions = work_folder(out) / CAPTIONS_FILE
+    deadline = time.time() + 240
+    while _lines(captions) < 1:
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 130, output
+    assert "rerun the same command to continue" in output and "Traceback" not in output
+    assert 1 <= _lines(captions) < NUM_IMAGES
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and len(PairStore(out)) == NUM_IMAGES, rerun.stdout + rerun.stderr

@@ -21,7 +21,7 @@ corpus = st.dictionaries(st.integers(0, 50), st.tuples(sentence, st.lists(senten
                                                                           max_size=5)), min_size=2, max_size=12)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(corpus)
 def test_fast_cider_d_equals_pycocoevalcap_cider_on_random_corpora(data):
     from pycocoevalcap.cider.cider import Cider

@@ -15,6 +15,8 @@ from vlp.trainer.captioning.model import (CaptionerModelConfig, CaptionerNet, To
 from vlp.trainer.config import ConfigError, shipped_vocab
 from vlp.trainer.data import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the test machine is shared
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

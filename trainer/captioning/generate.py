@@ -377,6 +377,8 @@ def _run_ray(model_dir, features_dir, settings, todo, write, should_stop) -> boo
                 try:
                     rows = ray.get(ref)
                 except ray.exceptions.RayError as error:
+                    if should_stop is not None and should_stop():  # Ctrl-C reached the actors too
+                        return True
                     raise GenerateError(f"a caption worker failed: {str(error).splitlines()[0]}") from None
                 write(rows)
     finally:
