@@ -11,7 +11,7 @@ captions) scored zero-shot by its ITM head on the test split, then retrieval fin
 (R@K = K / images for IR) printed alongside. Prints figures; asserts nothing.
 
     python benchmarks/bench_retrieval.py                           # throughput, CPU
-    python benchmarks/bench_retrieval.py --compare --seeds 0,1,2
+    python benchmarks/bench_retrieval.py --compare --seeds 0,1,2      # the README / RESULTS figures (~15 min here)
     # GPU (the device is picked automatically; a bigger model and split make the figure meaningful):
     python benchmarks/bench_retrieval.py --images 2000 --hidden 768 --layers 12 --heads 12 \
         --feature-dim 2048 --batch-sizes 256,1024 --workers 1
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="store_true", help="finetuned against zero-shot (minutes)")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--pretrain-lr", type=float, default=5.0e-4)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=5.0e-4)
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--negatives", type=int, default=3)
