@@ -98,6 +98,9 @@ def test_bad_captioner_configs_are_one_line_errors(world, tmp_path):
     config.write_text(yaml.safe_dump(_config(world, data={"pairs": features, "features": features})))
     result = CliRunner().invoke(train_main, ["captioner", str(config), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "data.pairs" in result.output
+    # CONFIG may name a shipped config; an unknown name lists them (usage error)
+    result = CliRunner().invoke(train_main, ["captioner", "no-such-config", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "captioner, captioner-demo" in result.output
 
 
 def test_generated_captions_of_the_world_images_pretrain_with_singh_mlm_ccg(world, tmp_path):
