@@ -1108,8 +1108,10 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
 @click.option("--lang-floor", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Keep a text when py3langid's P(English) >= this.")
 @click.option("--min-chars", type=click.IntRange(min=0), default=5, show_default=True, help="Text must be longer.")
-@click.option("--min-words", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--max-words", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--min-words", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Text must have at least this many words.")
+@click.option("--max-words", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Text must have at most this many words.")
 @click.option("--max-oov", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Highest share of words not in wordfreq's English list.")
 @click.option("--no-noun-check", is_flag=True, help="Do not require a noun (skips spaCy).")
