@@ -82,9 +82,10 @@ def test_given_boxes_through_the_pipeline_resume_and_refusal(world, tmp_path):
         given_boxes = manifest["source"]["given_boxes"]
         assert given_boxes["file"].endswith("boxes.jsonl") and given_boxes["images"] == 5  # image 5 is refused later, by its size
         errors = {e["path"].rsplit(":", 1)[-1]: e for e in ErrorLog(out / "errors.jsonl").read()}
-        assert set(errors) == {"5", "6", "7", "8"}
-        assert "outside" in errors["6"]["reason"] and errors["7"]["kind"] == "missing"
-        assert "x2 < x1" in errors["8"]["reason"]
+        assert set(errors) == {"5", "5.jpg", "7", "8"}  # file lines, and the image whose boxes do not fit it
+        assert errors["5"]["kind"] == "bad_boxes" and errors["7"]["kind"] == "missing"
+        assert errors["5.jpg"]["kind"] == "bad_boxes" and "outside" in errors["5.jpg"]["reason"]
+        assert errors["5.jpg"]["image_id"] == "5" and "x2 < x1" in errors["8"]["reason"]
 
         again = run_extract(world / "images", out, settings_)  # a rerun: everything is done
         assert again["nothing_to_do"] and again["already_stored"] == 4
