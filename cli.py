@@ -555,15 +555,15 @@ def _parse_overrides(pairs) -> dict:
 @click.option("--file-list", type=click.Path(exists=True, dir_okay=False),
               help="Extract the images listed in this file (one path per line, relative to IMAGES_DIR); "
                    "entries that lead outside IMAGES_DIR ('..', absolute paths, symlinks) are refused.")
-@click.option("--glob", "glob_pattern", help="Only relative paths matching this pattern, e.g. 'train/*.jpg'.")
-@click.option("--limit", type=click.IntRange(min=0), help="Only the first N images (stable order).")
-@click.option("--dry-run", is_flag=True, help="Count images and estimate the time; write nothing.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
 @click.option("--boxes", "boxes_file", type=click.Path(exists=True, dir_okay=False),
               help="Given boxes: a json-lines file of {\"image\": relative path (or \"image_id\"), \"boxes\": "
                    "[[x1, y1, x2, y2], ...]} (pixels); only those images are extracted, one region per box in "
                    "the given order (the detector's given-box mode), e.g. the gt_boxes.jsonl of "
                    "vlp-build import-refcoco / import-vcr.")
+@click.option("--glob", "glob_pattern", help="Only relative paths matching this pattern, e.g. 'train/*.jpg'.")
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N images (stable order).")
+@click.option("--dry-run", is_flag=True, help="Count images and estimate the time; write nothing.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
               help="Images with more pixels are refused (decompression-bomb guard).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
@@ -599,11 +599,11 @@ def extract_main(images_dir, out, preset, weights, overrides, storage, shard_siz
     Examples:
       vlp-extract photos/ -o feats/ --preset demo
       vlp-extract coco/val2014 --out coco-feats --weights pytorch_model.bin --set min_boxes=36 --set max_boxes=36
+      vlp-extract coco/train2014 -o refcoco-gt --weights pytorch_model.bin --boxes refcoco-pairs/gt_boxes.jsonl
     """
     from vlp.pipeline.extract import ExtractSettings, dry_run as plan_run, run_extract, summary_lines
 
     settings = ExtractSettings(
-      vlp-extract coco/train2014 -o refcoco-gt --weights pytorch_model.bin --boxes refcoco-pairs/gt_boxes.jsonl
         preset=preset, weights=weights, overrides=_parse_overrides(overrides), device=device, dtype=dtype,
         batch_size=batch_size, storage=storage, shard_size=shard_size, overwrite=overwrite, file_list=file_list,
         boxes=boxes_file, glob=glob_pattern, limit=limit, max_pixels=max_pixels, address=address, num_cpus=num_cpus,
