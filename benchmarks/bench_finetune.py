@@ -93,8 +93,9 @@ def other_store(root: Path, paths: dict, task: str) -> Path:
 
 
 def model_section(args) -> dict:
-    return {"vocab": "demo", "bert": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads},
-            "visual": {"feature_dim": args.feature_dim}}
+    return {"vocab": "demo", "bert": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                                      "initializer_range": args.init_range},
+            "visual": {"feature_dim": args.feature_dim, "normalize_features": not args.raw_features}}
 
 
 def pretrain(paths: dict, out: Path, args) -> dict:
@@ -177,6 +178,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--feature-dim", type=int, default=32)
+    parser.add_argument("--init-range", type=float, default=0.1,
+                        help="std of the initial weights (BERT: 0.02; 0.1 lets this small model use the regions)")
+    parser.add_argument("--raw-features", action="store_true",
+                        help="feed the features as stored (default: standardized, visual.normalize_features)")
     parser.add_argument("--arms", default="random,pretrained",
                         help="VQA arms to run (random, pretrained; comma-separated)")
     parser.add_argument("--all-tasks", action="store_true", help="also GQA, VizWiz, SNLI-VE, NLVR2, MM-IMDB")
@@ -194,8 +199,9 @@ def main(argv=None) -> int:
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
     print(f"machine: {cpu or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {args.threads} thread(s)")
-    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab demo, "
-          f"oracle features {args.feature_dim}-d; batch {args.batch_size}, lr {args.lr}")
+    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, init std {args.init_range}, "
+          f"vocab demo, oracle features {args.feature_dim}-d "
+          f"{'as stored' if args.raw_features else 'standardized'}; batch {args.batch_size}, lr {args.lr}")
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -276,3 +276,56 @@ def test_topic_tasks_read_the_representation_asked_for(tok, ctx, representation)
     torch.testing.assert_close(seen[0], expected)
     with pytest.raises(ValueError, match="representation must be pooled or regions"):
         make_tasks([{"name": "TITP", "representation": "cls"}])
+
+
+# -- feature standardization ---------------------------------------------------------------------
+
+def test_feature_statistics_are_the_mean_and_std_over_every_region(tmp_path):
+    import numpy as np
+
+    from vlp.trainer.data import feature_statistics
+    from vlp.trainer.toydata import tiny_feature_store
+
+    store = tiny_feature_store(tmp_path / "f", [f"img{i}" for i in range(7)], feature_dim=8)
+    everything = np.concatenate([np.asarray(r.features, dtype=np.float64) for r in store])
+    mean, std = feature_statistics(store)
+    np.testing.assert_allclose(mean, everything.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, np.maximum(everything.std(0), 1e-3), rtol=1e-4, atol=1e-6)
+    sampled_mean, _ = feature_statistics(store, max_records=3)  # a spread-out subset
+    assert sampled_mean.shape == (8,) and not np.allclose(sampled_mean, mean)
+
+
+def test_normalize_features_equals_feeding_standardized_features(tok):
+    plain, normalized = encoder(tok), encoder(tok, normalize_features=True)
+    normalized.load_state_dict({**plain.state_dict(), "feature_mean": normalized.feature_mean,
+                                "feature_std": normalized.feature_std})
+    mean, std = torch.rand(8) + 0.5, torch.rand(8) + 0.5
+    normalized.set_feature_statistics(mean, std)
+    batch = make_batch(tok)
+    standardized = dict(batch, region_features=(batch["region_features"] - mean) / std)
+    with torch.no_grad():
+        torch.testing.assert_close(normalized(**encoder_inputs(batch)).sequence,
+                                   plain(**encoder_inputs(standardized)).sequence)
+    assert {"feature_mean", "feature_std"} <= set(normalized.state_dict())  # checkpoints carry them
+    with pytest.raises(ValueError, match="without visual.normalize_features"):
+        plain.set_feature_statistics(mean, std)
+
+
+def test_build_encoder_takes_the_statistics_of_the_config_store(tmp_path, tok):
+    import numpy as np
+
+    from vlp.trainer.data import feature_statistics
+    from vlp.trainer.schedule import build_encoder
+    from vlp.trainer.toydata import tiny_feature_store
+
+    store = tiny_feature_store(tmp_path / "f", ["a", "b", "c"], feature_dim=8)
+    config = {"model": {"vocab": "demo", "bert": {"hidden": 16, "layers": 1, "heads": 2},
+                        "visual": {"feature_dim": 8, "normalize_features": True}},
+              "data": {"features": str(tmp_path / "f")}, "stages": [{"pairs": "p", "tasks": ["MLM"], "steps": 1}]}
+    built = build_encoder(config, tok)
+    mean, std = feature_statistics(store)
+    np.testing.assert_allclose(built.feature_mean.numpy(), mean)
+    np.testing.assert_allclose(built.feature_std.numpy(), std)
+    config["model"]["architecture"] = "lxmert_s"
+    with pytest.raises(ValueError, match="normalize_features"):
+        build_encoder(config, tok)

@@ -95,6 +95,30 @@ def box_geometry(boxes: np.ndarray, width: int, height: int, dims: int = 5) -> n
 
 # -- dataset -----------------------------------------------------------------------
 
+def feature_statistics(features, max_records: int = 2000, floor: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation (at least ``floor``) of the region
+    features of up to ``max_records`` records spread evenly over the store (float64 sums)."""
+    keys = list(features.keys())
+    if not keys:
+        raise ValueError(f"{getattr(features, 'root', features)}: no records to compute feature statistics from")
+    chosen = keys[:: max(1, len(keys) // max_records)][:max_records]
+    total = square = None
+    count = 0
+    for key in chosen:
+        values = np.asarray(features.get(key).features, dtype=np.float64)
+        if total is None:
+            total, square = values.sum(0), (values ** 2).sum(0)
+        else:
+            total += values.sum(0)
+            square += (values ** 2).sum(0)
+        count += len(values)
+    if count == 0:
+        raise ValueError(f"{getattr(features, 'root', features)}: the sampled records hold no regions")
+    mean = total / count
+    std = np.sqrt(np.maximum(square / count - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
+
+
 def split_filter(pairs, split) -> Optional[list[bool]]:
     """Which rows of ``pairs`` belong to ``split`` (a name or a list of names); None: all."""
     if split is None:

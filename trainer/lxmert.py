@@ -35,9 +35,9 @@ class CrossModalEncoder(BertStyleInit, nn.Module):
             raise ValueError("LXMERT-S has no whole-image token; set visual.image_token: false")
         if visual.region_positions != "shared":
             raise ValueError("LXMERT-S regions have no positions; set visual.region_positions: shared")
-        if visual.visual_clue or visual.mask_embedding or visual.geometry != "linear":
-            raise ValueError("visual_clue, mask_embedding and geometry: sinusoidal are single-stream (VL-BERT) "
-                             "options; LXMERT-S takes none of them")
+        if visual.visual_clue or visual.mask_embedding or visual.geometry != "linear" or visual.normalize_features:
+            raise ValueError("visual_clue, mask_embedding, geometry: sinusoidal and normalize_features are "
+                             "single-stream options; LXMERT-S takes none of them")
         if lxmert_config.l_layers or lxmert_config.r_layers:
             raise ValueError("LXMERT-S means l_layers = r_layers = 0")
         self.visual = visual

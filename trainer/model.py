@@ -23,6 +23,15 @@ VL-BERT (after Relation Networks) does; ``mask_embedding`` replaces the feature 
 every masked region by one learned [MASK] vector. Without a stored ``image_feature`` the
 whole image is the mean of the regions that are not masked (a mean over masked ones would
 hand their content back to the model).
+
+``normalize_features`` standardizes every feature dimension with the mean and standard
+deviation of the training feature store (:func:`vlp.trainer.data.feature_statistics`,
+kept as buffers, so checkpoints carry them). Detector features are non-negative (ReLU
+outputs) and share a large common component; a projection can then map every region to
+nearly the same embedding, and a small model trained from scratch does exactly that: it
+learns the language prior first and closes the visual path (measured on the synthetic
+world: region embeddings' mean pairwise cosine 0.80 -> 0.99, VQA stuck at the text-only
+level; with standardized features it reads the regions, see the README).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ class VisualConfig:
     visual_clue: bool = False  # VL-BERT: every text token also gets the whole image's visual embedding
     geometry: str = "linear"  # or "sinusoidal" (VL-BERT)
     mask_embedding: bool = False  # VL-BERT: a learned [MASK] feature embedding for masked regions
+    normalize_features: bool = False  # standardize features per dimension with the store's mean / std
 
     def __post_init__(self):
         if self.region_positions not in ("shared", "index"):
@@ -147,6 +157,16 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
             module.apply(self._init_weights)
         if self.visual.mask_embedding:
             self.region_mask_embedding = nn.Parameter(torch.zeros(hidden).normal_(0.0, bert_config.initializer_range))
+        if self.visual.normalize_features:
+            self.register_buffer("feature_mean", torch.zeros(self.visual.feature_dim))
+            self.register_buffer("feature_std", torch.ones(self.visual.feature_dim))
+
+    def set_feature_statistics(self, mean, std) -> None:
+        """Per-dimension mean and standard deviation of the features (``normalize_features``)."""
+        if not self.visual.normalize_features:
+            raise ValueError("the encoder was built without visual.normalize_features")
+        self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     @property
     def hidden_size(self) -> int:
@@ -183,6 +203,8 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
                           replaced: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``replaced`` [B, N] bool: regions whose features masking replaced by zeros; with
         ``mask_embedding`` they get the learned [MASK] embedding instead."""
+        if self.visual.normalize_features:
+            features = (features - self.feature_mean.to(features.dtype)) / self.feature_std.to(features.dtype)
         appearance = self.feature_proj(features)
         if replaced is not None and self.visual.mask_embedding:
             appearance = torch.where(replaced.unsqueeze(-1), self.region_mask_embedding.to(appearance.dtype),

@@ -44,7 +44,7 @@ from typing import Optional, Union
 import torch
 
 from vlp.trainer.config import (ConfigError, SourceConfig, StageConfig, TrainConfig, as_config, load_config,
-                                stage_folder, validate_config)
+                                validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,11 @@ def _model_config(config):
     return config.model if hasattr(config, "model") else as_config(config).model
 
 
+def _data_config(config):
+    """The ``data:`` section of a TrainConfig / FinetuneConfig (or of its dict form)."""
+    return config.data if hasattr(config, "data") else as_config(config).data
+
+
 def build_encoder(config: Union[TrainConfig, dict], tokenizer):
     """The encoder named by ``model`` (single-stream; ``architecture: lxmert_s`` for LXMERT-S,
     ``two_stream`` for the ViLBERT-style two-stream encoder)."""
@@ -147,6 +152,11 @@ def build_encoder(config: Union[TrainConfig, dict], tokenizer):
         encoder = SingleStreamEncoder.from_pretrained_text(model.text_checkpoint, visual, **model.bert)
     else:
         encoder = SingleStreamEncoder(tiny_bert_config(len(tokenizer), **model.bert), visual)
+    if visual.normalize_features:  # a checkpoint loaded later (resume, --init) brings its own
+        from vlp.schemas import FeatureStore
+        from vlp.trainer.data import feature_statistics
+
+        encoder.set_feature_statistics(*feature_statistics(FeatureStore(_data_config(config).features)))
     if encoder.word_embeddings.num_embeddings < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocabulary "
                          f"{encoder.word_embeddings.num_embeddings}")

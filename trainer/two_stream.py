@@ -201,7 +201,8 @@ def _run(layer, hidden, mask):
 
 #: VisualConfig options of the single-stream (VL-BERT) encoder that this one does not have,
 #: with the value that means "off" (read with getattr: older VisualConfigs lack them)
-_SINGLE_STREAM_ONLY = {"visual_clue": False, "mask_embedding": False, "geometry": "linear"}
+_SINGLE_STREAM_ONLY = {"visual_clue": False, "mask_embedding": False, "geometry": "linear",
+                       "normalize_features": False}
 
 
 def check_visual(visual: VisualConfig) -> None:
