@@ -47,7 +47,8 @@ OTHER_TASKS = {  # task: (importer, files under the world, val split, test split
 }
 
 
-def build_world(root: Path, images: int, feature_dim: int, world_seed: int) -> dict:
+def build_world(root: Path, images: int, feature_dim: int, world_seed: int,
+                vqa_train_questions: int = 0) -> dict:
     from vlp.builders import imports
     from vlp.builders.labels import build_objects_labels
     from vlp.schemas.pairs import PairStore, PairStoreWriter
@@ -68,10 +69,15 @@ def build_world(root: Path, images: int, feature_dim: int, world_seed: int) -> d
     karpathy = {str(i["cocoid"]): i["split"]
                 for i in json.loads((annotations / "dataset_coco.json").read_text("utf-8"))["images"]}
     vqa = root / "pairs-vqa"
+    kept_train = 0
     with PairStoreWriter(vqa, "question", optional=["human_answers"]) as writer:
         for row in PairStore(raw):
             if row["split"] == "val":
                 row["split"] = "test" if karpathy[row["image_id"]] == "test" else "val"
+            elif vqa_train_questions:  # the task's training data is scarce, the pretraining data is not
+                if kept_train >= vqa_train_questions:
+                    continue
+                kept_train += 1
             writer.add({k: v for k, v in row.items() if k != "kind"})
     (vqa / "answer_vocab.json").write_bytes((raw / "answer_vocab.json").read_bytes())
     return {"world": world, "features": features, "captions": captions.out, "labels": labels.out, "vqa": vqa,
@@ -166,6 +172,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=240, help="synthetic world size")
     parser.add_argument("--world-seed", type=int, default=1)
+    parser.add_argument("--vqa-train-questions", type=int, default=0,
+                        help="keep only the first N VQA train questions (0: all): scarce task data")
     parser.add_argument("--seeds", default="0,1,2", help="finetuning seeds for VQA (comma-separated)")
     parser.add_argument("--steps", type=int, default=600, help="VQA finetuning steps (both arms)")
     parser.add_argument("--pretrain-steps", type=int, default=600)
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        paths = build_world(root, args.images, args.feature_dim, args.world_seed)
+        paths = build_world(root, args.images, args.feature_dim, args.world_seed, args.vqa_train_questions)
         print(f"world: {args.images} images (seed {args.world_seed}), stores built in "
               f"{time.perf_counter() - start:.1f} s; pretraining pairs: {paths['counts']}")
 
