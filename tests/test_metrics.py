@@ -300,7 +300,7 @@ def test_snli_ve_and_mmimdb_json_lines(tmp_path):
     assert lines == [{"pair_id": "mmimdb/tt01", "prediction": ["Drama", "Comedy"]},
                      {"pair_id": "mmimdb/tt02", "prediction": []}]
     with pytest.raises(ValueError, match="unknown task"):
-        write_predictions("vcr", rows, tmp_path / "x")
+        write_predictions("vqa2", rows, tmp_path / "x")
 
 
 # -------------------------------------------------------------------------- results table

@@ -24,6 +24,14 @@ EXAMPLES = {
     "entailment": {"text": "there is a star", "label": "neutral"},
     "hard_negatives": {"text": "", "negatives": ["b", "c"], "negative_scores": [0.75, 0.5]},
     "multilabel": {"text": "a baker falls in love", "labels": ["Drama", "Romance"]},
+    "refexp": {"text": "the small striped star", "ref_id": "3", "ann_id": "17", "target_box": [1.0, 2.0, 30.0, 40.0],
+               "category": "star", "image_w": 640, "image_h": 480},
+    "vcr": {"text": "what colour is 1 ?", "annot_id": "val-0", "question_words": ["what", "colour", "is", "star", "?"],
+            "question_regions": [-1, -1, -1, 1, -1],
+            "answer_words": [["red"], ["blue"], ["green"], ["white"]], "answer_regions": [[-1], [-1], [-1], [-1]],
+            "rationale_words": [["it", "is", "red"], ["no"], ["maybe"], ["yes"]],
+            "rationale_regions": [[-1, -1, -1], [-1], [-1], [-1]], "answer_label": 0, "rationale_label": 0,
+            "objects": ["circle", "star"]},
 }
 
 
