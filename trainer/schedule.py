@@ -163,7 +163,7 @@ def build_encoder(config: Union[TrainConfig, dict], tokenizer):
     return encoder
 
 
-def _final_state(stage_dir: Path) -> Optional[dict]:
+def finished_stage_state(stage_dir: Path) -> Optional[dict]:
     """The checkpoint state of a finished stage, or None."""
     import json
 
@@ -318,7 +318,7 @@ def run_stages(config: Union[TrainConfig, dict], out_dir, *, device: str = "cpu"
     for index, stage in enumerate(config.stages):
         name = stage.name
         stage_dir = config.stage_dir(out_dir, index)
-        finished = _final_state(stage_dir)
+        finished = finished_stage_state(stage_dir)
         if finished is not None:  # its weights reach the next stage through hand_over
             log.info("stage %s: already finished, skipped", name)
             summaries.append({"stage": name, "dir": str(stage_dir), "skipped": True})

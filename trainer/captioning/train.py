@@ -26,6 +26,7 @@ import torch
 
 from vlp.core.durable import atomic_write, atomic_write_json
 from vlp.trainer.captioning.config import CaptionerConfig
+from vlp.trainer.schedule import finished_stage_state
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,6 @@ def build_net(model_config, tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     return CaptionerNet(model_config, Tokens.from_tokenizer(tokenizer))
-
-
-def _final_state(stage_dir: Path) -> Optional[dict]:
-    pointer = stage_dir / "last.json"
-    if not pointer.is_file():
-        return None
-    info = json.loads(pointer.read_text())
-    if int(info["step"]) < int(info["steps"]):
-        return None
-    return torch.load(stage_dir / info["checkpoint"], map_location="cpu", weights_only=True)
 
 
 def save_model(path: Path, net, config: CaptionerConfig, stage: str, step: int) -> None:
@@ -180,7 +171,7 @@ def train_captioner(config: CaptionerConfig, out_dir, *, device: str = "cpu", pr
     results_path = out_dir / RESULTS_FILE
     for index, stage in enumerate(config.stages):
         stage_dir = config.stage_dir(out_dir, index)
-        finished = _final_state(stage_dir)
+        finished = finished_stage_state(stage_dir)
         resuming = (stage_dir / "last.json").is_file()  # read by every rank before any writes a checkpoint
         group.barrier()
         if finished is not None:
