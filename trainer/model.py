@@ -112,6 +112,14 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
     return BertConfig(**defaults)
 
 
+def visible_region_mean(region_features, region_mask, region_masked=None) -> torch.Tensor:
+    """[B, D] mean of each row's real regions that are not masked: the whole-image feature
+    when the store has none (a mean over masked regions would hand their content back)."""
+    visible = region_mask.bool() if region_masked is None else region_mask.bool() & ~region_masked.bool()
+    weights = visible.unsqueeze(-1).to(region_features.dtype)
+    return (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def whole_image_box(batch: int, box_dims: int, device, dtype) -> torch.Tensor:
     """The geometry of a box covering the image: (0, 0, 1, 1[, area 1[, w 1, h 1]])."""
     whole = torch.zeros(batch, box_dims, device=device, dtype=dtype)
@@ -216,9 +224,7 @@ class SingleStreamEncoder(BertStyleInit, nn.Module):
         mean of the regions that are not masked."""
         batch = region_features.shape[0]
         if image_feature is None:
-            visible = region_mask if region_masked is None else region_mask & ~region_masked.bool()
-            weights = visible.unsqueeze(-1).to(region_features.dtype)
-            image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
+            image_feature = visible_region_mean(region_features, region_mask, region_masked)
         whole = whole_image_box(batch, self.visual.box_dims, region_features.device, region_features.dtype)
         return self.region_embeddings(image_feature, whole)
 

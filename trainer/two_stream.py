@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.trainer.model import BertStyleInit, EncoderOutput, VisualConfig
+from vlp.trainer.model import BertStyleInit, EncoderOutput, VisualConfig, visible_region_mean, whole_image_box
 
 FUSIONS = ("mul", "sum")
 # added to attention scores of padded keys: exp(-10000) is 0 in float32, and the value
@@ -320,15 +320,9 @@ class TwoStreamEncoder(BertStyleInit, nn.Module):
         regions = self.region_embeddings(region_features, region_boxes)
         region_mask = region_mask.bool()
         if self.visual.image_token:
-            if image_feature is None:  # ViLBERT's IMG: the mean region, over the real regions that are
-                # not masked (a mean over masked ones would hand their content back)
-                visible = region_mask if region_masked is None else region_mask & ~region_masked.bool()
-                weights = visible.unsqueeze(-1).to(region_features.dtype)
-                image_feature = (region_features * weights).sum(1) / weights.sum(1).clamp(min=1)
-            whole = torch.zeros(batch, self.visual.box_dims, device=device, dtype=region_boxes.dtype)
-            whole[:, 2:4] = 1.0
-            if self.visual.box_dims >= 5:
-                whole[:, 4:] = 1.0
+            if image_feature is None:  # ViLBERT's IMG: the mean region
+                image_feature = visible_region_mean(region_features, region_mask, region_masked)
+            whole = whole_image_box(batch, self.visual.box_dims, device, region_boxes.dtype)
             regions = torch.cat([self.region_embeddings(image_feature.to(region_features.dtype), whole)
                                  .unsqueeze(1), regions], 1)
             region_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), region_mask], 1)
