@@ -26,6 +26,15 @@ Precision / recall at the score threshold
     Predictions with ``objects_conf >= score_threshold`` (the detector's, 0.2 for the BUTD
     presets): precision = their true positives / their count (all classes), recall = true
     positives / GT boxes.
+Breakdowns
+    ``attribute_accuracy_by_category`` / ``attribute_accuracy_by_colour``: the attribute
+    accuracy above over the true positives of one GT category / one GT primary attribute
+    (colour); ``recall_by_colour``: the recall at the score threshold over the GT boxes of
+    one primary attribute. Each entry is ``{"value", "count"}`` (count: its denominator).
+Top box (:func:`top_box_accuracy`, for images of one object each)
+    The image's highest-``objects_conf`` prediction is a hit when its IoU with the GT box
+    is >= ``iou_threshold`` and its class is right ("the top box is the shape, not the
+    background"); ``colour`` also needs its ``attrs_id`` to be the GT's primary attribute.
 """
 
 from __future__ import annotations
@@ -124,16 +133,40 @@ def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotatio
             ap_by_id[c] = voc_ap(recall, precision)
         else:
             ap_by_id[c] = 0.0
+    attr_names = vocab.attributes()
     attr_of = {(e[0], e[1]): e[4] for e in entries}
     attr_total = attr_right = 0
+    by_category: dict[str, list[int]] = {}
+    by_colour: dict[str, list[int]] = {}
     for (i, j), g in tp_flags.items():
         gt_attrs = ground_truth[i].attributes[g]
         if not gt_attrs:
             continue
         attr_total += 1
-        attr_right += int(attr_of[(i, j)] == gt_attrs[0])
+        right = int(attr_of[(i, j)] == gt_attrs[0])
+        attr_right += right
+        for table, key in ((by_category, names.name(int(ground_truth[i].classes[g]))),
+                           (by_colour, attr_names.name(int(gt_attrs[0])))):
+            table.setdefault(key, [0, 0])
+            table[key][0] += right
+            table[key][1] += 1
     above = [e for e in entries if e[3] >= score_threshold]
     tp_above = sum(1 for e in above if (e[0], e[1]) in tp_flags)
+    found_above = {(e[0], tp_flags[(e[0], e[1])]) for e in above if (e[0], e[1]) in tp_flags}
+    recall_colour: dict[str, list[int]] = {}
+    for i, gt in enumerate(ground_truth):
+        for g, attrs in enumerate(gt.attributes):
+            if not attrs:
+                continue
+            key = attr_names.name(int(attrs[0]))
+            recall_colour.setdefault(key, [0, 0])
+            recall_colour[key][0] += int((i, g) in found_above)
+            recall_colour[key][1] += 1
+
+    def table(counts):
+        return {k: {"value": right / total if total else 0.0, "count": total}
+                for k, (right, total) in sorted(counts.items())}
+
     return {
         "mAP": float(np.mean(list(ap_by_id.values()))) if ap_by_id else 0.0,
         "ap": {names.name(c): ap_by_id[c] for c in gt_classes},
@@ -148,18 +181,53 @@ def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotatio
         "num_gt": num_gt,
         "num_images": len(ground_truth),
         "iou_threshold": iou_threshold,
+        "attribute_accuracy_by_category": table(by_category),
+        "attribute_accuracy_by_colour": table(by_colour),
+        "recall_by_colour": table(recall_colour),
     }
 
 
-def evaluate_detector(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
-                      iou_threshold: float = 0.5, score_threshold: Optional[float] = None,
-                      batch_size: Optional[int] = None) -> dict:
-    """Run ``detector.detect`` on VG images and score it (see the module docstring).
+def top_box_accuracy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
+                     iou_threshold: float = 0.5) -> dict:
+    """How often the top-scoring box of an image is its (single) object; see the module docstring.
 
-    vg_dir: folder with objects.json / attributes.json / image_data.json / images/<id>.jpg.
-    image_ids: which images (default: all in objects.json).
-    score_threshold: for precision/recall (default: the detector's ``score_threshold``).
+    Images without exactly one GT box are skipped. Returns {"rate" (IoU and class right),
+    "colour_rate" (and the attribute), "iou_rate" (IoU only), "images", "misses": [image ids]}.
     """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images")
+    hits = colour_hits = iou_hits = images = 0
+    misses = []
+    for pred, gt in zip(predictions, ground_truth):
+        if len(gt.classes) != 1:
+            continue
+        images += 1
+        confs = _get(pred, "objects_conf").reshape(-1)
+        if confs.size == 0:
+            misses.append(gt.image_id)
+            continue
+        k = int(np.argmax(confs))
+        box = _get(pred, "boxes").reshape(-1, 4)[k]
+        iou_ok = bool(box_iou_np(box, gt.boxes)[0, 0] >= iou_threshold)
+        class_ok = int(_get(pred, "objects_id").reshape(-1)[k]) == int(gt.classes[0])
+        attrs = _get(pred, "attrs_id")
+        attr_ok = (attrs is not None and bool(gt.attributes[0])
+                   and int(attrs.reshape(-1)[k]) == int(gt.attributes[0][0]))
+        iou_hits += int(iou_ok)
+        hits += int(iou_ok and class_ok)
+        colour_hits += int(iou_ok and class_ok and attr_ok)
+        if not (iou_ok and class_ok):
+            misses.append(gt.image_id)
+    return {"rate": hits / images if images else 0.0,
+            "colour_rate": colour_hits / images if images else 0.0,
+            "iou_rate": iou_hits / images if images else 0.0,
+            "images": images, "misses": misses}
+
+
+def detect_vg(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
+              batch_size: Optional[int] = None) -> tuple[list, list[Annotation]]:
+    """Run ``detector.detect`` on the images of a VG-format folder (``images/<id>.jpg`` or
+    ``.png``): returns (records, ground truth), in the same order."""
     ground_truth = load_vg_annotations(vg_dir, image_ids)
     images = []
     for gt in ground_truth:
@@ -168,6 +236,20 @@ def evaluate_detector(detector, vg_dir, image_ids: Optional[Sequence[int]] = Non
             raise ValueError(f"cannot read image {gt.path}")
         images.append(image)
     records = detector.detect(images, image_ids=[str(gt.image_id) for gt in ground_truth], batch_size=batch_size)
+    return records, ground_truth
+
+
+def evaluate_detector(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
+                      iou_threshold: float = 0.5, score_threshold: Optional[float] = None,
+                      batch_size: Optional[int] = None) -> dict:
+    """Run ``detector.detect`` on VG images and score it (see the module docstring).
+
+    vg_dir: folder with objects.json / attributes.json / image_data.json / images/<id>.jpg
+        (or .png).
+    image_ids: which images (default: all in objects.json).
+    score_threshold: for precision/recall (default: the detector's ``score_threshold``).
+    """
+    records, ground_truth = detect_vg(detector, vg_dir, image_ids, batch_size=batch_size)
     if score_threshold is None:
         score_threshold = float(getattr(detector, "detector_config").score_threshold)
     return evaluate_predictions(records, ground_truth, iou_threshold=iou_threshold,

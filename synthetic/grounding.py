@@ -92,7 +92,7 @@ def refcoco_data(scenes, split_of: dict) -> tuple[list, dict, dict]:
     counts, chance, category_chance = defaultdict(int), defaultdict(list), defaultdict(list)
     sent_id = 0
     for s in scenes:
-        images.append({"id": s.image_id, "file_name": f"{s.image_id}.jpg", "width": s.width, "height": s.height})
+        images.append({"id": s.image_id, "file_name": s.file_name, "width": s.width, "height": s.height})
         for k, obj in enumerate(s.objects):
             ann_id = s.image_id * 100 + k
             x, y, w, h = _coco_bbox(obj.box)

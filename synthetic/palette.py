@@ -16,11 +16,11 @@ CATEGORIES: tuple[str, ...] = (
     "circle", "triangle", "star", "box", "heart", "cross", "ring", "diamond",
 )
 
-#: Reference RGB of each VG colour attribute. Saturated or extreme in lightness on
-#: purpose: backgrounds are muted mid-greys (see scene.py), so every object colour
-#: keeps contrast with every background, and the colours stay far apart from each
-#: other (minimum pairwise distance ~95 in RGB) so colour is easy to learn.
-COLOURS: dict[str, tuple[int, int, int]] = {
+#: Reference RGB of the eight VG colour attributes of the classic world (``style="classic"``).
+#: Saturated or extreme in lightness on purpose: classic backgrounds are muted mid-greys
+#: (see scene.py), so every object colour keeps contrast with every background, and the
+#: colours stay far apart from each other (minimum pairwise distance ~95 in RGB).
+CLASSIC_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "blue": (35, 75, 215),
     "green": (40, 160, 60),
@@ -30,6 +30,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
+
+#: Further VG colours of the wide world (``style="wide"``, the default). Each is at least
+#: ~85 RGB units from every other colour of :data:`COLOURS`, so a colour name stays
+#: learnable; the wide sampler keeps every object apart from its background instead
+#: (scene.MIN_CONTRAST).
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "brown": (120, 72, 35),
+    "pink": (245, 140, 190),
+    "teal": (0, 128, 128),
+    "tan": (210, 180, 140),
+}
+
+#: Every colour word the world can use (objects, captions, questions, VG phrases), in a
+#: fixed order: the classic eight first.
+COLOURS: dict[str, tuple[int, int, int]] = {**CLASSIC_COLOURS, **EXTRA_COLOURS}
 
 #: Colour used for stripes/spots on each object colour: light marks on dark/saturated
 #: objects, dark marks on light ones, so the pattern is visible but the main colour
@@ -43,7 +59,18 @@ PATTERN_COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (25, 25, 25),
     "orange": (25, 25, 25),
     "white": (25, 25, 25),
+    "gray": (245, 245, 245),
+    "brown": (245, 245, 245),
+    "teal": (245, 245, 245),
+    "pink": (25, 25, 25),
+    "tan": (25, 25, 25),
 }
+
+
+def nearest_colour(rgb) -> str:
+    """The colour word of :data:`COLOURS` nearest to ``rgb`` (Euclidean in RGB)."""
+    return min(COLOURS, key=lambda name: sum((int(a) - b) ** 2 for a, b in zip(rgb, COLOURS[name])))
+
 
 SIZES: tuple[str, ...] = ("small", "large")
 PATTERNS: tuple[str, ...] = ("striped", "spotted")

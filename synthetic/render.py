@@ -1,4 +1,4 @@
-"""Painting scenes into RGB arrays, and the deterministic JPEG encoding used on disk."""
+"""Painting scenes into RGB arrays, and the deterministic JPEG / PNG encodings used on disk."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _draw_clutter(canvas: np.ndarray, scene: Scene) -> None:
     """Anti-aliased lines and specks (OpenCV anti-aliases only 8-bit images, so each
     mark is drawn into a uint8 alpha layer over its bounding rectangle and blended)."""
     h, w = canvas.shape[:2]
+    line_type = cv2.LINE_AA if scene.antialias else cv2.LINE_8
     for item in scene.clutter:
         if item.kind == "line":
             xs, ys = item.points[0::2], item.points[1::2]
@@ -60,10 +61,10 @@ def _draw_clutter(canvas: np.ndarray, scene: Scene) -> None:
         if item.kind == "line":
             p1 = (int(round((xs[0] - x0) * 16)), int(round((ys[0] - y0) * 16)))
             p2 = (int(round((xs[1] - x0) * 16)), int(round((ys[1] - y0) * 16)))
-            cv2.line(layer, p1, p2, 255, item.thickness, cv2.LINE_AA, 4)
+            cv2.line(layer, p1, p2, 255, item.thickness, line_type, 4)
         else:
             centre = (int(round((xs[0] - x0) * 16)), int(round((ys[0] - y0) * 16)))
-            cv2.circle(layer, centre, item.thickness * 16, 255, -1, cv2.LINE_AA, 4)
+            cv2.circle(layer, centre, item.thickness * 16, 255, -1, line_type, 4)
         _composite(canvas, layer.astype(np.float32) / 255.0, x0, y0, item.rgb)
 
 
@@ -90,13 +91,16 @@ def render_scene(scene: Scene) -> np.ndarray:
     _draw_clutter(canvas, scene)
     for obj in scene.objects:
         d = obj.draw
-        patch = rasterize(obj.category, d.cx, d.cy, d.size, d.aspect, d.inner_ratio, d.rotation)
+        patch = rasterize(obj.category, d.cx, d.cy, d.size, d.aspect, d.inner_ratio, d.rotation,
+                          antialias=scene.antialias)
         alpha = patch.alpha.astype(np.float32) / 255.0
         _composite(canvas, alpha, patch.x0, patch.y0, d.rgb)
         if obj.pattern:
             coverage = pattern_coverage(obj.pattern, alpha.shape, d.cx - patch.x0,
                                         d.cy - patch.y0, d.pattern_period, d.pattern_angle,
                                         d.pattern_phase)
+            if not scene.antialias:
+                coverage = (coverage >= 0.5).astype(np.float32)
             _composite(canvas, alpha * coverage, patch.x0, patch.y0, d.pattern_rgb)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
@@ -110,7 +114,8 @@ def object_masks(scene: Scene, visible: bool = False) -> list[np.ndarray]:
     masks = []
     for obj in scene.objects:
         d = obj.draw
-        patch = rasterize(obj.category, d.cx, d.cy, d.size, d.aspect, d.inner_ratio, d.rotation)
+        patch = rasterize(obj.category, d.cx, d.cy, d.size, d.aspect, d.inner_ratio, d.rotation,
+                          antialias=scene.antialias)
         full = np.zeros((scene.height, scene.width), bool)
         ph, pw = patch.alpha.shape
         x0, y0 = patch.x0, patch.y0
@@ -131,6 +136,23 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     options = {**JPEG_OPTIONS, "quality": quality}
     Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buffer, **options)
     return buffer.getvalue()
+
+
+#: Lossless images of the wide world: PNG, zlib level 6, no optimisation pass, no
+#: metadata - byte-identical for fixed input with the same zlib.
+PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Deterministic PNG bytes of an RGB uint8 array (see PNG_OPTIONS)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buffer, **PNG_OPTIONS)
+    return buffer.getvalue()
+
+
+def encode_scene_image(scene: Scene, image: np.ndarray, jpeg_quality: int = 90) -> bytes:
+    """The bytes of ``scene.file_name``: PNG when ``scene.image_format == "png"``, else JPEG."""
+    return encode_png(image) if scene.image_format == "png" else encode_jpeg(image, jpeg_quality)
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -19,6 +19,23 @@ Sampling rules (why they are what they are):
   sampled from separated area ranges so the size attribute is unambiguous;
 * occlusion limited: later objects may cover at most 40% of an earlier object's
   box and at most 40% of its own pixels (placements breaking this are re-drawn).
+
+Those are the rules of ``style="classic"`` (the world before issue 19; kept so old
+figures stay reproducible, and used by the web crawl). ``style="wide"`` (the default of
+``generate``) widens every distribution so that a detector trained on it does not
+learn "background = muted grey":
+
+* image sides 48-1000 px (log-uniform long side, aspect up to 2.2:1), PNG for ~35% of
+  the images and JPEG for the rest, aliased edges for ~30% of them;
+* backgrounds of any colour - near-white, near-black, saturated, the objects' own
+  colours (:data:`palette.COLOURS`), muted greys, pastels - flat, gradient or textured;
+  about half the scenes have no clutter at all;
+* one object alone in ~40% of the images, up to ``max_objects`` otherwise;
+* thirteen VG colours (:data:`palette.COLOURS`); an object's colour is always at least
+  :data:`MIN_CONTRAST` (RGB distance) from every colour of its background;
+* boxes from max(10 px, 6% of the short side) to nearly the whole frame, rectangles of
+  aspect ratio 1:4 to 4:1; the small/large size rule is unchanged (box area below
+  ~2.2% or above 6% of the image, threshold :data:`palette.LARGE_AREA_FRACTION`).
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -141,10 +159,27 @@ class Scene:
     background: Background
     clutter: list[Clutter]
     objects: list[SceneObject]
+    #: "classic" or "wide" (the sampler that drew it; see the module docstring).
+    style: str = "classic"
+    #: Whether shapes and clutter are drawn with anti-aliased edges.
+    antialias: bool = True
+    #: "jpeg" or "png": how the image is stored (``file_name``).
+    image_format: str = "jpeg"
+
+    @property
+    def file_name(self) -> str:
+        """The image's file name in a world's ``images/``: ``<id>.jpg`` or ``<id>.png``."""
+        return f"{self.image_id}.{'png' if self.image_format == 'png' else 'jpg'}"
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; includes the derived VG ids so readers need no vocabulary."""
+        """JSON-ready dict; includes the derived VG ids so readers need no vocabulary.
+
+        A classic scene's dict has no style / antialias / image_format keys (as before
+        the wide style existed, so a classic world's truth.json is unchanged)."""
         data = asdict(self)
+        if self.style == "classic" and self.antialias and self.image_format == "jpeg":
+            for key in ("style", "antialias", "image_format"):
+                data.pop(key)
         for obj, raw in zip(self.objects, data["objects"]):
             raw["category_id"] = obj.category_id
             raw["attributes"] = obj.attribute_names
@@ -172,7 +207,9 @@ class Scene:
         clutter = [Clutter(kind=c["kind"], points=list(c["points"]), thickness=c["thickness"],
                            rgb=rgb(c["rgb"])) for c in data["clutter"]]
         return cls(image_id=data["image_id"], width=data["width"], height=data["height"],
-                   background=Background(**bg), clutter=clutter, objects=objects)
+                   background=Background(**bg), clutter=clutter, objects=objects,
+                   style=data.get("style", "classic"), antialias=bool(data.get("antialias", True)),
+                   image_format=data.get("image_format", "jpeg"))
 
 
 # --------------------------------------------------------------------------- background
@@ -327,13 +364,24 @@ def _sample_object(rng, width, height, category, colour, size_class, pattern):
     return draw
 
 
-def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: int = MIN_SIDE,
-                 max_side: int = MAX_SIDE, max_objects: int = MAX_OBJECTS) -> Scene:
+def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[int] = None,
+                 max_side: Optional[int] = None, max_objects: int = MAX_OBJECTS,
+                 style: str = "classic") -> Scene:
     """Sample one scene. Deterministic in the state of ``rng``.
 
     ``generate`` seeds one generator per image (``numpy.random.default_rng([seed,
     image_id, 0])``), so an image does not depend on how many images the world has.
+    ``style``: "classic" (the default here, the sampler of the first worlds: 240-640 px,
+    grey backgrounds, eight colours) or "wide" (the default of ``generate``; see the
+    module docstring). ``min_side`` / ``max_side`` default to the style's range.
     """
+    if style == "wide":
+        return _sample_wide_scene(rng, image_id, WIDE_MIN_SIDE if min_side is None else min_side,
+                                  WIDE_MAX_SIDE if max_side is None else max_side, max_objects)
+    if style != "classic":
+        raise ValueError(f"style must be 'classic' or 'wide', got {style!r}")
+    min_side = MIN_SIDE if min_side is None else min_side
+    max_side = MAX_SIDE if max_side is None else max_side
     if not (16 <= min_side <= max_side):
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
     if not 1 <= max_objects:
@@ -355,10 +403,10 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: int = MIN
         if objects and rng.random() < 0.35:
             template = objects[int(rng.integers(len(objects)))]
             category = template.category
-            colour = template.colour if rng.random() < 0.5 else str(rng.choice(list(palette.COLOURS)))
+            colour = template.colour if rng.random() < 0.5 else str(rng.choice(list(palette.CLASSIC_COLOURS)))
         else:
             category = str(rng.choice(palette.CATEGORIES))
-            colour = str(rng.choice(list(palette.COLOURS)))
+            colour = str(rng.choice(list(palette.CLASSIC_COLOURS)))
         pattern = str(rng.choice(palette.PATTERNS)) if rng.random() < PATTERN_PROBABILITY else None
         size_classes = ["large", "small"] if rng.random() < LARGE_PROBABILITY else ["small"]
         accepted = None
@@ -399,3 +447,223 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: int = MIN
         objects.append(SceneObject(category, colour, size_label, pattern, box, draw))
         placed.append(_Placed(box, patch))
     return Scene(image_id, width, height, background, clutter, objects)
+
+
+# --------------------------------------------------------------------------- the wide style
+
+WIDE_MIN_SIDE, WIDE_MAX_SIDE = 48, 1000
+WIDE_MAX_ASPECT = 2.2
+WIDE_MIN_BOX_SIDE_PX = 10
+WIDE_MIN_BOX_SIDE_FRACTION = 0.06
+WIDE_SINGLE_PROBABILITY = 0.4
+WIDE_LARGE_PROBABILITY = 0.5
+WIDE_LARGE_AREA_RANGE = (0.06, 0.8)
+WIDE_PNG_PROBABILITY = 0.35
+WIDE_ALIASED_PROBABILITY = 0.3
+WIDE_CLUTTER_PROBABILITY = 0.5
+#: Box aspect ratio (width:height) range of a rectangle ("box") in the wide world.
+WIDE_BOX_ASPECT = (0.25, 4.0)
+#: Least RGB distance between an object's reference colour and any colour of its
+#: background (the segment between a gradient's two ends counts as background).
+MIN_CONTRAST = 80.0
+
+
+def _wide_background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Any colour: near-white, near-black, saturated, an object colour, muted or pastel."""
+    roll = float(rng.random())
+    hue = float(rng.random())
+    if roll < 0.25:
+        return _hsv_rgb(hue, float(rng.uniform(0.0, 0.08)), float(rng.uniform(0.9, 1.0)))
+    if roll < 0.35:
+        return _hsv_rgb(hue, float(rng.uniform(0.0, 0.3)), float(rng.uniform(0.0, 0.15)))
+    if roll < 0.55:
+        return _hsv_rgb(hue, float(rng.uniform(0.5, 1.0)), float(rng.uniform(0.5, 1.0)))
+    if roll < 0.7:
+        name = str(rng.choice(list(palette.COLOURS)))
+        base = np.array(palette.COLOURS[name]) + rng.integers(-12, 13, 3)
+        return tuple(int(c) for c in np.clip(base, 0, 255))
+    if roll < 0.85:
+        return _muted_colour(rng)
+    return _hsv_rgb(hue, float(rng.uniform(0.0, 0.5)), float(rng.uniform(0.2, 1.0)))
+
+
+def describe_any_colour(rgb: tuple[int, int, int]) -> str:
+    """A caption word for any background colour: greys by lightness, else the nearest
+    colour word of the palette ("white", "light gray", "teal", "pink"...)."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    if v < 0.18:
+        return "black"
+    if s < 0.12:
+        return "white" if v > 0.88 else "light gray" if v > 0.65 else "gray" if v > 0.38 else "dark gray"
+    return palette.nearest_colour(rgb)
+
+
+def _sample_wide_background(rng: np.random.Generator) -> Background:
+    kind = str(rng.choice(["solid", "gradient", "noise"], p=[0.45, 0.25, 0.3]))
+    first = _wide_background_colour(rng)
+    colours = [first]
+    angle = 0.0
+    sigma = 0.0
+    if kind == "gradient":
+        if rng.random() < 0.5:
+            colours.append(_wide_background_colour(rng))
+        else:
+            shift = float(rng.choice([-1.0, 1.0]) * rng.uniform(30.0, 70.0))
+            colours.append(tuple(int(c) for c in np.clip(np.array(first) + shift, 0, 255)))
+        angle = round(float(rng.uniform(0.0, 360.0)), 1)
+    elif kind == "noise":
+        sigma = round(float(rng.uniform(2.0, 14.0)), 2)
+    seed = int(rng.integers(0, 2**31 - 1))
+    name = describe_any_colour(first)
+    if kind == "gradient":
+        second = describe_any_colour(colours[1])
+        name = f"{name} to {second} gradient" if second != name else f"{name} gradient"
+    elif kind == "noise":
+        name = f"textured {name}"
+    return Background(kind, colours, angle, sigma, seed, name)
+
+
+def _distance_to_background(rgb, background: Background) -> float:
+    """Least RGB distance from ``rgb`` to the background's colours (a gradient: its segment)."""
+    point = np.asarray(rgb, float)
+    a = np.asarray(background.colours[0], float)
+    if background.kind != "gradient":
+        # Texture moves pixels by about 2 sigma around the base colour.
+        return max(0.0, float(np.linalg.norm(point - a)) - 2.0 * background.noise_sigma)
+    b = np.asarray(background.colours[1], float)
+    span = b - a
+    t = float(np.clip(np.dot(point - a, span) / max(float(np.dot(span, span)), 1e-9), 0.0, 1.0))
+    return float(np.linalg.norm(point - (a + t * span)))
+
+
+def contrasting_colours(background: Background) -> list[str]:
+    """The palette colours at least MIN_CONTRAST from every colour of ``background``."""
+    return [name for name, rgb in palette.COLOURS.items()
+            if _distance_to_background(rgb, background) >= MIN_CONTRAST]
+
+
+def _sample_wide_object(rng, width, height, category, colour, size_class, pattern):
+    """Draw parameters for one object of the wide world, or None when it cannot fit."""
+    short = min(width, height)
+    min_side = max(WIDE_MIN_BOX_SIDE_PX, WIDE_MIN_BOX_SIDE_FRACTION * short)
+    if size_class == "small":
+        nominal_min = min_side * 1.2
+        nominal_max = math.sqrt(SMALL_AREA_RANGE[1] * width * height)
+    else:
+        lo, hi = WIDE_LARGE_AREA_RANGE
+        nominal_min = math.sqrt(lo * width * height)
+        nominal_max = min(0.95 * short, math.sqrt(hi * width * height))
+    if nominal_max < nominal_min:
+        return None
+    size = _quantise(float(rng.uniform(nominal_min, nominal_max)))
+    aspect = 1.0
+    if category == "box":
+        lo, hi = WIDE_BOX_ASPECT
+        aspect = round(float(math.exp(rng.uniform(math.log(lo), math.log(hi)))), 3)
+    elif category == "diamond":
+        aspect = round(float(rng.uniform(0.75, 1.6)), 3)
+    inner = 0.0
+    if category == "ring":
+        inner = round(float(rng.uniform(0.4, 0.65)), 3)
+    elif category == "star":
+        inner = round(float(rng.uniform(0.38, 0.52)), 3)
+    limit = ROTATION_LIMITS[category]
+    rotation = round(float(rng.uniform(-limit, limit)), 1) if limit else 0.0
+    ex1, ey1, ex2, ey2 = extent(category, size, aspect, inner, rotation)
+    margin = PATCH_MARGIN + 2
+    cx_lo, cx_hi = margin - ex1, width - margin - ex2
+    cy_lo, cy_hi = margin - ey1, height - margin - ey2
+    if cx_hi <= cx_lo or cy_hi <= cy_lo:
+        return None
+    base = np.array(palette.COLOURS[colour])
+    rgb = tuple(int(c) for c in np.clip(base + rng.integers(-10, 11, 3), 0, 255))
+    draw = DrawParams(cx=_quantise(float(rng.uniform(cx_lo, cx_hi))),
+                      cy=_quantise(float(rng.uniform(cy_lo, cy_hi))),
+                      size=size, aspect=aspect, inner_ratio=inner, rotation=rotation, rgb=rgb)
+    if pattern:
+        draw.pattern_rgb = palette.PATTERN_COLOURS[colour]
+        draw.pattern_period = round(max(5.0, size / float(rng.uniform(3.5, 5.0))), 2)
+        draw.pattern_angle = round(float(rng.uniform(0.0, 180.0)), 1)
+        draw.pattern_phase = round(float(rng.random()), 3)
+    return draw
+
+
+def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, max_side: int,
+                       max_objects: int) -> Scene:
+    if not (16 <= min_side <= max_side):
+        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if not 1 <= max_objects:
+        raise ValueError("max_objects must be at least 1")
+    long_side = int(round(math.exp(rng.uniform(math.log(min_side), math.log(max_side)))))
+    ratio = float(math.exp(rng.uniform(0.0, math.log(WIDE_MAX_ASPECT))))
+    short_side = int(min(long_side, max(min_side, round(long_side / ratio))))
+    width, height = ((long_side, short_side) if rng.random() < 0.5 else (short_side, long_side))
+    antialias = bool(rng.random() >= WIDE_ALIASED_PROBABILITY)
+    image_format = "png" if rng.random() < WIDE_PNG_PROBABILITY else "jpeg"
+    background = _sample_wide_background(rng)
+    clutter = []
+    if rng.random() < WIDE_CLUTTER_PROBABILITY and min(width, height) >= 120:
+        clutter = _sample_clutter(rng, width, height, background)
+    short = min(width, height)
+    min_box_side = max(WIDE_MIN_BOX_SIDE_PX, WIDE_MIN_BOX_SIDE_FRACTION * short)
+    allowed = contrasting_colours(background)
+
+    wanted = 1 if rng.random() < WIDE_SINGLE_PROBABILITY else int(rng.integers(2, max(2, max_objects) + 1))
+    wanted = min(wanted, max_objects)
+    objects: list[SceneObject] = []
+    placed: list[_Placed] = []
+    tries = 0
+    # Every wide scene gets at least one object: tries go on (up to 30 more) while it has none.
+    while allowed and (tries < wanted or (not objects and tries < wanted + 30)):
+        tries += 1
+        if objects and rng.random() < 0.35:
+            template = objects[int(rng.integers(len(objects)))]
+            category = template.category
+            colour = template.colour if rng.random() < 0.5 else str(rng.choice(allowed))
+        else:
+            category = str(rng.choice(palette.CATEGORIES))
+            colour = str(rng.choice(allowed))
+        pattern = str(rng.choice(palette.PATTERNS)) if rng.random() < PATTERN_PROBABILITY else None
+        size_classes = ["large", "small"] if rng.random() < WIDE_LARGE_PROBABILITY else ["small", "large"]
+        accepted = None
+        for size_class in size_classes:
+            for _attempt in range(25):
+                draw = _sample_wide_object(rng, width, height, category, colour, size_class, pattern)
+                if draw is None:
+                    break
+                patch = rasterize(category, draw.cx, draw.cy, draw.size, draw.aspect,
+                                  draw.inner_ratio, draw.rotation, antialias=antialias)
+                box = patch.tight_box()
+                # A long thin rectangle may be thinner than min_box_side, not thinner than half.
+                least = 0.5 * min_box_side if category == "box" else min_box_side
+                if (min(box[2] - box[0], box[3] - box[1]) < least
+                        or max(box[2] - box[0], box[3] - box[1]) < min_box_side):
+                    continue
+                updates = []
+                for index, earlier in enumerate(placed):
+                    covered, touched = earlier.coverage_with(patch)
+                    box_fraction, mask_fraction = earlier.fractions(covered)
+                    if max(box_fraction, mask_fraction) > MAX_OCCLUDED_FRACTION:
+                        break
+                    updates.append((index, covered, touched, box_fraction, mask_fraction))
+                else:
+                    accepted = (draw, patch, box, updates)
+                    break
+            if accepted:
+                break
+        if accepted is None:
+            continue
+        draw, patch, box, updates = accepted
+        new_index = len(objects)
+        for index, covered, touched, box_fraction, mask_fraction in updates:
+            placed[index].covered = covered
+            if touched:
+                objects[index].occluders.append(new_index)
+            objects[index].occluded_box_fraction = round(box_fraction, 4)
+            objects[index].occluded_mask_fraction = round(mask_fraction, 4)
+        area_fraction = (box[2] - box[0]) * (box[3] - box[1]) / float(width * height)
+        size_label = "large" if area_fraction >= palette.LARGE_AREA_FRACTION else "small"
+        objects.append(SceneObject(category, colour, size_label, pattern, box, draw))
+        placed.append(_Placed(box, patch))
+    return Scene(image_id, width, height, background, clutter, objects, style="wide",
+                 antialias=antialias, image_format=image_format)

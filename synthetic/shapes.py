@@ -6,7 +6,7 @@ rendering (which needs the same masks to paint) both go through
 construction, the pixel extent of what is painted.
 
 Shapes are polygons (a circle is a 96-gon) filled with OpenCV's anti-aliased
-``fillPoly`` at 1/16-pixel precision; the result is an alpha patch (uint8,
+(or, for the wide world's aliased images, 8-connected) ``fillPoly`` at 1/16-pixel precision; the result is an alpha patch (uint8,
 255 = fully inside) plus the patch origin in image coordinates. A pixel counts as
 part of the object when its alpha is at least :data:`MASK_THRESHOLD` (more than
 half covered).
@@ -114,8 +114,9 @@ def local_polygons(category: str, size: float, aspect: float, inner_ratio: float
 
 
 def rasterize(category: str, cx: float, cy: float, size: float, aspect: float,
-              inner_ratio: float, rotation: float) -> Patch:
-    """Anti-aliased alpha patch of a shape centred at (cx, cy) in image pixels."""
+              inner_ratio: float, rotation: float, *, antialias: bool = True) -> Patch:
+    """Alpha patch of a shape centred at (cx, cy) in image pixels: anti-aliased, or with
+    ``antialias=False`` aliased (alpha 0 or 255; OpenCV's 8-connected fill)."""
     body, hole = local_polygons(category, size, aspect, inner_ratio, rotation)
     pts = body + (cx, cy)
     x0 = int(math.floor(pts[:, 0].min())) - PATCH_MARGIN
@@ -127,10 +128,10 @@ def rasterize(category: str, cx: float, cy: float, size: float, aspect: float,
     def fixed(points: np.ndarray) -> np.ndarray:
         return np.round((points - (x0, y0)) * _SUBPIXEL).astype(np.int32).reshape(-1, 1, 2)
 
-    cv2.fillPoly(alpha, [fixed(pts)], 255, lineType=cv2.LINE_AA, shift=SUBPIXEL_BITS)
+    line = cv2.LINE_AA if antialias else cv2.LINE_8
+    cv2.fillPoly(alpha, [fixed(pts)], 255, lineType=line, shift=SUBPIXEL_BITS)
     if hole is not None:
-        cv2.fillPoly(alpha, [fixed(hole + (cx, cy))], 0, lineType=cv2.LINE_AA,
-                     shift=SUBPIXEL_BITS)
+        cv2.fillPoly(alpha, [fixed(hole + (cx, cy))], 0, lineType=line, shift=SUBPIXEL_BITS)
     return Patch(alpha, x0, y0)
 
 

@@ -165,7 +165,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
     n = max(int(num_scenes), 6)
     rng = rng_of(0)
     noise = _noise_tile(seed)
-    scenes = [sample_scene(rng_of(i + 1), i + 1, min_side=WEB_MIN_SIDE) for i in range(n)]
+    scenes = [sample_scene(rng_of(i + 1), i + 1, min_side=WEB_MIN_SIDE, style="classic") for i in range(n)]
     jpegs: dict[int, bytes] = {}
 
     def jpeg(scene: Scene) -> bytes:
@@ -295,7 +295,7 @@ def write_crawl(write_bytes: Callable[[str, bytes], object], prefix: str, seed: 
         for k in range(int(r.integers(11, 15))):
             for attempt in range(60):
                 scene = sample_scene(rng_of(extra + g * 1000 + k, 10 + attempt), extra + g * 1000 + k,
-                                     min_side=WEB_MIN_SIDE)
+                                     min_side=WEB_MIN_SIDE, style="classic")
                 if any(o.category == category for o in scene.objects):
                     break
             key = new_key()

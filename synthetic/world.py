@@ -4,7 +4,8 @@ Layout under ``out_dir`` (all JSON written with sorted keys and compact separato
 so the same seed gives byte-identical files):
 
 ====================================  ==============================================
-``images/<id>.jpg``                    the images, ids 1..N (JPEG q90, see render.py)
+``images/<id>.jpg`` / ``.png``          the images, ids 1..N (JPEG q90 or PNG, see render.py;
+                                       every annotation file names the real file)
 ``splits.json``                        {"train": [...], "val": [...], "test": [...]}
 ``image_data.json`` ``objects.json``   Visual Genome 1.4 style annotations
 ``attributes.json``
@@ -42,7 +43,7 @@ import numpy as np
 
 from vlp.schemas import vocab
 from vlp.synthetic import grounding, palette, tasks, text
-from vlp.synthetic.render import encode_jpeg, render_scene
+from vlp.synthetic.render import encode_jpeg, encode_scene_image, render_scene
 from vlp.synthetic.scene import Scene, sample_scene
 
 GENERATOR = "vlp.synthetic"
@@ -148,14 +149,22 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
 def generate(out_dir, num_images: int = 200, seed: int = 0,
              split_fractions=(0.8, 0.1, 0.1), *, vg_id_variant: str = "image_id",
              captions_per_image: int = 5, questions_per_image: int = 4,
-             jpeg_quality: int = 90, overwrite: bool = False, progress=None) -> WorldSummary:
+             jpeg_quality: int = 90, overwrite: bool = False, progress=None,
+             style: str = "wide") -> WorldSummary:
     """Generate a synthetic world of ``num_images`` images under ``out_dir``.
 
     ``vg_id_variant``: "image_id" writes Visual Genome 1.2/1.4 keys (image_data
     ``image_id``, regions ``region_id``); "id" writes the older variant (``id`` for
     both), which real readers still meet in old downloads.
     ``progress``: optional callable ``(done, total)`` called after each image.
+    ``style``: "wide" (default: backgrounds of any colour, 13 colours, 48-1000 px, PNG and
+    JPEG, aliased and anti-aliased edges; see :mod:`vlp.synthetic.scene`) or "classic"
+    (the first worlds' sampler, image for image: grey backgrounds, eight colours, JPEG).
+    The copies of the images in the task folders (CC img2dataset, NLVR2, VCR, MM-IMDB) are
+    always JPEG, as in the real datasets.
     """
+    if style not in ("wide", "classic"):
+        raise ValueError(f"style must be 'wide' or 'classic', got {style!r}")
     if vg_id_variant not in ("image_id", "id"):
         raise ValueError(f"vg_id_variant must be 'image_id' or 'id', got {vg_id_variant!r}")
     if num_images < 1:
@@ -168,13 +177,14 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     split_of = {i: name for name, ids in splits.items() for i in ids}
 
     scenes: list[Scene] = []
-    jpegs: dict[int, bytes] = {}
+    jpegs: dict[int, bytes] = {}  # JPEG bytes of every image (for the task folders' copies)
     for image_id in range(1, num_images + 1):
-        scene = sample_scene(_stream(seed, image_id, _SCENE), image_id)
-        data = encode_jpeg(render_scene(scene), jpeg_quality)
-        writer.bytes(f"images/{image_id}.jpg", data)
+        scene = sample_scene(_stream(seed, image_id, _SCENE), image_id, style=style)
+        pixels = render_scene(scene)
+        data = encode_scene_image(scene, pixels, jpeg_quality)
+        writer.bytes(f"images/{scene.file_name}", data)
         scenes.append(scene)
-        jpegs[image_id] = data
+        jpegs[image_id] = data if scene.image_format == "jpeg" else encode_jpeg(pixels, jpeg_quality)
         if progress is not None:
             progress(image_id, num_images)
     writer.json("splits.json", splits)
@@ -231,7 +241,10 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
         "generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": seed,
         "num_images": num_images, "split_fractions": list(split_fractions),
         "splits": {name: len(ids) for name, ids in splits.items()},
-        "image_format": f"JPEG quality {jpeg_quality}, 4:2:0, baseline, RGB",
+        "image_format": (f"JPEG quality {jpeg_quality}, 4:2:0, baseline, RGB" if style == "classic" else
+                         f"JPEG quality {jpeg_quality}, 4:2:0, baseline, RGB, or PNG (RGB, 8 bit): "
+                         "images/<id>.jpg or images/<id>.png, named in every annotation file"),
+        "style": style,
         "vg_id_variant": vg_id_variant,
         "categories": [{"name": c, "vg_id": palette.category_id(c), "synset": palette.SYNSETS[c]}
                        for c in palette.CATEGORIES],
@@ -245,7 +258,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
         "vocab_sha256": {"objects": objects_vocab.sha256, "attributes": attributes_vocab.sha256},
         "counts": counts,
         "files": sorted(f for f in writer.files
-                        if not f.endswith((".jpg", ".jpeg")) and not f.startswith("cc/img2dataset/00000/")
+                        if not f.endswith((".jpg", ".jpeg", ".png")) and not f.startswith("cc/img2dataset/00000/")
                         and not f.startswith("mmimdb/dataset/") and not f.startswith("vcr/vcr1images/")),
     }
     writer.json("world.json", world)
@@ -272,7 +285,7 @@ def _write_visual_genome(writer: _Writer, scenes, regions, variant: str) -> None
     region_key = "region_id" if variant == "image_id" else "id"
     image_data, objects, attributes, descriptions = [], [], [], []
     for s in scenes:
-        url = f"{URL_ROOT}/vg/images/{s.image_id}.jpg"
+        url = f"{URL_ROOT}/vg/images/{s.file_name}"
         image_data.append({image_key: s.image_id, "width": s.width, "height": s.height, "url": url,
                            "coco_id": s.image_id, "flickr_id": None})
         vg_objects, vg_attributes = [], []
@@ -310,7 +323,7 @@ def _write_coco(writer: _Writer, scenes, captions, split_of) -> None:
     sentence_id = 0
     for imgid, s in enumerate(scenes):
         target = files[_coco_split_file(split_of[s.image_id])]
-        file_name = f"{s.image_id}.jpg"
+        file_name = s.file_name
         target["images"].append({"id": s.image_id, "file_name": file_name, "width": s.width,
                                  "height": s.height, "license": 1, "date_captured": _DATE,
                                  "coco_url": f"{URL_ROOT}/coco/{file_name}", "flickr_url": ""})
