@@ -3,7 +3,8 @@
 One self-contained page (the chart and the thumbnails are inlined as base64): rows left
 after each stage (bars) with the rejections per reason beside them, then a table per
 (stage, reason) with up to :data:`SAMPLES` thumbnails, texts and the stage's values, and
-the same for kept pairs. The chart is also written as ``funnel.png``.
+the same for kept pairs. The chart is also written as ``funnel.png``. The rows shown come
+from :class:`Samples`, a bounded sample per bucket fed while the outputs stream past.
 """
 
 from __future__ import annotations
@@ -50,6 +51,31 @@ def _chart_png(funnel: list) -> bytes:
     return buffer.getvalue()
 
 
+class Samples:
+    """Up to :data:`SAMPLES` rows per bucket, the first ones with a thumbnail before the first
+    ones without (what sorting every row of the bucket by "has a thumbnail" and taking the
+    first :data:`SAMPLES` gives), and the number of rows seen per bucket."""
+
+    def __init__(self, size: int = SAMPLES):
+        self.size = size
+        self.counts: dict = {}
+        self._with: dict = {}
+        self._without: dict = {}
+
+    def add(self, bucket, row: dict) -> None:
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        store = self._with if row.get("thumb") else self._without
+        rows = store.setdefault(bucket, [])
+        if len(rows) < self.size:
+            rows.append(row)
+
+    def rows(self, bucket) -> list:
+        return (self._with.get(bucket, []) + self._without.get(bucket, []))[:self.size]
+
+    def buckets(self) -> list:
+        return list(self.counts)
+
+
 def _sample_cells(rows: list) -> str:
     cells = []
     for row in rows[:SAMPLES]:
@@ -64,25 +90,23 @@ def _sample_cells(rows: list) -> str:
     return "".join(cells) or "<p>none</p>"
 
 
-def write_funnel_page(path, chart_path, funnel: list, kept: list, rejections: list, *, title: str) -> Path:
+def write_funnel_page(path, chart_path, funnel: list, kept: Samples, rejected: Samples, *, title: str) -> Path:
+    """``kept``: samples of the kept pairs (one bucket); ``rejected``: per (stage, reason)."""
     png = _chart_png(funnel)
     with atomic_path(chart_path) as tmp:
         Path(tmp).write_bytes(png)
-    by_reason: dict = {}
-    for r in rejections:
-        by_reason.setdefault((r["stage"], r["reason"]), []).append(r)
     order = {f["stage"]: i for i, f in enumerate(funnel)}
-    for rows in by_reason.values():
-        rows.sort(key=lambda r: (not r.get("thumb"),))
     rows_html = "".join(
         f"<tr><td>{html.escape(f['stage'])}</td><td>{f['in']}</td><td>{f['rejected']}</td><td>{f['out']}</td>"
         f"<td>{html.escape(', '.join(f'{k}: {v}' for k, v in f['reasons'].items()) or f.get('skipped', ''))}</td></tr>"
         for f in funnel)
     sections = []
-    for (stage, reason), rows in sorted(by_reason.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
-        sections.append(f"<h3>rejected at {html.escape(stage)}: {html.escape(reason)} ({len(rows)})</h3>"
-                        f'<div class="grid">{_sample_cells(rows)}</div>')
-    kept_sorted = sorted(kept, key=lambda r: not r.get("thumb"))
+    for stage, reason in sorted(rejected.buckets(), key=lambda b: (order.get(b[0], 99), b[1])):
+        sections.append(f"<h3>rejected at {html.escape(stage)}: {html.escape(reason)} "
+                        f"({rejected.counts[(stage, reason)]})</h3>"
+                        f'<div class="grid">{_sample_cells(rejected.rows((stage, reason)))}</div>')
+    kept_count = sum(kept.counts.values())
+    kept_rows = [row for bucket in kept.buckets() for row in kept.rows(bucket)][:SAMPLES]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -101,7 +125,7 @@ the stage measured.</p>
 <img src="data:image/png;base64,{base64.b64encode(png).decode('ascii')}" alt="funnel chart">
 <h2>Funnel</h2>
 <table><tr><th>stage</th><th>in</th><th>rejected</th><th>out</th><th>reasons</th></tr>{rows_html}</table>
-<h2>Kept pairs ({len(kept)})</h2><div class="grid">{_sample_cells(kept_sorted)}</div>
+<h2>Kept pairs ({kept_count})</h2><div class="grid">{_sample_cells(kept_rows)}</div>
 <h2>Rejected rows</h2>{''.join(sections) or '<p>none</p>'}
 </body></html>
 """

@@ -17,22 +17,24 @@ or on the cluster at ``address``. ``local``: the same stage functions in this pr
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import functools
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlp.builders.common import Build, BuildResult
 from vlp.builders.web_filter import texts
 from vlp.builders.web_filter.inputs import DEFAULT_SHARD_ROWS, Shard, plan_shards, read_shard
-from vlp.builders.web_filter.stages import FEATURE_STAGES, STAGES, FilterConfig, run_all, run_stage, split_results
-from vlp.core.durable import JsonLines, atomic_write_json, atomic_write_text, read_json_lines
+from vlp.builders.web_filter.stages import FEATURE_STAGES, STAGES, FilterConfig, run_all, split_results
+from vlp.core.durable import JsonLines, atomic_path, atomic_write_json, atomic_write_text, read_json_lines
 from vlp.schemas.errors import StoreError
 from vlp.schemas.pairs import PAIR_SHARD_SIZE
 
@@ -164,12 +166,18 @@ def aggregate(rows: list, *, max_images_per_text: int = 10, phash_distance: int 
 # --------------------------------------------------------------------------- funnel
 
 
-def funnel_counts(rows_total: int, rejections: list, skipped: dict) -> list[dict]:
-    """Per stage: rows in, rejected (by reason), out; skipped stages say why."""
+def funnel_counts(rows_total: int, rejections, skipped: dict) -> list[dict]:
+    """Per stage: rows in, rejected (by reason), out; skipped stages say why.
+    ``rejections``: rejection rows, or a count per (stage, reason)."""
+    if not isinstance(rejections, dict):
+        counted: dict = {}
+        for r in rejections:
+            counted[(r["stage"], r["reason"])] = counted.get((r["stage"], r["reason"]), 0) + 1
+        rejections = counted
     by_stage: dict = {s: {} for s in FUNNEL_STAGES}
-    for r in rejections:
-        reasons = by_stage.setdefault(r["stage"], {})
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    for (stage, reason), n in rejections.items():
+        reasons = by_stage.setdefault(stage, {})
+        reasons[reason] = reasons.get(reason, 0) + n
     funnel, remaining = [], rows_total
     for stage in FUNNEL_STAGES:
         reasons = dict(sorted(by_stage.get(stage, {}).items()))
@@ -184,35 +192,80 @@ def funnel_counts(rows_total: int, rejections: list, skipped: dict) -> list[dict
 
 # --------------------------------------------------------------------------- runner
 
-
-def _encode(row: dict) -> str:
-    row = dict(row)
-    if "image_bytes" in row:
-        row["image_bytes"] = base64.b64encode(row["image_bytes"]).decode("ascii")
-        row["_b64"] = True
-    return json.dumps(row)
-
-
-def _decode(text: str) -> dict:
-    row = json.loads(text)
-    if row.pop("_b64", False):
-        row["image_bytes"] = base64.b64decode(row["image_bytes"])
-    return row
+SURVIVORS_SUFFIX = ".survivors.parquet"
+REJECTED_SUFFIX = ".rejected.jsonl"
+#: the per-shard survivor files (narrow rows; a thumbnail on the first few of a shard)
+SURVIVOR_SCHEMA = pa.schema([
+    ("order", pa.int64()), ("_i", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()),
+    ("text", pa.string()), ("text_source", pa.string()), ("image_id", pa.string()), ("sha256", pa.string()),
+    ("phash", pa.string()), ("score", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("p_unnatural", pa.float64()), ("norm", pa.string()), ("thumb", pa.string()),
+])
 
 
-def _ray_batch(stage: str, config_json: str, batch: dict) -> dict:
+def order_of(index: int, i: int) -> int:
+    """A survivor's place in the input: its shard's index, then its row number in the shard."""
+    return (index << 32) + i
+
+
+def process_shard(shard: Shard, index: int, work: Path, process: Callable[[list], list],
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Read one input shard, run ``process`` (stages 1-6) over batches of its rows, write its
+    survivors (parquet) and rejections (jsonl) atomically; the summary for done.jsonl."""
+    results, batch, count = [], [], 0
+    for i, row in enumerate(read_shard(shard)):
+        row["_i"] = i
+        count += 1
+        if row.get("_reject"):
+            results.append(row)
+            continue
+        batch.append(row)
+        if len(batch) >= batch_size:
+            results += process(batch)  # image bytes are dropped by the image stage
+            batch = []
+    if batch:
+        results += process(batch)
+    survivors, rejected = split_results(results)
+    for row in survivors:
+        row["order"] = order_of(index, row["_i"])
+    table = pa.Table.from_pylist(survivors, schema=SURVIVOR_SCHEMA)
+    with atomic_path(work / f"{index:06d}{SURVIVORS_SUFFIX}") as tmp:
+        pq.write_table(table, tmp)
+    atomic_write_text(work / f"{index:06d}{REJECTED_SUFFIX}", _lines(rejected))
+    return {"shard": shard.name, "index": index, "rows": count, "kept": len(survivors)}
+
+
+def _ray_shards(config_json: str, work: str, batch_size: int, batch: dict) -> dict:
+    """A Ray task: finish the shards described in ``batch`` (reading happens here, not in the driver)."""
     config = FilterConfig.from_json(config_json)
-    rows = [_decode(p) for p in batch["payload"]]
-    rows = run_stage(stage, rows, config)
-    return {"payload": np.array([_encode(r) for r in rows], dtype=object)}
+    done = []
+    for text in batch["shard"]:
+        described = json.loads(text)
+        index = described.pop("index")
+        summary = process_shard(Shard(**described), index, Path(work), lambda rows: run_all(rows, config), batch_size)
+        done.append(json.dumps(summary))
+    return {"done": np.array(done, dtype=object)}
+
+
+def _read_survivors(batch: pa.Table) -> pa.Table:
+    from vlp.builders.web_filter import shuffle
+
+    return pa.concat_tables([shuffle.as_rows(pq.read_table(path, columns=list(shuffle.INPUT_COLUMNS)))
+                             for path in batch["path"].to_pylist()])
 
 
 class _RayEngine:
-    def __init__(self, config: FilterConfig, address: Optional[str], num_cpus: Optional[int], batch_size: int):
+    """Shards as Ray tasks (a dataset of shard descriptors, one ``map_batches`` call per
+    shard), the aggregation as Ray Data shuffles (:mod:`.shuffle`)."""
+
+    def __init__(self, config: FilterConfig, address: Optional[str], num_cpus: Optional[int], batch_size: int,
+                 shuffle: str):
         import ray
 
+        self.config = config
         self.config_json = config.to_json()
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.started = False
         if not ray.is_initialized():
             kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -228,16 +281,42 @@ class _RayEngine:
         context.enable_progress_bars = False
         context.print_on_execution_start = False
 
-    def process(self, rows: list) -> list:
+    def run_shards(self, pending: list, work: Path) -> Iterator[dict]:
+        """Finish the ``(index, shard)`` pairs in Ray tasks; the summaries as they come in."""
         import ray.data
 
+        if not pending:
+            return
+        items = [{"shard": json.dumps({**dataclasses.asdict(shard), "index": index})} for index, shard in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(functools.partial(_ray_shards, self.config_json, str(work), self.batch_size),
+                            batch_size=1, batch_format="numpy")
+        for row in ds.iter_rows():
+            yield json.loads(row["done"])
+
+    def verdicts(self, files: list) -> Iterator[tuple]:
+        import ray
+        import ray.data
+
+        from vlp.builders.web_filter import shuffle
+
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         if not rows:
-            return []
-        ds = ray.data.from_items([{"payload": _encode(r)} for r in rows])
-        for stage in STAGES:
-            ds = ds.map_batches(functools.partial(_ray_batch, stage, self.config_json), batch_format="numpy",
-                                batch_size=self.batch_size)
-        return [_decode(r["payload"]) for r in ds.take_all()]
+            return
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        backend = shuffle.RayBackend(shuffle.partitions_for(rows, cpus), shuffle=self.shuffle)
+        # Ray tasks read the survivor files (read_parquet would go through fsspec, whose http
+        # part does not import without aiohttp)
+        ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files))
+        ds = ds.map_batches(_read_survivors, batch_size=1, batch_format="pyarrow")
+        ds = shuffle.aggregate_dataset(backend, ds, max_images_per_text=self.config.max_images_per_text,
+                                       phash_distance=self.config.phash_distance,
+                                       keep_fraction=self.config.keep_fraction)
+        for row in shuffle.verdict_rows(backend, ds):
+            if row["reason"] is None:
+                yield "kept", row
+            else:
+                yield "rejected", shuffle.rejection_of(row)
 
     def close(self) -> None:
         if self.started:
@@ -247,11 +326,26 @@ class _RayEngine:
 
 
 class _LocalEngine:
-    def __init__(self, config: FilterConfig):
+    """Everything in this process; the aggregation is :func:`aggregate` over every survivor
+    in memory (the reference the Ray engine's shuffles are tested against)."""
+
+    def __init__(self, config: FilterConfig, batch_size: int):
         self.config = config
+        self.batch_size = batch_size
 
     def process(self, rows: list) -> list:
         return run_all(rows, self.config)
+
+    def verdicts(self, files: list) -> Iterator[tuple]:
+        survivors = []
+        for f in files:
+            survivors += pq.read_table(f).to_pylist()
+        kept, rejected = aggregate(survivors, max_images_per_text=self.config.max_images_per_text,
+                                   phash_distance=self.config.phash_distance, keep_fraction=self.config.keep_fraction)
+        for row in kept:
+            yield "kept", row
+        for entry in rejected:
+            yield "rejected", entry
 
     def close(self) -> None:
         pass
@@ -286,7 +380,7 @@ def _lines(rows) -> str:
 def web_filter(sources, out, *, config: FilterConfig = FilterConfig(), engine: str = "ray",
                address: Optional[str] = None, num_cpus: Optional[int] = None, shard_rows: int = DEFAULT_SHARD_ROWS,
                batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False, shard_size: int = PAIR_SHARD_SIZE,
-               progress: str = "auto", keep_work: bool = False,
+               progress: str = "auto", keep_work: bool = False, shuffle: str = "sort",
                should_stop: Optional[Callable[[], bool]] = None) -> BuildResult:
     """Filter web image-text rows from ``sources`` into a ``web`` pair store at ``out``."""
     started = time.perf_counter()
@@ -296,6 +390,8 @@ def web_filter(sources, out, *, config: FilterConfig = FilterConfig(), engine: s
         raise StoreError(f"{out}: a pair store is already there (pass --overwrite to replace it)")
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be ray or local, got {engine!r}")
+    if shuffle not in ("sort", "hash"):
+        raise ValueError(f"shuffle must be sort or hash, got {shuffle!r}")
     if config.keep_fraction is not None and not 0 < config.keep_fraction <= 1:
         raise ValueError("--keep-fraction must be in (0, 1]")
     if config.features:
@@ -303,83 +399,103 @@ def web_filter(sources, out, *, config: FilterConfig = FilterConfig(), engine: s
 
         WebScorer.load(config.model)  # a bad model file is an error before any work
     shards = plan_shards(sources, shard_rows)
-    work = Path(str(out) + WORK_SUFFIX)
+    work = Path(str(out) + WORK_SUFFIX).absolute()  # Ray workers write there
     done = _open_work(work, _work_config(sources, config, shard_rows))
     from vlp.core.progress import Progress
 
     total = sum(s.rows for s in shards)
     bar = Progress(total, "web-filter", unit="row", mode=progress)
     bar.update(sum(s.rows for s in shards if s.name in done))
-    runner = _RayEngine(config, address, num_cpus, batch_size) if engine == "ray" else _LocalEngine(config)
+    runner = (_RayEngine(config, address, num_cpus, batch_size, shuffle) if engine == "ray"
+              else _LocalEngine(config, batch_size))
     stopped = False
     try:
         with JsonLines(work / "done.jsonl") as done_log:
-            for index, shard in enumerate(shards):
-                if shard.name in done:
-                    continue
-                if should_stop is not None and should_stop():
+            if engine == "ray":
+                pending = [(index, shard) for index, shard in enumerate(shards) if shard.name not in done]
+                if pending and should_stop is not None and should_stop():
                     stopped = True
-                    break
-                _run_shard(runner, shard, index, work, done_log)
-                bar.update(shard.rows)
+                else:
+                    for summary in runner.run_shards(pending, work):
+                        done_log.append(summary)
+                        done_log.sync()
+                        bar.update(summary["rows"])
+                        if should_stop is not None and should_stop():
+                            stopped = True
+                            break
+            else:
+                for index, shard in enumerate(shards):
+                    if shard.name in done:
+                        continue
+                    if should_stop is not None and should_stop():
+                        stopped = True
+                        break
+                    _run_shard(runner, shard, index, work, done_log)
+                    bar.update(shard.rows)
+        bar.close()
+        if stopped:
+            raise KeyboardInterrupt(f"stopped: finished shards are kept in {work}; rerun the same command to go on")
+        files = [work / f"{index:06d}{SURVIVORS_SUFFIX}" for index in range(len(shards))]
+        result = _write_outputs(sources, out, shards, work, config, overwrite, shard_size, runner.verdicts(files))
     finally:
         runner.close()
         bar.close()
-    if stopped:
-        raise KeyboardInterrupt(f"stopped: finished shards are kept in {work}; rerun the same command to go on")
-    return _finish(sources, out, shards, work, config, overwrite, shard_size, progress, keep_work, started)
-
-
-def _run_shard(runner, shard: Shard, index: int, work: Path, done_log: JsonLines) -> None:
-    rows = []
-    for i, row in enumerate(read_shard(shard)):
-        row["_i"] = i
-        rows.append(row)
-    bad = [r for r in rows if r.get("_reject")]
-    results = runner.process([r for r in rows if not r.get("_reject")]) + bad
-    survivors, rejected = split_results(results)
-    atomic_write_text(work / f"{index:06d}.survivors.jsonl", _lines(survivors))
-    atomic_write_text(work / f"{index:06d}.rejected.jsonl", _lines(rejected))
-    done_log.append({"shard": shard.name, "index": index, "rows": len(rows), "kept": len(survivors)})
-    done_log.sync()
-
-
-def _read_lines(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
-
-
-def _finish(sources, out: Path, shards, work: Path, config: FilterConfig, overwrite: bool, shard_size: int,
-            progress: str, keep_work: bool, started: float) -> BuildResult:
-    from vlp.builders.web_filter.funnel import write_funnel_page
-
-    survivors, rejections, rows_total = [], [], 0
-    for index, _shard in enumerate(shards):
-        survivors += _read_lines(work / f"{index:06d}.survivors.jsonl")
-        shard_rejected = _read_lines(work / f"{index:06d}.rejected.jsonl")
-        rejections += shard_rejected
-    rows_total = len(survivors) + len(rejections)
-    kept, agg_rejected = aggregate(survivors, max_images_per_text=config.max_images_per_text,
-                                   phash_distance=config.phash_distance, keep_fraction=config.keep_fraction)
-    rejections += agg_rejected
-    skipped = {} if config.features else {s: "no --features: stage skipped" for s in FEATURE_STAGES}
-    funnel = funnel_counts(rows_total, rejections, skipped)
-    with Build(out, "web", overwrite=overwrite, sources=sources, shard_size=shard_size, progress="off",
-               desc="web-filter") as build:
-        for row in kept:
-            build.add({"pair_id": f"web/{row['key']}", "image_id": row["image_id"], "text": row["text"],
-                       "source": "web", "split": "train", "url": row["url"], "score": float(row["score"])})
-        build.stats.update({"rows": rows_total, "kept": len(kept), "rejected": len(rejections),
-                            "input_shards": len(shards), "funnel": funnel,
-                            "options": json.loads(config.to_json())})
-        atomic_write_text(build.path / REJECTED_NAME, _lines(
-            {k: v for k, v in r.items() if k not in ("thumb", "_i")} for r in rejections))
-        write_funnel_page(build.path / FUNNEL_PAGE, build.path / FUNNEL_CHART, funnel, kept, rejections,
-                          title=f"vlp-build web-filter: {', '.join(str(s) for s in sources)}")
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    result = build.result
     result.seconds = time.perf_counter() - started
     return result
 
 
-__all__ = ["web_filter", "aggregate", "image_groups", "funnel_counts", "FilterConfig", "texts"]
+def _run_shard(runner: _LocalEngine, shard: Shard, index: int, work: Path, done_log: JsonLines) -> None:
+    done_log.append(process_shard(shard, index, work, runner.process, runner.batch_size))
+    done_log.sync()
+
+
+def _write_outputs(sources, out: Path, shards, work: Path, config: FilterConfig, overwrite: bool, shard_size: int,
+                   verdicts: Iterator[tuple]) -> BuildResult:
+    """The store, rejected.jsonl and the funnel, streamed: the shards' rejection files line
+    by line, then every survivor's verdict (``("kept", row)`` or ``("rejected", entry)``);
+    what stays in memory is a count per (stage, reason) and a bounded sample of rows."""
+    from vlp.builders.web_filter.funnel import Samples, write_funnel_page
+
+    counts: dict = {}
+    kept_samples, rejected_samples = Samples(), Samples()
+    tally = {"rows": 0, "kept": 0, "rejected": 0}
+
+    def rejected_line(entry: dict, handle) -> None:
+        bucket = (entry["stage"], entry["reason"])
+        counts[bucket] = counts.get(bucket, 0) + 1
+        tally["rejected"] += 1
+        rejected_samples.add(bucket, entry)
+        handle.write(json.dumps({k: v for k, v in entry.items() if k not in ("thumb", "_i")}, ensure_ascii=False,
+                                sort_keys=True) + "\n")
+
+    with Build(out, "web", overwrite=overwrite, sources=sources, shard_size=shard_size, progress="off",
+               desc="web-filter") as build:
+        with atomic_path(build.path / REJECTED_NAME) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+            for index in range(len(shards)):
+                with open(work / f"{index:06d}{REJECTED_SUFFIX}", encoding="utf-8") as shard_rejected:
+                    for line in shard_rejected:
+                        if line.strip():
+                            tally["rows"] += 1
+                            rejected_line(json.loads(line), handle)
+            for kind, row in verdicts:
+                tally["rows"] += 1
+                if kind == "kept":
+                    build.add({"pair_id": f"web/{row['key']}", "image_id": row["image_id"], "text": row["text"],
+                               "source": "web", "split": "train", "url": row["url"], "score": float(row["score"])})
+                    tally["kept"] += 1
+                    kept_samples.add("kept", {k: row.get(k) for k in ("key", "text", "score", "thumb")})
+                else:
+                    rejected_line(row, handle)
+        skipped = {} if config.features else {s: "no --features: stage skipped" for s in FEATURE_STAGES}
+        funnel = funnel_counts(tally["rows"], counts, skipped)
+        build.stats.update({"rows": tally["rows"], "kept": tally["kept"], "rejected": tally["rejected"],
+                            "input_shards": len(shards), "funnel": funnel,
+                            "options": json.loads(config.to_json())})
+        write_funnel_page(build.path / FUNNEL_PAGE, build.path / FUNNEL_CHART, funnel, kept_samples,
+                          rejected_samples, title=f"vlp-build web-filter: {', '.join(str(s) for s in sources)}")
+    return build.result
+
+
+__all__ = ["web_filter", "aggregate", "image_groups", "funnel_counts", "process_shard", "FilterConfig", "texts"]

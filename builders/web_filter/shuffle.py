@@ -1,0 +1,393 @@
+"""Stage 7 (aggregation) as shuffles by hash: the same result as :func:`.run.aggregate`,
+with no step that needs every row in one process.
+
+The input is a dataset of narrow survivor rows (:data:`ROW_SCHEMA`: order, key, shard, norm
+text, sha256, pHash, score, and what the store and the funnel page need); the output is the
+same rows, each with a verdict (``stage``/``reason``/``values`` null: kept), sorted by input
+order. Steps, each a map or a group-by on one column:
+
+1. ``keep_fraction``: a per-block count of each score value, summed in the driver (at most
+   as many entries as distinct scores: 10,001 for the 4-decimal scores of the semantic
+   stage), gives numpy's ``quantile(..., method="higher")`` exactly; a map rejects below it;
+2. group by key: the first row in input order of each key stays (later: ``duplicate_key``);
+3. image groups (connected components): every live row emits one hyperedge key for its
+   sha256 and, with ``phash_distance`` d >= 0, one per pHash band (d + 1 bands of the 64
+   bits); group by hyperedge key: inside a group, rows whose pHashes are at most d bits
+   apart are joined (local union-find), each local component of two rows or more becomes a
+   hyperedge; then rounds of min-label propagation (group by row, group by hyperedge) until
+   no label changes (duplicate clusters are small: two or three rounds); the label of a
+   row is the smallest input order in its component (the reference's union-find root);
+4. group by row order: the label rows meet their data row;
+5. group by normalized text: a text on more than K distinct labels is ``shared_text``;
+6. group by label: the best score stays (ties: the first in input order), the others are
+   ``duplicate_image``;
+7. sort by input order.
+
+Two back ends run the same step functions: :class:`RayBackend` (Ray Data: ``map_batches``,
+``groupby(...).map_groups`` with a hash shuffle, ``sort``; the driver only ever holds one
+batch of the output, the score histogram and a count of changed labels per round) and
+:class:`MemoryBackend` (pyarrow tables in this process; tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections import Counter
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROW_SCHEMA = pa.schema([
+    ("order", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()),
+    ("text", pa.string()), ("norm", pa.string()), ("image_id", pa.string()), ("sha256", pa.string()),
+    ("phash", pa.string()), ("score", pa.float64()), ("thumb", pa.string()), ("label", pa.int64()),
+    ("stage", pa.string()), ("reason", pa.string()), ("values", pa.string()),
+])
+#: columns read from the survivor files
+INPUT_COLUMNS = ("order", "key", "shard", "url", "text", "norm", "image_id", "sha256", "phash", "score", "thumb")
+_EDGE_SCHEMA = pa.schema([("hkey", pa.string()), ("node", pa.int64()), ("phash", pa.string())])
+_MEMBER_SCHEMA = pa.schema([("hid", pa.string()), ("node", pa.int64()), ("label", pa.int64()), ("prev", pa.int64()),
+                            ("changed", pa.int64())])
+_HIST_SCHEMA = pa.schema([("score", pa.float64()), ("count", pa.int64())])
+
+
+def as_rows(table: pa.Table) -> pa.Table:
+    """Survivor columns -> :data:`ROW_SCHEMA` (verdict and label columns null)."""
+    columns = []
+    for field in ROW_SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table[field.name].cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
+
+
+def _table(rows: list, schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _live(row: dict) -> bool:
+    return row["reason"] is None
+
+
+def _verdict(row: dict, stage: str, reason: str, values: dict) -> None:
+    row["stage"], row["reason"], row["values"] = stage, reason, json.dumps(values)
+
+
+# --------------------------------------------------------------------------- step functions
+
+
+def _score_counts(table: pa.Table) -> pa.Table:
+    counts = pc.value_counts(table["score"])
+    return pa.Table.from_arrays([counts.field("values"), counts.field("counts").cast(pa.int64())],
+                                schema=_HIST_SCHEMA)
+
+
+def _below_threshold(threshold: float, table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    for row in rows:
+        if _live(row) and row["score"] < threshold:
+            _verdict(row, "semantic", "below_keep_fraction", {"score": row["score"], "threshold": round(threshold, 4)})
+    return _table(rows)
+
+
+def _first_of_key(table: pa.Table) -> pa.Table:
+    rows = sorted(table.to_pylist(), key=lambda r: r["order"])
+    first = True
+    for row in rows:
+        if _live(row):
+            if not first:
+                _verdict(row, "input", "duplicate_key", {})
+            first = False
+    return _table(rows)
+
+
+def _band_keys(phash_distance: int, phash: str) -> list:
+    bands = phash_distance + 1
+    width = -(-64 // bands)
+    mask = (1 << width) - 1
+    value = int(phash, 16)
+    return [f"p{b}:{(value >> (b * width)) & mask}" for b in range(bands)]
+
+
+def _hyperedge_keys(phash_distance: int, table: pa.Table) -> pa.Table:
+    out = {"hkey": [], "node": [], "phash": []}
+    for row in table.to_pylist():
+        if not _live(row):
+            continue
+        keys = ["s:" + row["sha256"]]
+        if phash_distance >= 0:
+            keys += _band_keys(phash_distance, row["phash"])
+        for key in keys:
+            out["hkey"].append(key)
+            out["node"].append(row["order"])
+            out["phash"].append(row["phash"])
+    return pa.Table.from_pydict(out, schema=_EDGE_SCHEMA)
+
+
+def _local_components(phash_distance: int, table: pa.Table) -> pa.Table:
+    """One hyperedge key's rows -> memberships of its local components of >= 2 rows."""
+    hkey = table["hkey"][0].as_py() if table.num_rows else ""
+    nodes = table["node"].to_pylist()
+    if hkey.startswith("s:"):
+        components = [sorted(set(nodes))]
+    else:
+        by_value: dict = {}
+        for node, phash in zip(nodes, table["phash"].to_pylist()):
+            by_value.setdefault(int(phash, 16), []).append(node)
+        values = list(by_value)
+        parent = list(range(len(values)))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        if len(values) > 1:
+            bits = np.array(values, dtype=np.uint64)
+            for i in range(len(values) - 1):
+                near = np.flatnonzero(np.bitwise_count(bits[i + 1:] ^ bits[i]) <= phash_distance) + i + 1
+                for j in near:
+                    a, b = find(i), find(int(j))
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+        grouped: dict = {}
+        for i, value in enumerate(values):
+            grouped.setdefault(find(i), []).extend(by_value[value])
+        components = [sorted(set(members)) for members in grouped.values()]
+    out = []
+    for members in components:
+        if len(members) < 2:
+            continue
+        low = members[0]
+        out += [{"hid": f"{hkey}/{low}", "node": m, "label": low, "prev": m, "changed": 0} for m in members]
+    return _table(out, _MEMBER_SCHEMA)
+
+
+def _min_over_node(table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    if not rows:
+        return _table([], _MEMBER_SCHEMA)
+    low = min(r["label"] for r in rows)
+    changed = int(low != rows[0]["prev"])
+    for row in rows:
+        row["label"], row["prev"], row["changed"] = low, low, changed
+    return _table(rows, _MEMBER_SCHEMA)
+
+
+def _min_over_hyperedge(table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    if not rows:
+        return _table([], _MEMBER_SCHEMA)
+    low = min(r["label"] for r in rows)
+    for row in rows:
+        row["label"], row["changed"] = low, 0
+    return _table(rows, _MEMBER_SCHEMA)
+
+
+def _as_label_rows(table: pa.Table) -> pa.Table:
+    n = table.num_rows
+    columns = {f.name: pa.nulls(n, f.type) for f in ROW_SCHEMA}
+    columns["order"] = table["node"]
+    columns["label"] = table["label"]
+    return pa.Table.from_arrays([columns[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
+
+
+def _attach_label(table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    data = [r for r in rows if r["key"] is not None]
+    labels = [r["label"] for r in rows if r["key"] is None]
+    for row in data:
+        row["label"] = min(labels + [row["order"]])
+    return _table(data)
+
+
+def _shared_text(max_images_per_text: int, table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    live = [r for r in rows if _live(r)]
+    n = len({r["label"] for r in live})
+    if n > max_images_per_text:
+        for row in live:
+            _verdict(row, "aggregation", "shared_text", {"images": n, "max_images_per_text": max_images_per_text})
+    return _table(rows)
+
+
+def _best_of_group(table: pa.Table) -> pa.Table:
+    rows = table.to_pylist()
+    live = sorted((r for r in rows if _live(r)), key=lambda r: r["order"])
+    if live:
+        winner = live[0]
+        for row in live[1:]:
+            if row["score"] > winner["score"]:
+                winner = row
+        for row in live:
+            if row is not winner:
+                _verdict(row, "aggregation", "duplicate_image",
+                         {"kept": winner["key"], "same_file": winner["sha256"] == row["sha256"],
+                          "score": row["score"], "kept_score": winner["score"]})
+    return _table(rows)
+
+
+# --------------------------------------------------------------------------- back ends
+
+
+class MemoryBackend:
+    """The steps on pyarrow tables in this process (tests; no Ray)."""
+
+    def map(self, ds: pa.Table, fn) -> pa.Table:
+        return fn(ds)
+
+    def groupby(self, ds: pa.Table, key: str, fn) -> pa.Table:
+        groups: dict = {}
+        for i, value in enumerate(ds[key].to_pylist()):
+            groups.setdefault(value, []).append(i)
+        parts = [fn(ds.take(index)) for index in groups.values()]
+        return pa.concat_tables(parts) if parts else fn(ds.slice(0, 0))
+
+    def union(self, a: pa.Table, b: pa.Table) -> pa.Table:
+        return pa.concat_tables([a, b])
+
+    def sort(self, ds: pa.Table, key: str) -> pa.Table:
+        return ds.sort_by(key)
+
+    def materialize(self, ds: pa.Table) -> pa.Table:
+        return ds
+
+    def iter_tables(self, ds: pa.Table) -> Iterator[pa.Table]:
+        yield ds
+
+    def count(self, ds: pa.Table) -> int:
+        return ds.num_rows
+
+
+class RayBackend:
+    """The steps on Ray Data (a running Ray): map_batches, groupby().map_groups (a shuffle
+    into ``partitions`` partitions by key), sort; iteration streams batches.
+
+    ``shuffle``: ``hash`` (Ray Data's hash shuffle: aggregator actors, started per step)
+    or ``sort`` (its pull-based sort shuffle: range partitions of the key, no actors).
+    """
+
+    def __init__(self, partitions: int, batch_size: int = 4096, shuffle: str = "sort"):
+        import ray.data
+
+        self.partitions = max(1, int(partitions))
+        self.batch_size = batch_size
+        strategies = {"hash": "hash_shuffle", "sort": "sort_shuffle_pull_based"}
+        if shuffle not in strategies:
+            raise ValueError(f"shuffle must be one of {sorted(strategies)}, got {shuffle!r}")
+        ray.data.DataContext.get_current().shuffle_strategy = strategies[shuffle]
+
+    def map(self, ds, fn):
+        return ds.map_batches(fn, batch_format="pyarrow", batch_size=self.batch_size)
+
+    def groupby(self, ds, key: str, fn):
+        return ds.groupby(key, num_partitions=self.partitions).map_groups(fn, batch_format="pyarrow")
+
+    def union(self, a, b):
+        return a.union(b)
+
+    def sort(self, ds, key: str):
+        return ds.sort(key)
+
+    def materialize(self, ds):
+        return ds.materialize()
+
+    def iter_tables(self, ds) -> Iterator[pa.Table]:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=self.batch_size):
+            yield batch
+
+    def count(self, ds) -> int:
+        return ds.count()
+
+
+# --------------------------------------------------------------------------- the aggregation
+
+
+def quantile_higher(histogram: dict, q: float) -> float:
+    """``np.quantile(scores, q, method="higher")`` from a {score: count} histogram."""
+    n = sum(histogram.values())
+    k = int(np.ceil((n - 1) * np.float64(q)))
+    seen = 0
+    for score in sorted(histogram):
+        seen += histogram[score]
+        if seen > k:
+            return float(score)
+    raise ValueError("empty histogram")
+
+
+def _components(backend, ds, phash_distance: int):
+    """Label rows (order = a row in a duplicate cluster, label = the cluster's smallest order),
+    or None when no two rows are one image."""
+    edges = backend.map(ds, functools.partial(_hyperedge_keys, phash_distance))
+    members = backend.materialize(backend.groupby(edges, "hkey", functools.partial(_local_components,
+                                                                                    phash_distance)))
+    if not any(t.num_rows for t in backend.iter_tables(members)):
+        return None
+    rounds = 0
+    while True:
+        members = backend.materialize(backend.groupby(members, "node", _min_over_node))
+        rounds += 1
+        changed = sum(pc.sum(t["changed"]).as_py() or 0 for t in backend.iter_tables(members))
+        if not changed:
+            break
+        members = backend.groupby(members, "hid", _min_over_hyperedge)
+    return backend.map(members, _as_label_rows)
+
+
+def aggregate_dataset(backend, ds, *, max_images_per_text: int = 10, phash_distance: int = 4,
+                      keep_fraction: Optional[float] = None):
+    """Every row of ``ds`` (:data:`ROW_SCHEMA`) with its verdict, sorted by input order."""
+    ds = backend.materialize(ds)
+    if not backend.count(ds):
+        return ds
+    if keep_fraction is not None and keep_fraction < 1:
+        histogram: Counter = Counter()
+        for part in backend.iter_tables(backend.map(ds, _score_counts)):
+            for score, count in zip(part["score"].to_pylist(), part["count"].to_pylist()):
+                histogram[score] += count
+        if histogram:
+            threshold = quantile_higher(histogram, 1.0 - keep_fraction)
+            ds = backend.map(ds, functools.partial(_below_threshold, threshold))
+    ds = backend.materialize(backend.groupby(ds, "key", _first_of_key))
+    labels = _components(backend, ds, phash_distance)
+    if labels is not None:
+        ds = backend.groupby(backend.union(ds, labels), "order", _attach_label)
+    else:
+        ds = backend.map(ds, _own_label)
+    ds = backend.groupby(ds, "norm", functools.partial(_shared_text, max_images_per_text))
+    ds = backend.groupby(ds, "label", _best_of_group)
+    return backend.sort(ds, "order")
+
+
+def _own_label(table: pa.Table) -> pa.Table:
+    return table.set_column(ROW_SCHEMA.get_field_index("label"), "label", table["order"])
+
+
+def verdict_rows(backend, ds) -> Iterator[dict]:
+    """Stream the rows of an aggregated dataset as dicts (``values`` decoded)."""
+    for table in backend.iter_tables(ds):
+        for row in table.to_pylist():
+            if row["values"] is not None:
+                row["values"] = json.loads(row["values"])
+            yield row
+
+
+def partitions_for(rows: int, cpus: int, rows_per_partition: int = 200_000) -> int:
+    """Shuffle partitions: one per CPU, more when a partition would exceed ``rows_per_partition``."""
+    return max(1, cpus, math.ceil(rows / rows_per_partition))
+
+
+def rejection_of(row: dict) -> dict:
+    """A verdict row as a rejection entry (the fields :func:`.run.aggregate` gives)."""
+    entry = {"key": row["key"], "shard": row["shard"], "stage": row["stage"], "reason": row["reason"],
+             "values": row["values"]}
+    for k in ("url", "text", "thumb"):
+        if row.get(k):
+            entry[k] = row[k]
+    return entry
