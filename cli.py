@@ -1124,16 +1124,20 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
 @click.option("--phash-distance", type=click.IntRange(-1, 16), default=4, show_default=True,
               help="Images whose pHashes differ in at most this many bits are one image (-1: sha256 only).")
 @click.option("--engine", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-              help="ray: Ray Data map_batches per stage; local: in this process.")
+              help="ray: input shards in Ray tasks, the aggregation as Ray Data shuffles; local: all in this process.")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto) [a local Ray].")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray [all].")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Rows per input shard of a records file (the unit of resume).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per Ray Data batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Rows per batch of the stages inside a shard's Ray task.")
+@click.option("--shuffle", type=click.Choice(["sort", "hash"]), default="sort", show_default=True,
+              help="Ray Data shuffle of the aggregation's group-bys: sort (range partitions) or hash (aggregator "
+                   "actors).")
 def build_web_filter_cmd(inputs, out, overwrite, shard_size, progress, features, model, image_id_template, min_bytes,
                          min_side, max_aspect, unnatural_threshold, lang_floor, min_chars, min_words, max_words, max_oov,
                          no_noun_check, min_score, keep_fraction, max_images_per_text, phash_distance, engine, address,
-                         num_cpus, shard_rows, batch_size):
+                         num_cpus, shard_rows, batch_size, shuffle):
     """LAIT-style filtering of web image-text rows into a web pair store, with a funnel.
 
     INPUTS: crawl folders or records files (jsonl/parquet: key, url, image_path, alt, title,
@@ -1154,7 +1158,7 @@ def build_web_filter_cmd(inputs, out, overwrite, shard_size, progress, features,
         with _stop_on_first_interrupt("stopping after this shard: finished shards are kept") as stop:
             result = web_filter(list(inputs), out, config=config, engine=engine, address=address, num_cpus=num_cpus,
                                 shard_rows=shard_rows, batch_size=batch_size, overwrite=overwrite,
-                                shard_size=shard_size, progress=progress,
+                                shard_size=shard_size, progress=progress, shuffle=shuffle,
                                 should_stop=stop.is_set if stop else None)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished shards are kept in {out}.work; rerun the same command to go on", err=True)
