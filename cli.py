@@ -388,17 +388,20 @@ def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite
 @click.option("--split", "split_fractions", type=(float, float, float), default=(0.8, 0.1, 0.1),
               show_default=True, help="Train / val / test fractions.")
 @click.option("--overwrite", is_flag=True, help="Replace a world previously generated in OUT_DIR.")
-def synth_cmd(out_dir, images, seed, split_fractions, overwrite):
+@click.option("--style", type=click.Choice(["wide", "classic"]), default="wide", show_default=True,
+              help="wide: backgrounds of any colour, 13 colours, 48-1000 px, PNG and JPEG; classic: the "
+                   "first releases' world (grey backgrounds, 8 colours, 240-640 px JPEGs).")
+def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
     """Generate the synthetic VG-vocabulary world (the embedded default's data).
 
-    Writes images/<id>.jpg and annotations in the real public formats: Visual Genome
-    json, COCO captions + Karpathy split, VQA v2, a Conceptual-Captions TSV and
+    Writes images/<id>.jpg or .png and annotations in the real public formats: Visual
+    Genome json, COCO captions + Karpathy split, VQA v2, a Conceptual-Captions TSV and
     img2dataset folder, noisy web-crawl records, plus truth.json (the ground truth).
     """
     from vlp.synthetic import generate
 
     summary = generate(out_dir, num_images=images, seed=seed, split_fractions=split_fractions,
-                       overwrite=overwrite)
+                       overwrite=overwrite, style=style)
     click.echo(f"wrote a {summary.num_images}-image world to {out_dir} in {summary.seconds:.1f} s")
 
 

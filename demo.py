@@ -222,7 +222,9 @@ def run_demo(out, num_images: int = 200, *, photos: bool = True, progress: bool 
         shutil.rmtree(inputs_dir)
     inputs_dir.mkdir()
     (inputs_dir / "world").symlink_to(Path("..") / "world" / "images", target_is_directory=True)
-    inputs = {f"world/{i}": world_dir / "images" / f"{i}.jpg" for i in range(1, num_images + 1)}
+    # The wide world stores an image as <id>.jpg or <id>.png; the record id has no extension.
+    inputs = {f"world/{path.stem}": path for path in sorted((world_dir / "images").iterdir(),
+                                                            key=lambda p: int(p.stem))}
     if photos:
         inputs.update(_photos(inputs_dir / "photos"))
         data = (inputs_dir / "photos" / f"{PHOTOS[0]}.jpg").read_bytes()

@@ -31,10 +31,11 @@ CLASSIC_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 
-#: Further VG colours of the wide world (``style="wide"``, the default). Each is at least
-#: ~85 RGB units from every other colour of :data:`COLOURS`, so a colour name stays
-#: learnable; the wide sampler keeps every object apart from its background instead
-#: (scene.MIN_CONTRAST).
+#: Further VG colours of the wide world (``style="wide"``, the default). The closest pairs
+#: of :data:`COLOURS` are pink / tan (73 RGB units), yellow / orange (81.5) and green /
+#: teal (85), far more than the +-10 per-channel jitter of an object's colour, so a colour
+#: name stays learnable; the wide sampler keeps every object apart from its background
+#: instead (scene.MIN_CONTRAST).
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "brown": (120, 72, 35),

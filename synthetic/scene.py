@@ -461,6 +461,9 @@ WIDE_LARGE_AREA_RANGE = (0.06, 0.8)
 WIDE_PNG_PROBABILITY = 0.35
 WIDE_ALIASED_PROBABILITY = 0.3
 WIDE_CLUTTER_PROBABILITY = 0.5
+#: No wide object's box covers a fraction of the image inside this band (the size label's
+#: threshold palette.LARGE_AREA_FRACTION lies in it), so "small" / "large" stay unambiguous.
+WIDE_SIZE_GAP = (0.028, 0.05)
 #: Box aspect ratio (width:height) range of a rectangle ("box") in the wide world.
 WIDE_BOX_ASPECT = (0.25, 4.0)
 #: Least RGB distance between an object's reference colour and any colour of its
@@ -638,6 +641,10 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
                 least = 0.5 * min_box_side if category == "box" else min_box_side
                 if (min(box[2] - box[0], box[3] - box[1]) < least
                         or max(box[2] - box[0], box[3] - box[1]) < min_box_side):
+                    continue
+                # Rotated long rectangles can grow their box into the ambiguous band.
+                area = (box[2] - box[0]) * (box[3] - box[1]) / float(width * height)
+                if WIDE_SIZE_GAP[0] < area < WIDE_SIZE_GAP[1]:
                     continue
                 updates = []
                 for index, earlier in enumerate(placed):

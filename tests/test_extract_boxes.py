@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import world_image
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlp.core.errors_log import ErrorLog
@@ -73,7 +74,7 @@ def test_given_boxes_through_the_pipeline_resume_and_refusal(world, tmp_path):
             record = store.get(image_id)
             assert record.num_boxes == len(boxes)
             np.testing.assert_allclose(record.boxes, np.asarray(boxes, dtype=np.float32))
-            direct = detector.features_for_boxes(decode_file(world / "images" / f"{image_id}.jpg"), boxes, image_id)
+            direct = detector.features_for_boxes(decode_file(world_image(world, image_id)), boxes, image_id)
             np.testing.assert_allclose(np.asarray(record.features, np.float32), np.asarray(direct.features, np.float32),
                                        atol=2e-2, rtol=1e-2)
             assert list(record.objects_id) == list(direct.objects_id)

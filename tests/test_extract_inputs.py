@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import world_image
 
 from vlp.core.errors_log import ErrorLog
 from vlp.pipeline.discover import discover
@@ -27,7 +28,8 @@ BAD_NAME = os.fsdecode(b"bad\xff.jpg")  # the str Python gives for that file nam
 def _copy_world(small_world: Path, folder: Path, count: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        (folder / f"{i + 1}.jpg").write_bytes((small_world / "images" / f"{i + 1}.jpg").read_bytes())
+        source = world_image(small_world, i + 1)
+        (folder / source.name).write_bytes(source.read_bytes())
     return [str(i + 1) for i in range(count)]
 
 
@@ -99,7 +101,7 @@ def test_an_empty_folder_is_an_error_and_leaves_no_store(tmp_path):
 def test_a_name_that_is_not_utf8_is_one_error_line_and_a_rerun_has_nothing_to_do(tmp_path, small_world):
     root = tmp_path / "imgs"
     ids = _copy_world(small_world, root, 3)
-    (root / BAD_NAME).write_bytes((small_world / "images" / "4.jpg").read_bytes())
+    (root / BAD_NAME).write_bytes(world_image(small_world, 4).read_bytes())
     out = tmp_path / "features"
     first = _extract(root, "-o", out, *SMALL_FLAGS, "--progress", "off")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -203,7 +205,7 @@ def test_a_worker_reports_progress_within_a_chunk(small_world, tmp_path, one_tor
     items = []
     for i in range(4):
         item = _Item(f"{i + 1}.jpg", str(i + 1))
-        item.prepared = prepare_image(decode_file(small_world / "images" / f"{i + 1}.jpg"), config)
+        item.prepared = prepare_image(decode_file(world_image(small_world, i + 1)), config)
         items.append(item)
     items.append(_Item("broken.jpg", "broken", error=("empty", "empty file")))
     result = worker.process((items, 0.0), 7)

@@ -15,6 +15,15 @@ WORDS = {w: n for n, w in COUNT_WORDS.items()}
 SINGULAR = {**{plural(c): c for c in palette.CATEGORIES}, **{c: c for c in palette.CATEGORIES}}
 
 
+def _jpeg_of(root, scene) -> bytes:
+    """The JPEG bytes the task folders copy: the world's image file, or for a PNG image of the
+    wide world the JPEG encoding of the same pixels."""
+    from vlp.synthetic.render import decode_image, encode_jpeg
+
+    data = (root / "images" / scene.file_name).read_bytes()
+    return data if scene.image_format == "jpeg" else encode_jpeg(decode_image(data))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("task-world") / "w"
@@ -107,8 +116,7 @@ def test_nlvr2_layout_images_and_labels_true_of_both_scenes(world):
             left, right = (scenes[aliases[f"{base}-img{k}"]] for k in (0, 1))
             assert split_of[left.image_id] == split_of[right.image_id] == split
             for k, scene in ((0, left), (1, right)):  # the image files are the scenes' images
-                assert (root / "nlvr2" / "images" / f"{base}-img{k}.jpg").read_bytes() == \
-                    (root / "images" / f"{scene.image_id}.jpg").read_bytes()
+                assert (root / "nlvr2" / "images" / f"{base}-img{k}.jpg").read_bytes() == _jpeg_of(root, scene)
             assert row["left_url"].endswith(f"{base}-img0.jpg") and row["right_url"].endswith(f"{base}-img1.jpg")
             sentence, side = row["sentence"], {"left": left, "right": right}
             if m := re.fullmatch(r"The (left|right) image has exactly (\w+) (\w+) (\w+)\.", sentence):
@@ -161,8 +169,7 @@ def test_mmimdb_layout_genres_from_poster_and_plot(world):
     for image_id, scene in scenes.items():
         movie = json.loads((root / "mmimdb" / "dataset" / f"{image_id}.json").read_text())
         assert isinstance(movie["title"], str) and len(movie["plot"]) == 1 and isinstance(movie["plot"][0], str)
-        assert (root / "mmimdb" / "dataset" / f"{image_id}.jpeg").read_bytes() == \
-            (root / "images" / f"{image_id}.jpg").read_bytes()
+        assert (root / "mmimdb" / "dataset" / f"{image_id}.jpeg").read_bytes() == _jpeg_of(root, scene)
         plot, colours, cats = movie["plot"][0], {o.colour for o in scene.objects}, {o.category for o in scene.objects}
         expected = set()
         expected |= {"Action"} if len(scene.objects) >= 5 else set()

@@ -1,0 +1,194 @@
+"""The wide synthetic world (the default of vlp.synthetic.generate) and the classic one it
+replaced: determinism per image, the widened distributions, file names of PNG images in
+every annotation file, and the classic world's images byte for byte."""
+
+import colorsys
+import hashlib
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from vlp.detectors.annotations import load_vg_annotations
+from vlp.synthetic import generate, load_scenes, palette
+from vlp.synthetic.render import decode_image, encode_jpeg, object_masks, render_scene
+from vlp.synthetic.scene import MIN_CONTRAST, Scene, _distance_to_background, sample_scene
+
+#: sha256 over the JPEG bytes of classic images 1..6 of seed 0, computed with the code
+#: before the wide style existed (commit 63f4fa6): the classic style draws the old world.
+CLASSIC_SEED0_SHA256 = "49319c71f071c2e4f10515c860541c5cf8fe2dc1fe319f5ecfc5e6d916783b8e"
+
+
+def _wide(image_id, seed=0):
+    return sample_scene(np.random.default_rng([seed, image_id, 0]), image_id, style="wide")
+
+
+def test_classic_style_draws_the_old_world_byte_for_byte():
+    digest = hashlib.sha256()
+    for i in range(1, 7):
+        scene = sample_scene(np.random.default_rng([0, i, 0]), i)  # classic is sample_scene's default
+        assert scene.style == "classic" and scene.image_format == "jpeg"
+        digest.update(encode_jpeg(render_scene(scene)))
+    assert digest.hexdigest() == CLASSIC_SEED0_SHA256
+
+
+def test_classic_world_files_name_jpegs_and_keep_the_old_truth_keys(tmp_path):
+    generate(tmp_path, 4, seed=0, style="classic")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert "style" not in truth["images"][0]["scene"]
+    world = json.loads((tmp_path / "world.json").read_text())
+    assert world["style"] == "classic"
+    digest = hashlib.sha256()
+    for i in range(1, 5):
+        digest.update((tmp_path / "images" / f"{i}.jpg").read_bytes())
+    again = hashlib.sha256()
+    for i in range(1, 5):
+        again.update(encode_jpeg(render_scene(sample_scene(np.random.default_rng([0, i, 0]), i))))
+    assert digest.hexdigest() == again.hexdigest()
+
+
+def test_wide_images_are_deterministic_per_image(tmp_path):
+    small = generate(tmp_path / "a", 5, seed=3)
+    large = generate(tmp_path / "b", 9, seed=3)
+    assert small.counts["images"] == 5
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+    assert large.counts["images"] == 9
+    # truth.json re-renders every image pixel for pixel (PNG) / to the same JPEG bytes.
+    for image_id, scene in load_scenes(tmp_path / "b").items():
+        assert scene.style == "wide"
+        data = (tmp_path / "b" / "images" / scene.file_name).read_bytes()
+        pixels = render_scene(Scene.from_dict(json.loads(json.dumps(scene.to_dict()))))
+        if scene.image_format == "png":
+            np.testing.assert_array_equal(decode_image(data), pixels)
+        else:
+            assert encode_jpeg(pixels) == data
+
+
+def test_wide_distributions_cover_what_the_issue_asks():
+    scenes = [_wide(i) for i in range(1, 401)]
+    sides = [s for sc in scenes for s in (sc.width, sc.height)]
+    assert min(sides) == 48 and max(sides) > 900 and all(48 <= s <= 1000 for s in sides)
+    assert all(max(sc.width, sc.height) <= 2.2 * min(sc.width, sc.height) + 1 for sc in scenes)
+    formats = Counter(sc.image_format for sc in scenes)
+    assert 0.25 < formats["png"] / 400 < 0.45
+    aliased = sum(not sc.antialias for sc in scenes) / 400
+    assert 0.2 < aliased < 0.4
+    counts = Counter(len(sc.objects) for sc in scenes)
+    assert counts[0] == 0
+    assert 0.3 < counts[1] / 400 < 0.55 and sum(v for k, v in counts.items() if k >= 5) > 60
+    colours = Counter(o.colour for sc in scenes for o in sc.objects)
+    assert set(colours) == set(palette.COLOURS) and len(palette.COLOURS) == 13
+    assert {"gray", "brown", "pink", "teal", "tan"} <= set(colours)
+
+    hsv = [colorsys.rgb_to_hsv(*(c / 255 for c in sc.background.colours[0])) for sc in scenes]
+    assert sum(v > 0.9 and s < 0.1 for _, s, v in hsv) > 40  # white / near-white
+    assert sum(v < 0.15 for _, s, v in hsv) > 15  # black / near-black
+    assert sum(s > 0.6 and v > 0.5 for _, s, v in hsv) > 30  # saturated
+    kinds = Counter(sc.background.kind for sc in scenes)
+    assert set(kinds) == {"solid", "gradient", "noise"}
+
+    fractions, aspects = [], []
+    for sc in scenes:
+        for o in sc.objects:
+            area = o.width * o.height / (sc.width * sc.height)
+            fractions.append(area)
+            # the size attribute follows the small/large rule, away from the threshold
+            assert (o.size == "large") == (area >= palette.LARGE_AREA_FRACTION)
+            assert area <= 0.028 or area >= 0.05, (sc.image_id, o.box, area)
+            assert _distance_to_background(palette.COLOURS[o.colour], sc.background) >= MIN_CONTRAST
+            if o.category == "box":
+                aspects.append(o.width / o.height)
+    assert min(fractions) < 0.003 and max(fractions) > 0.5
+    assert min(aspects) < 0.35 and max(aspects) > 2.8
+
+
+def test_png_images_are_named_in_every_annotation_file(tmp_path):
+    generate(tmp_path, 14, seed=0)
+    files = {p.name for p in (tmp_path / "images").iterdir()}
+    assert any(n.endswith(".png") for n in files) and any(n.endswith(".jpg") for n in files)
+    coco = [json.loads((tmp_path / "annotations" / f"captions_{s}.json").read_text()) for s in ("train", "val")]
+    assert {im["file_name"] for c in coco for im in c["images"]} == files
+    karpathy = json.loads((tmp_path / "annotations" / "dataset_coco.json").read_text())
+    assert {im["filename"] for im in karpathy["images"]} == files
+    refcoco = json.loads((tmp_path / "refcoco+" / "instances.json").read_text())
+    assert {im["file_name"] for im in refcoco["images"]} == files
+    image_data = json.loads((tmp_path / "image_data.json").read_text())
+    assert {e["url"].rsplit("/", 1)[1] for e in image_data} == files
+    gt = load_vg_annotations(tmp_path)
+    assert {g.path.name for g in gt} == files
+    for g in gt:
+        if g.path.suffix == ".png":
+            assert g.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert g.path.read_bytes()[:2] == b"\xff\xd8"
+    # The task folders' copies stay JPEG under their .jpg names.
+    for path in (tmp_path / "cc" / "img2dataset" / "00000").glob("*.jpg"):
+        assert path.read_bytes()[:2] == b"\xff\xd8"
+
+
+def test_aliased_scenes_have_hard_edges():
+    scene = next(sc for sc in (_wide(i) for i in range(1, 60)) if not sc.antialias and sc.objects
+                 and sc.background.kind == "solid" and not sc.clutter and not sc.objects[0].pattern)
+    pixels = render_scene(scene).astype(int)
+    obj = scene.objects[0]
+    mask = object_masks(scene, visible=True)[0]
+    colours = {tuple(pixels[y, x]) for y, x in zip(*np.nonzero(mask))}
+    assert colours == {tuple(obj.draw.rgb)}
+    x1, y1, x2, y2 = obj.box
+    window = pixels[y1:y2, x1:x2].reshape(-1, 3)
+    allowed = {tuple(obj.draw.rgb), tuple(scene.background.colours[0])} | {
+        tuple(o.draw.rgb) for o in scene.objects}
+    # no blended edge pixels: every pixel is a shape colour or the background colour
+    assert {tuple(p) for p in window} <= allowed
+
+
+def test_new_colour_words_reach_the_texts(tmp_path):
+    generate(tmp_path, 40, seed=2)
+    texts = []
+    for name in ("train", "val"):
+        data = json.loads((tmp_path / "annotations" / f"captions_{name}.json").read_text())
+        texts += [a["caption"].lower() for a in data["annotations"]]
+        vqa = json.loads((tmp_path / "vqa" / f"v2_mscoco_{name}_annotations.json").read_text())
+        texts += [a["multiple_choice_answer"] for a in vqa["annotations"]]
+    regions = json.loads((tmp_path / "region_descriptions.json").read_text())
+    texts += [r["phrase"].lower() for e in regions for r in e["regions"]]
+    words = {w.strip(".,") for t in texts for w in t.split()}
+    assert {"gray", "brown", "pink", "teal", "tan"} & words
+    scenes = load_scenes(tmp_path)
+    used = {o.colour for s in scenes.values() for o in s.objects}
+    assert used - set(palette.CLASSIC_COLOURS)  # new colours are drawn ...
+    assert (used - set(palette.CLASSIC_COLOURS)) & words  # ... and named in the texts
+
+
+def test_unknown_style_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="style"):
+        generate(tmp_path, 2, style="fancy")
+    with pytest.raises(ValueError, match="style"):
+        sample_scene(np.random.default_rng(0), 1, style="fancy")
+
+
+def test_every_colour_is_a_vg_display_name_far_from_the_others():
+    names = list(palette.COLOURS)
+    for i, a in enumerate(names):
+        assert palette.attribute_id(a) >= 0
+        for b in names[i + 1:]:
+            # the closest pairs: pink / tan 73, yellow / orange 81.5, green / teal 85
+            assert math.dist(palette.COLOURS[a], palette.COLOURS[b]) >= 72, (a, b)
+
+
+def test_vlp_synth_style_option(tmp_path):
+    from click.testing import CliRunner
+
+    from vlp import cli
+
+    result = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "w"), "--images", "3", "--style", "classic"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "w" / "images").iterdir()) == ["1.jpg", "2.jpg", "3.jpg"]
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["style"] == "classic"
+    bad = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "x"), "--style", "fancy"])
+    assert bad.exit_code == 2 and "fancy" in bad.output
