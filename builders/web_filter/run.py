@@ -1,18 +1,21 @@
-"""The web-filter runner: shards through stages 1-6 on Ray Data, then the aggregation.
+"""The web-filter runner: input shards through stages 1-6, then the aggregation (stage 7).
 
 Work folder ``OUT.work/`` (beside the store): ``config.json`` (options and inputs),
-per finished input shard ``NNNNNN.survivors.jsonl`` and ``NNNNNN.rejected.jsonl``
-(each written atomically) and ``done.jsonl`` (a shard is finished once listed there,
-after both files). A rerun with the same inputs and options skips finished shards, so a
-run killed with kill -9 resumes where it stopped without duplicates; other options start
-the work afresh. When every shard is done, :func:`aggregate` runs over all survivors
-(narrow rows: key, text, hashes, score) and the store is written; the work folder is then
-removed.
+per finished input shard ``NNNNNN.survivors.parquet`` (narrow rows: :data:`SURVIVOR_SCHEMA`)
+and ``NNNNNN.rejected.jsonl`` (each written atomically by :func:`process_shard`) and
+``done.jsonl`` (a shard is finished once listed there, after both files). A rerun with the
+same inputs and options skips finished shards, so a run killed with kill -9 resumes where it
+stopped without duplicates; other options start the work afresh. When every shard is done,
+the aggregation gives each survivor a verdict and :func:`_write_outputs` streams the store,
+``rejected.jsonl`` and the funnel page; the work folder is then removed.
 
-Engines: ``ray`` (default): each shard is a Ray Data dataset, one ``map_batches`` per
-stage (fused by Ray Data), on a local Ray started with ``num_cpus`` (shut down at the end)
-or on the cluster at ``address``. ``local``: the same stage functions in this process
-(tests, tiny inputs).
+Engines: ``ray`` (default): the pending shards are a Ray Data dataset of shard descriptors,
+one ``map_batches`` task per shard reads it, runs the stages over batches and writes its
+files (the driver never holds image bytes); the aggregation runs as Ray Data shuffles
+(:mod:`.shuffle`) over the survivor files; a local Ray started with ``num_cpus`` (shut down
+at the end) or the cluster at ``address``. ``local``: the same stage functions in this
+process and :func:`aggregate` over every survivor in memory (the reference; tests, tiny
+inputs).
 """
 
 from __future__ import annotations
