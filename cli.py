@@ -1308,6 +1308,33 @@ def _start_run(out, config, *, resume: bool, device: str, num_workers: int, prog
     return device
 
 
+def _echo_stages(summaries, detail=lambda summary: "") -> None:
+    """One line per stage summary of a multi-stage run (plus ``detail(summary)`` when not empty)."""
+    for summary in summaries:
+        if summary["skipped"]:
+            click.echo(f"stage {summary['stage']}: already finished")
+            continue
+        last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
+        by_source = "".join(f", {name} {value:.4f}" for name, value in (summary.get("source_losses") or {}).items())
+        if by_source:
+            last += f" (running loss by source{by_source})"
+        click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
+                   f"({summary['dir']})")
+        extra = detail(summary)
+        if extra:
+            click.echo(extra)
+
+
+def _exit_if_interrupted(stop, summaries, command: str, config_path, out) -> None:
+    """After Ctrl-C stopped a multi-stage run mid-stage: say how to go on, exit 130."""
+    last = summaries[-1] if summaries else {"skipped": True}
+    if stop and stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
+        click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
+                   f"(checkpoint saved); continue with: vlp-train {command} {config_path} --out {out} --resume",
+                   err=True)
+        sys.exit(130)
+
+
 @train_main.command("pretrain")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
@@ -1361,27 +1388,13 @@ def train_pretrain_cmd(config_path, out, init_from, device, num_workers, precisi
                               should_stop=stop.is_set if stop else None)
         except (NonFiniteLossError, ValueError, RuntimeError) as exc:
             raise click.ClickException(str(exc)) from None
-    for summary in summaries:
-        if summary["skipped"]:
-            click.echo(f"stage {summary['stage']}: already finished")
-            continue
-        last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
-        by_source = "".join(f", {name} {value:.4f}" for name, value in (summary.get("source_losses") or {}).items())
-        if by_source:
-            last += f" (running loss by source{by_source})"
-        click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
-                   f"({summary['dir']})")
+    _echo_stages(summaries)
     click.echo(summarize(out))
     try:
         click.echo(f"loss curves: {plot_loss_curves(out)}")
     except FileNotFoundError:
         pass
-    last = summaries[-1] if summaries else {"skipped": True}
-    if stop and stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
-        click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
-                   f"(checkpoint saved); continue with: vlp-train pretrain {config_path} --out {out} --resume",
-                   err=True)
-        sys.exit(130)
+    _exit_if_interrupted(stop, summaries, "pretrain", config_path, out)
 
 
 
@@ -1507,23 +1520,10 @@ def train_captioner_cmd(config_path, out, device, precision, progress, num_worke
                                             should_stop=stop.is_set if stop else None)
         except (NonFiniteLossError, ConfigError, ValueError, RuntimeError) as exc:
             raise click.ClickException(str(exc)) from None
-    for summary in summaries:
-        if summary["skipped"]:
-            click.echo(f"stage {summary['stage']}: already finished")
-            continue
-        last = f", last loss {summary['last_loss']:.4f}" if summary.get("last_loss") is not None else ""
-        click.echo(f"stage {summary['stage']}: steps {summary['start_step']} -> {summary['end_step']}{last} "
-                   f"({summary['dir']})")
-        if summary.get("test"):
-            from vlp.trainer.captioning.metrics import metric_line
+    from vlp.trainer.captioning.metrics import metric_line
 
-            click.echo(f"  test: {metric_line(summary['test'])}")
-    last = summaries[-1] if summaries else {"skipped": True}
-    if stop and stop.is_set() and not last["skipped"] and last["end_step"] < last["steps"]:
-        click.echo(f"interrupted at step {last['end_step']} of {last['steps']} in stage {last['stage']} "
-                   f"(checkpoint saved); continue with: vlp-train captioner {config_path} --out {out} --resume",
-                   err=True)
-        sys.exit(130)
+    _echo_stages(summaries, lambda summary: f"  test: {metric_line(summary['test'])}" if summary.get("test") else "")
+    _exit_if_interrupted(stop, summaries, "captioner", config_path, out)
     click.echo(f"captioner: {Path(out) / 'captioner.pt'}")
 
 
