@@ -1134,13 +1134,10 @@ def build_topics_cmd(pairs_dir, features, out, overwrite, shard_size, progress, 
               help="Rows per input shard of a records file (the unit of resume).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Rows per batch of the stages inside a shard's Ray task.")
-@click.option("--shuffle", type=click.Choice(["sort", "hash"]), default="sort", show_default=True,
-              help="Ray Data shuffle of the aggregation's group-bys: sort (range partitions) or hash (aggregator "
-                   "actors).")
 def build_web_filter_cmd(inputs, out, overwrite, shard_size, progress, features, model, image_id_template, min_bytes,
                          min_side, max_aspect, unnatural_threshold, lang_floor, min_chars, min_words, max_words, max_oov,
                          no_noun_check, min_score, keep_fraction, max_images_per_text, phash_distance, engine, address,
-                         num_cpus, shard_rows, batch_size, shuffle):
+                         num_cpus, shard_rows, batch_size):
     """LAIT-style filtering of web image-text rows into a web pair store, with a funnel.
 
     INPUTS: crawl folders or records files (jsonl/parquet: key, url, image_path, alt, title,
@@ -1161,7 +1158,7 @@ def build_web_filter_cmd(inputs, out, overwrite, shard_size, progress, features,
         with _stop_on_first_interrupt("stopping after this shard: finished shards are kept") as stop:
             result = web_filter(list(inputs), out, config=config, engine=engine, address=address, num_cpus=num_cpus,
                                 shard_rows=shard_rows, batch_size=batch_size, overwrite=overwrite,
-                                shard_size=shard_size, progress=progress, shuffle=shuffle,
+                                shard_size=shard_size, progress=progress,
                                 should_stop=stop.is_set if stop else None)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished shards are kept in {out}.work; rerun the same command to go on", err=True)
