@@ -136,3 +136,18 @@ def test_ray_data_shuffles_match_the_in_memory_aggregation(local_ray, rows, opti
 
     want, got = _both(RayBackend(partitions=2, batch_size=5, shuffle=SHUFFLE), rows, options, make)
     assert got == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from([None, "", "T"])), max_size=40))
+def test_funnel_samples_are_what_sorting_every_row_gives(rows):
+    from vlp.builders.web_filter.funnel import SAMPLES, Samples
+
+    samples = Samples()
+    entries = [{"i": i, "thumb": thumb, "bucket": bucket} for i, (bucket, thumb) in enumerate(rows)]
+    for entry in entries:
+        samples.add(entry["bucket"], entry)
+    for bucket in "abc":
+        every = [e for e in entries if e["bucket"] == bucket]
+        assert samples.rows(bucket) == sorted(every, key=lambda e: not e["thumb"])[:SAMPLES]
+        assert samples.counts.get(bucket, 0) == len(every)
