@@ -266,6 +266,16 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
                         time.perf_counter() - started)
 
 
+def image_path(out_dir, image_id) -> Path:
+    """The file of image ``image_id`` of a generated world: ``images/<id>.jpg``, or
+    ``images/<id>.png`` (the wide style stores some images as PNG)."""
+    for suffix in (".jpg", ".png"):
+        path = Path(out_dir) / "images" / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{out_dir}: no images/{image_id}.jpg or images/{image_id}.png")
+
+
 def load_scenes(out_dir) -> dict[int, Scene]:
     """Scenes of a generated world, by image id, read back from ``truth.json``."""
     truth = json.loads((Path(out_dir) / "truth.json").read_text("utf-8"))

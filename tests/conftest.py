@@ -28,15 +28,6 @@ def _save(image: Image.Image, path: Path, **kwargs) -> None:
     image.save(path, **kwargs)
 
 
-def world_image(world: Path, image_id) -> Path:
-    """The file of a synthetic world's image: ``images/<id>.jpg`` or (wide world) ``.png``."""
-    for suffix in (".jpg", ".png"):
-        path = Path(world) / "images" / f"{image_id}{suffix}"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{world}: no images/{image_id}.jpg or .png")
-
-
 def make_mixed_folder(root: Path, world: Path, num_world: int = 6) -> dict:
     """Write good and bad images under ``root``; returns what a correct extraction must give.
 
@@ -49,7 +40,9 @@ def make_mixed_folder(root: Path, world: Path, num_world: int = 6) -> dict:
     good: dict[str, tuple[int, int]] = {}
     bad: dict[str, str] = {}
     for i in range(num_world):
-        src = world_image(world, i + 1)
+        from vlp.synthetic.world import image_path
+
+        src = image_path(world, i + 1)
         dst = root / "world" / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import world_image
+from vlp.synthetic.world import image_path as world_image
 
 from vlp.schemas.shards import sha256_file
 import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import world_image
+from vlp.synthetic.world import image_path as world_image
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlp.core.errors_log import ErrorLog

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import world_image
+from vlp.synthetic.world import image_path as world_image
 
 from vlp.core.errors_log import ErrorLog
 from vlp.pipeline.discover import discover

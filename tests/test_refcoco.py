@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     from vlp.synthetic.oracle import truth_feature_store
 
     root = tmp_path_factory.mktemp("refcoco-world")
-    generate(root / "world", 60, seed=3, overwrite=True)
+    generate(root / "world", 60, seed=3, overwrite=True, style="classic")  # the crowded scenes these expectations count on
     truth_feature_store(root / "world", root / "features", feature_dim=32)
     return root
 
