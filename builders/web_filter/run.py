@@ -307,7 +307,8 @@ class _RayEngine:
         if not rows:
             return
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        backend = shuffle.RayBackend(shuffle.partitions_for(rows, cpus), shuffle=self.shuffle)
+        partitions = shuffle.partitions_for(rows, cpus)
+        backend = shuffle.RayBackend(partitions, buckets=shuffle.buckets_for(rows, partitions), shuffle=self.shuffle)
         # Ray tasks read the survivor files (read_parquet would go through fsspec, whose http
         # part does not import without aiohttp)
         ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files))

@@ -23,10 +23,12 @@ order. Steps, each a map or a group-by on one column:
    ``duplicate_image``;
 7. sort by input order.
 
-Two back ends run the same step functions: :class:`RayBackend` (Ray Data: ``map_batches``,
-``groupby(...).map_groups`` with a hash shuffle, ``sort``; the driver only ever holds one
-batch of the output, the score histogram and a count of changed labels per round) and
-:class:`MemoryBackend` (pyarrow tables in this process; tests).
+Each group-by step is a function of one key's rows. Two back ends run the same step
+functions: :class:`RayBackend` (Ray Data: a map gives each row a hash bucket of its key,
+``groupby("_bucket").map_groups`` brings a bucket to one task, which groups its rows by key;
+``sort``; the driver only ever holds one batch of the output, the score histogram and a
+count of changed labels per round) and :class:`MemoryBackend` (pyarrow tables in this
+process; tests).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import zlib
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -95,15 +98,15 @@ def _below_threshold(threshold: float, table: pa.Table) -> pa.Table:
     return _table(rows)
 
 
-def _first_of_key(table: pa.Table) -> pa.Table:
-    rows = sorted(table.to_pylist(), key=lambda r: r["order"])
+def _first_of_key(rows: list) -> list:
+    rows.sort(key=lambda r: r["order"])
     first = True
     for row in rows:
         if _live(row):
             if not first:
                 _verdict(row, "input", "duplicate_key", {})
             first = False
-    return _table(rows)
+    return rows
 
 
 def _band_keys(phash_distance: int, phash: str) -> list:
@@ -129,16 +132,17 @@ def _hyperedge_keys(phash_distance: int, table: pa.Table) -> pa.Table:
     return pa.Table.from_pydict(out, schema=_EDGE_SCHEMA)
 
 
-def _local_components(phash_distance: int, table: pa.Table) -> pa.Table:
+def _local_components(phash_distance: int, rows: list) -> list:
     """One hyperedge key's rows -> memberships of its local components of >= 2 rows."""
-    hkey = table["hkey"][0].as_py() if table.num_rows else ""
-    nodes = table["node"].to_pylist()
+    if len(rows) < 2:
+        return []
+    hkey = rows[0]["hkey"]
     if hkey.startswith("s:"):
-        components = [sorted(set(nodes))]
+        components = [sorted({r["node"] for r in rows})]
     else:
         by_value: dict = {}
-        for node, phash in zip(nodes, table["phash"].to_pylist()):
-            by_value.setdefault(int(phash, 16), []).append(node)
+        for r in rows:
+            by_value.setdefault(int(r["phash"], 16), []).append(r["node"])
         values = list(by_value)
         parent = list(range(len(values)))
 
@@ -166,28 +170,22 @@ def _local_components(phash_distance: int, table: pa.Table) -> pa.Table:
             continue
         low = members[0]
         out += [{"hid": f"{hkey}/{low}", "node": m, "label": low, "prev": m, "changed": 0} for m in members]
-    return _table(out, _MEMBER_SCHEMA)
+    return out
 
 
-def _min_over_node(table: pa.Table) -> pa.Table:
-    rows = table.to_pylist()
-    if not rows:
-        return _table([], _MEMBER_SCHEMA)
+def _min_over_node(rows: list) -> list:
     low = min(r["label"] for r in rows)
     changed = int(low != rows[0]["prev"])
     for row in rows:
         row["label"], row["prev"], row["changed"] = low, low, changed
-    return _table(rows, _MEMBER_SCHEMA)
+    return rows
 
 
-def _min_over_hyperedge(table: pa.Table) -> pa.Table:
-    rows = table.to_pylist()
-    if not rows:
-        return _table([], _MEMBER_SCHEMA)
+def _min_over_hyperedge(rows: list) -> list:
     low = min(r["label"] for r in rows)
     for row in rows:
         row["label"], row["changed"] = low, 0
-    return _table(rows, _MEMBER_SCHEMA)
+    return rows
 
 
 def _as_label_rows(table: pa.Table) -> pa.Table:
@@ -198,27 +196,24 @@ def _as_label_rows(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays([columns[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
 
 
-def _attach_label(table: pa.Table) -> pa.Table:
-    rows = table.to_pylist()
+def _attach_label(rows: list) -> list:
     data = [r for r in rows if r["key"] is not None]
     labels = [r["label"] for r in rows if r["key"] is None]
     for row in data:
         row["label"] = min(labels + [row["order"]])
-    return _table(data)
+    return data
 
 
-def _shared_text(max_images_per_text: int, table: pa.Table) -> pa.Table:
-    rows = table.to_pylist()
+def _shared_text(max_images_per_text: int, rows: list) -> list:
     live = [r for r in rows if _live(r)]
     n = len({r["label"] for r in live})
     if n > max_images_per_text:
         for row in live:
             _verdict(row, "aggregation", "shared_text", {"images": n, "max_images_per_text": max_images_per_text})
-    return _table(rows)
+    return rows
 
 
-def _best_of_group(table: pa.Table) -> pa.Table:
-    rows = table.to_pylist()
+def _best_of_group(rows: list) -> list:
     live = sorted((r for r in rows if _live(r)), key=lambda r: r["order"])
     if live:
         winner = live[0]
@@ -230,7 +225,27 @@ def _best_of_group(table: pa.Table) -> pa.Table:
                 _verdict(row, "aggregation", "duplicate_image",
                          {"kept": winner["key"], "same_file": winner["sha256"] == row["sha256"],
                           "score": row["score"], "kept_score": winner["score"]})
-    return _table(rows)
+    return rows
+
+
+def _apply_per_key(key: str, fn, schema: pa.Schema, table: pa.Table) -> pa.Table:
+    """``fn`` on the rows (dicts) of each value of ``key`` in ``table``; one table out."""
+    groups: dict = {}
+    for row in table.to_pylist():
+        groups.setdefault(row[key], []).append(row)
+    out: list = []
+    for rows in groups.values():
+        out += fn(rows)
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def _stable_hash(value) -> int:
+    return zlib.crc32(str(value).encode("utf-8", "surrogatepass"))
+
+
+def _add_bucket(key: str, buckets: int, table: pa.Table) -> pa.Table:
+    bucket = [_stable_hash(v) % buckets for v in table[key].to_pylist()]
+    return table.append_column("_bucket", pa.array(bucket, pa.int64()))
 
 
 # --------------------------------------------------------------------------- back ends
@@ -242,12 +257,8 @@ class MemoryBackend:
     def map(self, ds: pa.Table, fn) -> pa.Table:
         return fn(ds)
 
-    def groupby(self, ds: pa.Table, key: str, fn) -> pa.Table:
-        groups: dict = {}
-        for i, value in enumerate(ds[key].to_pylist()):
-            groups.setdefault(value, []).append(i)
-        parts = [fn(ds.take(index)) for index in groups.values()]
-        return pa.concat_tables(parts) if parts else fn(ds.slice(0, 0))
+    def groupby(self, ds: pa.Table, key: str, fn, schema: pa.Schema) -> pa.Table:
+        return _apply_per_key(key, fn, schema, ds)
 
     def union(self, a: pa.Table, b: pa.Table) -> pa.Table:
         return pa.concat_tables([a, b])
@@ -266,17 +277,22 @@ class MemoryBackend:
 
 
 class RayBackend:
-    """The steps on Ray Data (a running Ray): map_batches, groupby().map_groups (a shuffle
-    into ``partitions`` partitions by key), sort; iteration streams batches.
+    """The steps on Ray Data (a running Ray). A group-by on ``key`` is a shuffle by hash:
+    a map gives each row a bucket (CRC-32 of the key modulo ``buckets``), Ray Data's
+    ``groupby("_bucket").map_groups`` brings each bucket's rows to one task (``partitions``
+    shuffle partitions), and that task groups them by key in Python (so the step function
+    runs once per key without a Ray call per key). Sort and iteration: Ray Data's.
 
-    ``shuffle``: ``hash`` (Ray Data's hash shuffle: aggregator actors, started per step)
-    or ``sort`` (its pull-based sort shuffle: range partitions of the key, no actors).
+    ``shuffle``: the Ray Data shuffle under the group-by: ``sort`` (its pull-based sort
+    shuffle: range partitions, no actors) or ``hash`` (its hash shuffle: aggregator actors).
     """
 
-    def __init__(self, partitions: int, batch_size: int = 4096, shuffle: str = "sort"):
+    def __init__(self, partitions: int, buckets: Optional[int] = None, batch_size: int = 4096,
+                 shuffle: str = "sort"):
         import ray.data
 
         self.partitions = max(1, int(partitions))
+        self.buckets = max(self.partitions, int(buckets or 4 * self.partitions))
         self.batch_size = batch_size
         strategies = {"hash": "hash_shuffle", "sort": "sort_shuffle_pull_based"}
         if shuffle not in strategies:
@@ -286,8 +302,11 @@ class RayBackend:
     def map(self, ds, fn):
         return ds.map_batches(fn, batch_format="pyarrow", batch_size=self.batch_size)
 
-    def groupby(self, ds, key: str, fn):
-        return ds.groupby(key, num_partitions=self.partitions).map_groups(fn, batch_format="pyarrow")
+    def groupby(self, ds, key: str, fn, schema: pa.Schema):
+        ds = ds.map_batches(functools.partial(_add_bucket, key, self.buckets), batch_format="pyarrow",
+                            batch_size=self.batch_size)
+        return ds.groupby("_bucket", num_partitions=self.partitions).map_groups(
+            functools.partial(_apply_per_key, key, fn, schema), batch_format="pyarrow")
 
     def union(self, a, b):
         return a.union(b)
@@ -325,18 +344,18 @@ def _components(backend, ds, phash_distance: int):
     """Label rows (order = a row in a duplicate cluster, label = the cluster's smallest order),
     or None when no two rows are one image."""
     edges = backend.map(ds, functools.partial(_hyperedge_keys, phash_distance))
-    members = backend.materialize(backend.groupby(edges, "hkey", functools.partial(_local_components,
-                                                                                    phash_distance)))
+    members = backend.materialize(backend.groupby(edges, "hkey", functools.partial(_local_components, phash_distance),
+                                                 _MEMBER_SCHEMA))
     if not any(t.num_rows for t in backend.iter_tables(members)):
         return None
     rounds = 0
     while True:
-        members = backend.materialize(backend.groupby(members, "node", _min_over_node))
+        members = backend.materialize(backend.groupby(members, "node", _min_over_node, _MEMBER_SCHEMA))
         rounds += 1
         changed = sum(pc.sum(t["changed"]).as_py() or 0 for t in backend.iter_tables(members))
         if not changed:
             break
-        members = backend.groupby(members, "hid", _min_over_hyperedge)
+        members = backend.groupby(members, "hid", _min_over_hyperedge, _MEMBER_SCHEMA)
     return backend.map(members, _as_label_rows)
 
 
@@ -354,14 +373,14 @@ def aggregate_dataset(backend, ds, *, max_images_per_text: int = 10, phash_dista
         if histogram:
             threshold = quantile_higher(histogram, 1.0 - keep_fraction)
             ds = backend.map(ds, functools.partial(_below_threshold, threshold))
-    ds = backend.materialize(backend.groupby(ds, "key", _first_of_key))
+    ds = backend.materialize(backend.groupby(ds, "key", _first_of_key, ROW_SCHEMA))
     labels = _components(backend, ds, phash_distance)
     if labels is not None:
-        ds = backend.groupby(backend.union(ds, labels), "order", _attach_label)
+        ds = backend.groupby(backend.union(ds, labels), "order", _attach_label, ROW_SCHEMA)
     else:
         ds = backend.map(ds, _own_label)
-    ds = backend.groupby(ds, "norm", functools.partial(_shared_text, max_images_per_text))
-    ds = backend.groupby(ds, "label", _best_of_group)
+    ds = backend.groupby(ds, "norm", functools.partial(_shared_text, max_images_per_text), ROW_SCHEMA)
+    ds = backend.groupby(ds, "label", _best_of_group, ROW_SCHEMA)
     return backend.sort(ds, "order")
 
 
@@ -381,6 +400,12 @@ def verdict_rows(backend, ds) -> Iterator[dict]:
 def partitions_for(rows: int, cpus: int, rows_per_partition: int = 200_000) -> int:
     """Shuffle partitions: one per CPU, more when a partition would exceed ``rows_per_partition``."""
     return max(1, cpus, math.ceil(rows / rows_per_partition))
+
+
+def buckets_for(rows: int, partitions: int, rows_per_bucket: int = 20_000) -> int:
+    """Hash buckets of a group-by: four per partition, more when a bucket (the rows one task
+    holds at once) would exceed ``rows_per_bucket``."""
+    return max(4 * partitions, math.ceil(rows / rows_per_bucket))
 
 
 def rejection_of(row: dict) -> dict:
