@@ -48,7 +48,7 @@ OTHER_TASKS = {  # task: (importer, files under the world, val split, test split
 
 
 def build_world(root: Path, images: int, feature_dim: int, world_seed: int,
-                vqa_train_questions: int = 0) -> dict:
+                vqa_train_questions: int = 0, questions_per_image: int = 4, style: str = "wide") -> dict:
     from vlp.builders import imports
     from vlp.builders.labels import build_objects_labels
     from vlp.schemas.pairs import PairStore, PairStoreWriter
@@ -56,7 +56,7 @@ def build_world(root: Path, images: int, feature_dim: int, world_seed: int,
     from vlp.synthetic.oracle import truth_feature_store
 
     world, features = root / "world", root / "features"
-    generate(world, images, seed=world_seed, overwrite=True)
+    generate(world, images, seed=world_seed, questions_per_image=questions_per_image, style=style, overwrite=True)
     truth_feature_store(world, features, feature_dim=feature_dim, nlvr2_images=True)
     kw = dict(features=features, progress="off")
     annotations = world / "annotations"
@@ -172,6 +172,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=240, help="synthetic world size")
     parser.add_argument("--world-seed", type=int, default=1)
+    parser.add_argument("--world-style", choices=["wide", "classic"], default="wide",
+                        help="the world's scene distributions (classic: the world before the wide one)")
+    parser.add_argument("--questions-per-image", type=int, default=4,
+                        help="VQA questions the world asks per image (more: larger val / test sets)")
     parser.add_argument("--vqa-train-questions", type=int, default=0,
                         help="keep only the first N VQA train questions (0: all): scarce task data")
     parser.add_argument("--seeds", default="0,1,2", help="finetuning seeds for VQA (comma-separated)")
@@ -180,6 +184,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain-lr", type=float, default=5.0e-4)
     parser.add_argument("--no-itm", action="store_true", help="pretrain with MLM + MOC only")
     parser.add_argument("--lr", type=float, default=5.0e-4, help="finetuning learning rate")
+    parser.add_argument("--lrs", default="",
+                        help="VQA finetuning learning rates to try (comma-separated; default: --lr alone): "
+                             "each arm is reported at the rate with its best mean validation accuracy")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100, help="validation every N steps (best kept)")
     parser.add_argument("--hidden", type=int, default=64)
@@ -214,8 +221,9 @@ def main(argv=None) -> int:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        paths = build_world(root, args.images, args.feature_dim, args.world_seed, args.vqa_train_questions)
-        print(f"world: {args.images} images (seed {args.world_seed}), stores built in "
+        paths = build_world(root, args.images, args.feature_dim, args.world_seed, args.vqa_train_questions,
+                            args.questions_per_image, args.world_style)
+        print(f"world: {args.images} images (seed {args.world_seed}, {args.world_style}), stores built in "
               f"{time.perf_counter() - start:.1f} s; pretraining pairs: {paths['counts']}")
 
         arms = [a for a in args.arms.split(",") if a]
@@ -226,35 +234,48 @@ def main(argv=None) -> int:
                   f"{pre['seconds']:.1f} s; {_losses(pre['summary'])}")
 
         base = vqa_baselines(paths["vqa"])
-        results: dict = {arm: [] for arm in arms}
-        for seed in seeds:
+        lrs = [float(x) for x in args.lrs.split(",") if x] or [args.lr]
+        grid: dict = {}  # (arm, lr) -> one result per seed
+        for lr in lrs:
+            run_args = argparse.Namespace(**{**vars(args), "lr": lr})
+            for seed in seeds:
+                for arm in arms:
+                    init = root / "pretrain" if arm == "pretrained" else None
+                    r = finetune_one(paths, paths["vqa"], "vqa", "val", "test", root / f"vqa-{arm}-{lr:g}-{seed}",
+                                     run_args, seed=seed, steps=args.steps, init=init)
+                    grid.setdefault((arm, lr), []).append(r)
+                    print(f"  VQA lr {lr:g} seed {seed} {arm:<10}: val {r['val']['accuracy']:.3f}  "
+                          f"test {r['test']['accuracy']:.3f}  (best step {r['best_step']}, {r['seconds']:.0f} s)",
+                          flush=True)
+        mean = lambda runs, split: statistics.mean(r[split]["accuracy"] for r in runs)
+        if len(lrs) > 1:
+            print(f"\nVQA, mean over seeds {seeds} per finetuning lr (val / test):")
             for arm in arms:
-                init = root / "pretrain" if arm == "pretrained" else None
-                r = finetune_one(paths, paths["vqa"], "vqa", "val", "test", root / f"vqa-{arm}-{seed}", args,
-                                 seed=seed, steps=args.steps, init=init)
-                results[arm].append(r)
-                print(f"  VQA seed {seed} {arm:<10}: val {r['val']['accuracy']:.3f}  test {r['test']['accuracy']:.3f}"
-                      f"  (best step {r['best_step']}, {r['seconds']:.0f} s)", flush=True)
+                print(f"  {arm + ' init':<22}" + "  ".join(
+                    f"lr {lr:g}: {mean(grid[arm, lr], 'val'):.3f} / {mean(grid[arm, lr], 'test'):.3f}" for lr in lrs))
+        # each arm at its own best learning rate on validation (nothing chosen on test)
+        chosen = {arm: max(lrs, key=lambda lr: mean(grid[arm, lr], "val")) for arm in arms}
+        results = {arm: grid[arm, chosen[arm]] for arm in arms}
 
         print(f"\nVQA, {args.steps} finetuning steps, seeds {seeds} "
               f"(val n={base['val']['n']}, test n={base['test']['n']}):")
-        print(f"  {'':<22}{'val':>8}{'test':>8}   per seed (test)")
+        print(f"  {'':<22}{'lr':>8}{'val':>8}{'test':>8}   per seed (test)")
         means = {}
         for arm in arms:
             v = [r["val"]["accuracy"] for r in results[arm]]
             t = [r["test"]["accuracy"] for r in results[arm]]
             means[arm] = (statistics.mean(v), statistics.mean(t))
             sd = statistics.stdev(t) if len(t) > 1 else 0.0
-            print(f"  {arm + ' init':<22}{means[arm][0]:8.3f}{means[arm][1]:8.3f}   "
+            print(f"  {arm + ' init':<22}{chosen[arm]:8g}{means[arm][0]:8.3f}{means[arm][1]:8.3f}   "
                   f"{' '.join(f'{x:.3f}' for x in t)}  (sd {sd:.3f})")
         if len(arms) == 2:
             diffs = [p["test"]["accuracy"] - r["test"]["accuracy"]
                      for p, r in zip(results["pretrained"], results["random"])]
-            print(f"  {'pretrained - random':<22}{means['pretrained'][0] - means['random'][0]:+8.3f}"
+            print(f"  {'pretrained - random':<22}{'':>8}{means['pretrained'][0] - means['random'][0]:+8.3f}"
                   f"{means['pretrained'][1] - means['random'][1]:+8.3f}   "
                   f"{' '.join(f'{x:+.3f}' for x in diffs)}")
         for name in ("majority", "text_only"):
-            print(f"  {name:<22}{base['val'][name]:8.3f}{base['test'][name]:8.3f}")
+            print(f"  {name:<22}{'':>8}{base['val'][name]:8.3f}{base['test'][name]:8.3f}")
 
         if args.all_tasks:
             truth = json.loads((paths["world"] / "truth.json").read_text("utf-8"))["tasks"]
