@@ -275,3 +275,57 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
     copy.unlink()
     with pytest.raises(ShippedWeightsError, match="missing"):
         load_detector(preset="demo", device="cpu")
+
+
+# -- the shipped demo detector beyond its own renderer (issue 19) -----------------------------
+
+# Targets of issue 19, on sets the detector never saw: the wide world (the default of
+# vlp.synthetic.generate), the independent renderer's world, and single shapes on plain
+# white / light backgrounds (the top box must be the shape). The shipped weights were trained
+# on the classic world only and do not reach them (benchmarks/RESULTS.md, "Demo detector,
+# wider world"); the floors below guard the measured figures on these small sets.
+WIDE_TARGETS_MET = False
+WIDE_TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
+SINGLE_TOP_BOX_TARGET = 0.95
+# Measured with the shipped weights on the sets of the fixture below: wide mAP 0.260 /
+# attribute accuracy 0.814, independent 0.236 / 0.795, single shapes top box 0.050 (3 of 60).
+WIDE_FLOORS = {"wide": (0.22, 0.70), "independent": (0.20, 0.70)}
+SINGLE_TOP_BOX_FLOOR = 0.03
+
+
+@pytest.fixture(scope="module")
+def demo_beyond(tmp_path_factory):
+    from vlp.detectors.evaluate import detect_vg, top_box_accuracy
+    from vlp.synthetic import generate
+    from vlp.synthetic.independent import generate_independent, generate_single_shapes
+
+    root = tmp_path_factory.mktemp("beyond")
+    generate(root / "wide", 40, seed=7, split_fractions=(0.0, 0.0, 1.0))
+    generate_independent(root / "independent", 40, seed=0)
+    generate_single_shapes(root / "single", 60, seed=0)
+    detector = load_detector(preset="demo", device="cpu")
+    results = {}
+    for name in ("wide", "independent", "single"):
+        records, gt = detect_vg(detector, root / name)
+        results[name] = evaluate_predictions(records, gt, score_threshold=0.2)
+        if name == "single":
+            results[name]["top_box"] = top_box_accuracy(records, gt)
+    return results
+
+
+@pytest.mark.xfail(not WIDE_TARGETS_MET, strict=True,
+                   reason="shipped demo weights trained on the classic world only (issue 19)")
+@pytest.mark.slow
+def test_shipped_demo_detector_meets_the_issue_19_targets(demo_beyond):
+    for name, (target_map, target_attr) in WIDE_TARGETS.items():
+        assert demo_beyond[name]["mAP"] >= target_map, (name, demo_beyond[name]["ap"])
+        assert demo_beyond[name]["attribute_accuracy"] >= target_attr, name
+    assert demo_beyond["single"]["top_box"]["rate"] >= SINGLE_TOP_BOX_TARGET
+
+
+@pytest.mark.slow
+def test_shipped_demo_detector_beyond_its_renderer_floor(demo_beyond):
+    for name, (floor_map, floor_attr) in WIDE_FLOORS.items():
+        assert demo_beyond[name]["mAP"] >= floor_map, (name, demo_beyond[name]["ap"])
+        assert demo_beyond[name]["attribute_accuracy"] >= floor_attr, name
+    assert demo_beyond["single"]["top_box"]["rate"] >= SINGLE_TOP_BOX_FLOOR, demo_beyond["single"]["top_box"]
