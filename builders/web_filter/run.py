@@ -257,6 +257,10 @@ def _read_survivors(batch: pa.Table) -> pa.Table:
                              for path in batch["path"].to_pylist()])
 
 
+#: Ray's limit for task results kept in the owner's memory instead of the object store
+SMALL_OBJECT_BYTES = 1024
+
+
 class _RayEngine:
     """Shards as Ray tasks (a dataset of shard descriptors, one ``map_batches`` call per
     shard), the aggregation as Ray Data shuffles (:mod:`.shuffle`)."""
@@ -275,7 +279,10 @@ class _RayEngine:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=num_cpus, **kwargs)
+                # task results under 100 KB are otherwise kept in the memory of their owner, the
+                # driver: the shuffles' many small pieces would make it grow with the input
+                ray.init(num_cpus=num_cpus, _system_config={"max_direct_call_object_size": SMALL_OBJECT_BYTES},
+                         **kwargs)
             self.started = True
         import ray.data
 

@@ -397,8 +397,10 @@ def verdict_rows(backend, ds) -> Iterator[dict]:
             yield row
 
 
-def partitions_for(rows: int, cpus: int, rows_per_partition: int = 200_000) -> int:
-    """Shuffle partitions: one per CPU, more when a partition would exceed ``rows_per_partition``."""
+def partitions_for(rows: int, cpus: int, rows_per_partition: int = 50_000) -> int:
+    """Shuffle partitions: one per CPU, more when a partition would exceed
+    ``rows_per_partition``. The output's blocks are partitions, and the driver fetches a
+    whole block to iterate over it: this bounds the driver's memory, whatever the input size."""
     return max(1, cpus, math.ceil(rows / rows_per_partition))
 
 
