@@ -40,10 +40,11 @@ def _boxes_file(world: Path, path: Path) -> dict:
     for image_id in (1, 2, 3, 4):
         boxes = [o["box"] for o in scenes[image_id]["objects"]]
         expected[str(image_id)] = boxes
-        key = {"image": f"{image_id}.jpg"} if image_id % 2 else {"image_id": str(image_id)}
+        key = {"image": world_image(world, image_id).name} if image_id % 2 else {"image_id": str(image_id)}
         lines.append(json.dumps({**key, "boxes": boxes}))
     width = scenes[5]["width"]
-    lines += ["not json", json.dumps({"image": "5.jpg", "boxes": [[0, 0, width + 50, 10]]}),  # outside the image
+    lines += ["not json", json.dumps({"image": world_image(world, 5).name,  # a box outside the image
+                                      "boxes": [[0, 0, width + 50, 10]]}),
               json.dumps({"image": "nope.jpg", "boxes": [[0, 0, 1, 1]]}),
               json.dumps({"image_id": "6", "boxes": [[5, 5, 1, 1]]})]
     path.write_text("\n".join(lines) + "\n")
