@@ -150,7 +150,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
              split_fractions=(0.8, 0.1, 0.1), *, vg_id_variant: str = "image_id",
              captions_per_image: int = 5, questions_per_image: int = 4,
              jpeg_quality: int = 90, overwrite: bool = False, progress=None,
-             style: str = "wide") -> WorldSummary:
+             style: str = "wide", web: bool = True) -> WorldSummary:
     """Generate a synthetic world of ``num_images`` images under ``out_dir``.
 
     ``vg_id_variant``: "image_id" writes Visual Genome 1.2/1.4 keys (image_data
@@ -162,6 +162,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     (the first worlds' sampler, image for image: grey backgrounds, eight colours, JPEG).
     The copies of the images in the task folders (CC img2dataset, NLVR2, VCR, MM-IMDB) are
     always JPEG, as in the real datasets.
+    ``web``: also write the noisy web crawl ``web/`` (the web filter's input; it draws its
+    own scenes, about half of the generation time); False leaves it out, nothing else changes.
     """
     if style not in ("wide", "classic"):
         raise ValueError(f"style must be 'wide' or 'classic', got {style!r}")
@@ -199,7 +201,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
                  for s in scenes}
     _write_vqa(writer, scenes, questions, split_of)
     cc_missing = _write_cc(writer, scenes, jpegs, seed)
-    web_counts = _write_web(writer, scenes, jpegs, seed)
+    web_counts = _write_web(writer, scenes, jpegs, seed) if web else {}
     task_truth = tasks.write_tasks(writer, scenes, jpegs, split_of, seed,
                                    lambda key, name: _stream(seed, key, _TASK_STREAMS[name]))
     task_truth["tasks"].update(grounding.write_grounding(writer, scenes, jpegs, split_of, seed,

@@ -103,7 +103,7 @@ def small_world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("small-world")
-    generate(root, 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root, 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     return root
 
 
@@ -149,6 +149,6 @@ def train_world(tmp_path_factory):
     from vlp.trainer.toydata import world_stores
 
     root = tmp_path_factory.mktemp("train-world")
-    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
     return features, pairs, load_tokenizer(vocab)

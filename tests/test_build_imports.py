@@ -29,7 +29,7 @@ def world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("import-world")
-    generate(root, 12, seed=4, overwrite=True)
+    generate(root, 12, seed=4, overwrite=True, web=False)
     return root
 
 

@@ -26,7 +26,7 @@ def world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("labels-world")
-    generate(root / "world", 10, seed=3, overwrite=True)
+    generate(root / "world", 10, seed=3, overwrite=True, web=False)
     truth_feature_store(root / "world", root / "features", feature_dim=8, attrs_conf=_attr_conf,
                         objects_conf=_obj_conf)
     return root

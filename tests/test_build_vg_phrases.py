@@ -17,7 +17,7 @@ def world(request, tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp(f"vg-{request.param}")
-    generate(root, 30, seed=11, vg_id_variant=request.param, overwrite=True)
+    generate(root, 30, seed=11, vg_id_variant=request.param, overwrite=True, web=False)
     return root
 
 

@@ -110,7 +110,7 @@ def test_held_out_cc_images_have_coco_style_truth_captions(tmp_path):
 
     from vlp.synthetic import generate
 
-    generate(tmp_path, 20, seed=2, split_fractions=(0.5, 0.25, 0.25), overwrite=True)
+    generate(tmp_path, 20, seed=2, split_fractions=(0.5, 0.25, 0.25), overwrite=True, web=False)
     splits = json.loads((tmp_path / "splits.json").read_text())
     held_out = {str(i) for i in splits["val"] + splits["test"]}
     cc = {}

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     from vlp.trainer.toydata import world_stores
 
     root = tmp_path_factory.mktemp("captioner-world")
-    generate(root / "world", 40, seed=4, split_fractions=(0.6, 0.2, 0.2), overwrite=True)
+    generate(root / "world", 40, seed=4, split_fractions=(0.6, 0.2, 0.2), overwrite=True, web=False)
     features, _, _ = world_stores(root / "world", root / "stores", feature_dim=32)
     annotations = root / "world" / "annotations"
     import_coco(sorted(annotations.glob("captions_*.json")), root / "stores" / "coco",

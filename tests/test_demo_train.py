@@ -22,7 +22,7 @@ def demo_out(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     world = out / "world"
-    generate(world, 40, seed=123, overwrite=True)
+    generate(world, 40, seed=123, overwrite=True, web=False)
     truth_feature_store(world, out / "features", feature_dim=384, storage="lmdb")
     annotations = world / "annotations"
     import_coco(sorted(annotations.glob("captions_*.json")), out / "pairs" / "coco-captions",

@@ -197,7 +197,7 @@ def tiny_world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("world")
-    generate(root, 4, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root, 4, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     return root
 
 

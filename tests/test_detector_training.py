@@ -90,7 +90,7 @@ def tiny_world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("world")
-    generate(root, 8, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root, 8, seed=11, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     return root
 
 
@@ -237,7 +237,7 @@ def demo_heldout(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("heldout")
     # the classic world: the one these figures were measured on (training used seed 0)
-    generate(root, 120, seed=7, split_fractions=(0.0, 0.0, 1.0), style="classic")
+    generate(root, 120, seed=7, split_fractions=(0.0, 0.0, 1.0), style="classic", web=False)
     detector = load_detector(preset="demo", device="cpu")
     assert detector.weights_sha256 == inference.SHIPPED_WEIGHTS["demo"][1]
     assert detector.feature_dim == 384
@@ -300,7 +300,7 @@ def demo_beyond(tmp_path_factory):
     from vlp.synthetic.independent import generate_independent, generate_single_shapes
 
     root = tmp_path_factory.mktemp("beyond")
-    generate(root / "wide", 40, seed=7, split_fractions=(0.0, 0.0, 1.0))
+    generate(root / "wide", 40, seed=7, split_fractions=(0.0, 0.0, 1.0), web=False)
     generate_independent(root / "independent", 40, seed=0)
     generate_single_shapes(root / "single", 60, seed=0)
     detector = load_detector(preset="demo", device="cpu")

@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("boxes-world")
-    generate(root / "world", 6, seed=2, overwrite=True)
+    generate(root / "world", 6, seed=2, overwrite=True, web=False)
     return root / "world"
 
 

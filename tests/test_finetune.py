@@ -415,7 +415,7 @@ def world(tmp_path_factory):
     from vlp.synthetic.oracle import truth_feature_store
 
     root = tmp_path_factory.mktemp("finetune-world")
-    generate(root / "world", 80, seed=1, overwrite=True)
+    generate(root / "world", 80, seed=1, overwrite=True, web=False)
     truth_feature_store(root / "world", root / "features", feature_dim=32, nlvr2_images=True)
     return root
 

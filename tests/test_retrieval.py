@@ -30,7 +30,7 @@ def world(tmp_path_factory):
     from vlp.synthetic.oracle import truth_feature_store
 
     root = tmp_path_factory.mktemp("retrieval-world")
-    generate(root / "world", 80, seed=1, overwrite=True)
+    generate(root / "world", 80, seed=1, overwrite=True, web=False)
     truth_feature_store(root / "world", root / "features", feature_dim=32)
     result = imports.import_coco([], root / "pairs", karpathy=root / "world" / "annotations" / "dataset_coco.json",
                                  features=root / "features", progress="off")

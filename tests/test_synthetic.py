@@ -425,3 +425,24 @@ def test_world_summary_lists_ids_and_counts(world, truth):
     assert summary["vocab_sha256"]["objects"] == vocab.objects().sha256
     for relative in summary["files"]:
         assert (world / relative).is_file()
+
+
+def test_world_without_the_web_crawl_is_the_same_world_less_web(tmp_path):
+    """web=False (tests that do not filter web pairs) leaves out web/ and changes nothing else."""
+    generate(tmp_path / "with", 5, seed=3)
+    generate(tmp_path / "without", 5, seed=3, web=False)
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    with_web, without = files(tmp_path / "with"), files(tmp_path / "without")
+    assert any(name.startswith("web/") for name in with_web)
+    assert not any(name.startswith("web/") for name in without)
+    rest = {name: data for name, data in with_web.items() if not name.startswith("web/")}
+    assert set(rest) == set(without)
+    assert {n for n in rest if rest[n] != without[n]} == {"world.json"}
+    a, b = (json.loads(files_["world.json"]) for files_ in (with_web, without))
+    assert {k: v for k, v in a["counts"].items() if not k.startswith("web_")} == b["counts"]
+    assert [f for f in a["files"] if not f.startswith("web/")] == b["files"]
+    a.pop("counts"), b.pop("counts"), a.pop("files"), b.pop("files")
+    assert a == b

@@ -31,7 +31,7 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs")
     # classic: crowded scenes; with the wide world's single-object images a 2-step MSP run can
     # log a zero loss (a batch with nothing to predict for one of its tasks)
-    generate(root / "world", 24, seed=6, split_fractions=(1.0, 0.0, 0.0), overwrite=True, style="classic")
+    generate(root / "world", 24, seed=6, split_fractions=(1.0, 0.0, 0.0), overwrite=True, style="classic", web=False)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16,
                                              vocab_extra=_label_words(), cls_prob=True)
     build_objects_labels(features.root, root / "stores" / "objects-labels", progress="off")

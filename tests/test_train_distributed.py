@@ -30,7 +30,7 @@ def config(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("ddp")
-    generate(root / "world", 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root / "world", 24, seed=5, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16)
     build_objects_labels(features.root, root / "stores" / "labels", progress="off")
     # Two sources with different tasks: heads sit out some micro-batches (DDP must cope).

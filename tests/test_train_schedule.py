@@ -25,7 +25,7 @@ def config(tmp_path_factory):
     from vlp.synthetic import generate
 
     root = tmp_path_factory.mktemp("schedule")
-    generate(root / "world", 30, seed=4, split_fractions=(1.0, 0.0, 0.0), overwrite=True)
+    generate(root / "world", 30, seed=4, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
     features, captions, vocab = world_stores(root / "world", root / "stores", feature_dim=16)
     build_objects_labels(features.root, root / "stores" / "labels", progress="off")
     common = dict(steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=0, bucket_batches=2)

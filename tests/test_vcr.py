@@ -26,7 +26,7 @@ def world(tmp_path_factory):
     from vlp.synthetic.oracle import truth_feature_store
 
     root = tmp_path_factory.mktemp("vcr-world")
-    generate(root / "world", 40, seed=4, overwrite=True)
+    generate(root / "world", 40, seed=4, overwrite=True, web=False)
     truth_feature_store(root / "world", root / "features", feature_dim=32)
     return root
 
