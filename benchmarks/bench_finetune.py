@@ -48,7 +48,7 @@ OTHER_TASKS = {  # task: (importer, files under the world, val split, test split
 
 
 def build_world(root: Path, images: int, feature_dim: int, world_seed: int,
-                vqa_train_questions: int = 0, questions_per_image: int = 4, style: str = "wide") -> dict:
+                vqa_train_questions: int = 0, questions_per_image: int = 4, style: str = "classic") -> dict:
     from vlp.builders import imports
     from vlp.builders.labels import build_objects_labels
     from vlp.schemas.pairs import PairStore, PairStoreWriter
@@ -172,8 +172,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=240, help="synthetic world size")
     parser.add_argument("--world-seed", type=int, default=1)
-    parser.add_argument("--world-style", choices=["wide", "classic"], default="wide",
-                        help="the world's scene distributions (classic: the world before the wide one)")
+    parser.add_argument("--world-style", choices=["wide", "classic"], default="classic",
+                        help="the world's scene distributions (classic: the world RESULTS.md's figures were "
+                             "measured on)")
     parser.add_argument("--questions-per-image", type=int, default=4,
                         help="VQA questions the world asks per image (more: larger val / test sets)")
     parser.add_argument("--vqa-train-questions", type=int, default=0,

@@ -35,7 +35,8 @@ def build(root: Path, args) -> dict:
     from vlp.synthetic import generate
     from vlp.synthetic.oracle import truth_feature_store
 
-    generate(root / "world", args.images, seed=args.world_seed, overwrite=True)
+    # classic: the world RESULTS.md's figures were measured on
+    generate(root / "world", args.images, seed=args.world_seed, overwrite=True, style="classic")
     truth_feature_store(root / "world", root / "features", feature_dim=args.feature_dim)
     imports.import_coco([], root / "pairs", karpathy=root / "world" / "annotations" / "dataset_coco.json",
                         features=root / "features", progress="off")
