@@ -323,26 +323,38 @@ def _quantise(value: float, step: float = 1.0 / 16.0) -> float:
     return round(round(value / step) * step, 4)
 
 
-def _sample_object(rng, width, height, category, colour, size_class, pattern):
-    """Draw parameters for one object, or None when the sizes cannot fit this image."""
-    short = min(width, height)
-    min_side = max(MIN_BOX_SIDE_PX, MIN_BOX_SIDE_FRACTION * short)
-    lo, hi = SMALL_AREA_RANGE if size_class == "small" else LARGE_AREA_RANGE
-    nominal_min = max(min_side * 1.2, math.sqrt(lo * width * height))
-    nominal_max = min(0.6 * short, math.sqrt(hi * width * height))
-    if nominal_max < nominal_min:
-        return None
+@dataclass(frozen=True)
+class ShapeRanges:
+    """The per-style ranges of an object's shape parameters and colour jitter."""
+
+    box_aspect: tuple[float, float]  # log-uniform
+    diamond_aspect: tuple[float, float]
+    ring_inner: tuple[float, float]
+    star_inner: tuple[float, float]
+    rgb_jitter: int  # each channel of the palette colour +- this
+    min_pattern_period: float
+
+
+CLASSIC_SHAPES = ShapeRanges(box_aspect=(0.6, 1.6), diamond_aspect=(1.0, 1.5), ring_inner=(0.45, 0.6),
+                             star_inner=(0.42, 0.5), rgb_jitter=8, min_pattern_period=7.0)
+
+
+def _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max,
+                  ranges: ShapeRanges) -> Optional[DrawParams]:
+    """Size, shape, position and colour of one object (the draws in a fixed order: the
+    classic world is reproduced image for image), or None when it cannot fit."""
     size = _quantise(float(rng.uniform(nominal_min, nominal_max)))
     aspect = 1.0
     if category == "box":
-        aspect = round(float(math.exp(rng.uniform(math.log(0.6), math.log(1.6)))), 3)
+        lo, hi = ranges.box_aspect
+        aspect = round(float(math.exp(rng.uniform(math.log(lo), math.log(hi)))), 3)
     elif category == "diamond":
-        aspect = round(float(rng.uniform(1.0, 1.5)), 3)
+        aspect = round(float(rng.uniform(*ranges.diamond_aspect)), 3)
     inner = 0.0
     if category == "ring":
-        inner = round(float(rng.uniform(0.45, 0.6)), 3)
+        inner = round(float(rng.uniform(*ranges.ring_inner)), 3)
     elif category == "star":
-        inner = round(float(rng.uniform(0.42, 0.5)), 3)
+        inner = round(float(rng.uniform(*ranges.star_inner)), 3)
     limit = ROTATION_LIMITS[category]
     rotation = round(float(rng.uniform(-limit, limit)), 1) if limit else 0.0
     ex1, ey1, ex2, ey2 = extent(category, size, aspect, inner, rotation)
@@ -352,16 +364,29 @@ def _sample_object(rng, width, height, category, colour, size_class, pattern):
     if cx_hi <= cx_lo or cy_hi <= cy_lo:
         return None
     base = np.array(palette.COLOURS[colour])
-    rgb = tuple(int(c) for c in np.clip(base + rng.integers(-8, 9, 3), 0, 255))
+    jitter = ranges.rgb_jitter
+    rgb = tuple(int(c) for c in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))
     draw = DrawParams(cx=_quantise(float(rng.uniform(cx_lo, cx_hi))),
                       cy=_quantise(float(rng.uniform(cy_lo, cy_hi))),
                       size=size, aspect=aspect, inner_ratio=inner, rotation=rotation, rgb=rgb)
     if pattern:
         draw.pattern_rgb = palette.PATTERN_COLOURS[colour]
-        draw.pattern_period = round(max(7.0, size / float(rng.uniform(3.5, 5.0))), 2)
+        draw.pattern_period = round(max(ranges.min_pattern_period, size / float(rng.uniform(3.5, 5.0))), 2)
         draw.pattern_angle = round(float(rng.uniform(0.0, 180.0)), 1)
         draw.pattern_phase = round(float(rng.random()), 3)
     return draw
+
+
+def _sample_object(rng, width, height, category, colour, size_class, pattern):
+    """Draw parameters for one object, or None when the sizes cannot fit this image."""
+    short = min(width, height)
+    min_side = max(MIN_BOX_SIDE_PX, MIN_BOX_SIDE_FRACTION * short)
+    lo, hi = SMALL_AREA_RANGE if size_class == "small" else LARGE_AREA_RANGE
+    nominal_min = max(min_side * 1.2, math.sqrt(lo * width * height))
+    nominal_max = min(0.6 * short, math.sqrt(hi * width * height))
+    if nominal_max < nominal_min:
+        return None
+    return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max, CLASSIC_SHAPES)
 
 
 def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[int] = None,
@@ -545,6 +570,10 @@ def contrasting_colours(background: Background) -> list[str]:
             if _distance_to_background(rgb, background) >= MIN_CONTRAST]
 
 
+WIDE_SHAPES = ShapeRanges(box_aspect=WIDE_BOX_ASPECT, diamond_aspect=(0.75, 1.6), ring_inner=(0.4, 0.65),
+                          star_inner=(0.38, 0.52), rgb_jitter=10, min_pattern_period=5.0)
+
+
 def _sample_wide_object(rng, width, height, category, colour, size_class, pattern):
     """Draw parameters for one object of the wide world, or None when it cannot fit."""
     short = min(width, height)
@@ -558,37 +587,7 @@ def _sample_wide_object(rng, width, height, category, colour, size_class, patter
         nominal_max = min(0.95 * short, math.sqrt(hi * width * height))
     if nominal_max < nominal_min:
         return None
-    size = _quantise(float(rng.uniform(nominal_min, nominal_max)))
-    aspect = 1.0
-    if category == "box":
-        lo, hi = WIDE_BOX_ASPECT
-        aspect = round(float(math.exp(rng.uniform(math.log(lo), math.log(hi)))), 3)
-    elif category == "diamond":
-        aspect = round(float(rng.uniform(0.75, 1.6)), 3)
-    inner = 0.0
-    if category == "ring":
-        inner = round(float(rng.uniform(0.4, 0.65)), 3)
-    elif category == "star":
-        inner = round(float(rng.uniform(0.38, 0.52)), 3)
-    limit = ROTATION_LIMITS[category]
-    rotation = round(float(rng.uniform(-limit, limit)), 1) if limit else 0.0
-    ex1, ey1, ex2, ey2 = extent(category, size, aspect, inner, rotation)
-    margin = PATCH_MARGIN + 2
-    cx_lo, cx_hi = margin - ex1, width - margin - ex2
-    cy_lo, cy_hi = margin - ey1, height - margin - ey2
-    if cx_hi <= cx_lo or cy_hi <= cy_lo:
-        return None
-    base = np.array(palette.COLOURS[colour])
-    rgb = tuple(int(c) for c in np.clip(base + rng.integers(-10, 11, 3), 0, 255))
-    draw = DrawParams(cx=_quantise(float(rng.uniform(cx_lo, cx_hi))),
-                      cy=_quantise(float(rng.uniform(cy_lo, cy_hi))),
-                      size=size, aspect=aspect, inner_ratio=inner, rotation=rotation, rgb=rgb)
-    if pattern:
-        draw.pattern_rgb = palette.PATTERN_COLOURS[colour]
-        draw.pattern_period = round(max(5.0, size / float(rng.uniform(3.5, 5.0))), 2)
-        draw.pattern_angle = round(float(rng.uniform(0.0, 180.0)), 1)
-        draw.pattern_phase = round(float(rng.random()), 3)
-    return draw
+    return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max, WIDE_SHAPES)
 
 
 def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, max_side: int,
