@@ -149,6 +149,8 @@ def train_world(tmp_path_factory):
     from vlp.trainer.toydata import world_stores
 
     root = tmp_path_factory.mktemp("train-world")
-    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False)
+    # classic: crowded scenes (the retrieval and label tests need images with 5+ regions)
+    generate(root / "world", 150, seed=3, split_fractions=(1.0, 0.0, 0.0), overwrite=True, web=False,
+             style="classic")
     features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
     return features, pairs, load_tokenizer(vocab)

@@ -261,7 +261,7 @@ def test_world_refcoco_beats_chance_and_the_category_baseline(tmp_path):
     from vlp.trainer.config import FinetuneConfig
     from vlp.trainer.finetune import evaluate_run, finetune
 
-    generate(tmp_path / "world", 200, seed=1, overwrite=True, web=False)
+    generate(tmp_path / "world", 200, seed=1, overwrite=True, web=False, style="classic")
     truth_feature_store(tmp_path / "world", tmp_path / "features", feature_dim=32)
     config = _config(tmp_path, 600, loss="ce")
     config["data"]["max_text_len"] = 40
