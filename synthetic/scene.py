@@ -319,6 +319,30 @@ def _paste_or(target: np.ndarray, box, patch) -> bool:
     return True
 
 
+def _occlusion_updates(placed: list, patch) -> Optional[list]:
+    """What a new object drawn as ``patch`` would cover of each placed one, or None when it
+    would hide any of them beyond MAX_OCCLUDED_FRACTION."""
+    updates = []
+    for index, earlier in enumerate(placed):
+        covered, touched = earlier.coverage_with(patch)
+        box_fraction, mask_fraction = earlier.fractions(covered)
+        if max(box_fraction, mask_fraction) > MAX_OCCLUDED_FRACTION:
+            return None
+        updates.append((index, covered, touched, box_fraction, mask_fraction))
+    return updates
+
+
+def _record_occlusion(objects: list, placed: list, updates: list) -> None:
+    """Record on the placed objects what the object about to be appended covers of them."""
+    new_index = len(objects)
+    for index, covered, touched, box_fraction, mask_fraction in updates:
+        placed[index].covered = covered
+        if touched:
+            objects[index].occluders.append(new_index)
+        objects[index].occluded_box_fraction = round(box_fraction, 4)
+        objects[index].occluded_mask_fraction = round(mask_fraction, 4)
+
+
 def _quantise(value: float, step: float = 1.0 / 16.0) -> float:
     return round(round(value / step) * step, 4)
 
@@ -445,14 +469,8 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[
                 box = patch.tight_box()
                 if min(box[2] - box[0], box[3] - box[1]) < min_box_side:
                     continue
-                updates = []
-                for index, earlier in enumerate(placed):
-                    covered, touched = earlier.coverage_with(patch)
-                    box_fraction, mask_fraction = earlier.fractions(covered)
-                    if max(box_fraction, mask_fraction) > MAX_OCCLUDED_FRACTION:
-                        break
-                    updates.append((index, covered, touched, box_fraction, mask_fraction))
-                else:
+                updates = _occlusion_updates(placed, patch)
+                if updates is not None:
                     accepted = (draw, patch, box, updates)
                     break
             if accepted:
@@ -460,13 +478,7 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[
         if accepted is None:
             continue  # this object does not fit; the scene simply has fewer objects
         draw, patch, box, updates = accepted
-        new_index = len(objects)
-        for index, covered, touched, box_fraction, mask_fraction in updates:
-            placed[index].covered = covered
-            if touched:
-                objects[index].occluders.append(new_index)
-            objects[index].occluded_box_fraction = round(box_fraction, 4)
-            objects[index].occluded_mask_fraction = round(mask_fraction, 4)
+        _record_occlusion(objects, placed, updates)
         area_fraction = (box[2] - box[0]) * (box[3] - box[1]) / float(width * height)
         size_label = "large" if area_fraction >= palette.LARGE_AREA_FRACTION else "small"
         objects.append(SceneObject(category, colour, size_label, pattern, box, draw))
@@ -645,14 +657,8 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
                 area = (box[2] - box[0]) * (box[3] - box[1]) / float(width * height)
                 if WIDE_SIZE_GAP[0] < area < WIDE_SIZE_GAP[1]:
                     continue
-                updates = []
-                for index, earlier in enumerate(placed):
-                    covered, touched = earlier.coverage_with(patch)
-                    box_fraction, mask_fraction = earlier.fractions(covered)
-                    if max(box_fraction, mask_fraction) > MAX_OCCLUDED_FRACTION:
-                        break
-                    updates.append((index, covered, touched, box_fraction, mask_fraction))
-                else:
+                updates = _occlusion_updates(placed, patch)
+                if updates is not None:
                     accepted = (draw, patch, box, updates)
                     break
             if accepted:
@@ -660,13 +666,7 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
         if accepted is None:
             continue
         draw, patch, box, updates = accepted
-        new_index = len(objects)
-        for index, covered, touched, box_fraction, mask_fraction in updates:
-            placed[index].covered = covered
-            if touched:
-                objects[index].occluders.append(new_index)
-            objects[index].occluded_box_fraction = round(box_fraction, 4)
-            objects[index].occluded_mask_fraction = round(mask_fraction, 4)
+        _record_occlusion(objects, placed, updates)
         area_fraction = (box[2] - box[0]) * (box[3] - box[1]) / float(width * height)
         size_label = "large" if area_fraction >= palette.LARGE_AREA_FRACTION else "small"
         objects.append(SceneObject(category, colour, size_label, pattern, box, draw))
