@@ -227,6 +227,16 @@ def _aggregation_child(folder: str, engine: str) -> None:
                       "anon_peak_kib": sampler.stop()}))
 
 
+def _child_figures(*args: str) -> dict:
+    """Run this script again with ``args`` in a fresh process (its own peak RSS); its last
+    stdout line is a json object of figures."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _memory_aggregation(rows: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-web-filter-agg-") as tmp:
         tmp = Path(tmp)
@@ -235,11 +245,7 @@ def _memory_aggregation(rows: int) -> None:
         figures = {}
         for engine in ("ray", "local"):
             for factor in (1, 4):
-                out = subprocess.run([sys.executable, __file__, "--aggregation-child", str(tmp / f"x{factor}"), engine],
-                                     capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if out.returncode:
-                    raise SystemExit(out.stderr[-3000:])
-                figures[engine, factor] = fig = json.loads(out.stdout.strip().splitlines()[-1])
+                figures[engine, factor] = fig = _child_figures("--aggregation-child", str(tmp / f"x{factor}"), engine)
                 print(f"aggregation only, {engine:5} {factor}x: {fig['rows']} survivors -> {fig['pairs']} kept in "
                       f"{fig['seconds']:.1f} s; driver peak RSS {fig['peak_after_kib'] / 1024:.0f} MiB "
                       f"(run +{(fig['peak_after_kib'] - fig['peak_before_kib']) / 1024:.1f} MiB); "
@@ -263,12 +269,8 @@ def _memory(scenes: int) -> None:
         figures = {}
         for engine in ("ray", "local"):
             for factor in (1, 4):
-                out = subprocess.run([sys.executable, __file__, "--memory-child", str(crawls[factor]),
-                                      str(tmp / f"out-{engine}-{factor}"), engine], capture_output=True, text=True,
-                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if out.returncode:
-                    raise SystemExit(out.stderr[-3000:])
-                figures[engine, factor] = fig = json.loads(out.stdout.strip().splitlines()[-1])
+                figures[engine, factor] = fig = _child_figures("--memory-child", str(crawls[factor]),
+                                                               str(tmp / f"out-{engine}-{factor}"), engine)
                 print(f"{engine:5} {factor}x: {fig['rows']} rows -> {fig['pairs']} pairs in {fig['seconds']:.1f} s; "
                       f"driver peak RSS {fig['peak_after_kib'] / 1024:.0f} MiB "
                       f"(after imports {fig['peak_before_kib'] / 1024:.0f} MiB, "
