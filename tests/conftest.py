@@ -154,3 +154,57 @@ def train_world(tmp_path_factory):
              style="classic")
     features, pairs, vocab = world_stores(root / "world", root / "stores", feature_dim=32)
     return features, pairs, load_tokenizer(vocab)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``start(num_cpus)`` starts a Ray head of the test's own (free port, own process group,
+    own short temp dir) and returns its ``address``, ``env``, ``temp_dir`` and ``process``
+    once ``ray status`` answers; at teardown only those process groups are ended (never
+    ``ray stop``: it would end other people's Ray). RAY_AUTH_MODE=token for the head and its
+    clients: with the mode unset and a ~/.ray/auth_token left by earlier local runs, the head
+    failed its own GCS authentication here."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from types import SimpleNamespace
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    started = []
+
+    def start(num_cpus: int = 1) -> SimpleNamespace:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        temp_dir = tempfile.mkdtemp(prefix="vlpray", dir="/tmp")  # short: Ray's socket paths have a length limit
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+        log_path = tmp_path / f"ray-head-{port}.log"
+        log = open(log_path, "wb")
+        process = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+                                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                                    f"--temp-dir={temp_dir}"],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path, env=env)
+        started.append((process, log, temp_dir))
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_cli, "status", f"--address={address}"], capture_output=True, env=env).returncode:
+            assert process.poll() is None, f"the Ray head ended: {log_path.read_text(errors='replace')[-2000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for the Ray head"
+            time.sleep(0.5)
+        return SimpleNamespace(address=address, env=env, temp_dir=Path(temp_dir), process=process)
+
+    yield start
+    for process, log, temp_dir in started:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

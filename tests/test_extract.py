@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -322,41 +319,19 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_once(mixed_folder, tmp_path):
     assert stats["already_stored"] + stats["stored"] == len(expected["good"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_joins_a_ray_cluster_given_by_address(mixed_folder, tmp_path):
+def test_joins_a_ray_cluster_given_by_address(mixed_folder, tmp_path, ray_head):
     root, expected = mixed_folder
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    # Token authentication, as a real cluster would use it (the token is made by `ray start`).
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
-    # A short temp dir: Ray's socket paths must fit in 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="vlp-ray-", dir="/tmp")
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        address = f"127.0.0.1:{port}"
-        _wait_for(lambda: subprocess.run([ray_cli, "status", f"--address={address}"], capture_output=True,
-                                         env=env).returncode == 0, 120, "the Ray head", head)
-        out = tmp_path / "features"
-        result = subprocess.run(VLP_EXTRACT + [str(root), "--out", str(out), "--preset", "demo",
-                                               "--set", "min_size=320", "--set", "max_size=480",
-                                               "--address", address, "--progress", "off"],
-                                capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert f"{len(expected['good'])} images stored" in result.stdout
-        _check_output(out, expected).close()
-        assert head.poll() is None  # the cluster outlives the run: the run did not start it
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    head = ray_head(num_cpus=2)  # with token authentication, as a real cluster would use it
+    out = tmp_path / "features"
+    result = subprocess.run(VLP_EXTRACT + [str(root), "--out", str(out), "--preset", "demo",
+                                           "--set", "min_size=320", "--set", "max_size=480",
+                                           "--address", head.address, "--progress", "off"],
+                            capture_output=True, text=True, timeout=600, env=head.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(expected['good'])} images stored" in result.stdout
+    _check_output(out, expected).close()
+    assert head.process.poll() is None  # the cluster outlives the run: the run did not start it
 
 
 @pytest.mark.slow

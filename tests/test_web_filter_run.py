@@ -239,60 +239,20 @@ def test_img2dataset_sidecars_never_raise(tmp_path_factory, files):
     assert all(isinstance(r["key"], str) and r["key"] for r in rows)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_address_runs_on_a_ray_cluster_started_apart(world, tmp_path):
-    """A Ray head of its own (own process group, own temp dir), the CLI with --address; then
-    only that process group is ended (never `ray stop`: it would end other people's Ray).
-    RAY_AUTH_MODE=token is set for both: with the mode unset and a ~/.ray/auth_token left by
-    earlier local runs, Ray 2.60's head here failed its own GCS authentication."""
-    import shutil
-    import socket
-    import tempfile
-
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="vlpray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    log = open(tmp_path / "head.log", "wb")
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=1", "--block",
-                             "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path, env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        out = tmp_path / "out"
-        result = subprocess.run([str(Path(sys.executable).parent / "vlp-build"), "web-filter", str(world / "web"),
-                                 "--out", str(out), "--address", f"127.0.0.1:{port}", "--shard-rows", "20",
-                                 "--progress", "off"], capture_output=True, text=True, timeout=400, cwd=tmp_path,
-                                env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        reference = tmp_path / "reference"
-        web_filter(world / "web", reference, engine="local", shard_rows=20, progress="off")
-        assert _pairs(out) == _pairs(reference) and len(_pairs(out)) > 0
-        assert _rejected(out) == _rejected(reference)
-        assert head.poll() is None  # the driver's exit left the cluster alone
-        # the work ran on that cluster: its workers' logs are in the head's temp dir
-        assert list(Path(temp_dir).glob("session_*/logs/worker-*"))
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def test_address_runs_on_a_ray_cluster_started_apart(world, tmp_path, ray_head):
+    """The CLI with --address on a Ray head of the test's own (the ray_head fixture)."""
+    head = ray_head(num_cpus=1)
+    out = tmp_path / "out"
+    result = subprocess.run([str(Path(sys.executable).parent / "vlp-build"), "web-filter", str(world / "web"),
+                             "--out", str(out), "--address", head.address, "--shard-rows", "20",
+                             "--progress", "off"], capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                            env=head.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = tmp_path / "reference"
+    web_filter(world / "web", reference, engine="local", shard_rows=20, progress="off")
+    assert _pairs(out) == _pairs(reference) and len(_pairs(out)) > 0
+    assert _rejected(out) == _rejected(reference)
+    assert head.process.poll() is None  # the driver's exit left the cluster alone
+    # the work ran on that cluster: its workers' logs are in the head's temp dir
+    assert list(head.temp_dir.glob("session_*/logs/worker-*"))
