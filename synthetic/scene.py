@@ -253,13 +253,16 @@ def _sample_background(rng: np.random.Generator) -> Background:
     elif kind == "noise":
         sigma = round(float(rng.uniform(4.0, 10.0)), 2)
     seed = int(rng.integers(0, 2**31 - 1))
-    name = describe_colour(first)
+    return Background(kind, colours, angle, sigma, seed, _background_name(kind, colours, describe_colour))
+
+
+def _background_name(kind: str, colours: list, describe) -> str:
+    """"grey", "grey to blue gradient", "textured grey": the colour words by ``describe``."""
+    name = describe(colours[0])
     if kind == "gradient":
-        second = describe_colour(colours[1])
-        name = f"{name} to {second} gradient" if second != name else f"{name} gradient"
-    elif kind == "noise":
-        name = f"textured {name}"
-    return Background(kind, colours, angle, sigma, seed, name)
+        second = describe(colours[1])
+        return f"{name} to {second} gradient" if second != name else f"{name} gradient"
+    return f"textured {name}" if kind == "noise" else name
 
 
 def _sample_clutter(rng: np.random.Generator, width: int, height: int,
@@ -554,13 +557,7 @@ def _sample_wide_background(rng: np.random.Generator) -> Background:
     elif kind == "noise":
         sigma = round(float(rng.uniform(2.0, 14.0)), 2)
     seed = int(rng.integers(0, 2**31 - 1))
-    name = describe_any_colour(first)
-    if kind == "gradient":
-        second = describe_any_colour(colours[1])
-        name = f"{name} to {second} gradient" if second != name else f"{name} gradient"
-    elif kind == "noise":
-        name = f"textured {name}"
-    return Background(kind, colours, angle, sigma, seed, name)
+    return Background(kind, colours, angle, sigma, seed, _background_name(kind, colours, describe_any_colour))
 
 
 def _distance_to_background(rgb, background: Background) -> float:
