@@ -406,7 +406,7 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 
 
 @main.command("train-detector")
-@click.argument("vg_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("vg_dirs", metavar="VG_DIR...", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to write (.pt); <out>.log.json holds the losses, <out>.state.pt what --resume needs.")
 @click.option("--preset", default="demo", show_default=True, help="Architecture and input settings.")
@@ -433,11 +433,12 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
               help="Start from this checkpoint of the same architecture (fresh optimiser and warmup).")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run at --out from <out>.state.pt (same options; --threads may differ).")
-@click.option("--eval-world", type=click.Path(exists=True, file_okay=False),
-              help="VG-format folder to evaluate on [VG_DIR].")
-@click.option("--eval-split", default="test", show_default=True, help="Split of it to evaluate on, or 'all'.")
+@click.option("--eval-world", "eval_worlds", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="VG-format folder to evaluate on (repeatable: scored as one pooled set) [the VG_DIRs].")
+@click.option("--eval-split", default="test", show_default=True,
+              help="Split of each evaluation folder to evaluate on, or 'all'.")
 @click.option("--eval-images", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Evaluate on the first N images of that split (0: no evaluation).")
+              help="Evaluate on the first N images of that split of each folder (0: no evaluation).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Iterations between evaluations, keeping the best as <stem>.best.pt (0: only at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
@@ -449,15 +450,16 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--fp32", is_flag=True, help="Write float32 weights (default float16).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads.")
-def train_detector_cmd(vg_dir, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
-                       rois_per_image, roi_positive_fraction, norm, init_weights, resume, eval_world, eval_split,
+def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
+                       rois_per_image, roi_positive_fraction, norm, init_weights, resume, eval_worlds, eval_split,
                        eval_images, eval_every, log_every, checkpoint_every, time_limit, fp32, threads):
-    """Train a Faster R-CNN with attribute head on a Visual-Genome-format folder.
+    """Train a Faster R-CNN with attribute head on Visual-Genome-format folders.
 
-    VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg
+    Each VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg
     (a world from `vlp synth`, or your own data in VG's format); the train split of
-    splits.json is used when present, otherwise every image. Ctrl-C saves the run;
-    the same command with --resume continues it exactly.
+    splits.json is used when present, otherwise every image. Several folders are pooled
+    into one training set. Ctrl-C saves the run; the same command with --resume
+    continues it exactly.
     """
     from vlp.detectors.annotations import pick_image_ids
     from vlp.detectors.config import make_config
@@ -469,13 +471,16 @@ def train_detector_cmd(vg_dir, out, preset, overrides, iterations, batch_size, s
     settings = TrainSettings(iterations=iterations, batch_size=batch_size, seed=seed, lr=lr,
                              warmup_iterations=warmup, min_lr_fraction=min_lr_fraction, rois_per_image=rois_per_image,
                              roi_positive_fraction=roi_positive_fraction, norm=norm, threads=threads)
-    eval_ids = None
-    if eval_images:
-        eval_ids = pick_image_ids(eval_world or vg_dir, eval_split, eval_images)
-        if eval_ids is None:
-            click.echo(f"{eval_world or vg_dir} has no splits.json: no evaluation "
+    eval_folders, eval_ids = [], []
+    for folder in (eval_worlds or vg_dirs) if eval_images else ():
+        ids = pick_image_ids(folder, eval_split, eval_images)
+        if ids is None:
+            click.echo(f"{folder} has no splits.json: not evaluated on "
                        f"(--eval-split all evaluates on every image)", err=True)
-    trainer = DetectorTrainer(vg_dir, out, config=config, settings=settings, eval_vg_dir=eval_world,
+        else:
+            eval_folders.append(folder)
+            eval_ids.append(ids)
+    trainer = DetectorTrainer(list(vg_dirs), out, config=config, settings=settings, eval_vg_dir=eval_folders or None,
                               eval_image_ids=eval_ids, eval_every=eval_every or None, log_every=log_every,
                               checkpoint_every=checkpoint_every, half=not fp32, init_weights=init_weights,
                               log=click.echo)
@@ -507,7 +512,7 @@ def train_detector_cmd(vg_dir, out, preset, overrides, iterations, batch_size, s
     if record["evaluations"]:
         last = record["evaluations"][-1]
         click.echo(f"mAP@0.5 {last['mAP']:.4f}, attribute accuracy {last['attribute_accuracy']:.4f} "
-                   f"on {len(eval_ids)} images")
+                   f"on {sum(len(ids) for ids in eval_ids)} images")
 
 
 @main.command("demo")

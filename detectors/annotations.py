@@ -51,6 +51,10 @@ def _read_json(path: Path, required: bool = True):
         raise AnnotationError(f"{path}: not valid JSON ({exc})") from None
 
 
+# what a wrongly typed or missing field raises while an entry is read
+_FORMAT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, OverflowError)
+
+
 def load_vg_annotations(vg_dir, image_ids: Optional[Sequence[int]] = None) -> list[Annotation]:
     """Read VG objects.json / attributes.json / image_data.json and resolve images/<id>.jpg.
 
@@ -67,14 +71,22 @@ def load_vg_annotations(vg_dir, image_ids: Optional[Sequence[int]] = None) -> li
     objects = _read_json(root / "objects.json")
     image_data = _read_json(root / "image_data.json")
     attribute_data = _read_json(root / "attributes.json", required=False) or []
+    for name, data in (("objects.json", objects), ("image_data.json", image_data),
+                       ("attributes.json", attribute_data)):
+        if not isinstance(data, list):
+            raise AnnotationError(f"{root / name}: not in VG's format (a JSON list of per-image entries, "
+                                  f"found {type(data).__name__})")
     try:
         sizes = {_image_id(e): (int(e["width"]), int(e["height"])) for e in image_data}
+        # keyed by image too: object ids are unique in VG itself, but not in folders merged from
+        # several sources, where an object's attributes must not come from another image
         attrs_by_object = {}
         for entry in attribute_data:
+            entry_image = _image_id(entry)
             for obj in entry.get("attributes", []):
-                attrs_by_object[int(obj["object_id"])] = [attributes_vocab.id(a) for a in obj.get("attributes") or []
-                                                          if a in attributes_vocab]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                attrs_by_object[entry_image, int(obj["object_id"])] = [
+                    attributes_vocab.id(a) for a in obj.get("attributes") or [] if a in attributes_vocab]
+    except _FORMAT_ERRORS as exc:
         raise AnnotationError(f"{root}: image_data.json or attributes.json is not in VG's format "
                               f"({type(exc).__name__}: {exc})") from None
     wanted = None if image_ids is None else {int(i) for i in image_ids}
@@ -94,8 +106,8 @@ def load_vg_annotations(vg_dir, image_ids: Optional[Sequence[int]] = None) -> li
                     continue
                 boxes.append([x, y, x + w, y + h])
                 classes.append(objects_vocab.id(names[0]))
-                attributes.append(attrs_by_object.get(int(obj["object_id"]), []))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                attributes.append(attrs_by_object.get((image_id, int(obj["object_id"])), []))
+        except _FORMAT_ERRORS as exc:
             raise AnnotationError(f"{root / 'objects.json'}: an entry is not in VG's format "
                                   f"({type(exc).__name__}: {exc})") from None
         path = _image_path(root, image_id)

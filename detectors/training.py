@@ -406,12 +406,16 @@ def output_paths(out_path) -> dict[str, Path]:
 class DetectorTrainer:
     """Trains a detector on a VG-format folder, one :meth:`step` at a time.
 
-    vg_dir: objects.json, attributes.json, image_data.json, images/<id>.jpg (and
-        splits.json: the default ``image_ids`` are its train split, else every image).
+    vg_dir: a VG-format folder, or a list of them whose training images are pooled (in the
+        order given): objects.json, attributes.json, image_data.json, images/<id>.jpg (and
+        splits.json: the default training images are its train split, else every image).
+    image_ids: the training images of a single ``vg_dir`` (instead of its train split).
     config: the architecture and input settings (default: ``make_config(preset)``).
     settings: :class:`TrainSettings` (iterations, batch size, lr and schedule, sampling).
-    eval_image_ids: images of ``eval_vg_dir`` (default ``vg_dir``) to evaluate on every
-        ``eval_every`` iterations and at the end; the best checkpoint so far is kept.
+    eval_vg_dir, eval_image_ids: what to evaluate on every ``eval_every`` iterations and at
+        the end, keeping the best checkpoint so far: a folder (default ``vg_dir``) and its
+        image ids, or a list of folders and a list of id lists, one per folder, scored as
+        one pooled set.
     init_weights: a checkpoint of the same architecture to start from (a new run from
         those weights: fresh optimiser and warmup). To continue an interrupted run with
         its optimiser, data order and random state, use :meth:`resume`.
@@ -435,8 +439,10 @@ class DetectorTrainer:
                  log: Callable[[str], None] = print):
         self.settings = settings = settings or TrainSettings()
         self.config = config = config or make_config(preset)
-        self.vg_dir, self.eval_vg_dir = vg_dir, eval_vg_dir or vg_dir
-        self.eval_image_ids = list(eval_image_ids) if eval_image_ids else None
+        self.vg_dirs = _folders(vg_dir)
+        if not self.vg_dirs:
+            raise ValueError("no training folder given")
+        self.eval_sets = _eval_sets(_folders(eval_vg_dir) if eval_vg_dir else self.vg_dirs, eval_image_ids)
         self.eval_every, self.log_every, self.checkpoint_every = eval_every, log_every, checkpoint_every
         self.half, self.log = half, log
         self.paths = output_paths(out_path)
@@ -446,11 +452,14 @@ class DetectorTrainer:
         random.seed(settings.seed)
         self.rng = np.random.default_rng(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
-        if image_ids is None:
-            image_ids = split_image_ids(vg_dir, "train")
-        self.annotations = [a for a in load_vg_annotations(vg_dir, image_ids) if a.boxes.shape[0] > 0]
+        if image_ids is not None and len(self.vg_dirs) > 1:
+            raise ValueError("image_ids selects the training images of one folder; several were given")
+        self.annotations = []
+        for folder in self.vg_dirs:
+            ids = image_ids if image_ids is not None else split_image_ids(folder, "train")
+            self.annotations += [a for a in load_vg_annotations(folder, ids) if a.boxes.shape[0] > 0]
         if not self.annotations:
-            raise AnnotationError(f"{vg_dir}: no training images with objects")
+            raise AnnotationError(f"{', '.join(map(os.fspath, self.vg_dirs))}: no training images with objects")
         self.model = build_training_model(config, settings.seed, settings.norm)
         if init_weights is not None:
             state, _ = match_state_dict(read_checkpoint(init_weights), self.model, source=str(init_weights))
@@ -466,7 +475,8 @@ class DetectorTrainer:
         self.best_score = -1.0
         self.seconds_before = 0.0  # training time of the runs this one resumes
         self._started = time.perf_counter()
-        self.record = {"vg_dir": os.fspath(vg_dir),
+        folders = [os.fspath(folder) for folder in self.vg_dirs]
+        self.record = {"vg_dir": folders[0] if len(folders) == 1 else folders,
                        "init_weights": None if init_weights is None else os.fspath(init_weights),
                        "preset": config.preset, "config": config.to_dict(),
                        "settings": settings.to_dict(), "num_train_images": len(self.annotations),
@@ -544,7 +554,7 @@ class DetectorTrainer:
             saved = bool(self.checkpoint_every and it % self.checkpoint_every == 0 and it < total)
             if saved:
                 self.save()
-            if self.eval_image_ids and self.eval_every and it % self.eval_every == 0 and it < total:
+            if self.eval_sets and self.eval_every and it % self.eval_every == 0 and it < total:
                 self.evaluate()
                 self._write_log()
             if should_stop is not None and it < total and should_stop():
@@ -556,7 +566,7 @@ class DetectorTrainer:
         self.record["iterations_done"] = self.iteration
         self.record["seconds"] = self.seconds()
         self.record["sha256"] = self.save()
-        if self.eval_image_ids:
+        if self.eval_sets:
             self.evaluate()
         self.record["finished"] = True
         self.save_state()
@@ -647,12 +657,13 @@ class DetectorTrainer:
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """mAP@0.5 and attribute accuracy of the exported weights on ``eval_image_ids``.
+        """mAP@0.5 and attribute accuracy of the exported weights on the evaluation images
+        (all evaluation folders pooled into one set).
 
         Evaluates the checkpoint as written (fp16 unless ``half=False``) through
         ``load_detector``; keeps it as ``<stem>.best<suffix>`` when it scores best so far.
         """
-        from vlp.detectors.evaluate import evaluate_detector
+        from vlp.detectors.evaluate import detect_vg, evaluate_predictions
         from vlp.detectors.inference import load_detector
 
         self.model.eval()
@@ -660,7 +671,12 @@ class DetectorTrainer:
         try:
             self.export(tmp)
             detector = load_detector(tmp, preset=self.config.preset, device="cpu", **_config_overrides(self.config))
-            result = evaluate_detector(detector, self.eval_vg_dir, self.eval_image_ids)
+            records, truth = [], []
+            for folder, ids in self.eval_sets:
+                folder_records, folder_truth = detect_vg(detector, folder, ids)
+                records += folder_records
+                truth += folder_truth
+            result = evaluate_predictions(records, truth, score_threshold=detector.detector_config.score_threshold)
             score = result["mAP"] + result["attribute_accuracy"]
             entry = {"iteration": self.iteration, "mAP": result["mAP"],
                      "attribute_accuracy": result["attribute_accuracy"], "seconds": self.seconds()}
@@ -676,6 +692,24 @@ class DetectorTrainer:
             tmp.unlink(missing_ok=True)
             self.model.train()
         return result
+
+
+def _folders(value) -> list:
+    """One folder or a sequence of folders, as a list."""
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return list(value)
+
+
+def _eval_sets(folders: list, image_ids) -> list[tuple]:
+    """(folder, image ids) pairs to evaluate on; empty without image ids."""
+    if not image_ids:
+        return []
+    if len(folders) == 1 and all(isinstance(i, (int, np.integer)) for i in image_ids):
+        return [(folders[0], [int(i) for i in image_ids])]
+    if len(image_ids) != len(folders):
+        raise ValueError(f"{len(folders)} evaluation folders but {len(image_ids)} lists of image ids")
+    return [(folder, [int(i) for i in ids]) for folder, ids in zip(folders, image_ids) if ids]
 
 
 def _changes(before: dict, after: dict, prefix: str) -> list[str]:

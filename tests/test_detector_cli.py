@@ -233,3 +233,43 @@ def test_train_detector_writes_its_files_and_resume_checks_the_settings(tiny_wor
     assert result.exit_code == 0 and "training already finished (2 iterations)" in result.output, result.output
     result = _train(tiny_world, tmp_path / "none.pt", "--resume")
     assert "no training state to resume" in _one_error_line(result)
+
+
+def _merged_train_splits(folders, root):
+    """One VG folder holding the train splits of ``folders``, ids offset by 1000 per folder."""
+    merged = {"objects.json": [], "image_data.json": [], "attributes.json": []}
+    train = []
+    (root / "images").mkdir(parents=True)
+    for k, folder in enumerate(folders, start=1):
+        keep = set(json.loads((folder / "splits.json").read_text())["train"])
+        for name, entries in merged.items():
+            entries += [dict(e, image_id=e["image_id"] + 1000 * k)
+                        for e in json.loads((folder / name).read_text()) if e["image_id"] in keep]
+        for image_id in sorted(keep):
+            image = next((folder / "images").glob(f"{image_id}.*"))
+            (root / "images" / f"{image_id + 1000 * k}{image.suffix}").symlink_to(image)
+            train.append(image_id + 1000 * k)
+    for name, entries in merged.items():
+        (root / name).write_text(json.dumps(entries))
+    (root / "splits.json").write_text(json.dumps({"train": train, "val": [], "test": []}))
+    return root
+
+
+def test_train_detector_pools_several_folders_exactly_like_one_merged_folder(tiny_world, tmp_path):
+    from vlp.synthetic import generate
+
+    other = tmp_path / "other"
+    generate(other, 3, seed=12, split_fractions=(1.0, 0.0, 0.0), style="classic", web=False)
+    pooled, merged = tmp_path / "pooled.pt", tmp_path / "merged.pt"
+    result = _train(tiny_world, pooled, str(other), "--eval-world", str(tiny_world), "--eval-world", str(other),
+                    "--eval-split", "all", "--eval-images", "2")
+    assert result.exit_code == 0, result.output
+    assert "on 4 images" in result.output  # the first 2 images of each evaluation folder, scored as one set
+    result = _train(_merged_train_splits([tiny_world, other], tmp_path / "merged"), merged)
+    assert result.exit_code == 0, result.output
+    pooled_log = json.loads(pooled.with_name("pooled.pt.log.json").read_text())
+    merged_log = json.loads(merged.with_name("merged.pt.log.json").read_text())
+    assert pooled_log["vg_dir"] == [str(tiny_world), str(other)] and pooled_log["num_train_images"] == 7
+    assert [e["total"] for e in pooled_log["losses"]] == [e["total"] for e in merged_log["losses"]]
+    assert pooled.read_bytes() == merged.read_bytes()
+    assert len(pooled_log["evaluations"]) == 1 and not merged_log["evaluations"]
