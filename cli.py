@@ -428,7 +428,8 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--roi-positive-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Largest share of foreground among them.")
 @click.option("--norm", type=click.Choice(["batchnorm", "affine"]), default="batchnorm", show_default=True,
-              help="Norm layers: batch statistics while training, or fixed statistics with learnt scale/shift.")
+              help="Norm layers: batch statistics while training, or fixed statistics with learnt scale/shift "
+                   "(affine keeps the statistics of --init weights: suits fine-tuning).")
 @click.option("--init", "--init-weights", "init_weights", type=click.Path(exists=True, dir_okay=False),
               help="Start from this checkpoint of the same architecture (fresh optimiser and warmup).")
 @click.option("--resume", is_flag=True,
