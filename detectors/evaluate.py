@@ -249,7 +249,22 @@ def evaluate_detector(detector, vg_dir, image_ids: Optional[Sequence[int]] = Non
     image_ids: which images (default: all in objects.json).
     score_threshold: for precision/recall (default: the detector's ``score_threshold``).
     """
-    records, ground_truth = detect_vg(detector, vg_dir, image_ids, batch_size=batch_size)
+    return evaluate_detector_sets(detector, [(vg_dir, image_ids)], iou_threshold=iou_threshold,
+                                  score_threshold=score_threshold, batch_size=batch_size)
+
+
+def evaluate_detector_sets(detector, sets: Sequence[tuple], *, iou_threshold: float = 0.5,
+                           score_threshold: Optional[float] = None,
+                           batch_size: Optional[int] = None) -> dict:
+    """``evaluate_detector`` on several VG folders scored as one pooled set.
+
+    sets: (folder, image ids or None for all) pairs.
+    """
+    records, ground_truth = [], []
+    for vg_dir, image_ids in sets:
+        folder_records, folder_truth = detect_vg(detector, vg_dir, image_ids, batch_size=batch_size)
+        records += folder_records
+        ground_truth += folder_truth
     if score_threshold is None:
         score_threshold = float(getattr(detector, "detector_config").score_threshold)
     return evaluate_predictions(records, ground_truth, iou_threshold=iou_threshold,

@@ -667,7 +667,7 @@ class DetectorTrainer:
         Evaluates the checkpoint as written (fp16 unless ``half=False``) through
         ``load_detector``; keeps it as ``<stem>.best<suffix>`` when it scores best so far.
         """
-        from vlp.detectors.evaluate import detect_vg, evaluate_predictions
+        from vlp.detectors.evaluate import evaluate_detector_sets
         from vlp.detectors.inference import load_detector
 
         self.model.eval()
@@ -675,12 +675,7 @@ class DetectorTrainer:
         try:
             self.export(tmp)
             detector = load_detector(tmp, preset=self.config.preset, device="cpu", **_config_overrides(self.config))
-            records, truth = [], []
-            for folder, ids in self.eval_sets:
-                folder_records, folder_truth = detect_vg(detector, folder, ids)
-                records += folder_records
-                truth += folder_truth
-            result = evaluate_predictions(records, truth, score_threshold=detector.detector_config.score_threshold)
+            result = evaluate_detector_sets(detector, self.eval_sets)
             score = result["mAP"] + result["attribute_accuracy"]
             entry = {"iteration": self.iteration, "mAP": result["mAP"],
                      "attribute_accuracy": result["attribute_accuracy"], "seconds": self.seconds()}

@@ -273,3 +273,13 @@ def test_train_detector_pools_several_folders_exactly_like_one_merged_folder(tin
     assert [e["total"] for e in pooled_log["losses"]] == [e["total"] for e in merged_log["losses"]]
     assert pooled.read_bytes() == merged.read_bytes()
     assert len(pooled_log["evaluations"]) == 1 and not merged_log["evaluations"]
+
+    from vlp.detectors import load_detector
+    from vlp.detectors.evaluate import evaluate_detector, evaluate_detector_sets
+
+    # Scored by the shipped weights, which find objects there (the 2-iteration run finds none).
+    detector = load_detector(preset="demo", device="cpu", min_size=352, max_size=480)
+    scored_pooled = evaluate_detector_sets(detector, [(tiny_world, None), (other, None)])
+    scored_merged = evaluate_detector(detector, tmp_path / "merged")
+    assert scored_pooled["num_images"] == 7 and scored_pooled["mAP"] > 0.3
+    assert scored_pooled == scored_merged
