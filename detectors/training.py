@@ -53,6 +53,8 @@ command line by ``vlp train-detector``; :func:`train_detector` is the one-call f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
@@ -608,7 +610,8 @@ class DetectorTrainer:
                 "torch_rng": torch.get_rng_state(), "order": list(self.order),
                 "window": {k: list(v) for k, v in self.window.items()}, "best_score": self.best_score,
                 "seconds": self.seconds(), "record": self.record,
-                "train_image_ids": [int(a.image_id) for a in self.annotations]}
+                "train_image_ids": [int(a.image_id) for a in self.annotations],
+                "train_annotations_sha256": annotations_digest(self.annotations)}
 
     def save_state(self) -> None:
         state = self.state_dict()
@@ -642,6 +645,10 @@ class DetectorTrainer:
         if state["train_image_ids"] != [int(a.image_id) for a in self.annotations]:
             changes.append(f"training images: {len(state['train_image_ids'])} then, "
                            f"{len(self.annotations)} now (or other ids)")
+        elif state.get("train_annotations_sha256") not in (None, annotations_digest(self.annotations)):
+            # (states written before the digest existed lack it)
+            changes.append("training annotations: same image ids, other boxes, labels or sizes "
+                           "(edited files, or folders in another order)")
         if changes:
             raise TrainingStateError(f"{path}: cannot resume with other settings: {'; '.join(changes)}")
         self.model.load_state_dict(state["model"], strict=True)
@@ -691,6 +698,19 @@ class DetectorTrainer:
             tmp.unlink(missing_ok=True)
             self.model.train()
         return result
+
+
+def annotations_digest(annotations: Sequence[Annotation]) -> str:
+    """sha256 of the training ground truth in order (ids, sizes, boxes, classes, attributes):
+    a resumed run must see the same data, which equal image ids alone do not prove when
+    several folders number their images alike."""
+    digest = hashlib.sha256()
+    for ann in annotations:
+        digest.update(json.dumps([int(ann.image_id), int(ann.width), int(ann.height),
+                                  [[int(i) for i in attrs] for attrs in ann.attributes]]).encode())
+        digest.update(np.ascontiguousarray(ann.boxes, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(ann.classes, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _folders(value) -> list:

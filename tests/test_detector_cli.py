@@ -255,6 +255,28 @@ def _merged_train_splits(folders, root):
     return root
 
 
+def test_resume_refuses_the_same_image_ids_with_other_annotations(tmp_path):
+    from vlp.synthetic import generate
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    generate(first, 2, seed=21, split_fractions=(1.0, 0.0, 0.0), style="classic", web=False)
+    generate(second, 2, seed=22, split_fractions=(1.0, 0.0, 0.0), style="classic", web=False)
+    out = tmp_path / "run.pt"
+    result = _train(first, out, str(second), "--iterations", "3", "--checkpoint-every", "1")
+    assert result.exit_code == 0, result.output
+    state = out.with_name("run.pt.state.pt")
+    import torch
+
+    saved = torch.load(state, map_location="cpu", weights_only=True)
+    saved["iteration"] = 1  # as if killed after the first checkpoint
+    torch.save(saved, state)
+    # both folders number their images alike: the swapped order has the very same id list
+    result = _train(second, out, str(first), "--iterations", "3", "--checkpoint-every", "1", "--resume")
+    assert "training annotations: same image ids, other boxes, labels or sizes" in _one_error_line(result)
+    result = _train(first, out, str(second), "--iterations", "3", "--checkpoint-every", "1", "--resume")
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
+
+
 def test_train_detector_pools_several_folders_exactly_like_one_merged_folder(tiny_world, tmp_path):
     from vlp.synthetic import generate
 
