@@ -297,6 +297,31 @@ def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim,
     click.echo(f"{stats.summary()} -> {out}")
 
 
+@import_group.command("mmf-npy")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--trust-pickle", is_flag=True,
+              help="Required: confirms you trust SOURCE. Its _info.npy files are pickles; they are "
+                   "read with a restricted unpickler (arrays, dicts, lists, strings, numbers only).")
+@_import_options
+def import_mmf_npy_cmd(source, trust_pickle, out, storage, shard_size, feature_dim, on_error,
+                       overwrite, append):
+    """Convert an MMF feature folder (<id>.npy + <id>_info.npy) into a pickle-free store.
+
+    Boxes, features, image size and cls_prob (MMF drops the background column; it comes
+    back as 1 - the rest). MMF keeps no confidences or attributes: the records carry no
+    labels. What `vlp export feats --to mmf-npy` writes reads back bit for bit.
+    """
+    from vlp.pipeline.import_features import import_mmf_npy
+
+    if not trust_pickle:
+        raise click.UsageError(f"{source} holds pickled _info.npy files, which can run code when loaded. "
+                               "Pass --trust-pickle if you trust this folder.")
+    click.echo("warning: reading pickled values from a folder you declared trusted", err=True)
+    stats = import_mmf_npy(source, out, trust_pickle=True,
+                           **_import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append))
+    click.echo(f"{stats.summary()} -> {out}")
+
+
 _EXPORT_FORMATS = ["lxmert-tsv", "butd-tsv", "volta-lmdb", "uniter-imgdb", "mmf-npy"]
 _PAIR_EXPORT_FORMATS = ["lxmert-pretrain", "lxmert-vqa", "coco-captions"]
 

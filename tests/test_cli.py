@@ -12,7 +12,7 @@ from vlp.pipeline.import_features import write_tsv
 
 COMMANDS = [
     (cli.main, []), (cli.main, ["inspect"]), (cli.main, ["import"]), (cli.main, ["import", "tsv"]),
-    (cli.main, ["import", "pickled-lmdb"]), (cli.main, ["demo"]), (cli.main, ["synth"]),
+    (cli.main, ["import", "pickled-lmdb"]), (cli.main, ["import", "mmf-npy"]), (cli.main, ["demo"]), (cli.main, ["synth"]),
     (cli.main, ["train-detector"]),
     (cli.extract_main, []), (cli.build_main, []), (cli.train_main, []),
 ]

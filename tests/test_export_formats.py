@@ -452,10 +452,16 @@ def test_uniter_imgdb_compressed_reads_like_detect_feat_lmdb_default(store, tmp_
 
 
 def test_mmf_npy_round_trips_through_vlp_import(store, tmp_path):
-    from vlp.pipeline.import_features import import_mmf_npy
+    from click.testing import CliRunner
+
+    from vlp import cli
 
     export(store, tmp_path / "mmf", "mmf-npy", progress="off")
-    import_mmf_npy(tmp_path / "mmf", tmp_path / "back", trust_pickle=True, progress=False)
+    result = CliRunner().invoke(cli.main, ["import", "mmf-npy", str(tmp_path / "mmf"), "-o", str(tmp_path / "back")])
+    assert result.exit_code == 2 and "--trust-pickle" in result.output and not (tmp_path / "back").exists()
+    result = CliRunner().invoke(cli.main, ["import", "mmf-npy", str(tmp_path / "mmf"), "-o", str(tmp_path / "back"),
+                                           "--trust-pickle"])
+    assert result.exit_code == 0, result.output
     back = FeatureStore(tmp_path / "back")
     assert sorted(back.keys()) == sorted(FeatureStore(store).keys())
     for record in FeatureStore(store):
