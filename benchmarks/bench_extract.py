@@ -125,7 +125,7 @@ def detector_alone(images: Path, args, count: int) -> float:
     import torch
 
     from vlp.detectors import load_detector
-    from vlp.pipeline.decode import decode_file
+    from vlp.core.decode import decode_file
 
     torch.set_num_threads(args.threads)
     detector = load_detector(preset=args.preset, device=args.device, dtype=args.dtype,

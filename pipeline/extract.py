@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from vlp.pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
+from vlp.core.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from vlp.pipeline.discover import IMAGE_EXTENSIONS, Discovery, discover, display_name, image_id_of
 from vlp.core.durable import atomic_write_json
 from vlp.core.errors_log import ERRORS_NAME, ErrorLog

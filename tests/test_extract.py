@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.pipeline.decode import DecodeError, decode_file, decode_image
+from vlp.core.decode import DecodeError, decode_file, decode_image
 from vlp.pipeline.discover import discover, image_id_of
 from vlp.core.errors_log import ErrorLog
 from vlp.pipeline.extract import ExtractSettings, run_extract

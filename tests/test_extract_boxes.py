@@ -56,7 +56,7 @@ def test_given_boxes_through_the_pipeline_resume_and_refusal(world, tmp_path):
     import ray
 
     from vlp.detectors import load_detector
-    from vlp.pipeline.decode import decode_file
+    from vlp.core.decode import decode_file
 
     boxes_path = tmp_path / "boxes.jsonl"
     expected = _boxes_file(world, boxes_path)

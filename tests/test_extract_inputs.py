@@ -188,7 +188,7 @@ def test_ctrl_c_stops_cleanly_exits_130_and_the_rerun_finishes_exactly_once(tmp_
 def test_a_worker_reports_progress_within_a_chunk(small_world, tmp_path, one_torch_thread):
     """The actor's progress() moves after every detector batch, not once per chunk."""
     from vlp.detectors.inference import describe_detector, make_config, prepare_image
-    from vlp.pipeline.decode import decode_file
+    from vlp.core.decode import decode_file
     from vlp.pipeline.extract import DetectorWorker, _Item
 
     kwargs = dict(weights=None, preset="demo", dtype="float32", allow_random=False, min_size=160, max_size=240)

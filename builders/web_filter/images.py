@@ -1,7 +1,7 @@
 """Stage 1 of the web filter (the image) and the pixel statistics stage 2 reads.
 
 An image passes when it decodes by the extract pipeline's rules
-(:func:`vlp.pipeline.decode.decode_image`: EXIF orientation, bomb guard, ...), its file has
+(:func:`vlp.core.decode.decode_image`: EXIF orientation, bomb guard, ...), its file has
 at least ``min_bytes`` (COYO: 5 KB), both sides are larger than ``min_side`` (ImageBERT:
 300 px; COYO uses 200) and the aspect ratio long/short is at most ``max_aspect`` (3).
 
@@ -32,7 +32,7 @@ class ImageRules:
 
     def check(self, data: bytes) -> tuple[str, dict, object]:
         """("", facts, bgr array) when the image passes, else (reason, values, None)."""
-        from vlp.pipeline.decode import DecodeError, decode_image
+        from vlp.core.decode import DecodeError, decode_image
 
         if len(data) < self.min_bytes:
             return "file_too_small", {"bytes": len(data), "min_bytes": self.min_bytes}, None

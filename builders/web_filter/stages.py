@@ -170,7 +170,7 @@ def stage_image(rows: list, st: _State) -> list:
         else:
             if reason in ("too_small", "aspect", "file_too_small"):
                 try:
-                    from vlp.pipeline.decode import decode_image
+                    from vlp.core.decode import decode_image
 
                     row["_thumb_src"] = _thumbnail(decode_image(data))
                 except Exception:  # noqa: BLE001 - a thumbnail is optional

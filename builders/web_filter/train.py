@@ -54,7 +54,7 @@ def _crawl_rows(crawl_dir: Path):
 def train_web_scorer(out, *, captions=None, caption_features=None, crawl=None, crawl_features=None,
                      keep_good: float = 0.98, seed: int = 0, meta: Optional[dict] = None) -> dict:
     """Fit and save a model file at ``out``; returns a summary."""
-    from vlp.pipeline.decode import DecodeError, decode_file
+    from vlp.core.decode import DecodeError, decode_file
     from vlp.schemas import FeatureStore
 
     try:
