@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/vlp demo --out demo-out
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # A few minutes: every test not marked slow.
 test-fast: install
