@@ -52,7 +52,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "5206e99d37325b116c2a5541c7304615fcc8ab7a522258b3e949516a2cb7939c"),
+    "demo": ("demo-detector.pt", "fbb0c80c18c8a77ce800318135d99a45ff18a81bb3c81bce844c01d5d4a67efc"),
 }
 
 
