@@ -272,6 +272,14 @@ def import_tsv_cmd(tsv_files, layout, out, storage, shard_size, feature_dim, on_
     click.echo(f"{stats.summary()} -> {out}")
 
 
+def _require_trust(source, trust_pickle: bool, holds: str, kind: str) -> None:
+    """Refuse pickled input unless --trust-pickle was given; say so on stderr when it was."""
+    if not trust_pickle:
+        raise click.UsageError(f"{source} holds {holds}, which can run code when loaded. "
+                               f"Pass --trust-pickle if you trust this {kind}.")
+    click.echo(f"warning: reading pickled values from a {kind} you declared trusted", err=True)
+
+
 @import_group.command("pickled-lmdb")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--trust-pickle", is_flag=True,
@@ -288,10 +296,7 @@ def import_lmdb_cmd(source, trust_pickle, out, storage, shard_size, feature_dim,
     """
     from vlp.pipeline.import_features import import_pickled_lmdb
 
-    if not trust_pickle:
-        raise click.UsageError(f"{source} holds pickled values, which can run code when loaded. "
-                               "Pass --trust-pickle if you trust this file.")
-    click.echo("warning: reading pickled values from a file you declared trusted", err=True)
+    _require_trust(source, trust_pickle, "pickled values", "file")
     stats = import_pickled_lmdb(source, out, trust_pickle=True,
                                 **_import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append))
     click.echo(f"{stats.summary()} -> {out}")
@@ -313,10 +318,7 @@ def import_mmf_npy_cmd(source, trust_pickle, out, storage, shard_size, feature_d
     """
     from vlp.pipeline.import_features import import_mmf_npy
 
-    if not trust_pickle:
-        raise click.UsageError(f"{source} holds pickled _info.npy files, which can run code when loaded. "
-                               "Pass --trust-pickle if you trust this folder.")
-    click.echo("warning: reading pickled values from a folder you declared trusted", err=True)
+    _require_trust(source, trust_pickle, "pickled _info.npy files", "folder")
     stats = import_mmf_npy(source, out, trust_pickle=True,
                            **_import_kwargs(storage, shard_size, feature_dim, on_error, overwrite, append))
     click.echo(f"{stats.summary()} -> {out}")
