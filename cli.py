@@ -454,6 +454,9 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
               help="RoIs sampled per image for the box head.")
 @click.option("--roi-positive-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Largest share of foreground among them.")
+@click.option("--train-min-sizes", default="", metavar="N,N,...",
+              help="Multi-scale training: each image's shortest side is drawn from these sizes, e.g. "
+                   "384,448,512,576,640 (the preset's max_size still caps the longest). [the preset's min_size]")
 @click.option("--norm", type=click.Choice(["batchnorm", "affine"]), default="batchnorm", show_default=True,
               help="Norm layers: batch statistics while training, or fixed statistics with learnt scale/shift "
                    "(affine keeps the statistics of --init weights: suits fine-tuning).")
@@ -479,7 +482,7 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads.")
 def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
-                       rois_per_image, roi_positive_fraction, norm, init_weights, resume, eval_worlds, eval_split,
+                       rois_per_image, roi_positive_fraction, train_min_sizes, norm, init_weights, resume, eval_worlds, eval_split,
                        eval_images, eval_every, log_every, checkpoint_every, time_limit, fp32, threads):
     """Train a Faster R-CNN with attribute head on Visual-Genome-format folders.
 
@@ -498,7 +501,8 @@ def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, 
     config = make_config(preset, **_parse_overrides(overrides))
     settings = TrainSettings(iterations=iterations, batch_size=batch_size, seed=seed, lr=lr,
                              warmup_iterations=warmup, min_lr_fraction=min_lr_fraction, rois_per_image=rois_per_image,
-                             roi_positive_fraction=roi_positive_fraction, norm=norm, threads=threads)
+                             roi_positive_fraction=roi_positive_fraction, norm=norm, threads=threads,
+                             train_min_sizes=_parse_train_min_sizes(train_min_sizes, config.max_size))
     eval_folders, eval_ids = [], []
     for folder in (eval_worlds or vg_dirs) if eval_images else ():
         ids = pick_image_ids(folder, eval_split, eval_images)
@@ -558,6 +562,18 @@ def demo_cmd(out, images, train_steps):
 
     report = run_demo(out, num_images=images, train_steps=train_steps)
     click.echo(f"demo finished: open {report}")
+
+
+def _parse_train_min_sizes(text: str, max_size: int) -> tuple:
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) <= max_size:
+            raise click.BadParameter(f"{part!r} is not a size from 1 to the preset's max_size ({max_size})",
+                                     param_hint="--train-min-sizes")
+        sizes.append(int(part))
+    return tuple(sizes)
 
 
 def _parse_overrides(pairs) -> dict:

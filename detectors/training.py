@@ -111,6 +111,10 @@ class TrainSettings:
     roi_positive_fraction: float = 0.5
     attr_loss_weight: float = 1.0
     flip: bool = True
+    # Multi-scale training (detectron2's MIN_SIZE_TRAIN): each image's shortest side is drawn
+    # from these sizes (the preset's max_size still caps the longest side); empty: the
+    # preset's min_size, the size inference uses.
+    train_min_sizes: tuple = ()
     # "batchnorm": batch statistics while training, running statistics exported (the
     # frozen norms of the inference model); "affine": fixed statistics, learnable scale/shift.
     norm: str = "batchnorm"
@@ -445,6 +449,10 @@ class DetectorTrainer:
                  log: Callable[[str], None] = print):
         self.settings = settings = settings or TrainSettings()
         self.config = config = config or make_config(preset)
+        bad = [size for size in settings.train_min_sizes if not 0 < int(size) <= config.max_size]
+        if bad:
+            raise ValueError(f"train_min_sizes {bad}: each must be between 1 and the preset's max_size "
+                             f"({config.max_size})")
         self.vg_dirs = _folders(vg_dir)
         if not self.vg_dirs:
             raise ValueError("no training folder given")
@@ -507,7 +515,11 @@ class DetectorTrainer:
                 self.order = [int(i) for i in self.rng.permutation(len(self.annotations))]
             ann = self.annotations[self.order.pop()]
             flip = self.settings.flip and bool(self.rng.random() < 0.5)
-            batch.append(load_train_image(ann, self.config, flip))
+            config = self.config
+            if self.settings.train_min_sizes:  # no draw otherwise: single-scale runs replay as before
+                sizes = self.settings.train_min_sizes
+                config = dataclasses.replace(config, min_size=int(sizes[int(self.rng.integers(len(sizes)))]))
+            batch.append(load_train_image(ann, config, flip))
         return batch
 
     def step(self) -> dict[str, float]:

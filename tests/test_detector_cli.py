@@ -235,6 +235,21 @@ def test_train_detector_writes_its_files_and_resume_checks_the_settings(tiny_wor
     assert "no training state to resume" in _one_error_line(result)
 
 
+def test_train_min_sizes_are_recorded_checked_on_resume_and_validated(tiny_world, tmp_path):
+    out = tmp_path / "multi.pt"
+    result = _train(tiny_world, out, "--train-min-sizes", "160, 224")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "multi.pt.log.json").read_text())["settings"]["train_min_sizes"] == [160, 224]
+    result = _train(tiny_world, out, "--resume", "--train-min-sizes", "160")
+    assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
+                                       f"train_min_sizes: (160, 224) then, (160,) now")
+    for bad in ("160,x", "0", "353"):  # TINY's max_size is 352
+        result = _train(tiny_world, tmp_path / "bad.pt", "--train-min-sizes", bad)
+        assert result.exit_code == 2 and "--train-min-sizes" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def _merged_train_splits(folders, root):
     """One VG folder holding the train splits of ``folders``, ids offset by 1000 per folder."""
     merged = {"objects.json": [], "image_data.json": [], "attributes.json": []}

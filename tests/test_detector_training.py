@@ -1,6 +1,7 @@
 """Faster R-CNN training: target assignment, a short training run, checkpoint round trip,
 the evaluation metric on hand-made predictions, and the shipped demo detector."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -135,9 +136,38 @@ def test_trained_checkpoint_round_trips_into_the_inference_detector(trained, tin
         np.testing.assert_array_equal(a.objects_conf, b.objects_conf)
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path):
+def test_multi_scale_training_draws_each_images_shortest_side_from_the_list(tiny_world, tmp_path):
+    from vlp.detectors.annotations import load_vg_annotations
+    from vlp.detectors.training import load_train_image
+
     config = make_config("demo", **TINY)
-    settings = TrainSettings(iterations=4, batch_size=1, rois_per_image=8, warmup_iterations=1, seed=3, threads=1)
+    sizes = (160, 192, 224)
+    settings = TrainSettings(batch_size=4, seed=5, threads=1, train_min_sizes=sizes)
+    trainer = DetectorTrainer(tiny_world, tmp_path / "m.pt", config=config, settings=settings, log=lambda *_: None)
+    seen = set()
+    for _ in range(6):
+        for image in trainer.next_batch():
+            short, long = min(image.size), max(image.size)
+            # the drawn size, unless the preset's max_size capped the longest side first
+            assert short in sizes or long == config.max_size, image.size
+            seen.add(short)
+    assert seen & {160, 192}, seen  # not only the preset's 224
+    # the boxes follow their image's own scale
+    for annotation in load_vg_annotations(tiny_world, None):
+        image = load_train_image(annotation, dataclasses.replace(config, min_size=160), flip=False)
+        scale = min(160 / min(annotation.height, annotation.width),
+                    config.max_size / max(annotation.height, annotation.width))
+        np.testing.assert_allclose(image.boxes.numpy(), annotation.boxes * scale, rtol=0.01, atol=0.5)
+    with pytest.raises(ValueError, match="train_min_sizes"):
+        DetectorTrainer(tiny_world, tmp_path / "n.pt", config=config, log=lambda *_: None,
+                        settings=TrainSettings(train_min_sizes=(config.max_size + 1,)))
+
+
+@pytest.mark.parametrize("train_min_sizes", [(), (160, 224)], ids=["single-scale", "multi-scale"])
+def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, train_min_sizes):
+    config = make_config("demo", **TINY)
+    settings = TrainSettings(iterations=4, batch_size=1, rois_per_image=8, warmup_iterations=1, seed=3, threads=1,
+                             train_min_sizes=train_min_sizes)
     options = dict(config=config, settings=settings, log_every=1, checkpoint_every=0, half=False,
                    log=lambda *_: None)
     straight = DetectorTrainer(tiny_world, tmp_path / "a.pt", **options)
