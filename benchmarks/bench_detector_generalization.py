@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def make_sets(root: Path, images: int, classic_images: int) -> dict[str, Path]:
-    from vlp.synthetic import generate
+    from vlp.synthetic import GENERATOR_VERSION, generate
     from vlp.synthetic.independent import generate_independent, generate_single_shapes
 
     sets = {}
@@ -39,7 +39,8 @@ def make_sets(root: Path, images: int, classic_images: int) -> dict[str, Path]:
                                      ("classic seed 7", 7, classic_images, "classic")):
         path = root / name.replace(" ", "-")
         done = path / "world.json"
-        if not (done.is_file() and json.loads(done.read_text())["num_images"] == count):
+        made = json.loads(done.read_text()) if done.is_file() else {}
+        if (made.get("num_images"), made.get("generator_version")) != (count, GENERATOR_VERSION):
             generate(path, count, seed=seed, split_fractions=(0.0, 0.0, 1.0), style=style, overwrite=True)
         sets[name] = path
     for name, folder, make in (("independent renderer", "independent", generate_independent),

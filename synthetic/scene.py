@@ -360,6 +360,11 @@ class ShapeRanges:
     star_inner: tuple[float, float]
     rgb_jitter: int  # each channel of the palette colour +- this
     min_pattern_period: float
+    # Width:height stretch of the other shapes (log-uniform; ellipses, stretched stars, ...)
+    # and the bar width of a cross (relative to its size). A range of one value draws
+    # nothing: the classic world's draws stay as they were.
+    stretch: tuple[float, float] = (1.0, 1.0)
+    cross_bar: tuple[float, float] = (0.0, 0.0)
 
 
 CLASSIC_SHAPES = ShapeRanges(box_aspect=(0.6, 1.6), diamond_aspect=(1.0, 1.5), ring_inner=(0.45, 0.6),
@@ -377,11 +382,16 @@ def _place_object(rng, width, height, category, colour, pattern, nominal_min, no
         aspect = round(float(math.exp(rng.uniform(math.log(lo), math.log(hi)))), 3)
     elif category == "diamond":
         aspect = round(float(rng.uniform(*ranges.diamond_aspect)), 3)
+    elif ranges.stretch[0] < ranges.stretch[1]:
+        lo, hi = ranges.stretch
+        aspect = round(float(math.exp(rng.uniform(math.log(lo), math.log(hi)))), 3)
     inner = 0.0
     if category == "ring":
         inner = round(float(rng.uniform(*ranges.ring_inner)), 3)
     elif category == "star":
         inner = round(float(rng.uniform(*ranges.star_inner)), 3)
+    elif category == "cross" and ranges.cross_bar[0] < ranges.cross_bar[1]:
+        inner = round(float(rng.uniform(*ranges.cross_bar)), 3)
     limit = ROTATION_LIMITS[category]
     rotation = round(float(rng.uniform(-limit, limit)), 1) if limit else 0.0
     ex1, ey1, ex2, ey2 = extent(category, size, aspect, inner, rotation)
@@ -579,8 +589,9 @@ def contrasting_colours(background: Background) -> list[str]:
             if _distance_to_background(rgb, background) >= MIN_CONTRAST]
 
 
-WIDE_SHAPES = ShapeRanges(box_aspect=WIDE_BOX_ASPECT, diamond_aspect=(0.75, 1.6), ring_inner=(0.4, 0.65),
-                          star_inner=(0.38, 0.52), rgb_jitter=10, min_pattern_period=5.0)
+WIDE_SHAPES = ShapeRanges(box_aspect=WIDE_BOX_ASPECT, diamond_aspect=(0.6, 1.7), ring_inner=(0.2, 0.72),
+                          star_inner=(0.32, 0.56), rgb_jitter=10, min_pattern_period=5.0,
+                          stretch=(0.6, 1.67), cross_bar=(0.2, 0.46))
 
 
 def _sample_wide_object(rng, width, height, category, colour, size_class, pattern):

@@ -55,15 +55,29 @@ def _regular_polygon(n: int, radius: float, start_deg: float = -90.0) -> np.ndar
     return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
 
 
+CLASSIC_CROSS_BAR = 0.34  # bar width / size
+
+
 def outline(category: str, size: float, aspect: float, inner_ratio: float
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """Unrotated outline of a shape centred at the origin (y down), plus an optional hole.
 
     ``size`` is the nominal extent in pixels (diameter / side); ``aspect`` is
-    width:height for boxes and height:width for diamonds (ignored elsewhere);
-    ``inner_ratio`` is the hole radius of a ring or the inner radius of a star,
-    relative to the outer radius.
+    width:height for boxes and height:width for diamonds, and for every other shape a
+    stretch of width:height (1: the undistorted shape; an ellipse for a circle);
+    ``inner_ratio`` is the hole radius of a ring or the inner radius of a star, relative
+    to the outer radius, or the bar width of a cross relative to its size (0: 0.34, the
+    classic world's bars).
     """
+    body, hole = _unstretched(category, size, aspect, inner_ratio)
+    if category in ("box", "diamond") or aspect == 1.0:
+        return body, hole
+    stretch = np.array([math.sqrt(aspect), 1.0 / math.sqrt(aspect)])
+    return body * stretch, (None if hole is None else hole * stretch)
+
+
+def _unstretched(category: str, size: float, aspect: float, inner_ratio: float
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     half = size / 2.0
     if category == "circle":
         return _regular_polygon(96, half), None
@@ -87,7 +101,7 @@ def outline(category: str, size: float, aspect: float, inner_ratio: float
         w, h = size / math.sqrt(aspect) / 2.0, size * math.sqrt(aspect) / 2.0
         return np.array([[0.0, -h], [w, 0.0], [0.0, h], [-w, 0.0]]), None
     if category == "cross":
-        a, b = half, size * 0.17
+        a, b = half, size * (inner_ratio or CLASSIC_CROSS_BAR) / 2.0
         return np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b],
                          [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]), None
     if category == "heart":

@@ -111,7 +111,9 @@ def test_images_match_scene_sizes_and_jpeg_is_close_to_render(world, scenes):
         if scene.image_format == "png":
             assert diff.max() == 0
         else:
-            assert diff.mean() < 4.0  # saturated wide backgrounds lose more to 4:2:0 chroma
+            # saturated wide backgrounds and small images of thin shapes lose most to 4:2:0 chroma
+            # (up to ~5 grey levels); another image would differ by tens
+            assert diff.mean() < 6.0
 
 
 def test_boxes_inside_images_large_enough_and_tight(scenes):

@@ -92,7 +92,7 @@ def test_wide_distributions_cover_what_the_issue_asks():
     kinds = Counter(sc.background.kind for sc in scenes)
     assert set(kinds) == {"solid", "gradient", "noise"}
 
-    fractions, aspects = [], []
+    fractions, aspects, shapes = [], [], {}
     for sc in scenes:
         for o in sc.objects:
             area = o.width * o.height / (sc.width * sc.height)
@@ -103,8 +103,20 @@ def test_wide_distributions_cover_what_the_issue_asks():
             assert _distance_to_background(palette.COLOURS[o.colour], sc.background) >= MIN_CONTRAST
             if o.category == "box":
                 aspects.append(o.width / o.height)
+            shapes.setdefault(o.category, []).append(o.draw)
     assert min(fractions) < 0.003 and max(fractions) > 0.5
     assert min(aspects) < 0.35 and max(aspects) > 2.8
+    # every other shape is stretched too (ellipses, ...); rings from thick to thin, crosses'
+    # bars from slim to wide
+    for category in ("circle", "ring", "triangle", "star", "heart", "cross"):
+        stretch = [d.aspect for d in shapes[category]]
+        assert min(stretch) < 0.7 and max(stretch) > 1.5, category
+    ellipse = next(o for sc in scenes for o in sc.objects if o.category == "circle" and o.draw.aspect < 0.7)
+    assert ellipse.width < 0.85 * ellipse.height  # the tight box follows the stretch
+    holes = [d.inner_ratio for d in shapes["ring"]]
+    assert min(holes) < 0.25 and max(holes) > 0.67
+    bars = [d.inner_ratio for d in shapes["cross"]]
+    assert min(bars) < 0.25 and max(bars) > 0.42
 
 
 def test_png_images_are_named_in_every_annotation_file(tmp_path):
@@ -142,7 +154,8 @@ def test_aliased_scenes_have_hard_edges():
     x1, y1, x2, y2 = obj.box
     window = pixels[y1:y2, x1:x2].reshape(-1, 3)
     allowed = {tuple(obj.draw.rgb), tuple(scene.background.colours[0])} | {
-        tuple(o.draw.rgb) for o in scene.objects}
+        tuple(o.draw.rgb) for o in scene.objects} | {
+        tuple(o.draw.pattern_rgb) for o in scene.objects if o.pattern}  # another object's stripes or spots
     # no blended edge pixels: every pixel is a shape colour or the background colour
     assert {tuple(p) for p in window} <= allowed
 
