@@ -318,11 +318,12 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
 WIDE_TARGETS_MET = False
 WIDE_TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
 SINGLE_TOP_BOX_TARGET = 0.95
-# Measured with the shipped weights on the sets of the fixture below: wide mAP 0.605 /
-# attribute accuracy 1.000, independent 0.615 / 0.921, single shapes top box 0.933 (56 of 60);
-# the first fine-tune (stage 7): 0.536 / 1.000, 0.549 / 0.904, 0.933; the weights before
-# issue 19: 0.260 / 0.814, 0.236 / 0.795 and 0.050.
-WIDE_FLOORS = {"wide": (0.55, 0.95), "independent": (0.55, 0.85)}
+# Measured with the shipped weights (stage 10) on the sets of the fixture below (wide world
+# of generator 1.1): wide mAP 0.586 / attribute accuracy 0.957, independent 0.606 / 0.922,
+# single shapes top box 0.933 (56 of 60); stage 8 on the same sets: 0.549 / 0.976, 0.615 /
+# 0.921, 0.933; the weights before issue 19 (generator 1.0 sets): 0.260 / 0.814, 0.236 /
+# 0.795 and 0.050.
+WIDE_FLOORS = {"wide": (0.53, 0.92), "independent": (0.55, 0.85)}
 SINGLE_TOP_BOX_FLOOR = 0.90
 
 
