@@ -503,7 +503,7 @@ def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, 
     settings = TrainSettings(iterations=iterations, batch_size=batch_size, seed=seed, lr=lr,
                              warmup_iterations=warmup, min_lr_fraction=min_lr_fraction, rois_per_image=rois_per_image,
                              roi_positive_fraction=roi_positive_fraction, norm=norm, threads=threads,
-                             train_min_sizes=_parse_train_min_sizes(train_min_sizes, config.max_size))
+                             train_min_sizes=_parse_train_min_sizes(train_min_sizes))
     eval_folders, eval_ids = [], []
     for folder in (eval_worlds or vg_dirs) if eval_images else ():
         ids = pick_image_ids(folder, eval_split, eval_images)
@@ -565,16 +565,13 @@ def demo_cmd(out, images, train_steps):
     click.echo(f"demo finished: open {report}")
 
 
-def _parse_train_min_sizes(text: str, max_size: int) -> tuple:
-    sizes = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if not part.isdigit() or not 0 < int(part) <= max_size:
-            raise click.BadParameter(f"{part!r} is not a size from 1 to the preset's max_size ({max_size})",
-                                     param_hint="--train-min-sizes")
-        sizes.append(int(part))
-    return tuple(sizes)
+def _parse_train_min_sizes(text: str) -> tuple:
+    """Comma-separated integers; their range is the trainer's to check (it knows the preset)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if not p.isdigit()]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a whole number of pixels", param_hint="--train-min-sizes")
+    return tuple(int(p) for p in parts)
 
 
 def _parse_overrides(pairs) -> dict:

@@ -74,7 +74,7 @@ from vlp.core.durable import atomic_path, atomic_write, atomic_write_json
 from vlp.detectors.annotations import Annotation, load_vg_annotations, split_image_ids
 from vlp.detectors.checkpoint import match_state_dict, read_checkpoint, save_checkpoint
 from vlp.detectors.config import DetectorConfig, make_config
-from vlp.detectors.errors import AnnotationError, TrainingStateError
+from vlp.detectors.errors import AnnotationError, DetectorConfigError, TrainingStateError
 from vlp.detectors.inference import prepare_image
 from vlp.detectors.model import FasterRCNN, FrozenBatchNorm2d, ResNetC4, select_proposals
 
@@ -451,8 +451,8 @@ class DetectorTrainer:
         self.config = config = config or make_config(preset)
         bad = [size for size in settings.train_min_sizes if not 0 < int(size) <= config.max_size]
         if bad:
-            raise ValueError(f"train_min_sizes {bad}: each must be between 1 and the preset's max_size "
-                             f"({config.max_size})")
+            raise DetectorConfigError(f"train_min_sizes {bad}: each must be between 1 and the preset's "
+                                      f"max_size ({config.max_size})")
         self.vg_dirs = _folders(vg_dir)
         if not self.vg_dirs:
             raise ValueError("no training folder given")

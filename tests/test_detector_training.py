@@ -12,7 +12,7 @@ from vlp.schemas.shards import sha256_file
 import torch
 
 import vlp.detectors.inference as inference
-from vlp.detectors import ShippedWeightsError, load_detector, make_config
+from vlp.detectors import DetectorConfigError, ShippedWeightsError, load_detector, make_config
 from vlp.detectors.evaluate import evaluate_detector, evaluate_predictions, voc_ap
 from vlp.detectors.inference import Detector
 from vlp.detectors.annotations import Annotation
@@ -158,7 +158,7 @@ def test_multi_scale_training_draws_each_images_shortest_side_from_the_list(tiny
         scale = min(160 / min(annotation.height, annotation.width),
                     config.max_size / max(annotation.height, annotation.width))
         np.testing.assert_allclose(image.boxes.numpy(), annotation.boxes * scale, rtol=0.01, atol=0.5)
-    with pytest.raises(ValueError, match="train_min_sizes"):
+    with pytest.raises(DetectorConfigError, match="train_min_sizes"):
         DetectorTrainer(tiny_world, tmp_path / "n.pt", config=config, log=lambda *_: None,
                         settings=TrainSettings(train_min_sizes=(config.max_size + 1,)))
 
