@@ -568,7 +568,7 @@ def demo_cmd(out, images, train_steps):
 def _parse_train_min_sizes(text: str) -> tuple:
     """Comma-separated integers; their range is the trainer's to check (it knows the preset)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if not p.isdigit()]
+    bad = [p for p in parts if not p.isdecimal()]  # isdigit() also passes "²", which int() refuses
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not a whole number of pixels", param_hint="--train-min-sizes")
     return tuple(int(p) for p in parts)

@@ -243,8 +243,9 @@ def test_train_min_sizes_are_recorded_checked_on_resume_and_validated(tiny_world
     result = _train(tiny_world, out, "--resume", "--train-min-sizes", "160")
     assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
                                        f"train_min_sizes: (160, 224) then, (160,) now")
-    result = _train(tiny_world, tmp_path / "bad.pt", "--train-min-sizes", "160,x")
-    assert result.exit_code == 2 and "'x' is not a whole number" in result.output, result.output
+    for bad, shown in (("160,x", "'x'"), ("160,\u00b2", "'\u00b2'")):  # "²" is a digit int() refuses
+        result = _train(tiny_world, tmp_path / "bad.pt", "--train-min-sizes", bad)
+        assert result.exit_code == 2 and f"{shown} is not a whole number" in result.output, result.output
     for bad in ("0", "160,353"):  # TINY's max_size is 352
         result = _train(tiny_world, tmp_path / "bad.pt", "--train-min-sizes", bad)
         assert _one_error_line(result).startswith("Error: train_min_sizes ["), result.output
