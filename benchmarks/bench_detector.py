@@ -64,7 +64,7 @@ def worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     kwargs = dict(device=spec["device"], dtype=spec["dtype"], batch_size=spec["batch"])
     if spec["reference"]:
-        kwargs.update(fold_norms=False, channels_last=False, dedupe_rois=False, roi_chunk_size=None)
+        kwargs.update(fold_norms=False, channels_last=False, dedupe_rois=False, roi_chunk_size=None, nms_method="loop")
     det = load_detector(spec["weights"], allow_random=spec["weights"] is None, **kwargs)
     # The same timed images for every configuration; separate warm-up images.
     timed = make_images(spec["num_images"], spec["height"], spec["width"], seed=0)

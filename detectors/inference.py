@@ -37,7 +37,7 @@ from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, check_checkpoint, load_we
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.errors import MissingWeightsError, ShippedWeightsError
 from vlp.detectors.model import FasterRCNN, ResNetC4, apply_deltas, clip_boxes, init_random_weights
-from vlp.detectors.postprocess import agnostic_loop_select, butd_select
+from vlp.detectors.postprocess import NMS_METHODS, agnostic_loop_select, butd_select
 from vlp.schemas.shards import sha256_file
 from vlp.schemas.record import BOX_BORDER_TOLERANCE, MAX_BOXES, FeatureRecord
 
@@ -172,6 +172,8 @@ class Detector:
         self.weights_path = weights_path
         self.batch_size = int(batch_size) if batch_size else (8 if self.device.type == "cuda" else 1)
         self.channels_last = True if channels_last is None else bool(channels_last)
+        if nms_method not in NMS_METHODS:
+            raise ValueError(f"nms_method must be one of {', '.join(NMS_METHODS)}, got {nms_method!r}")
         self.nms_method = nms_method
         model = model.eval().to(self.device)
         model.unfold_norms()
@@ -445,7 +447,7 @@ def describe_detector(weights=None, preset: str = "butd-10-100", dtype: str = "f
 def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtype: str = "float32",
                   allow_random: bool = False, *, batch_size: Optional[int] = None, seed: int = 0,
                   channels_last: Optional[bool] = None, fold_norms: bool = True, dedupe_rois: bool = True,
-                  roi_chunk_size="auto", **overrides) -> Detector:
+                  roi_chunk_size="auto", nms_method: str = "auto", **overrides) -> Detector:
     """Build a detector from a preset (+ overrides) and a checkpoint file.
 
     weights: path of ``pytorch_model.bin`` (HF) or ``faster_rcnn_from_caffe_attr.pkl``
@@ -460,7 +462,9 @@ def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtyp
     Runtime knobs that do not change the outputs beyond float rounding: batch_size,
     channels_last, fold_norms (fold frozen BN into convs), dedupe_rois (run res5 once
     per distinct pooled RoI), roi_chunk_size (RoIs per res5 call: "auto" = 50 on CPU, where
-    it halves peak memory at no cost in speed, 1024 on CUDA; None = all at once).
+    it halves peak memory at no cost in speed, 1024 on CUDA; None = all at once), nms_method
+    (the per-class NMS of the BUTD rule: "auto" = "sweep" on CPU, "matrix" on CUDA; "loop" =
+    one torchvision NMS per class, see :func:`vlp.detectors.postprocess.per_class_nms_keep`).
     """
     config = make_config(preset, dtype=dtype, **overrides)
     model = FasterRCNN(config.arch)
@@ -477,4 +481,4 @@ def load_detector(weights=None, preset: str = "butd-10-100", device="auto", dtyp
         sha256, path_text = info["sha256"], info["path"]
     return Detector(model, config, device=device, weights_sha256=sha256, weights_path=path_text,
                     batch_size=batch_size, channels_last=channels_last, fold_norms=fold_norms,
-                    dedupe_rois=dedupe_rois, roi_chunk_size=roi_chunk_size)
+                    dedupe_rois=dedupe_rois, roi_chunk_size=roi_chunk_size, nms_method=nms_method)

@@ -27,19 +27,25 @@ from torchvision.ops import box_iou
 from vlp.detectors.model import ordered_nms, stable_argsort_desc
 
 
+NMS_METHODS = ("auto", "sweep", "matrix", "loop")
+
+
 def per_class_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
                        method: str = "auto") -> torch.Tensor:
     """[R, C] bool: RoI r survives the NMS of class c (all classes share the RoI boxes).
 
-    ``method``: "loop" (one NMS per class; fast on CPU), "matrix" (all classes at once by
-    a fixed-point iteration on the overlap graph; fast on GPU), "auto" picks by device.
-    Both give the same result (the greedy NMS outcome is the unique fixed point).
+    ``method``: "sweep" (all classes at once, one rank at a time; fast on CPU), "matrix"
+    (all classes at once by a fixed-point iteration on the overlap graph; fast on GPU),
+    "loop" (one torchvision NMS per class, as generate_tsv runs it: the reference the
+    tests hold the other two to); "auto" picks by device. All give the same result.
     """
     if method == "auto":
-        method = "matrix" if boxes.is_cuda else "loop"
+        method = "matrix" if boxes.is_cuda else "sweep"
     num_rois, num_classes = scores.shape
     if num_rois == 0:
         return torch.zeros((0, num_classes), dtype=torch.bool, device=scores.device)
+    if method == "sweep":
+        return _sweep_nms(boxes, scores, iou_threshold)
     if method == "loop":
         keep = torch.zeros((num_rois, num_classes), dtype=torch.bool, device=scores.device)
         boxes = boxes.float()
@@ -49,6 +55,28 @@ def per_class_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold:
     if method == "matrix":
         return _fixed_point_nms(boxes, scores, iou_threshold)
     raise ValueError(f"unknown per-class NMS method {method!r}")
+
+
+def _sweep_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS for all classes at once, rank by rank.
+
+    Step k visits every class's k-th best RoI (score descending, ties by lower index, as
+    :func:`ordered_nms`): it is kept unless a RoI kept earlier in that class overlaps it,
+    and a kept RoI marks the ones it overlaps. R vectorised steps replace C NMS calls
+    (1600 for the VG detector), which dominated the demo detector's time per image.
+    """
+    num_rois, num_classes = scores.shape
+    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [R, R], as torchvision compares
+    order = torch.sort(scores.t().float(), dim=1, descending=True, stable=True).indices  # [C, R]
+    classes = torch.arange(num_classes, device=scores.device)
+    suppressed = torch.zeros((num_classes, num_rois), dtype=torch.bool, device=scores.device)
+    keep = torch.zeros((num_classes, num_rois), dtype=torch.bool, device=scores.device)
+    for rank in range(num_rois):
+        roi = order[:, rank]
+        kept = ~suppressed[classes, roi]
+        keep[classes, roi] = kept
+        suppressed |= overlap[roi] & kept[:, None]
+    return keep.t()
 
 
 def _fixed_point_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
@@ -64,7 +92,7 @@ def _fixed_point_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
         max_elements = (1 << 28) if scores.is_cuda else (1 << 24)
     if work_dtype is None:  # 0/1 entries, sums <= num_rois: exact in float16 up to 2048
         work_dtype = torch.float16 if scores.is_cuda and num_rois <= 2048 else torch.float32
-    overlap = box_iou(boxes.float(), boxes.float()) > iou_threshold  # [i, j]
+    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [i, j], as torchvision compares
     index = torch.arange(num_rois, device=scores.device)
     earlier_index = index[None, :] < index[:, None]  # [i, j]: j has the lower index
     out = torch.empty((num_classes, num_rois), dtype=torch.bool, device=scores.device)

@@ -181,7 +181,7 @@ def test_rgb_input_with_color_rgb_equals_bgr_input(slim):
 
 def test_speed_ups_do_not_change_results(slim):
     reference = load_detector(allow_random=True, seed=1, fold_norms=False, channels_last=False, dedupe_rois=False,
-                              roi_chunk_size=None, **SLIM, **SMALL)
+                              roi_chunk_size=None, nms_method="loop", **SLIM, **SMALL)
     for image in IMAGES[:2]:
         assert_records_close(reference.detect([image])[0], slim.detect([image])[0])
     assert reference.config_hash == slim.config_hash
@@ -195,6 +195,24 @@ def test_speed_ups_do_not_change_results(slim):
     np.testing.assert_allclose(fast.features.astype(np.float32), plain.features.astype(np.float32), atol=1e-2,
                                rtol=1e-3)
     assert np.array_equal(fast.features[0], fast.features[1]) and np.array_equal(fast.features[0], fast.features[3])
+
+
+@pytest.mark.slow
+def test_the_shipped_detector_selects_the_same_boxes_with_every_nms_method(tmp_path):
+    """The per-class NMS of the BUTD rule on real score distributions (1600 classes, a trained
+    model): the rank sweep (the CPU default) and the fixed-point matrix (the CUDA default) give
+    records identical to one torchvision NMS per class."""
+    from vlp.synthetic import generate
+
+    generate(tmp_path, 4, seed=11, split_fractions=(0.0, 0.0, 1.0), web=False)
+    images = [cv2.imread(str(p)) for p in sorted((tmp_path / "images").iterdir())]
+    assert len(images) == 4
+    records = {method: load_detector(preset="demo", device="cpu", nms_method=method).detect(images)
+               for method in ("loop", "auto", "matrix")}
+    for loop, sweep, matrix in zip(records["loop"], records["auto"], records["matrix"]):
+        assert loop.equals(sweep) and loop.equals(matrix)
+    with pytest.raises(ValueError, match="nms_method must be one of"):
+        load_detector(preset="demo", device="cpu", nms_method="fast")
 
 
 def test_input_validation(slim):

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlp.detectors.postprocess import (_fixed_point_nms, agnostic_loop_select, butd_select, max_conf_after_nms,
                                        per_class_nms_keep, select_by_confidence)
@@ -111,7 +113,7 @@ def test_ties_are_broken_by_proposal_rank():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_loop_and_matrix_nms_agree(seed):
+def test_sweep_matrix_and_loop_nms_agree(seed):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(120, 2, generator=g) * 200
     wh = torch.rand(120, 2, generator=g) * 80 + 1
@@ -123,11 +125,37 @@ def test_loop_and_matrix_nms_agree(seed):
     for threshold in (0.3, 0.7):
         loop = per_class_nms_keep(boxes, scores, threshold, method="loop")
         matrix = per_class_nms_keep(boxes, scores, threshold, method="matrix")
-        assert torch.equal(loop, matrix)
+        sweep = per_class_nms_keep(boxes, scores, threshold, method="sweep")
+        assert torch.equal(loop, matrix) and torch.equal(loop, sweep)
+        assert torch.equal(per_class_nms_keep(boxes, scores, threshold), sweep)  # the CPU default
         # the GPU settings: float16 work tensors, all classes in one chunk / tiny chunks
         half = _fixed_point_nms(boxes, scores, threshold, max_elements=1 << 28, work_dtype=torch.float16)
         tiny = _fixed_point_nms(boxes, scores, threshold, max_elements=1)
         assert torch.equal(loop, half) and torch.equal(loop, tiny)
+
+
+coordinate = st.integers(0, 12).map(float)  # a coarse grid: touching, nested, equal and empty boxes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(coordinate, coordinate, coordinate, coordinate), min_size=1, max_size=12),
+       st.data(), st.sampled_from([0.0, 0.3, 0.5, 0.7]))
+def test_sweep_and_matrix_equal_one_nms_per_class_on_any_boxes(corners, data, threshold):
+    boxes = torch.tensor([[min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)] for x0, y0, x1, y1 in corners])
+    classes = data.draw(st.integers(1, 4))
+    levels = st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0])  # few values: many ties
+    scores = torch.tensor(data.draw(st.lists(st.lists(levels, min_size=classes, max_size=classes),
+                                             min_size=len(corners), max_size=len(corners))))
+    loop = per_class_nms_keep(boxes, scores, threshold, method="loop")
+    assert torch.equal(per_class_nms_keep(boxes, scores, threshold, method="sweep"), loop)
+    assert torch.equal(per_class_nms_keep(boxes, scores, threshold, method="matrix"), loop)
+    assert torch.equal(max_conf_after_nms(boxes, scores, threshold, method="sweep"),
+                       max_conf_after_nms(boxes, scores, threshold, method="loop"))
+
+
+def test_unknown_nms_method_is_refused():
+    with pytest.raises(ValueError, match="per-class NMS method"):
+        per_class_nms_keep(disjoint_boxes(2), scores_with_best([0.5, 0.5]), 0.3, method="fast")
 
 
 def test_agnostic_loop_stops_at_first_threshold_with_enough_boxes():
