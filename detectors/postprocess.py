@@ -66,7 +66,8 @@ def _sweep_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) 
     (1600 for the VG detector), which dominated the demo detector's time per image.
     """
     num_rois, num_classes = scores.shape
-    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [R, R], as torchvision compares
+    # IoU in float32 against the threshold in double, as torchvision's CPU kernel compares
+    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [R, R]
     order = torch.sort(scores.t().float(), dim=1, descending=True, stable=True).indices  # [C, R]
     classes = torch.arange(num_classes, device=scores.device)
     suppressed = torch.zeros((num_classes, num_rois), dtype=torch.bool, device=scores.device)
@@ -92,7 +93,8 @@ def _fixed_point_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
         max_elements = (1 << 28) if scores.is_cuda else (1 << 24)
     if work_dtype is None:  # 0/1 entries, sums <= num_rois: exact in float16 up to 2048
         work_dtype = torch.float16 if scores.is_cuda and num_rois <= 2048 else torch.float32
-    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [i, j], as torchvision compares
+    # IoU in float32 against the threshold in double, as torchvision's CPU kernel compares
+    overlap = box_iou(boxes.float(), boxes.float()).double() > iou_threshold  # [i, j]
     index = torch.arange(num_rois, device=scores.device)
     earlier_index = index[None, :] < index[:, None]  # [i, j]: j has the lower index
     out = torch.empty((num_classes, num_rois), dtype=torch.bool, device=scores.device)
