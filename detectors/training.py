@@ -53,6 +53,7 @@ command line by ``vlp train-detector``; :func:`train_detector` is the one-call f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -413,6 +414,21 @@ def output_paths(out_path) -> dict[str, Path]:
             "eval": out_path.with_name(out_path.stem + ".eval" + out_path.suffix)}
 
 
+def _in_own_threads(method):
+    """Run a trainer method with torch's thread count at ``settings.threads``, then give the
+    caller's count back: training in a notebook or a test must not leave the process at
+    another thread count."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.settings.threads)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
 class DetectorTrainer:
     """Trains a detector on a VG-format folder, one :meth:`step` at a time.
 
@@ -461,7 +477,6 @@ class DetectorTrainer:
         self.half, self.log = half, log
         self.paths = output_paths(out_path)
         self.paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
         self.rng = np.random.default_rng(settings.seed)
@@ -522,6 +537,7 @@ class DetectorTrainer:
             batch.append(load_train_image(ann, config, flip))
         return batch
 
+    @_in_own_threads
     def step(self) -> dict[str, float]:
         """One optimiser step on the next batch; returns its losses (and ``total``)."""
         for group in self.optimizer.param_groups:
@@ -544,6 +560,7 @@ class DetectorTrainer:
         return values
 
     # -- the loop ----------------------------------------------------------------------
+    @_in_own_threads
     def run(self, *, time_limit_s: Optional[float] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> dict:
         """Train to ``settings.iterations``; returns the log record.
@@ -679,6 +696,7 @@ class DetectorTrainer:
         self.log(f"resumed {path} at iteration {self.iteration}")
 
     # -- evaluation -------------------------------------------------------------------
+    @_in_own_threads
     def evaluate(self) -> dict:
         """mAP@0.5 and attribute accuracy of the exported weights on the evaluation images
         (all evaluation folders pooled into one set).

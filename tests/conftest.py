@@ -114,6 +114,21 @@ def mixed_folder(tmp_path_factory, small_world):
     return root, expected
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_left_as_found():
+    """Library code that sets torch's thread count for the whole process (and keeps it) slows
+    every later test and surprises a notebook user: a test that leaves it changed fails."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"left torch at {after} thread(s), found at {before}: the code under test must give "
+                    "the caller's thread count back", pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The test machine is shared: one torch thread avoids oversubscription (10x slowdowns)."""

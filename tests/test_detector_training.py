@@ -170,8 +170,12 @@ def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, train_min_
                              train_min_sizes=train_min_sizes)
     options = dict(config=config, settings=settings, log_every=1, checkpoint_every=0, half=False,
                    log=lambda *_: None)
+    caller_threads = torch.get_num_threads()
     straight = DetectorTrainer(tiny_world, tmp_path / "a.pt", **options)
-    whole = straight.run()
+    seen = []
+    whole = straight.run(should_stop=lambda: seen.append(torch.get_num_threads()) or False)
+    # settings.threads while it trains; the caller's thread count again afterwards
+    assert set(seen) == {1} and torch.get_num_threads() == caller_threads
     answers = iter([False, True])  # asked after iterations 1 and 2: stop after 2 (Ctrl-C)
     first = DetectorTrainer(tiny_world, tmp_path / "b.pt", **options)
     stopped = first.run(should_stop=lambda: next(answers))
