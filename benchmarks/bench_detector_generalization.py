@@ -14,8 +14,10 @@ outside the repository) on five held-out sets, none used in training or checkpoi
   the top box must be the shape (IoU >= 0.5, right category).
 
 Prints mAP@0.5, attribute accuracy (colour, on true positives), precision / recall at the
-preset's score threshold, the top-box rates of the single-shape set, AP per category and
-attribute accuracy per colour. No assertions. ``--json`` writes every figure.
+preset's score threshold, the top-box rates of the single-shape set, AP per category,
+attribute accuracy per colour and the error anatomy (objects located / named / named first,
+by relative size; ``vlp.detectors.evaluate.error_anatomy``). No assertions. ``--json``
+writes every figure.
 
     python benchmarks/bench_detector_generalization.py --old-weights /tmp/old-demo-detector.pt
     python benchmarks/bench_detector_generalization.py --images 40 --threads 1   # quick
@@ -53,14 +55,28 @@ def make_sets(root: Path, images: int, classic_images: int) -> dict[str, Path]:
     return sets
 
 
-def evaluate(weights, sets: dict[str, Path], threads: int) -> dict:
+def parse_settings(pairs) -> dict:
+    """KEY=VALUE pairs (values read as JSON where they parse, else as strings)."""
+    settings = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set / --old-set expect KEY=VALUE, got {pair!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> dict:
     import torch
 
     from vlp.detectors import load_detector
-    from vlp.detectors.evaluate import detect_vg, evaluate_predictions, top_box_accuracy
+    from vlp.detectors.evaluate import detect_vg, error_anatomy, evaluate_predictions, top_box_accuracy
 
     torch.set_num_threads(threads)
-    detector = load_detector(weights, preset="demo", device="cpu")
+    detector = load_detector(weights, preset="demo", device="cpu", **settings)
     out = {"weights": str(weights) if weights else "shipped", "sha256": detector.weights_sha256}
     threshold = detector.detector_config.score_threshold
     for name, path in sets.items():
@@ -68,6 +84,7 @@ def evaluate(weights, sets: dict[str, Path], threads: int) -> dict:
         records, gt = detect_vg(detector, path)
         result = evaluate_predictions(records, gt, score_threshold=threshold)
         result["seconds"] = time.perf_counter() - start
+        result["anatomy"] = error_anatomy(records, gt)
         if name == "single shapes":
             result["top_box"] = top_box_accuracy(records, gt)
         out[name] = result
@@ -86,6 +103,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None, help="demo weights to evaluate (default: the shipped file)")
     parser.add_argument("--old-weights", default=None, help="a second file, shown side by side")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a detector setting for --weights, e.g. bottleneck_channels=24 (repeatable)")
+    parser.add_argument("--old-set", action="append", metavar="KEY=VALUE",
+                        help="the same for --old-weights (a file of another width)")
     parser.add_argument("--images", type=int, default=150, help="images per set (default 150)")
     parser.add_argument("--classic-images", type=int, default=120, help="images of the classic set (120)")
     parser.add_argument("--threads", type=int, default=2)
@@ -99,9 +120,9 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         sets = make_sets(root, args.images, args.classic_images)
         print(f"sets generated in {time.perf_counter() - start:.1f} s under {root}")
-        runs = {"new": evaluate(args.weights, sets, args.threads)}
+        runs = {"new": evaluate(args.weights, sets, args.threads, parse_settings(args.set))}
         if args.old_weights:
-            runs["old"] = evaluate(args.old_weights, sets, args.threads)
+            runs["old"] = evaluate(args.old_weights, sets, args.threads, parse_settings(args.old_set))
     for key, run in runs.items():
         print(f"\n{key} weights {run['weights']} (sha256 {run['sha256'][:16]}...)")
         for name in sets:
@@ -115,6 +136,16 @@ def main(argv=None) -> None:
                                                 for c, v in r["attribute_accuracy_by_colour"].items()))
             print(f"  {key}: recall by colour " + ", ".join(f"{c} {v['value']:.2f}"
                                                           for c, v in r["recall_by_colour"].items()))
+    print("\nerror anatomy, every GT object at any score: located (a box of any class at IoU >= 0.5) / "
+          "class found (one of them of its class) / class first (the top-scoring one of its class); "
+          "by size = sqrt(box area) / the image's short side")
+    for key, run in runs.items():
+        for name in sets:
+            a = run[name]["anatomy"]
+            sizes = ", ".join(f"{label} ({v['objects']}) {v['located']:.2f}/{v['class_found']:.2f}/"
+                              f"{v['class_first']:.2f}" for label, v in a["by_size"].items())
+            print(f"  {key} {name:22s} {a['objects']:4d} objects {a['located']:.2f}/{a['class_found']:.2f}/"
+                  f"{a['class_first']:.2f}; by size {sizes}")
     if "old" in runs:
         print("\nratios new / old (mAP):")
         for name in sets:

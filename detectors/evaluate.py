@@ -35,6 +35,13 @@ Top box (:func:`top_box_accuracy`, for images of one object each)
     The image's highest-``objects_conf`` prediction is a hit when its IoU with the GT box
     is >= ``iou_threshold`` and its class is right ("the top box is the shape, not the
     background"); ``colour`` also needs its ``attrs_id`` to be the GT's primary attribute.
+Error anatomy (:func:`error_anatomy`, per GT object, any score)
+    ``located``: some prediction of any class has IoU >= ``iou_threshold`` with it;
+    ``class_found``: one of those has the object's class; ``class_first``: the
+    highest-``objects_conf`` one of those has the object's class. ``located`` low means the
+    proposals or boxes miss objects; ``class_found`` well below it, that the classifier
+    names them wrongly; ``class_first`` below ``class_found``, that a wrong name outranks
+    the right one on the same object (a false positive ranked above it in AP).
 """
 
 from __future__ import annotations
@@ -222,6 +229,67 @@ def top_box_accuracy(predictions: Sequence, ground_truth: Sequence[Annotation], 
             "colour_rate": colour_hits / images if images else 0.0,
             "iou_rate": iou_hits / images if images else 0.0,
             "images": images, "misses": misses}
+
+
+#: Object size bins of :func:`error_anatomy`: sqrt(box area) / the image's short side.
+#: Detectors resize the short side to a fixed length (512 px for the demo preset), so this
+#: is the object's size as the network sees it, whatever the image's own size.
+ANATOMY_SIZE_EDGES = (0.1, 0.2, 0.4)
+
+
+def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
+                  iou_threshold: float = 0.5, size_edges: Sequence[float] = ANATOMY_SIZE_EDGES) -> dict:
+    """Where a detector loses objects: located, named, named first (see the module docstring).
+
+    Returns {"objects", "located", "class_found", "class_first" (fractions of all GT
+    objects), "by_size": {bin label: {"objects", "located", "class_found", "class_first"}},
+    "by_category": {class name: the same}}; size bins follow ``size_edges`` (relative
+    sizes, ascending), labelled like "<0.1", "0.1-0.2", ">=0.4".
+    """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images")
+    from vlp.schemas import vocab
+
+    names = vocab.objects()
+    edges = [float(e) for e in size_edges]
+    if edges != sorted(edges) or len(set(edges)) != len(edges):
+        raise ValueError(f"size_edges must be strictly ascending, got {list(size_edges)}")
+    labels = ([f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])]
+              + [f">={edges[-1]:g}"]) if edges else ["all"]
+    totals: dict[tuple, np.ndarray] = {}  # (table, key) -> [objects, located, found, first]
+
+    def add(key, outcome):
+        totals.setdefault(key, np.zeros(4, dtype=np.int64))
+        totals[key] += outcome
+
+    for pred, gt in zip(predictions, ground_truth):
+        boxes = _get(pred, "boxes").reshape(-1, 4).astype(np.float64)
+        classes = _get(pred, "objects_id").reshape(-1).astype(np.int64)
+        confs = _get(pred, "objects_conf").reshape(-1).astype(np.float64)
+        gt_boxes = np.asarray(gt.boxes, dtype=np.float64).reshape(-1, 4)
+        iou = box_iou_np(boxes, gt_boxes) if len(boxes) else np.zeros((0, len(gt_boxes)))
+        short_side = max(min(int(gt.width), int(gt.height)), 1)
+        for g, cls in enumerate(np.asarray(gt.classes).reshape(-1)):
+            near = np.nonzero(iou[:, g] >= iou_threshold)[0]
+            named = near[classes[near] == cls]
+            first = near[np.argmax(confs[near])] if len(near) else -1
+            outcome = np.array([1, len(near) > 0, len(named) > 0, first >= 0 and classes[first] == cls])
+            x1, y1, x2, y2 = gt_boxes[g]
+            relative = np.sqrt(max(x2 - x1, 0.0) * max(y2 - y1, 0.0)) / short_side
+            add(("all", ""), outcome)
+            add(("size", labels[int(np.searchsorted(edges, relative, side="right"))]), outcome)
+            add(("category", names.name(int(cls))), outcome)
+
+    def row(counts):
+        n = int(counts[0])
+        return {"objects": n, **{name: float(counts[k]) / n if n else 0.0
+                                  for k, name in enumerate(("located", "class_found", "class_first"), 1)}}
+
+    overall = row(totals.get(("all", ""), np.zeros(4, dtype=np.int64)))
+    return {**overall,
+            "by_size": {label: row(totals[("size", label)]) for label in labels if ("size", label) in totals},
+            "by_category": {key: row(counts) for (table, key), counts in sorted(totals.items())
+                            if table == "category"}}
 
 
 def detect_vg(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,

@@ -13,7 +13,7 @@ import torch
 
 import vlp.detectors.inference as inference
 from vlp.detectors import DetectorConfigError, ShippedWeightsError, load_detector, make_config
-from vlp.detectors.evaluate import evaluate_detector, evaluate_predictions, voc_ap
+from vlp.detectors.evaluate import error_anatomy, evaluate_detector, evaluate_predictions, voc_ap
 from vlp.detectors.inference import Detector
 from vlp.detectors.annotations import Annotation
 from vlp.detectors.training import (DetectorTrainer, TrainImage, TrainSettings, encode_deltas, match_anchors,
@@ -250,6 +250,30 @@ def test_false_positive_in_the_middle_duplicates_and_low_scores():
     assert result["num_predictions_at_threshold"] == 5
     assert result["precision"] == pytest.approx(3 / 5) and result["recall"] == pytest.approx(3 / 4)
     assert voc_ap(np.array([0.5, 1.0]), np.array([1.0, 0.5])) == pytest.approx(0.75)
+
+
+def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
+    from vlp.schemas import vocab
+
+    preds = [_pred([GT[0].boxes[0], GT[0].boxes[0] + 2, GT[0].boxes[1]], [B, A, A], [0.9, 0.5, 0.8],
+                   [RED, RED, BLUE]),  # 1st object: named A, but B ranks first; 2nd: right
+             _pred([GT[1].boxes[0], [0, 400, 30, 430]], [B, B], [0.6, 0.95], [RED, RED])]
+    # image 2: the A object only named B; the B object has no box near it
+    anatomy = error_anatomy(preds, GT)
+    assert anatomy["objects"] == 4
+    assert (anatomy["located"], anatomy["class_found"], anatomy["class_first"]) == (0.75, 0.5, 0.25)
+    # relative sizes (sqrt area / short side 480): 0.104, 0.208, 0.104, 0.118
+    assert anatomy["by_size"] == {
+        "0.1-0.2": {"objects": 3, "located": 2 / 3, "class_found": 1 / 3, "class_first": 0.0},
+        "0.2-0.4": {"objects": 1, "located": 1.0, "class_found": 1.0, "class_first": 1.0}}
+    names = vocab.objects()
+    assert anatomy["by_category"][names.name(A)] == {"objects": 3, "located": 1.0, "class_found": 2 / 3,
+                                                     "class_first": 1 / 3}
+    assert anatomy["by_category"][names.name(B)]["located"] == 0.0
+    with pytest.raises(ValueError, match="ascending"):
+        error_anatomy(preds, GT, size_edges=(0.2, 0.1))
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        error_anatomy(preds, GT[:1])
 
 
 # -- the shipped demo detector --------------------------------------------------------------
