@@ -36,8 +36,8 @@ from vlp.schemas import FeatureRecord
 
 DEMO_WORLD_SEED = 123
 #: The demo's world is drawn in the classic style (grey backgrounds, eight colours), where the
-#: shipped demo detector is at its best (mAP@0.5 0.925) and the README's demo figures were
-#: measured; on the wide default world of ``vlp synth`` it reaches 0.61-0.65 (issue 19;
+#: shipped demo detector is at its best (mAP@0.5 0.91) and the README's demo figures were
+#: measured; on the wide default world of ``vlp synth`` it reaches 0.66-0.69 (issue 19;
 #: benchmarks/RESULTS.md), where the demo would show many more misses.
 DEMO_WORLD_STYLE = "classic"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")

@@ -52,7 +52,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "3bee5e0735f54cd1e7b29e7331bc5e2c24b06c3d117e890b1ac161dc9b99625f"),
+    "demo": ("demo-detector.pt", "263d7dc9c64012868d659c065bdb9d8098b350a6e481ccd5e6685f0cb6c6dde4"),
 }
 
 
