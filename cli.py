@@ -575,16 +575,12 @@ def _parse_train_min_sizes(text: str) -> tuple:
 
 
 def _parse_overrides(pairs) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
+    from vlp.detectors.config import parse_setting_pairs
+
+    try:
+        return parse_setting_pairs(pairs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.command(cls=_Command, context_settings=CONTEXT)

@@ -55,20 +55,6 @@ def make_sets(root: Path, images: int, classic_images: int) -> dict[str, Path]:
     return sets
 
 
-def parse_settings(pairs) -> dict:
-    """KEY=VALUE pairs (values read as JSON where they parse, else as strings)."""
-    settings = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set / --old-set expect KEY=VALUE, got {pair!r}")
-        try:
-            settings[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key.strip()] = value
-    return settings
-
-
 def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> dict:
     import torch
 
@@ -114,15 +100,21 @@ def main(argv=None) -> None:
                                                      "(default: a temporary one)")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     args = parser.parse_args(argv)
+    from vlp.detectors.config import parse_setting_pairs
+
+    try:
+        new_settings, old_settings = parse_setting_pairs(args.set), parse_setting_pairs(args.old_set)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.work or tmp)
         start = time.perf_counter()
         sets = make_sets(root, args.images, args.classic_images)
         print(f"sets generated in {time.perf_counter() - start:.1f} s under {root}")
-        runs = {"new": evaluate(args.weights, sets, args.threads, parse_settings(args.set))}
+        runs = {"new": evaluate(args.weights, sets, args.threads, new_settings)}
         if args.old_weights:
-            runs["old"] = evaluate(args.old_weights, sets, args.threads, parse_settings(args.old_set))
+            runs["old"] = evaluate(args.old_weights, sets, args.threads, old_settings)
     for key, run in runs.items():
         print(f"\n{key} weights {run['weights']} (sha256 {run['sha256'][:16]}...)")
         for name in sets:

@@ -305,6 +305,22 @@ def apply_overrides(config: DetectorConfig, overrides: dict) -> DetectorConfig:
     return dataclasses.replace(config, arch=arch, **overrides).validate()
 
 
+def parse_setting_pairs(pairs) -> dict:
+    """``--set`` strings ``KEY=VALUE`` as overrides: a value is read as JSON where it parses
+    (``24``, ``0.3``, ``true``, ``[1, 2]``), else kept as a string. ValueError for a pair
+    without ``=`` or without a key (:func:`apply_overrides` then checks names and types)."""
+    overrides = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
 def config_from_dict(data: dict) -> DetectorConfig:
     """Inverse of ``DetectorConfig.to_dict()``."""
     data = dict(data)

@@ -123,3 +123,16 @@ def test_resize_rules():
     assert resized_size(480, 640, lx)[:2] == (800, 1067)
     assert resized_size(640, 480, lx)[:2] == (1067, 800)
     assert resized_size(100, 1000, lx)[:2] == (133, 1333)
+
+
+def test_set_pairs_read_json_values_and_keep_other_text():
+    from vlp.detectors.config import parse_setting_pairs
+
+    assert parse_setting_pairs(["bottleneck_channels=24", "score_threshold=0.3", "dedupe=true",
+                                "anchor_sizes=[32, 64]", "resize=pil"]) == {
+        "bottleneck_channels": 24, "score_threshold": 0.3, "dedupe": True, "anchor_sizes": [32, 64],
+        "resize": "pil"}
+    assert parse_setting_pairs(None) == {}
+    for bad in ("min_boxes", "=36"):
+        with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
+            parse_setting_pairs([bad])
