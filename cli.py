@@ -479,12 +479,15 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--time-limit", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds (checkpoint written, evaluation run).")
 @click.option("--fp32", is_flag=True, help="Write float32 weights (default float16).")
+@click.option("--stored-classes", type=click.Choice(["all", "trained"]), default="all", show_default=True,
+              help="Box-predictor rows to write: all 1600 VG classes, or only the classes of the training "
+                   "images (a smaller file that never predicts the others).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads.")
 def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
                        rois_per_image, roi_positive_fraction, train_min_sizes, norm, init_weights, resume,
                        eval_worlds, eval_split, eval_images, eval_every, log_every, checkpoint_every, time_limit,
-                       fp32, threads):
+                       fp32, stored_classes, threads):
     """Train a Faster R-CNN with attribute head on Visual-Genome-format folders.
 
     Each VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg
@@ -516,7 +519,7 @@ def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, 
     trainer = DetectorTrainer(list(vg_dirs), out, config=config, settings=settings, eval_vg_dir=eval_folders or None,
                               eval_image_ids=eval_ids, eval_every=eval_every or None, log_every=log_every,
                               checkpoint_every=checkpoint_every, half=not fp32, init_weights=init_weights,
-                              log=click.echo)
+                              stored_classes=stored_classes, log=click.echo)
     if resume:
         trainer.resume()
     stop = threading.Event()

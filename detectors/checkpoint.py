@@ -20,6 +20,15 @@ architecture config when absent (detectron2 >= 0.2 no longer saves it).
 
 Anything else is strict: every model key must be present, no checkpoint key may be left
 over, and every shape must match; one :class:`CheckpointError` lists all problems.
+
+A class-subset checkpoint (``save_checkpoint(..., classes=...)``, e.g. the shipped demo
+detector, which knows 8 of the 1600 VG categories) stores the class rows of the box
+predictor (``cls_score``, ``bbox_pred``, ``cls_embedding``) for those classes and the
+background only, plus their VG indices under :data:`CLASS_SUBSET_KEY`. Loading restores the
+full layout: the left-out classes get logit :data:`ABSENT_CLASS_LOGIT` (probability 0),
+zero box deltas and a zero embedding, so the detector never predicts them and its class ids
+stay VG's. Trained class heads put next to no probability on classes they never saw (under
+3e-7 per RoI on average for the demo detector), which is what such a subset drops.
 """
 
 from __future__ import annotations
@@ -48,6 +57,14 @@ KEY_RENAMES: list[tuple[str, str]] = [
 ]
 IGNORED_SUFFIX = ".num_batches_tracked"
 OPTIONAL_KEYS = frozenset({"proposal_generator.anchor_generator.cell_anchors.0"})
+#: Key of a class-subset checkpoint: the VG class indices (ascending) whose rows it stores.
+CLASS_SUBSET_KEY = "roi_heads.box_predictor.stored_classes"
+#: The class logit a class-subset checkpoint gives every class it left out (softmax: 0).
+ABSENT_CLASS_LOGIT = -1.0e4
+_PREDICTOR = "roi_heads.box_predictor."
+# predictor tensors with one row per class (+ background, the last row) or 4 per class
+_PER_CLASS_ROWS = {"cls_score.weight": 1, "cls_score.bias": 1, "cls_embedding.weight": 1,
+                   "bbox_pred.weight": 4, "bbox_pred.bias": 4}
 
 GET_WEIGHTS_HELP = (
     "Pass the path of a Visual Genome Faster R-CNN checkpoint as weights=..., either\n"
@@ -58,8 +75,9 @@ GET_WEIGHTS_HELP = (
     "Use allow_random=True only for tests and timing: random weights give meaningless features.")
 
 
-__all__ = ["CheckpointError", "GET_WEIGHTS_HELP", "KEY_RENAMES", "check_checkpoint", "load_weights",
-           "match_state_dict", "read_checkpoint", "rename_key", "save_checkpoint"]
+__all__ = ["ABSENT_CLASS_LOGIT", "CLASS_SUBSET_KEY", "CheckpointError", "GET_WEIGHTS_HELP", "KEY_RENAMES",
+           "check_checkpoint", "load_weights", "match_state_dict", "read_checkpoint", "rename_key",
+           "save_checkpoint", "subset_checkpoint"]
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -175,6 +193,7 @@ def match_state_dict(raw: dict[str, torch.Tensor], model: torch.nn.Module, sourc
     detected layout and the ignored keys).
     """
     expected = model.state_dict()
+    raw = _expand_class_subset(raw, expected, source)
     norm_prefixes = {name.rsplit(".", 1)[0] for name in expected if name.endswith(".running_var")}
     state, ignored, unexpected, mismatched = {}, [], [], []
     renamed_from = {}  # model key -> checkpoint key that provided it
@@ -217,6 +236,71 @@ def match_state_dict(raw: dict[str, torch.Tensor], model: torch.nn.Module, sourc
     return state, {"layout": layout, "ignored_keys": ignored, "num_keys": len(raw)}
 
 
+def _class_rows(classes: torch.Tensor, rows_per_class: int, num_classes: int) -> torch.Tensor:
+    """Row indices of ``classes`` in a predictor tensor (with the background row when the
+    tensor has one per class plus background)."""
+    if rows_per_class == 1:
+        return torch.cat([classes, torch.tensor([num_classes])])
+    return (classes[:, None] * rows_per_class + torch.arange(rows_per_class)).reshape(-1)
+
+
+def _subset_state(state: dict[str, torch.Tensor], classes) -> dict[str, torch.Tensor]:
+    """``state`` with only the predictor rows of ``classes`` (and the background)."""
+    num_classes = int(state[_PREDICTOR + "cls_score.weight"].shape[0]) - 1
+    try:
+        kept = torch.as_tensor(sorted({int(c) for c in classes}), dtype=torch.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"classes must be class indices, got {classes!r}") from None
+    if kept.numel() == 0 or int(kept[0]) < 0 or int(kept[-1]) >= num_classes:
+        raise ValueError(f"classes must be 1 or more indices in [0, {num_classes}), got {kept.tolist()[:20]}")
+    out = dict(state)
+    for name, rows_per_class in _PER_CLASS_ROWS.items():
+        out[_PREDICTOR + name] = state[_PREDICTOR + name][_class_rows(kept, rows_per_class, num_classes)]
+    out[CLASS_SUBSET_KEY] = kept
+    return out
+
+
+def _expand_class_subset(raw: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str):
+    """The full predictor layout of a class-subset checkpoint (``raw`` unchanged otherwise)."""
+    key_of = {rename_key(name): name for name in raw}
+    if CLASS_SUBSET_KEY not in key_of:
+        return raw
+    full_scores = expected.get(_PREDICTOR + "cls_score.weight")
+    if full_scores is None:
+        raise CheckpointError(f"{source}: a class-subset checkpoint, but the model has no box predictor")
+    num_classes = int(full_scores.shape[0]) - 1
+    kept = raw[key_of[CLASS_SUBSET_KEY]]
+    problem = None
+    if (kept.dim() != 1 or kept.is_floating_point() or kept.is_complex() or kept.dtype == torch.bool
+            or kept.numel() == 0):
+        problem = f"must be a non-empty 1-D integer tensor, got {kept.dtype} of shape {tuple(kept.shape)}"
+    else:
+        kept = kept.to(torch.int64)
+        if int(kept.min()) < 0 or int(kept.max()) >= num_classes:
+            problem = f"indices must lie in [0, {num_classes}), got {int(kept.min())}..{int(kept.max())}"
+        elif kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+            problem = "indices must be ascending and distinct"
+    if problem:
+        raise CheckpointError(f"{source}: {CLASS_SUBSET_KEY} {problem}")
+    out = {name: tensor for name, tensor in raw.items() if name != key_of[CLASS_SUBSET_KEY]}
+    for name, rows_per_class in _PER_CLASS_ROWS.items():
+        key = _PREDICTOR + name
+        rows = _class_rows(kept, rows_per_class, num_classes)
+        stored, target = raw.get(key_of.get(key, key)), expected.get(key)
+        if stored is None or target is None:
+            continue  # reported by the strict matching as a missing / unexpected key
+        if tuple(stored.shape) != (len(rows), *target.shape[1:]) or not stored.is_floating_point():
+            raise CheckpointError(f"{source}: {key} of a class-subset checkpoint must be floating point of "
+                                  f"shape {(len(rows), *target.shape[1:])} for its {kept.numel()} classes, "
+                                  f"got {stored.dtype} {tuple(stored.shape)}")
+        full = torch.zeros(target.shape, dtype=stored.dtype)
+        if name == "cls_score.bias":
+            full.fill_(ABSENT_CLASS_LOGIT)
+        full[rows] = stored
+        out[key_of.get(key, key)] = full
+    return out
+
+
 def load_weights(model: torch.nn.Module, path) -> dict:
     """Load a checkpoint file into ``model`` strictly and safely; returns info incl. sha256."""
     raw = read_checkpoint(path)
@@ -227,8 +311,11 @@ def load_weights(model: torch.nn.Module, path) -> dict:
     return info
 
 
-def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
+def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False, classes=None) -> str:
     """Write the model's weights (detectron2 names, no num_batches_tracked); returns sha256.
+
+    ``classes``: VG class indices; when given, only their box-predictor rows (and the
+    background's) are written, with :data:`CLASS_SUBSET_KEY` (see the module docstring).
 
     ``.pkl`` writes the detectron2 layout ``{"model": {name: ndarray}}``, anything in
     TORCH_SUFFIXES a flat torch state dict. ``half=True`` stores floats as float16
@@ -236,20 +323,40 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False) -> str:
     a reader, or a run killed while writing, sees the old file or the new one. The same
     weights give the same bytes (and sha256) whatever the file is called.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
-        state[name] = tensor.contiguous()
+        state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
+    if classes is not None:
+        state = _subset_state(state, classes)
+    return _write_state(path, state)
+
+
+def _write_state(path, state: dict[str, torch.Tensor]) -> str:
+    """Write a flat state dict in the layout of ``path``'s suffix, atomically; returns sha256."""
+    path = Path(path)
+    suffix = path.suffix.lower()
     if suffix not in PICKLE_SUFFIXES + TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected one of "
                               f"{', '.join(TORCH_SUFFIXES + PICKLE_SUFFIXES)}")
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     if suffix in PICKLE_SUFFIXES:
         atomic_write(path, lambda handle: pickle.dump({"model": {k: v.numpy() for k, v in state.items()}}, handle,
                                                       protocol=4))
     else:  # through a handle: the archive is named "archive", not after the (temporary) file
         atomic_write(path, lambda handle: torch.save(state, handle))
     return sha256_file(path)
+
+
+def subset_checkpoint(path, out_path, classes) -> str:
+    """Write the checkpoint at ``path`` as a class-subset checkpoint of ``classes`` (VG class
+    indices) at ``out_path`` (atomically, tensors in their stored dtypes); returns its sha256.
+    The same bytes as ``save_checkpoint(model, out_path, classes=classes)`` of the model it holds."""
+    state = {rename_key(name): tensor for name, tensor in read_checkpoint(path).items()
+             if not name.endswith(IGNORED_SUFFIX)}
+    if CLASS_SUBSET_KEY in state:
+        raise CheckpointError(f"{path}: already a class-subset checkpoint "
+                              f"({state[CLASS_SUBSET_KEY].numel()} classes); subset the full file")
+    if _PREDICTOR + "cls_score.weight" not in state:
+        raise CheckpointError(f"{path}: no box predictor ({_PREDICTOR}cls_score.weight)")
+    return _write_state(out_path, _subset_state(state, classes))

@@ -445,6 +445,9 @@ class DetectorTrainer:
     init_weights: a checkpoint of the same architecture to start from (a new run from
         those weights: fresh optimiser and warmup). To continue an interrupted run with
         its optimiser, data order and random state, use :meth:`resume`.
+    stored_classes: ``"all"`` writes the full 1600-class predictor; ``"trained"`` only the
+        rows of the classes in the training annotations (a class-subset checkpoint,
+        :mod:`vlp.detectors.checkpoint`: a smaller file that never predicts other classes).
 
     Files (:func:`output_paths`), all written atomically:
 
@@ -462,7 +465,7 @@ class DetectorTrainer:
                  settings: Optional[TrainSettings] = None, image_ids: Optional[Sequence[int]] = None,
                  eval_vg_dir=None, eval_image_ids: Optional[Sequence[int]] = None, eval_every: Optional[int] = None,
                  log_every: int = 20, checkpoint_every: int = 250, half: bool = True, init_weights=None,
-                 log: Callable[[str], None] = print):
+                 stored_classes: str = "all", log: Callable[[str], None] = print):
         self.settings = settings = settings or TrainSettings()
         self.config = config = config or make_config(preset)
         bad = [size for size in settings.train_min_sizes if not 0 < int(size) <= config.max_size]
@@ -489,6 +492,10 @@ class DetectorTrainer:
             self.annotations += [a for a in load_vg_annotations(folder, ids) if a.boxes.shape[0] > 0]
         if not self.annotations:
             raise AnnotationError(f"{', '.join(map(os.fspath, self.vg_dirs))}: no training images with objects")
+        if stored_classes not in ("all", "trained"):
+            raise ValueError(f"stored_classes must be 'all' or 'trained', got {stored_classes!r}")
+        self.stored_classes = (sorted({int(c) for a in self.annotations for c in a.classes})
+                               if stored_classes == "trained" else None)
         self.model = build_training_model(config, settings.seed, settings.norm)
         if init_weights is not None:
             state, _ = match_state_dict(read_checkpoint(init_weights), self.model, source=str(init_weights))
@@ -510,6 +517,7 @@ class DetectorTrainer:
                        "preset": config.preset, "config": config.to_dict(),
                        "settings": settings.to_dict(), "num_train_images": len(self.annotations),
                        "num_parameters": sum(p.numel() for p in self.model.state_dict().values()),
+                       "stored_classes": self.stored_classes or "all",
                        "losses": [], "evaluations": [], "checkpoints": []}
 
     @property
@@ -622,7 +630,8 @@ class DetectorTrainer:
     # -- checkpoints ------------------------------------------------------------------
     def export(self, path=None) -> str:
         """Write the weights in the inference layout (strict-loadable); returns sha256."""
-        return save_checkpoint(self.model, path or self.paths["checkpoint"], half=self.half)
+        return save_checkpoint(self.model, path or self.paths["checkpoint"], half=self.half,
+                               classes=self.stored_classes)
 
     def save(self) -> str:
         """Write the checkpoint, the training state and the log; returns the checkpoint's sha256."""
@@ -692,6 +701,7 @@ class DetectorTrainer:
         self.seconds_before = float(state["seconds"])
         self._started = time.perf_counter()
         record["settings"] = self.settings.to_dict()
+        record["stored_classes"] = self.stored_classes or "all"
         self.record = record
         self.log(f"resumed {path} at iteration {self.iteration}")
 
@@ -778,7 +788,8 @@ def train_detector(vg_dir, out_path, *, preset: str = "demo", iterations: int = 
                    eval_image_ids: Optional[Sequence[int]] = None, eval_every: Optional[int] = None,
                    eval_vg_dir=None, config: Optional[DetectorConfig] = None,
                    settings: Optional[TrainSettings] = None, half: bool = True, log=print,
-                   return_model: bool = False, init_weights=None, resume: bool = False, **overrides):
+                   return_model: bool = False, init_weights=None, resume: bool = False,
+                   stored_classes: str = "all", **overrides):
     """Train a detector on a VG-format folder and write its checkpoint to ``out_path``: a
     :class:`DetectorTrainer` run in one call (see it for the arguments and the files).
 
@@ -791,7 +802,7 @@ def train_detector(vg_dir, out_path, *, preset: str = "demo", iterations: int = 
     trainer = DetectorTrainer(vg_dir, out_path, config=config, preset=preset, settings=settings,
                               image_ids=image_ids, eval_vg_dir=eval_vg_dir, eval_image_ids=eval_image_ids,
                               eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
-                              half=half, init_weights=init_weights, log=log)
+                              half=half, init_weights=init_weights, stored_classes=stored_classes, log=log)
     if resume:
         trainer.resume()
     record = trainer.run(time_limit_s=time_limit_s)

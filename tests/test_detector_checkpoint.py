@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vlp.schemas.shards import sha256_file
 import torch
 
 from vlp.detectors import ArchitectureConfig, CheckpointError, FasterRCNN, load_detector, save_checkpoint
-from vlp.detectors.checkpoint import KEY_RENAMES, load_weights, match_state_dict, read_checkpoint
+from vlp.detectors.checkpoint import (ABSENT_CLASS_LOGIT, CLASS_SUBSET_KEY, KEY_RENAMES, load_weights,
+                                      match_state_dict, read_checkpoint, subset_checkpoint)
 
 LAYOUTS = Path(__file__).parent / "data" / "checkpoint-layouts"
 HF_KEYS = LAYOUTS / "hf_frcnn_vg_finetuned.keys.tsv"
@@ -236,3 +239,118 @@ def _slim_overrides():
     return dict(blocks=SLIM.blocks, stem_channels=SLIM.stem_channels, res2_channels=SLIM.res2_channels,
                 bottleneck_channels=SLIM.bottleneck_channels, rpn_channels=SLIM.rpn_channels,
                 cls_embedding_dim=SLIM.cls_embedding_dim, attr_hidden_dim=SLIM.attr_hidden_dim)
+
+
+# -- class-subset checkpoints -----------------------------------------------------------
+
+KEPT = [5, 17, 1599]
+PREDICTOR = "roi_heads.box_predictor."
+
+
+@pytest.fixture(scope="module")
+def slim_source():
+    return load_detector(allow_random=True, seed=3, **_slim_overrides())
+
+
+@pytest.mark.parametrize("name", ["subset.pt", "subset.pkl"])
+def test_class_subset_checkpoint_stores_the_kept_rows_and_loads_to_the_full_layout(tmp_path, slim_source, name):
+    model = slim_source.model
+    full = tmp_path / "full.pt"
+    save_checkpoint(model, full)
+    sha = save_checkpoint(model, tmp_path / name, classes=[1599, 5, 17, 5])  # any order, duplicates merged
+    raw = read_checkpoint(tmp_path / name)
+    assert raw[CLASS_SUBSET_KEY].tolist() == KEPT and raw[CLASS_SUBSET_KEY].dtype == torch.int64
+    dim = model.roi_heads.box_predictor.cls_score.in_features
+    assert raw[PREDICTOR + "cls_score.weight"].shape == (4, dim)  # 3 classes + background
+    assert raw[PREDICTOR + "bbox_pred.weight"].shape == (12, dim)
+    assert raw[PREDICTOR + "cls_embedding.weight"].shape == (4, SLIM.cls_embedding_dim)
+    assert (tmp_path / name).stat().st_size < full.stat().st_size / 2
+
+    loaded = load_detector(tmp_path / name, **_slim_overrides())
+    assert loaded.weights_sha256 == sha
+    before, after = model.state_dict(), loaded.model.state_dict()
+    with_background = KEPT + [1600]
+    absent = torch.ones(1601, dtype=torch.bool)
+    absent[with_background] = False
+    for key in before:
+        if key == PREDICTOR + "cls_score.bias":
+            assert torch.equal(after[key][with_background], before[key][with_background])
+            assert bool((after[key][absent] == ABSENT_CLASS_LOGIT).all())
+        elif key in (PREDICTOR + "cls_score.weight", PREDICTOR + "cls_embedding.weight"):
+            assert torch.equal(after[key][with_background], before[key][with_background])
+            assert not after[key][absent].any()
+        elif key.startswith(PREDICTOR + "bbox_pred."):
+            rows = torch.tensor([4 * c + i for c in KEPT for i in range(4)])
+            assert torch.equal(after[key][rows], before[key][rows])
+            assert int(torch.count_nonzero(after[key])) == int(torch.count_nonzero(before[key][rows]))
+        else:
+            assert torch.equal(after[key], before[key]), key
+
+    # Behaviour: the kept classes' probabilities are the full model's, renormalised over them;
+    # a left-out class has probability 0.
+    features = torch.randn(50, dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p_full = model.roi_heads.box_predictor.class_logits(features).softmax(-1)
+        p_subset = loaded.model.roi_heads.box_predictor.class_logits(features).softmax(-1)
+    expected = p_full[:, with_background] / p_full[:, with_background].sum(-1, keepdim=True)
+    torch.testing.assert_close(p_subset[:, with_background], expected, rtol=1e-5, atol=1e-7)
+    assert float(p_subset[:, absent].max()) == 0.0
+
+    # The same file from the full checkpoint on disk, byte for byte.
+    assert subset_checkpoint(full, tmp_path / ("again" + Path(name).suffix), KEPT) == sha
+    with pytest.raises(CheckpointError, match="already a class-subset checkpoint"):
+        subset_checkpoint(tmp_path / name, tmp_path / "twice.pt", KEPT)
+
+
+@pytest.fixture(scope="module")
+def subset_state(slim_source):
+    path_state = {k: v.clone() for k, v in slim_source.model.state_dict().items()}
+    from vlp.detectors.checkpoint import _subset_state
+    return _subset_state(path_state, KEPT)
+
+
+@pytest.mark.parametrize("kept,message", [
+    (torch.tensor([], dtype=torch.int64), "non-empty 1-D integer"),
+    (torch.tensor([5.0, 17.0, 1599.0]), "non-empty 1-D integer"),
+    (torch.tensor([[5, 17, 1599]]), "non-empty 1-D integer"),
+    (torch.tensor([17, 5, 1599]), "ascending and distinct"),
+    (torch.tensor([5, 5, 1599]), "ascending and distinct"),
+    (torch.tensor([5, 17, 1600]), r"must lie in \[0, 1600\)"),
+    (torch.tensor([-1, 17, 1599]), r"must lie in \[0, 1600\)"),
+    (torch.tensor([5, 1599]), "cls_score.weight of a class-subset checkpoint must be floating point of shape"),
+])
+def test_a_malformed_class_subset_is_a_clear_error(slim_source, subset_state, kept, message):
+    state = dict(subset_state)
+    state[CLASS_SUBSET_KEY] = kept
+    with pytest.raises(CheckpointError, match=f"subset.pt: .*{message}"):
+        match_state_dict(state, FasterRCNN(SLIM), source="subset.pt")
+
+
+def test_class_subset_rows_must_match_their_classes(subset_state):
+    state = dict(subset_state)
+    state[PREDICTOR + "bbox_pred.bias"] = state[PREDICTOR + "bbox_pred.bias"][:-4]
+    with pytest.raises(CheckpointError, match=r"bbox_pred.bias .* shape \(12,\) for its 3 classes, got "):
+        match_state_dict(state, FasterRCNN(SLIM), source="subset.pt")
+    state = dict(subset_state)
+    del state[PREDICTOR + "cls_embedding.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\):\s+roi_heads.box_predictor.cls_embedding.weight"):
+        match_state_dict(state, FasterRCNN(SLIM), source="subset.pt")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kept=st.lists(st.integers(-3, 1603), max_size=6), dtype=st.sampled_from([torch.int64, torch.int32,
+                                                                               torch.float32, torch.bool]),
+       score_rows=st.integers(0, 8), box_rows=st.integers(0, 30))
+def test_fuzzed_class_subsets_load_or_fail_clearly(subset_state, kept, dtype, score_rows, box_rows):
+    """Whatever the subset key and row counts say, loading either works or raises CheckpointError."""
+    state = dict(subset_state)
+    state[CLASS_SUBSET_KEY] = torch.tensor(kept, dtype=dtype) if kept else torch.zeros(0, dtype=dtype)
+    dim = state[PREDICTOR + "cls_score.weight"].shape[1]
+    state[PREDICTOR + "cls_score.weight"] = torch.zeros(score_rows, dim)
+    state[PREDICTOR + "bbox_pred.weight"] = torch.zeros(box_rows, dim)
+    try:
+        loaded, _ = match_state_dict(state, FasterRCNN(SLIM), source="fuzz.pt")
+    except CheckpointError as exc:
+        assert str(exc).startswith("fuzz.pt")
+    else:
+        assert loaded[PREDICTOR + "cls_score.weight"].shape[0] == 1601

@@ -235,6 +235,17 @@ def test_train_detector_writes_its_files_and_resume_checks_the_settings(tiny_wor
     assert "no training state to resume" in _one_error_line(result)
 
 
+def test_stored_classes_trained_writes_a_class_subset_checkpoint(tiny_world, tmp_path):
+    from vlp.detectors.checkpoint import CLASS_SUBSET_KEY, read_checkpoint
+
+    result = _train(tiny_world, tmp_path / "subset.pt", "--stored-classes", "trained")
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "subset.pt.log.json").read_text())["stored_classes"]
+    assert read_checkpoint(tmp_path / "subset.pt")[CLASS_SUBSET_KEY].tolist() == stored and 0 < len(stored) <= 8
+    result = _train(tiny_world, tmp_path / "other.pt", "--stored-classes", "some")
+    assert result.exit_code == 2 and "'some' is not one of 'all', 'trained'" in result.output, result.output
+
+
 def test_train_min_sizes_are_recorded_checked_on_resume_and_validated(tiny_world, tmp_path):
     out = tmp_path / "multi.pt"
     result = _train(tiny_world, out, "--train-min-sizes", "160, 224")

@@ -163,6 +163,28 @@ def test_multi_scale_training_draws_each_images_shortest_side_from_the_list(tiny
                         settings=TrainSettings(train_min_sizes=(config.max_size + 1,)))
 
 
+def test_stored_classes_trained_writes_the_training_classes_only(tiny_world, tmp_path):
+    import cv2
+
+    from vlp.detectors.annotations import load_vg_annotations
+    from vlp.detectors.checkpoint import CLASS_SUBSET_KEY, read_checkpoint
+
+    config = make_config("demo", **TINY)
+    settings = TrainSettings(batch_size=1, seed=5, threads=1)
+    trainer = DetectorTrainer(tiny_world, tmp_path / "m.pt", config=config, settings=settings,
+                              stored_classes="trained", log=lambda *_: None)
+    trainer.export()
+    world_classes = sorted({int(c) for a in load_vg_annotations(tiny_world, None) for c in a.classes})
+    assert 1 < len(world_classes) <= 8 and trainer.record["stored_classes"] == world_classes
+    assert read_checkpoint(tmp_path / "m.pt")[CLASS_SUBSET_KEY].tolist() == world_classes
+    detector = load_detector(tmp_path / "m.pt", preset="demo", device="cpu", score_threshold=0.0, **TINY)
+    records = detector.detect([cv2.imread(str(world_image(tiny_world, 1)))])
+    assert records[0].num_boxes > 0 and set(records[0].objects_id.tolist()) <= set(world_classes)
+    with pytest.raises(ValueError, match="stored_classes must be 'all' or 'trained'"):
+        DetectorTrainer(tiny_world, tmp_path / "n.pt", config=config, settings=settings, stored_classes="some",
+                        log=lambda *_: None)
+
+
 @pytest.mark.parametrize("train_min_sizes", [(), (160, 224)], ids=["single-scale", "multi-scale"])
 def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, train_min_sizes):
     config = make_config("demo", **TINY)
