@@ -289,11 +289,12 @@ def _expand_class_subset(raw: dict[str, torch.Tensor], expected: dict[str, torch
         stored, target = raw.get(key_of.get(key, key)), expected.get(key)
         if stored is None or target is None:
             continue  # reported by the strict matching as a missing / unexpected key
-        if tuple(stored.shape) != (len(rows), *target.shape[1:]) or not stored.is_floating_point():
-            raise CheckpointError(f"{source}: {key} of a class-subset checkpoint must be floating point of "
-                                  f"shape {(len(rows), *target.shape[1:])} for its {kept.numel()} classes, "
+        if stored.dim() != target.dim() or stored.shape[0] != len(rows) or not stored.is_floating_point():
+            raise CheckpointError(f"{source}: {key} of a class-subset checkpoint must be floating point with "
+                                  f"{len(rows)} rows for its {kept.numel()} classes, "
                                   f"got {stored.dtype} {tuple(stored.shape)}")
-        full = torch.zeros(target.shape, dtype=stored.dtype)
+        # other trailing sizes are another architecture: left for the strict matching to report
+        full = torch.zeros((target.shape[0], *stored.shape[1:]), dtype=stored.dtype)
         if name == "cls_score.bias":
             full.fill_(ABSENT_CLASS_LOGIT)
         full[rows] = stored

@@ -52,7 +52,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "263d7dc9c64012868d659c065bdb9d8098b350a6e481ccd5e6685f0cb6c6dde4"),
+    "demo": ("demo-detector.pt", "67d24a78244331522f13b6d5692be2929e4919de9662fa55d0f0d9630bac4179"),
 }
 
 

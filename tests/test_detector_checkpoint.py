@@ -1,5 +1,6 @@
 """Strict, safe checkpoint loading for both real layouts (key lists from the real files)."""
 
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -317,7 +318,7 @@ def subset_state(slim_source):
     (torch.tensor([5, 5, 1599]), "ascending and distinct"),
     (torch.tensor([5, 17, 1600]), r"must lie in \[0, 1600\)"),
     (torch.tensor([-1, 17, 1599]), r"must lie in \[0, 1600\)"),
-    (torch.tensor([5, 1599]), "cls_score.weight of a class-subset checkpoint must be floating point of shape"),
+    (torch.tensor([5, 1599]), "cls_score.weight of a class-subset checkpoint must be floating point with 3 rows"),
 ])
 def test_a_malformed_class_subset_is_a_clear_error(slim_source, subset_state, kept, message):
     state = dict(subset_state)
@@ -329,8 +330,14 @@ def test_a_malformed_class_subset_is_a_clear_error(slim_source, subset_state, ke
 def test_class_subset_rows_must_match_their_classes(subset_state):
     state = dict(subset_state)
     state[PREDICTOR + "bbox_pred.bias"] = state[PREDICTOR + "bbox_pred.bias"][:-4]
-    with pytest.raises(CheckpointError, match=r"bbox_pred.bias .* shape \(12,\) for its 3 classes, got "):
+    with pytest.raises(CheckpointError, match=r"bbox_pred.bias .* with 12 rows for its 3 classes, got "):
         match_state_dict(state, FasterRCNN(SLIM), source="subset.pt")
+    # a subset of another architecture is reported as such, with the full shapes
+    wider = dataclasses.replace(SLIM, res2_channels=2 * SLIM.res2_channels)
+    with pytest.raises(CheckpointError, match="subset.pt does not match the detector architecture") as info:
+        match_state_dict(dict(subset_state), FasterRCNN(wider), source="subset.pt")
+    assert ("roi_heads.box_predictor.cls_score.weight: checkpoint (1601, 256) vs model (1601, 512)"
+            in info.value.mismatched)
     state = dict(subset_state)
     del state[PREDICTOR + "cls_embedding.weight"]
     with pytest.raises(CheckpointError, match=r"missing keys \(1\):\s+roi_heads.box_predictor.cls_embedding.weight"):
