@@ -186,14 +186,22 @@ def rename_key(name: str) -> str:
     return name
 
 
-def match_state_dict(raw: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "checkpoint"):
+def match_state_dict(raw: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "checkpoint", *,
+                     absent_classes: str = "never_predicted"):
     """Map checkpoint tensors onto the model's keys; raise one error listing every problem.
+
+    absent_classes: for a class-subset checkpoint, what the classes it left out get:
+    ``"never_predicted"`` (logit :data:`ABSENT_CLASS_LOGIT`, zero deltas and embedding) or
+    ``"model"`` (the model's current rows, e.g. a fresh initialisation that training can
+    still move: from logit -1e4 a class would never be learnt).
 
     Returns (state dict ready for ``load_state_dict(strict=True)``, info dict with the
     detected layout and the ignored keys).
     """
     expected = model.state_dict()
-    raw = _expand_class_subset(raw, expected, source)
+    if absent_classes not in ("never_predicted", "model"):
+        raise ValueError(f"absent_classes must be 'never_predicted' or 'model', got {absent_classes!r}")
+    raw = _expand_class_subset(raw, expected, source, from_model=absent_classes == "model")
     norm_prefixes = {name.rsplit(".", 1)[0] for name in expected if name.endswith(".running_var")}
     state, ignored, unexpected, mismatched = {}, [], [], []
     renamed_from = {}  # model key -> checkpoint key that provided it
@@ -260,8 +268,10 @@ def _subset_state(state: dict[str, torch.Tensor], classes) -> dict[str, torch.Te
     return out
 
 
-def _expand_class_subset(raw: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str):
-    """The full predictor layout of a class-subset checkpoint (``raw`` unchanged otherwise)."""
+def _expand_class_subset(raw: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str,
+                         from_model: bool = False):
+    """The full predictor layout of a class-subset checkpoint (``raw`` unchanged otherwise);
+    the left-out rows never predicted, or ``expected``'s own with ``from_model``."""
     key_of = {rename_key(name): name for name in raw}
     if CLASS_SUBSET_KEY not in key_of:
         return raw
@@ -294,10 +304,13 @@ def _expand_class_subset(raw: dict[str, torch.Tensor], expected: dict[str, torch
                                   f"{len(rows)} rows for its {kept.numel()} classes, "
                                   f"got {stored.dtype} {tuple(stored.shape)}")
         # other trailing sizes are another architecture: left for the strict matching to report
-        full = torch.zeros((target.shape[0], *stored.shape[1:]), dtype=stored.dtype)
-        if name == "cls_score.bias":
-            full.fill_(ABSENT_CLASS_LOGIT)
-        full[rows] = stored
+        if from_model and stored.shape[1:] == target.shape[1:]:
+            full = target.clone()
+        else:
+            full = torch.zeros((target.shape[0], *stored.shape[1:]), dtype=stored.dtype)
+            if name == "cls_score.bias":
+                full.fill_(ABSENT_CLASS_LOGIT)
+        full[rows] = stored.to(full.dtype)
         out[key_of.get(key, key)] = full
     return out
 

@@ -498,7 +498,9 @@ class DetectorTrainer:
                                if stored_classes == "trained" else None)
         self.model = build_training_model(config, settings.seed, settings.norm)
         if init_weights is not None:
-            state, _ = match_state_dict(read_checkpoint(init_weights), self.model, source=str(init_weights))
+            # classes a class-subset file left out start from this run's initialisation
+            state, _ = match_state_dict(read_checkpoint(init_weights), self.model, source=str(init_weights),
+                                        absent_classes="model")
             self.model.load_state_dict(state, strict=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() > 1]

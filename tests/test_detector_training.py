@@ -180,6 +180,19 @@ def test_stored_classes_trained_writes_the_training_classes_only(tiny_world, tmp
     detector = load_detector(tmp_path / "m.pt", preset="demo", device="cpu", score_threshold=0.0, **TINY)
     records = detector.detect([cv2.imread(str(world_image(tiny_world, 1)))])
     assert records[0].num_boxes > 0 and set(records[0].objects_id.tolist()) <= set(world_classes)
+    # a run started from a class-subset file can still learn the classes it left out: their
+    # rows start from the run's own initialisation, not from logit -1e4
+    again = DetectorTrainer(tiny_world, tmp_path / "again.pt", config=config, settings=settings,
+                            init_weights=tmp_path / "m.pt", log=lambda *_: None)
+    fresh = DetectorTrainer(tiny_world, tmp_path / "fresh.pt", config=config, settings=settings,
+                            log=lambda *_: None)
+    before, after = trainer.model.state_dict(), again.model.state_dict()
+    other = [c for c in range(1601) if c not in world_classes + [1600]]
+    for name in ("cls_score.weight", "cls_score.bias", "cls_embedding.weight"):
+        key = "roi_heads.box_predictor." + name
+        torch.testing.assert_close(after[key][world_classes + [1600]], before[key][world_classes + [1600]],
+                                   rtol=1e-3, atol=1e-3)  # the file's rows (float16)
+        assert torch.equal(after[key][other], fresh.model.state_dict()[key][other])
     with pytest.raises(ValueError, match="stored_classes must be 'all' or 'trained'"):
         DetectorTrainer(tiny_world, tmp_path / "n.pt", config=config, settings=settings, stored_classes="some",
                         log=lambda *_: None)
