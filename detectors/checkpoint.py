@@ -371,6 +371,7 @@ def subset_checkpoint(path, out_path, classes) -> str:
     if CLASS_SUBSET_KEY in state:
         raise CheckpointError(f"{path}: already a class-subset checkpoint "
                               f"({state[CLASS_SUBSET_KEY].numel()} classes); subset the full file")
-    if _PREDICTOR + "cls_score.weight" not in state:
-        raise CheckpointError(f"{path}: no box predictor ({_PREDICTOR}cls_score.weight)")
+    missing = [_PREDICTOR + name for name in _PER_CLASS_ROWS if _PREDICTOR + name not in state]
+    if missing:
+        raise CheckpointError(f"{path}: no box predictor to subset (missing {', '.join(missing)})")
     return _write_state(out_path, _subset_state(state, classes))

@@ -301,6 +301,12 @@ def test_class_subset_checkpoint_stores_the_kept_rows_and_loads_to_the_full_layo
     assert subset_checkpoint(full, tmp_path / ("again" + Path(name).suffix), KEPT) == sha
     with pytest.raises(CheckpointError, match="already a class-subset checkpoint"):
         subset_checkpoint(tmp_path / name, tmp_path / "twice.pt", KEPT)
+    partial = {k: v for k, v in model.state_dict().items() if k != PREDICTOR + "cls_embedding.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"partial.pt: no box predictor to subset \(missing "
+                                              r"roi_heads.box_predictor.cls_embedding.weight\)"):
+        subset_checkpoint(tmp_path / "partial.pt", tmp_path / "none.pt", KEPT)
+    assert not (tmp_path / "none.pt").exists()
 
 
 @pytest.fixture(scope="module")
