@@ -38,7 +38,7 @@ import numpy as np
 
 from vlp.schemas.answers import normalize_answer
 from vlp.synthetic import palette
-from vlp.synthetic.text import COUNT_WORDS, captions, plural, with_article
+from vlp.synthetic.text import COUNT_WORDS, captions, count_word, plural, with_article
 
 #: world split -> each data set's split name (its file names)
 SPLIT_NAMES = {
@@ -85,7 +85,7 @@ def _absent_combos(scene) -> list[tuple[str, str]]:
 
 
 def _number_phrase(n: int, noun: str) -> str:
-    return f"{COUNT_WORDS[n]} {noun if n == 1 else plural(noun)}"
+    return f"{count_word(n)} {noun if n == 1 else plural(noun)}"
 
 
 # --------------------------------------------------------------------------- GQA
@@ -195,7 +195,7 @@ def vizwiz_question(scene, rng) -> dict:
         wrong = ["no" if answer == "yes" else "yes"]
     n_wrong = int(rng.choice([0, 0, 0, 1, 1, 2, 3]))
     forms = [answer, answer.capitalize(), answer + "."]
-    if answer_type == "number":
+    if answer_type == "number" and int(answer) in COUNT_WORDS:
         forms.append(COUNT_WORDS[int(answer)])
     given = [_pick(rng, wrong) for _ in range(n_wrong)]
     given += [forms[0] if rng.random() < 0.7 else _pick(rng, forms[1:]) for _ in range(10 - n_wrong)]
@@ -283,7 +283,7 @@ def snli_ve_hypotheses(scene, rng) -> list[tuple[str, str]]:
     (about something the image cannot tell)."""
     def count_statement(category, n):
         return (f"There is exactly one {category}." if n == 1
-                else f"There are exactly {COUNT_WORDS[n]} {plural(category)}.")
+                else f"There are exactly {count_word(n)} {plural(category)}.")
 
     out = []
     if rng.random() < 0.5:
@@ -316,7 +316,8 @@ def snli_ve_truth(hypothesis: str, scene) -> str:
         return "entailment" if _count(scene, m[1]) == 1 else "contradiction"
     m = re.fullmatch(r"There are exactly (\w+) (\w+)\.", hypothesis)
     if m:
-        return "entailment" if _count(scene, _singular(m[2])) == words[m[1]] else "contradiction"
+        number = words[m[1]] if m[1] in words else int(m[1])  # count_word: digits beyond ten
+        return "entailment" if _count(scene, _singular(m[2])) == number else "contradiction"
     if any(re.fullmatch(re.escape(t).replace(r"\{x\}", r"\w+ \w+"), hypothesis) for t in _NEUTRAL):
         return "neutral"
     raise ValueError(f"not a SNLI-VE hypothesis of the synthetic world: {hypothesis!r}")

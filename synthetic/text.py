@@ -28,8 +28,14 @@ VERBS = frozenset({"touching", "covering", "overlapping", "sitting", "floating",
                    "resting", "standing", "leaning", "hanging"})
 VERB_PHRASE_PROBABILITY = 0.25
 
+# The number words VQA's answer normalisation knows (zero..ten).
 COUNT_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five",
-               6: "six", 7: "seven", 8: "eight"}
+               6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+
+
+def count_word(n: int) -> str:
+    """``n`` as a word up to ten, in digits beyond (a scene may hold more objects)."""
+    return COUNT_WORDS.get(int(n), str(int(n)))
 _PLURALS = {"box": "boxes", "cross": "crosses", "rhombus": "rhombuses"}
 #: Caption synonyms (VG phrases always use the VG display name).
 _CAPTION_NAMES = {
@@ -251,7 +257,7 @@ def region_descriptions(scene: Scene, rng: np.random.Generator, first_region_id:
             elif multi and roll < 0.55:
                 key, members = multi[int(rng.integers(len(multi)))]
                 noun = plural(" ".join(key))
-                phrase = f"{COUNT_WORDS[len(members)]} {noun}"
+                phrase = f"{count_word(len(members))} {noun}"
                 if verb:
                     phrase += f" {_pick(rng, ['floating', 'sitting', 'lying'])} on the " \
                               f"{scene.background.name} background"
@@ -280,7 +286,7 @@ def region_descriptions(scene: Scene, rng: np.random.Generator, first_region_id:
 
 def _group_phrase(count: int, words: list[str], noun: str) -> str:
     text = " ".join(words + [noun if count == 1 else plural(noun)])
-    return with_article(text) if count == 1 else f"{COUNT_WORDS[count]} {text}"
+    return with_article(text) if count == 1 else f"{count_word(count)} {text}"
 
 
 def _describe_groups(scene: Scene, indices: list[int], rng, *, sizes: bool) -> list[str]:
@@ -333,9 +339,9 @@ def captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str
         if n == 1:
             amount = "a single shape"
         elif n <= 3:
-            amount = _pick(rng, ["a few shapes", f"{COUNT_WORDS[n]} shapes", "some simple shapes"])
+            amount = _pick(rng, ["a few shapes", f"{count_word(n)} shapes", "some simple shapes"])
         else:
-            amount = _pick(rng, ["several shapes", "many shapes", f"{COUNT_WORDS[n]} shapes",
+            amount = _pick(rng, ["several shapes", "many shapes", f"{count_word(n)} shapes",
                                  "a bunch of colorful shapes"])
         return f"{amount} on a {_background_word(scene, rng)} background"
 
@@ -353,7 +359,7 @@ def captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str
         if n == 1:
             return f"there is only one shape, {with_article(noun)}"
         noun_text = noun if k == 1 else plural(noun)
-        return f"there are {COUNT_WORDS[n]} shapes in this picture, including {COUNT_WORDS[k]} {noun_text}"
+        return f"there are {count_word(n)} shapes in this picture, including {count_word(k)} {noun_text}"
 
     def spatial():
         if n < 2:
@@ -540,7 +546,7 @@ def cc_alt_text(scene: Scene, rng: np.random.Generator) -> str:
         "colorful geometric shapes on a plain background",
         f"an abstract pattern with {with_article(name)}",
         f"{obj.colour} {name} symbol isolated on a {scene.background.name} backdrop",
-        f"vector illustration of {COUNT_WORDS[len(scene.objects)]} geometric figures"
+        f"vector illustration of {count_word(len(scene.objects))} geometric figures"
         if len(scene.objects) > 1 else f"vector illustration of {with_article(name)}",
         f"minimalist composition with {with_article(name)} and other elements",
         f"abstract background with {plural(name)}",

@@ -240,3 +240,27 @@ def test_tasks_are_deterministic_per_seed(tmp_path):
         for rel in files:
             assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert (tmp_path / "a" / "truth.json").read_bytes() == (tmp_path / "b" / "truth.json").read_bytes()
+
+
+def test_a_scene_full_of_one_category_gets_counts_past_eight_in_words_then_digits():
+    """Eight boxes and a contradicting count of nine (the wide world's seed 9 hit this and
+    stopped with a KeyError); past ten, counts are digits and still read back."""
+    import dataclasses
+
+    import numpy as np
+
+    from vlp.synthetic.scene import sample_scene
+    from vlp.synthetic.text import count_word
+
+    assert [count_word(n) for n in (0, 8, 9, 10, 11, 25)] == ["zero", "eight", "nine", "ten", "11", "25"]
+    base = sample_scene(np.random.default_rng(0), 0)
+    box = dataclasses.replace(base.objects[0], category="box")
+    for copies in (8, 10, 12):
+        scene = dataclasses.replace(base, objects=[box] * copies)
+        said = set()
+        for seed in range(40):
+            for hypothesis, label in tasks.snli_ve_hypotheses(scene, np.random.default_rng(seed)):
+                assert tasks.snli_ve_truth(hypothesis, scene) == label, hypothesis
+                said.add(hypothesis)
+        assert f"There are exactly {count_word(copies + 1)} boxes." in said
+        assert f"There are exactly {count_word(copies - 1)} boxes." in said
