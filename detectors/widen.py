@@ -1,4 +1,5 @@
-"""Widen a trained detector's bottlenecks without changing what it computes (Net2WiderNet).
+"""Grow a trained detector without changing what it computes: wider bottlenecks
+(Net2WiderNet), more anchor sizes.
 
 A ResNet bottleneck is conv1 (1x1, in -> b) -> frozen norm -> ReLU -> conv2 (3x3, b -> b)
 -> norm -> ReLU -> conv3 (1x1, b -> out) -> norm. Its width ``b`` is internal: giving it
@@ -18,10 +19,22 @@ Shlens, "Net2Net", ICLR 2016).
 then train the result with ``vlp train-detector --init-weights wide.pt --set
 bottleneck_channels=32 ...`` (the ``--set`` where the width differs from the preset's).
 The shipped demo detector was widened from 16 to 24 this way (``detectors/weights/README.md``).
+
+``add_anchor_sizes`` gives the RPN anchors of further sizes (e.g. 512 beside 32..256, for
+objects that fill a larger input). Each new anchor starts as a copy of the old anchor of the
+nearest size with the same ratio: the same objectness weights, its logit lowered by
+``objectness_offset``, and box deltas rescaled to its size (centre terms times the size ratio,
+width/height terms shifted by its log), so it proposes the box its source proposes, less
+confidently. The old
+anchors keep their rows. Train the result with ``--set anchor_sizes=[...]``:
+
+    python -c "from vlp.detectors.widen import add_anchor_sizes_checkpoint; \\
+               add_anchor_sizes_checkpoint('in.pt', 'out.pt', [32, 64, 128, 256, 512])"
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -92,4 +105,98 @@ def widen_checkpoint(path, out_path, bottleneck_channels: int, *, seed: int = 0)
     ``out_path`` as a float32 state dict (atomically); returns ``out_path``."""
     widened = widen_bottlenecks(read_checkpoint(path), bottleneck_channels, seed=seed)
     atomic_write(out_path, lambda handle: torch.save(widened, handle))
+    return os.fspath(out_path)
+
+
+_CELL_ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"
+_OBJECTNESS = "proposal_generator.rpn_head.objectness_logits"
+_DELTAS = "proposal_generator.rpn_head.anchor_deltas"
+
+
+def _anchor_layout(cell_anchors: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(sizes, ratios) of a size-major, ratio-minor anchor buffer, as the model builds it."""
+    from vlp.detectors.model import generate_cell_anchors
+
+    cells = cell_anchors.float()
+    if cells.ndim != 2 or cells.shape[1] != 4 or len(cells) == 0:
+        raise CheckpointError(f"{_CELL_ANCHORS} must be [A, 4], got {list(cells.shape)}")
+    widths, heights = cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]
+    if not bool((widths > 0).all() and (heights > 0).all()):
+        raise CheckpointError(f"{_CELL_ANCHORS} holds an anchor without area")
+    sizes, ratios = [], []
+    for size, ratio in zip((widths * heights).sqrt().tolist(), (heights / widths).tolist()):
+        if not any(math.isclose(size, s, rel_tol=1e-3) for s in sizes):
+            sizes.append(size)
+        if not any(math.isclose(ratio, r, rel_tol=1e-3) for r in ratios):
+            ratios.append(ratio)
+    rebuilt = generate_cell_anchors(sizes, ratios)
+    if rebuilt.shape != cells.shape or not torch.allclose(rebuilt, cells, rtol=1e-3, atol=1e-2):
+        raise CheckpointError(f"{_CELL_ANCHORS} is not a size-major grid of sizes x ratios")
+    return sizes, ratios
+
+
+def add_anchor_sizes(state: dict, anchor_sizes, *, objectness_offset: float = -2.0) -> dict:
+    """A float32 copy of ``state`` whose RPN has the anchors of ``anchor_sizes`` (every old size
+    included, in any order) times the old ratios; see the module docstring.
+
+    objectness_offset: added to a new anchor's objectness logit (its source anchor's); 0 makes
+        it an exact duplicate, a negative value lets the old anchors win where both fire.
+    """
+    from vlp.detectors.model import generate_cell_anchors
+
+    missing = [key for key in (_CELL_ANCHORS, *(f"{p}.{f}" for p in (_OBJECTNESS, _DELTAS) for f in ("weight", "bias")))
+               if key not in state]
+    if missing:
+        raise CheckpointError(f"not a detector with an RPN: missing {', '.join(missing)}")
+    old_sizes, ratios = _anchor_layout(state[_CELL_ANCHORS])
+    new_sizes = [float(size) for size in anchor_sizes]
+    if any(not math.isfinite(size) or size <= 0 for size in new_sizes):
+        raise ValueError(f"anchor sizes must be positive, got {list(anchor_sizes)}")
+    kept = [next((i for i, size in enumerate(new_sizes) if math.isclose(size, old, rel_tol=1e-3)), None)
+            for old in old_sizes]
+    if None in kept:
+        raise ValueError(f"anchor_sizes must keep every size of the checkpoint "
+                         f"({', '.join(f'{s:g}' for s in old_sizes)}), got {list(anchor_sizes)}")
+    if len({round(s, 3) for s in new_sizes}) != len(new_sizes):
+        raise ValueError(f"anchor sizes repeat: {list(anchor_sizes)}")
+    num_ratios = len(ratios)
+    num_old = len(old_sizes) * num_ratios
+    weight = state[f"{_OBJECTNESS}.weight"]
+    if weight.shape[0] != num_old or state[f"{_DELTAS}.weight"].shape[0] != 4 * num_old:
+        raise CheckpointError(f"the RPN head's outputs do not match the {num_old} anchors of {_CELL_ANCHORS}")
+    out = {name: (value.float().clone() if value.is_floating_point() else value.clone())
+           for name, value in state.items()}
+    cells = generate_cell_anchors(new_sizes, ratios)
+    source, log_scale = [], []
+    for size in new_sizes:
+        old = min(range(len(old_sizes)), key=lambda i: abs(math.log(size / old_sizes[i])))
+        for r in range(num_ratios):
+            source.append(old * num_ratios + r)
+            log_scale.append(math.log(old_sizes[old] / size))
+    old_cells = out[_CELL_ANCHORS]
+    for old, position in enumerate(kept):  # the old anchors' exact values
+        cells[position * num_ratios:(position + 1) * num_ratios] = old_cells[old * num_ratios:(old + 1) * num_ratios]
+    out[_CELL_ANCHORS] = cells
+    index = torch.tensor(source)
+    is_new = torch.tensor([anchor // num_ratios not in kept for anchor in range(len(source))])
+    out[f"{_OBJECTNESS}.weight"] = out[f"{_OBJECTNESS}.weight"][index]
+    out[f"{_OBJECTNESS}.bias"] = out[f"{_OBJECTNESS}.bias"][index] + is_new.float() * float(objectness_offset)
+    delta_index = (index.view(-1, 1) * 4 + torch.arange(4)).reshape(-1)
+    # A delta is relative to its anchor's size: the centre shift dx * new must equal dx' * old,
+    # and exp(dw + log(old / new)) * new == exp(dw) * old, so the copy decodes to the same box.
+    log_scale = torch.tensor(log_scale).view(-1, 1)
+    weight = out[f"{_DELTAS}.weight"][delta_index]  # [4A, C, 1, 1], a new tensor
+    bias = out[f"{_DELTAS}.bias"][delta_index]
+    weight.view(len(source), 4, -1)[:, :2] *= log_scale.exp().view(-1, 1, 1)
+    bias.view(-1, 4)[:, :2] *= log_scale.exp()
+    bias.view(-1, 4)[:, 2:] += log_scale
+    out[f"{_DELTAS}.weight"], out[f"{_DELTAS}.bias"] = weight, bias
+    return out
+
+
+def add_anchor_sizes_checkpoint(path, out_path, anchor_sizes, *, objectness_offset: float = -2.0) -> str:
+    """Read a detector checkpoint, add anchor sizes (:func:`add_anchor_sizes`) and write it to
+    ``out_path`` as a float32 state dict (atomically); returns ``out_path``."""
+    grown = add_anchor_sizes(read_checkpoint(path), anchor_sizes, objectness_offset=objectness_offset)
+    atomic_write(out_path, lambda handle: torch.save(grown, handle))
     return os.fspath(out_path)

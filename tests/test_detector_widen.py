@@ -1,4 +1,5 @@
-"""Net2Wider widening of a detector's bottlenecks: same outputs, a wider network."""
+"""Growing a trained detector: Net2Wider bottlenecks and added anchor sizes, each giving the
+same outputs from a larger network."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from vlp.detectors import load_detector
 from vlp.detectors.checkpoint import read_checkpoint, save_checkpoint
 from vlp.detectors.config import make_config
 from vlp.detectors.errors import CheckpointError
-from vlp.detectors.model import FasterRCNN, init_random_weights
-from vlp.detectors.widen import widen_bottlenecks, widen_checkpoint
+from vlp.detectors.model import FasterRCNN, apply_deltas, init_random_weights
+from vlp.detectors.widen import add_anchor_sizes, add_anchor_sizes_checkpoint, widen_bottlenecks, widen_checkpoint
 
 SMALL = dict(preset="demo", min_size=160, max_size=240, device="cpu")
 NARROW = dict(bottleneck_channels=16)  # the demo preset's width before it was widened to 24
@@ -79,3 +80,78 @@ def test_widening_refuses_what_it_cannot_do(slim):
         widen_bottlenecks({"x.weight": torch.zeros(2)}, 24)
     unchanged = widen_bottlenecks(state, 16)
     assert all(torch.equal(unchanged[k], v.float()) for k, v in state.items())
+
+
+# -- added anchor sizes -----------------------------------------------------------------
+
+DEMO_SIZES = [32, 64, 128, 256]
+
+
+def _rpn_outputs(state: dict, anchor_sizes, features: torch.Tensor):
+    """Per anchor (location-major): objectness logit and decoded box, for one feature map."""
+    model = FasterRCNN(make_config("demo", **NARROW, anchor_sizes=anchor_sizes).arch)
+    model.load_state_dict(state, strict=False)
+    rpn = model.proposal_generator
+    with torch.no_grad():
+        logits, deltas = rpn.rpn_head(features)
+    num, (fh, fw) = rpn.anchor_generator.num_anchors, features.shape[-2:]
+    logits = logits[0].permute(1, 2, 0).reshape(fh, fw, num)
+    deltas = deltas[0].reshape(num, 4, fh, fw).permute(2, 3, 0, 1).reshape(-1, 4)
+    boxes = apply_deltas(deltas, rpn.anchor_generator.grid_anchors(fh, fw)).reshape(fh, fw, num, 4)
+    return logits, boxes
+
+
+def test_an_added_anchor_proposes_its_source_anchors_box_less_confidently(slim):
+    state = read_checkpoint(slim)
+    grown = add_anchor_sizes(state, [16, *DEMO_SIZES, 512], objectness_offset=-2.0)
+    features = torch.randn(1, 192, 5, 7, generator=torch.Generator().manual_seed(0))
+    old_logits, old_boxes = _rpn_outputs({k: v.float() for k, v in state.items()}, DEMO_SIZES, features)
+    new_logits, new_boxes = _rpn_outputs(grown, [16, *DEMO_SIZES, 512], features)
+    assert new_logits.shape[-1] == 18 and grown["proposal_generator.anchor_generator.cell_anchors.0"].shape == (18, 4)
+    # sizes 32..256 keep their rows: anchors 3..14 of the new layout are the old 0..11
+    torch.testing.assert_close(new_logits[..., 3:15], old_logits, rtol=0, atol=0)
+    torch.testing.assert_close(new_boxes[..., 3:15, :], old_boxes, rtol=0, atol=0)
+    # 16 copies 32 (old 0..2), 512 copies 256 (old 9..11): the same boxes, logit - 2
+    for new, old in ((slice(0, 3), slice(0, 3)), (slice(15, 18), slice(9, 12))):
+        torch.testing.assert_close(new_logits[..., new], old_logits[..., old] - 2.0)
+        torch.testing.assert_close(new_boxes[..., new, :], old_boxes[..., old, :], rtol=1e-5, atol=1e-3)
+    cells = grown["proposal_generator.anchor_generator.cell_anchors.0"]
+    widths = cells[:, 2] - cells[:, 0]
+    heights = cells[:, 3] - cells[:, 1]
+    torch.testing.assert_close((widths * heights).sqrt()[[0, 15]], torch.tensor([16.0, 512.0]))
+
+
+def test_the_detector_with_an_added_anchor_size_writes_the_same_records(slim, tmp_path):
+    grown_path = add_anchor_sizes_checkpoint(slim, tmp_path / "a512.pt", [*DEMO_SIZES, 512])
+    # every anchor reaches NMS (no pre-NMS cut), where each copy falls to its higher-scoring source
+    everything = dict(SMALL, rpn_pre_nms_topk=100000)
+    before = load_detector(slim, **NARROW, **everything)
+    after = load_detector(grown_path, **NARROW, anchor_sizes=[*DEMO_SIZES, 512], **everything)
+    for seed in range(3):
+        a, = before.detect([_image(seed)])
+        b, = after.detect([_image(seed)])
+        assert np.array_equal(a.objects_id, b.objects_id) and np.array_equal(a.attrs_id, b.attrs_id)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.objects_conf, b.objects_conf, atol=1e-6)
+        np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), atol=1e-3)
+
+
+def test_adding_anchor_sizes_refuses_what_it_cannot_do(slim):
+    state = read_checkpoint(slim)
+    with pytest.raises(ValueError, match="keep every size of the checkpoint \\(32, 64, 128, 256\\)"):
+        add_anchor_sizes(state, [64, 128, 256, 512])
+    with pytest.raises(ValueError, match="positive"):
+        add_anchor_sizes(state, [*DEMO_SIZES, 0])
+    with pytest.raises(ValueError, match="repeat"):
+        add_anchor_sizes(state, [*DEMO_SIZES, 256])
+    with pytest.raises(CheckpointError, match="missing proposal_generator"):
+        add_anchor_sizes({"x.weight": torch.zeros(2)}, DEMO_SIZES)
+    broken = dict(state)
+    broken["proposal_generator.anchor_generator.cell_anchors.0"] = torch.zeros(12, 4)
+    with pytest.raises(CheckpointError, match="without area"):
+        add_anchor_sizes(broken, DEMO_SIZES)
+    broken["proposal_generator.anchor_generator.cell_anchors.0"] = torch.rand(12, 4) + torch.tensor([0, 0, 2, 2])
+    with pytest.raises(CheckpointError, match="size-major grid"):
+        add_anchor_sizes(broken, DEMO_SIZES)
+    unchanged = add_anchor_sizes(state, list(reversed(DEMO_SIZES)))  # same sizes, listed in another order
+    assert unchanged["proposal_generator.anchor_generator.cell_anchors.0"].shape == (12, 4)
