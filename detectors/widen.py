@@ -25,8 +25,8 @@ objects that fill a larger input). Each new anchor starts as a copy of the old a
 nearest size with the same ratio: the same objectness weights, its logit lowered by
 ``objectness_offset``, and box deltas rescaled to its size (centre terms times the size ratio,
 width/height terms shifted by its log), so it proposes the box its source proposes, less
-confidently. The old
-anchors keep their rows. Train the result with ``--set anchor_sizes=[...]``:
+confidently. The old anchors keep their rows. Train the result with
+``--set anchor_sizes=[...]``:
 
     python -c "from vlp.detectors.widen import add_anchor_sizes_checkpoint; \\
                add_anchor_sizes_checkpoint('in.pt', 'out.pt', [32, 64, 128, 256, 512])"
@@ -161,8 +161,7 @@ def add_anchor_sizes(state: dict, anchor_sizes, *, objectness_offset: float = -2
         raise ValueError(f"anchor sizes repeat: {list(anchor_sizes)}")
     num_ratios = len(ratios)
     num_old = len(old_sizes) * num_ratios
-    weight = state[f"{_OBJECTNESS}.weight"]
-    if weight.shape[0] != num_old or state[f"{_DELTAS}.weight"].shape[0] != 4 * num_old:
+    if state[f"{_OBJECTNESS}.weight"].shape[0] != num_old or state[f"{_DELTAS}.weight"].shape[0] != 4 * num_old:
         raise CheckpointError(f"the RPN head's outputs do not match the {num_old} anchors of {_CELL_ANCHORS}")
     out = {name: (value.float().clone() if value.is_floating_point() else value.clone())
            for name, value in state.items()}

@@ -36,6 +36,8 @@ COUNT_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five",
 def count_word(n: int) -> str:
     """``n`` as a word up to ten, in digits beyond (a scene may hold more objects)."""
     return COUNT_WORDS.get(int(n), str(int(n)))
+
+
 _PLURALS = {"box": "boxes", "cross": "crosses", "rhombus": "rhombuses"}
 #: Caption synonyms (VG phrases always use the VG display name).
 _CAPTION_NAMES = {
