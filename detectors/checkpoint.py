@@ -343,10 +343,10 @@ def save_checkpoint(model: torch.nn.Module, path, *, half: bool = False, classes
         state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
     if classes is not None:
         state = _subset_state(state, classes)
-    return _write_state(path, state)
+    return write_state_dict(path, state)
 
 
-def _write_state(path, state: dict[str, torch.Tensor]) -> str:
+def write_state_dict(path, state: dict[str, torch.Tensor]) -> str:
     """Write a flat state dict in the layout of ``path``'s suffix, atomically; returns sha256."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -374,4 +374,4 @@ def subset_checkpoint(path, out_path, classes) -> str:
     missing = [_PREDICTOR + name for name in _PER_CLASS_ROWS if _PREDICTOR + name not in state]
     if missing:
         raise CheckpointError(f"{path}: no box predictor to subset (missing {', '.join(missing)})")
-    return _write_state(out_path, _subset_state(state, classes))
+    return write_state_dict(out_path, _subset_state(state, classes))

@@ -40,8 +40,7 @@ import re
 
 import torch
 
-from vlp.core.durable import atomic_write
-from vlp.detectors.checkpoint import read_checkpoint
+from vlp.detectors.checkpoint import read_checkpoint, write_state_dict
 from vlp.detectors.errors import CheckpointError
 
 _CONV2 = re.compile(r"^(.*\.res(\d)\.\d+)\.conv2\.weight$")
@@ -102,9 +101,9 @@ def widen_bottlenecks(state: dict, bottleneck_channels: int, *, seed: int = 0,
 
 def widen_checkpoint(path, out_path, bottleneck_channels: int, *, seed: int = 0) -> str:
     """Read a detector checkpoint, widen it (:func:`widen_bottlenecks`) and write it to
-    ``out_path`` as a float32 state dict (atomically); returns ``out_path``."""
-    widened = widen_bottlenecks(read_checkpoint(path), bottleneck_channels, seed=seed)
-    atomic_write(out_path, lambda handle: torch.save(widened, handle))
+    ``out_path`` as a float32 state dict (atomically, in the layout of its suffix, as
+    :func:`~vlp.detectors.checkpoint.write_state_dict`); returns ``out_path``."""
+    write_state_dict(out_path, widen_bottlenecks(read_checkpoint(path), bottleneck_channels, seed=seed))
     return os.fspath(out_path)
 
 
@@ -195,7 +194,7 @@ def add_anchor_sizes(state: dict, anchor_sizes, *, objectness_offset: float = -2
 
 def add_anchor_sizes_checkpoint(path, out_path, anchor_sizes, *, objectness_offset: float = -2.0) -> str:
     """Read a detector checkpoint, add anchor sizes (:func:`add_anchor_sizes`) and write it to
-    ``out_path`` as a float32 state dict (atomically); returns ``out_path``."""
-    grown = add_anchor_sizes(read_checkpoint(path), anchor_sizes, objectness_offset=objectness_offset)
-    atomic_write(out_path, lambda handle: torch.save(grown, handle))
+    ``out_path`` as a float32 state dict, as :func:`widen_checkpoint` does; returns ``out_path``."""
+    write_state_dict(out_path, add_anchor_sizes(read_checkpoint(path), anchor_sizes,
+                                                objectness_offset=objectness_offset))
     return os.fspath(out_path)

@@ -27,6 +27,19 @@ def _image(seed: int) -> np.ndarray:
     return image
 
 
+def _assert_same_records(before, after, *, box_atol, conf_atol, feature_atol, feature_rtol=0.0):
+    """Both detectors write the same records for a few images: ids exact, values within the
+    given tolerances (float32 sums in another order)."""
+    for seed in range(3):
+        a, = before.detect([_image(seed)])
+        b, = after.detect([_image(seed)])
+        assert np.array_equal(a.objects_id, b.objects_id) and np.array_equal(a.attrs_id, b.attrs_id)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=box_atol)
+        np.testing.assert_allclose(a.objects_conf, b.objects_conf, atol=conf_atol)
+        np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32),
+                                   atol=feature_atol, rtol=feature_rtol)
+
+
 @pytest.fixture(scope="module")
 def slim(tmp_path_factory):
     model = init_random_weights(FasterRCNN(make_config("demo", **NARROW).arch), seed=3)
@@ -44,15 +57,8 @@ def test_the_widened_detector_writes_the_same_records(slim, tmp_path):
     assert state["backbone.res2.0.conv2.weight"].shape == (24, 24, 3, 3)
     assert state["roi_heads.res5.1.conv1.weight"].shape == (192, 384, 1, 1)
     assert state["roi_heads.res5.1.conv3.weight"].shape == (384, 192, 1, 1)
-    for seed in range(3):
-        a, = narrow.detect([_image(seed)])
-        b, = wide.detect([_image(seed)])
-        assert np.array_equal(a.objects_id, b.objects_id) and np.array_equal(a.attrs_id, b.attrs_id)
-        # float32 sums in another order: tolerance far below anything a record shows
-        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)
-        np.testing.assert_allclose(a.objects_conf, b.objects_conf, atol=1e-5)
-        np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32),
-                                   atol=2e-3, rtol=2e-3)
+    # tolerances far below anything a record shows
+    _assert_same_records(narrow, wide, box_atol=1e-2, conf_atol=1e-5, feature_atol=2e-3, feature_rtol=2e-3)
 
 
 def test_the_copies_differ_in_their_outgoing_weights_so_training_can_separate_them(slim):
@@ -127,13 +133,12 @@ def test_the_detector_with_an_added_anchor_size_writes_the_same_records(slim, tm
     everything = dict(SMALL, rpn_pre_nms_topk=100000)
     before = load_detector(slim, **NARROW, **everything)
     after = load_detector(grown_path, **NARROW, anchor_sizes=[*DEMO_SIZES, 512], **everything)
-    for seed in range(3):
-        a, = before.detect([_image(seed)])
-        b, = after.detect([_image(seed)])
-        assert np.array_equal(a.objects_id, b.objects_id) and np.array_equal(a.attrs_id, b.attrs_id)
-        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
-        np.testing.assert_allclose(a.objects_conf, b.objects_conf, atol=1e-6)
-        np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), atol=1e-3)
+    _assert_same_records(before, after, box_atol=1e-3, conf_atol=1e-6, feature_atol=1e-3)
+    # written in the layout of the output's suffix, as every checkpoint writer of the project
+    pickled = add_anchor_sizes_checkpoint(slim, tmp_path / "a512.pkl", [*DEMO_SIZES, 512])
+    assert read_checkpoint(pickled).keys() == torch.load(grown_path, weights_only=True).keys()
+    with pytest.raises(CheckpointError, match="unknown checkpoint type '.bin5'"):
+        add_anchor_sizes_checkpoint(slim, tmp_path / "a512.bin5", [*DEMO_SIZES, 512])
 
 
 def test_adding_anchor_sizes_refuses_what_it_cannot_do(slim):
