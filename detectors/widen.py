@@ -34,6 +34,7 @@ confidently. The old anchors keep their rows. Train the result with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -103,8 +104,20 @@ def widen_checkpoint(path, out_path, bottleneck_channels: int, *, seed: int = 0)
     """Read a detector checkpoint, widen it (:func:`widen_bottlenecks`) and write it to
     ``out_path`` as a float32 state dict (atomically, in the layout of its suffix, as
     :func:`~vlp.detectors.checkpoint.write_state_dict`); returns ``out_path``."""
-    write_state_dict(out_path, widen_bottlenecks(read_checkpoint(path), bottleneck_channels, seed=seed))
+    state = read_checkpoint(path)
+    with _naming(path):
+        widened = widen_bottlenecks(state, bottleneck_channels, seed=seed)
+    write_state_dict(out_path, widened)
     return os.fspath(out_path)
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """A CheckpointError about a file's contents names the file."""
+    try:
+        yield
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 _CELL_ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"
@@ -195,6 +208,8 @@ def add_anchor_sizes(state: dict, anchor_sizes, *, objectness_offset: float = -2
 def add_anchor_sizes_checkpoint(path, out_path, anchor_sizes, *, objectness_offset: float = -2.0) -> str:
     """Read a detector checkpoint, add anchor sizes (:func:`add_anchor_sizes`) and write it to
     ``out_path`` as a float32 state dict, as :func:`widen_checkpoint` does; returns ``out_path``."""
-    write_state_dict(out_path, add_anchor_sizes(read_checkpoint(path), anchor_sizes,
-                                                objectness_offset=objectness_offset))
+    state = read_checkpoint(path)
+    with _naming(path):
+        grown = add_anchor_sizes(state, anchor_sizes, objectness_offset=objectness_offset)
+    write_state_dict(out_path, grown)
     return os.fspath(out_path)

@@ -139,6 +139,14 @@ def test_the_detector_with_an_added_anchor_size_writes_the_same_records(slim, tm
     assert read_checkpoint(pickled).keys() == torch.load(grown_path, weights_only=True).keys()
     with pytest.raises(CheckpointError, match="unknown checkpoint type '.bin5'"):
         add_anchor_sizes_checkpoint(slim, tmp_path / "a512.bin5", [*DEMO_SIZES, 512])
+    no_rpn = tmp_path / "no-rpn.pt"
+    torch.save({"x.weight": torch.zeros(2)}, no_rpn)
+    for grow in (lambda out: add_anchor_sizes_checkpoint(no_rpn, out, DEMO_SIZES),
+                 lambda out: widen_checkpoint(no_rpn, out, bottleneck_channels=24)):
+        with pytest.raises(CheckpointError) as info:
+            grow(tmp_path / "out.pt")
+        assert str(info.value).startswith(f"{no_rpn}: ")  # the file whose contents are refused
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_adding_anchor_sizes_refuses_what_it_cannot_do(slim):
