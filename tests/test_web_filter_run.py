@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vlp.builders.web_filter import FilterConfig, web_filter
@@ -191,6 +191,7 @@ _FIELD = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(
                                         "title": _FIELD, "surrounding_text": _FIELD, "image": _FIELD}).map(
         lambda d: json.dumps(d).encode()),
 ), max_size=12))
+@example(lines=[b'{"key":0,"image":"\\u0000"}'])  # a NUL byte in the image path
 def test_records_reader_never_raises(tmp_path_factory, lines):
     folder = tmp_path_factory.mktemp("fuzz")
     (folder / "records.jsonl").write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))

@@ -139,7 +139,7 @@ def _image_bytes(row: dict) -> Optional[bytes]:
         return None
     try:
         return Path(path).read_bytes()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path, which no file can have
         return None
 
 
