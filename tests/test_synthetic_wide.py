@@ -14,7 +14,7 @@ import pytest
 from vlp.detectors.annotations import load_vg_annotations
 from vlp.synthetic import generate, load_scenes, palette
 from vlp.synthetic.render import decode_image, encode_jpeg, object_masks, render_scene
-from vlp.synthetic.scene import MIN_CONTRAST, Scene, _distance_to_background, sample_scene
+from vlp.synthetic.scene import MIN_CONTRAST, ROTATION_LIMITS, Scene, _distance_to_background, sample_scene
 
 #: sha256 over the JPEG bytes of classic images 1..6 of seed 0, computed with the code
 #: before the wide style existed (commit 63f4fa6): the classic style draws the old world.
@@ -117,6 +117,15 @@ def test_wide_distributions_cover_what_the_issue_asks():
     assert min(holes) < 0.25 and max(holes) > 0.67
     bars = [d.inner_ratio for d in shapes["cross"]]
     assert min(bars) < 0.25 and max(bars) > 0.42
+    # about half the rotatable shapes upright, the others tilted within their limits
+    for category, limit in ROTATION_LIMITS.items():
+        rotations = [d.rotation for d in shapes[category]]
+        if not limit:
+            assert set(rotations) == {0.0}, category
+            continue
+        assert all(abs(r) <= limit for r in rotations), category
+        upright = sum(r == 0.0 for r in rotations) / len(rotations)
+        assert 0.3 < upright < 0.7 and max(map(abs, rotations)) > 0.6 * limit, (category, upright)
 
 
 def test_png_images_are_named_in_every_annotation_file(tmp_path):
