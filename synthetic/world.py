@@ -47,8 +47,9 @@ from vlp.synthetic.render import encode_jpeg, encode_scene_image, render_scene
 from vlp.synthetic.scene import Scene, sample_scene
 
 GENERATOR = "vlp.synthetic"
-GENERATOR_VERSION = "1.2"  # 1.1: the wide world stretches every shape, wider ring holes and cross bars;
-# 1.2: half its rotatable shapes upright
+# 1.1: the wide world stretches every shape, wider ring holes and cross bars;
+# 1.2: half its rotatable shapes drawn upright.
+GENERATOR_VERSION = "1.2"
 URL_ROOT = "https://synthetic.invalid"
 
 # Random streams: per image (second key = image id) or world-wide (second key 0).
