@@ -19,7 +19,9 @@ Proposals
     boxes appended.
 RoI head
     Match IoU >= 0.5 -> the GT's class id (0..1599), else background (1600, the LAST
-    logit). ``rois_per_image`` sampled at up to ``roi_positive_fraction`` foreground.
+    logit). ``rois_per_image`` sampled at up to ``roi_positive_fraction`` foreground;
+    with ``roi_part_negatives`` > 0, that many sub-boxes of GT boxes are added (background
+    unless another GT claims them), the hard negatives random sampling almost never draws.
     Cross-entropy over the 1601 logits; class-specific L1 box loss on the foreground
     (weights (10, 10, 5, 5), divided by the sampled RoI count, as detectron2).
 Attributes
@@ -110,6 +112,10 @@ class TrainSettings:
     roi_foreground_iou: float = 0.5
     rois_per_image: int = 32
     roi_positive_fraction: float = 0.5
+    # Part boxes: this many sub-boxes of GT boxes (IoU < 0.5 with every GT) added per image
+    # to the sampled RoIs as background, so a shape's hole, corner or half never scores above
+    # the whole shape (random negatives are almost all empty background). 0: none, no draws.
+    roi_part_negatives: int = 0
     attr_loss_weight: float = 1.0
     flip: bool = True
     # Multi-scale training (detectron2's MIN_SIZE_TRAIN): each image's shortest side is drawn
@@ -295,9 +301,32 @@ def match_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torc
     return labels, matched
 
 
+def part_boxes(gt_boxes: torch.Tensor, count: int, generator: torch.Generator,
+               foreground_iou: float = 0.5) -> torch.Tensor:
+    """``count`` boxes, each inside a random GT box and covering 5-45% of its area.
+
+    A box inside a GT box has IoU = its share of that box's area, so every part is a
+    background RoI for its own GT (others may still claim it: matching decides).
+    """
+    if count <= 0 or gt_boxes.shape[0] == 0:
+        return gt_boxes.new_zeros((0, 4))
+    owner = gt_boxes[torch.randint(gt_boxes.shape[0], (count,), generator=generator)]
+    area_share = 0.05 + (foreground_iou - 0.05 - 1e-3) * torch.rand(count, generator=generator)
+    # Aspect: the part's width share is drawn between area_share (full height) and 1 (full width).
+    width_share = area_share ** torch.rand(count, generator=generator)
+    height_share = area_share / width_share
+    size = owner[:, 2:] - owner[:, :2]
+    part_size = size * torch.stack([width_share, height_share], dim=1)
+    origin = owner[:, :2] + (size - part_size) * torch.rand(count, 2, generator=generator)
+    return torch.cat([origin, origin + part_size], dim=1)
+
+
 def sample_rois(proposals: torch.Tensor, gt: TrainImage, settings: TrainSettings, num_classes: int,
                 generator: torch.Generator):
-    """Proposals + GT boxes, matched and sampled. Returns (rois, labels, matched GT index)."""
+    """Proposals + GT boxes, matched and sampled, plus ``roi_part_negatives`` part boxes.
+
+    Returns (rois, labels, matched GT index).
+    """
     rois = torch.cat([proposals, gt.boxes])
     labels, matched = match_rois(rois, gt.boxes, gt.classes, background=num_classes,
                                  foreground_iou=settings.roi_foreground_iou)
@@ -305,7 +334,14 @@ def sample_rois(proposals: torch.Tensor, gt: TrainImage, settings: TrainSettings
                          positive=lambda x: x != num_classes, negative=lambda x: x == num_classes,
                          generator=generator)
     keep = torch.cat([pos, neg])
-    return rois[keep], labels[keep], matched[keep]
+    rois, labels, matched = rois[keep], labels[keep], matched[keep]
+    parts = part_boxes(gt.boxes, settings.roi_part_negatives, generator, settings.roi_foreground_iou)
+    if parts.shape[0]:
+        part_labels, part_matched = match_rois(parts, gt.boxes, gt.classes, background=num_classes,
+                                               foreground_iou=settings.roi_foreground_iou)
+        rois, labels = torch.cat([rois, parts]), torch.cat([labels, part_labels])
+        matched = torch.cat([matched, part_matched])
+    return rois, labels, matched
 
 
 # --------------------------------------------------------------------------- the loss
@@ -680,7 +716,9 @@ class DetectorTrainer:
                                      f"version {STATE_VERSION}")
         record = state["record"]
         changes = _changes(record["config"], self.config.to_dict(), "")
-        changes += [c for c in _changes(record["settings"], self.settings.to_dict(), "")
+        # a setting added since the state was written had its behaviour-preserving default then
+        saved_settings = {**TrainSettings().to_dict(), **record["settings"]}
+        changes += [c for c in _changes(saved_settings, self.settings.to_dict(), "")
                     if c.split(":")[0] not in RESUMABLE_CHANGES]
         if state["train_image_ids"] != [int(a.image_id) for a in self.annotations]:
             changes.append(f"training images: {len(state['train_image_ids'])} then, "

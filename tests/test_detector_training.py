@@ -17,7 +17,7 @@ from vlp.detectors.evaluate import error_anatomy, evaluate_detector, evaluate_pr
 from vlp.detectors.inference import Detector
 from vlp.detectors.annotations import Annotation
 from vlp.detectors.training import (DetectorTrainer, TrainImage, TrainSettings, encode_deltas, match_anchors,
-                                    match_rois, sample_rois, train_detector)
+                                    match_rois, part_boxes, sample_rois, train_detector)
 from vlp.detectors.model import apply_deltas
 from vlp.schemas import vocab
 
@@ -73,6 +73,42 @@ def test_sampling_respects_the_positive_fraction():
     settings = TrainSettings(rois_per_image=16, roi_positive_fraction=0.25)
     _, labels, _ = sample_rois(proposals, image, settings, BG, torch.Generator().manual_seed(0))
     assert labels.numel() == 16 and int((labels != BG).sum()) == 4
+
+
+def test_part_boxes_lie_inside_a_gt_box_below_the_foreground_iou():
+    from torchvision.ops import box_iou
+    gt = torch.tensor([[10.0, 10.0, 110.0, 60.0], [200.0, 200.0, 220.0, 400.0]])
+    parts = part_boxes(gt, 500, torch.Generator().manual_seed(0))
+    inside = ((parts[:, None, :2] >= gt[None, :, :2] - 1e-4).all(-1)
+              & (parts[:, None, 2:] <= gt[None, :, 2:] + 1e-4).all(-1))
+    assert inside.sum(dim=1).eq(1).all()  # each part inside exactly one of these disjoint boxes
+    share = box_iou(parts, gt).max(dim=1).values
+    assert 0.05 <= float(share.min()) and float(share.max()) < 0.5
+    widths, heights = parts[:, 2] - parts[:, 0], parts[:, 3] - parts[:, 1]
+    # slivers and squat halves both occur: thin parts of either orientation
+    assert float((widths / heights).min()) < 0.5 and float((widths / heights).max()) > 4
+    assert part_boxes(gt, 0, torch.Generator()).shape == (0, 4)
+    assert part_boxes(gt[:0], 8, torch.Generator()).shape == (0, 4)
+
+
+def test_part_negatives_are_added_as_background_unless_another_gt_claims_them():
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    image = TrainImage(torch.zeros(3, 200, 200), (200, 200), gt, torch.tensor([3]), torch.tensor([-1]))
+    proposals = gt.repeat(4, 1)
+    settings = TrainSettings(rois_per_image=8, roi_part_negatives=6)
+    rois, labels, _ = sample_rois(proposals, image, settings, BG, torch.Generator().manual_seed(0))
+    # 5 foreground candidates, at most 4 (half of 8) sampled, no background ones; then the 6 parts
+    assert rois.shape[0] == 4 + 6 and labels[-6:].eq(BG).all() and labels[:4].ne(BG).all()
+    # a GT box nested in another claims the parts of the outer box that mostly cover it
+    from torchvision.ops import box_iou
+    nested = torch.cat([gt, torch.tensor([[0.0, 0.0, 100.0, 45.0]])])
+    two = TrainImage(image.tensor, image.size, nested, torch.tensor([3, 4]), torch.tensor([-1, -1]))
+    rois, labels, _ = sample_rois(gt[:0], two, dataclasses.replace(settings, roi_part_negatives=300), BG,
+                                  torch.Generator().manual_seed(1))
+    parts, part_labels = rois[-300:], labels[-300:]
+    claimed = box_iou(parts, nested[1:]).flatten() >= 0.5
+    assert 0 < int(claimed.sum()) < 300
+    assert part_labels[claimed].eq(4).all() and part_labels[~claimed].eq(BG).all()
 
 
 def test_delta_encoding_inverts_apply_deltas():
@@ -198,11 +234,12 @@ def test_stored_classes_trained_writes_the_training_classes_only(tiny_world, tmp
                         log=lambda *_: None)
 
 
-@pytest.mark.parametrize("train_min_sizes", [(), (160, 224)], ids=["single-scale", "multi-scale"])
-def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, train_min_sizes):
+@pytest.mark.parametrize("extra", [{}, dict(train_min_sizes=(160, 224), roi_part_negatives=4)],
+                         ids=["single-scale", "multi-scale+parts"])
+def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, extra):
     config = make_config("demo", **TINY)
     settings = TrainSettings(iterations=4, batch_size=1, rois_per_image=8, warmup_iterations=1, seed=3, threads=1,
-                             train_min_sizes=train_min_sizes)
+                             **extra)
     options = dict(config=config, settings=settings, log_every=1, checkpoint_every=0, half=False,
                    log=lambda *_: None)
     caller_threads = torch.get_num_threads()
@@ -216,6 +253,11 @@ def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, train_min_
     stopped = first.run(should_stop=lambda: next(answers))
     assert stopped["interrupted"] == 2 and first.iteration == 2 and "finished" not in stopped
     del first
+    if not extra:  # a state written before roi_part_negatives existed resumes as one without parts
+        state_path = tmp_path / "b.pt.state.pt"
+        state = torch.load(state_path, weights_only=True)
+        del state["record"]["settings"]["roi_part_negatives"]
+        torch.save(state, state_path)
     again = DetectorTrainer(tiny_world, tmp_path / "b.pt", **options)
     again.resume()
     assert again.iteration == 2
