@@ -264,6 +264,18 @@ def test_train_min_sizes_are_recorded_checked_on_resume_and_validated(tiny_world
     assert not (tmp_path / "bad.pt").exists()
 
 
+def test_part_negatives_are_recorded_and_checked_on_resume(tiny_world, tmp_path):
+    out = tmp_path / "parts.pt"
+    result = _train(tiny_world, out, "--part-negatives", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "parts.pt.log.json").read_text())["settings"]["roi_part_negatives"] == 3
+    result = _train(tiny_world, out, "--resume")
+    assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
+                                       f"roi_part_negatives: 3 then, 0 now")
+    result = _train(tiny_world, tmp_path / "bad.pt", "--part-negatives", "-1")
+    assert result.exit_code == 2 and "--part-negatives" in result.output, result.output
+
+
 def _merged_train_splits(folders, root):
     """One VG folder holding the train splits of ``folders``, ids offset by 1000 per folder."""
     merged = {"objects.json": [], "image_data.json": [], "attributes.json": []}
