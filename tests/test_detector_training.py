@@ -358,10 +358,10 @@ def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
 
 # The targets of the embedded default (README, "The demo detector"), on a held-out world the
 # detector never saw (training used seeds 0, 2-6 and 8, checkpoint selection seed 1). The
-# shipped weights (stage 13) reach mAP@0.5 0.921 / attribute accuracy 0.998 on this set
-# (regressed boxes, the demo preset's default; stage 12 had 0.910 / 0.994, stage 10 0.924 /
-# 0.996, the weights before issue 19 0.921 / 1.000); the floors guard the target itself and
-# the attribute accuracy.
+# shipped weights (stage 17) reach mAP@0.5 0.907 / attribute accuracy 0.998 on this set
+# (regressed boxes, the demo preset's default; stage 13 had 0.921 / 0.998, stage 12 0.910 /
+# 0.994, stage 10 0.924 / 0.996, the weights before issue 19 0.921 / 1.000); the floors guard
+# the target itself and the attribute accuracy.
 DEMO_MEETS_TARGETS = True
 TARGET_MAP, TARGET_ATTR = 0.90, 0.85
 FLOOR_MAP, FLOOR_ATTR = 0.90, 0.98
@@ -373,7 +373,7 @@ def test_shipped_demo_weights_fit_the_size_budget_and_know_the_world_classes():
 
     path = inference.WEIGHTS_DIR / inference.SHIPPED_WEIGHTS["demo"][0]
     assert path.stat().st_size <= 10_000_000  # issue 19: the same 10 MB budget as before
-    # a class-subset file (stage 13 on) that keeps every category the world draws
+    # a class-subset file (since stage 13) that keeps every category the world draws
     assert read_checkpoint(path)[CLASS_SUBSET_KEY].tolist() == sorted(palette.CATEGORY_IDS.values())
 
 
@@ -428,21 +428,22 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
 # Targets of issue 19, on sets the detector never saw: the wide world (the default of
 # vlp.synthetic.generate), the independent renderer's world, and single shapes on plain
 # white / light backgrounds (the top box must be the shape). The shipped weights (fine-tunes
-# on the classic + wide worlds) meet the attribute targets but not the mAP ones
-# (benchmarks/RESULTS.md, "Demo detector, wider world"); the floors below guard the measured
-# figures on these small sets.
+# on the classic + wide worlds) meet the attribute and single-shape targets but not the mAP
+# ones (benchmarks/RESULTS.md, "Demo detector after stage 17"); the floors below guard the
+# measured figures on these small sets.
 WIDE_TARGETS_MET = False
 WIDE_TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
 SINGLE_TOP_BOX_TARGET = 0.95
-# Measured with the shipped weights (stage 13) on the sets of the fixture below (wide world
-# of generator 1.2): wide mAP 0.725 / attribute accuracy 0.970, independent 0.713 / 0.884,
-# single shapes top box 0.933 (56 of 60; 0.947 on the 150 images of RESULTS.md). On
-# generator 1.1's wide set: stage 13 0.682 / 0.960; stage 12 0.640 / 0.989 (independent
+# Measured with the shipped weights (stage 17) on the sets of the fixture below (wide world
+# of generator 1.2): wide mAP 0.727 / attribute accuracy 0.960, independent 0.725 / 0.887,
+# single shapes top box 0.950 (57 of 60; 0.953 on the 150 images of RESULTS.md). Stage 13:
+# 0.725 / 0.970, 0.713 / 0.884, 0.933 (56 of 60). On generator 1.1's wide set: stage 13
+# 0.682 / 0.960; stage 12 0.640 / 0.989 (independent
 # 0.698 / 0.890, top box 0.933); stage 10: 0.586 / 0.957, 0.606 / 0.922, 0.933; stage 8:
 # 0.549 / 0.976, 0.615 / 0.921, 0.933; the weights before issue 19 (generator 1.0 sets):
 # 0.260 / 0.814, 0.236 / 0.795 and 0.050.
 WIDE_FLOORS = {"wide": (0.68, 0.93), "independent": (0.67, 0.84)}
-SINGLE_TOP_BOX_FLOOR = 0.90
+SINGLE_TOP_BOX_FLOOR = 0.93
 
 
 @pytest.fixture(scope="module")
@@ -468,11 +469,15 @@ def demo_beyond(tmp_path_factory):
 @pytest.mark.xfail(not WIDE_TARGETS_MET, strict=True,
                    reason="shipped demo weights below issue 19's mAP targets beyond the classic world")
 @pytest.mark.slow
-def test_shipped_demo_detector_meets_the_issue_19_targets(demo_beyond):
+def test_shipped_demo_detector_meets_the_issue_19_map_targets(demo_beyond):
     for name, (target_map, target_attr) in WIDE_TARGETS.items():
         assert demo_beyond[name]["mAP"] >= target_map, (name, demo_beyond[name]["ap"])
         assert demo_beyond[name]["attribute_accuracy"] >= target_attr, name
-    assert demo_beyond["single"]["top_box"]["rate"] >= SINGLE_TOP_BOX_TARGET
+
+
+@pytest.mark.slow
+def test_shipped_demo_detector_meets_the_single_shape_target(demo_beyond):
+    assert demo_beyond["single"]["top_box"]["rate"] >= SINGLE_TOP_BOX_TARGET, demo_beyond["single"]["top_box"]
 
 
 @pytest.mark.slow
