@@ -488,9 +488,9 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads.")
 def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
-                       rois_per_image, roi_positive_fraction, part_negatives, train_min_sizes, norm, init_weights, resume,
-                       eval_worlds, eval_split, eval_images, eval_every, log_every, checkpoint_every, time_limit,
-                       fp32, stored_classes, threads):
+                       rois_per_image, roi_positive_fraction, part_negatives, train_min_sizes, norm, init_weights,
+                       resume, eval_worlds, eval_split, eval_images, eval_every, log_every, checkpoint_every,
+                       time_limit, fp32, stored_classes, threads):
     """Train a Faster R-CNN with attribute head on Visual-Genome-format folders.
 
     Each VG_DIR holds objects.json, attributes.json, image_data.json and images/<id>.jpg

@@ -112,9 +112,10 @@ class TrainSettings:
     roi_foreground_iou: float = 0.5
     rois_per_image: int = 32
     roi_positive_fraction: float = 0.5
-    # Part boxes: this many sub-boxes of GT boxes (IoU < 0.5 with every GT) added per image
-    # to the sampled RoIs as background, so a shape's hole, corner or half never scores above
-    # the whole shape (random negatives are almost all empty background). 0: none, no draws.
+    # Part boxes: this many sub-boxes of GT boxes (IoU < roi_foreground_iou with their own box)
+    # added per image to the sampled RoIs, background unless another GT claims them, so the
+    # head sees a shape's hole, corner or half as not the shape (random negatives are almost
+    # all empty background). 0: none, and no random draws.
     roi_part_negatives: int = 0
     attr_loss_weight: float = 1.0
     flip: bool = True
@@ -303,7 +304,8 @@ def match_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torc
 
 def part_boxes(gt_boxes: torch.Tensor, count: int, generator: torch.Generator,
                foreground_iou: float = 0.5) -> torch.Tensor:
-    """``count`` boxes, each inside a random GT box and covering 5-45% of its area.
+    """``count`` boxes, each inside a random GT box, covering 5% to just under
+    ``foreground_iou`` of its area, of any aspect.
 
     A box inside a GT box has IoU = its share of that box's area, so every part is a
     background RoI for its own GT (others may still claim it: matching decides).
