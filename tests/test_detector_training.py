@@ -377,6 +377,17 @@ def test_shipped_demo_weights_fit_the_size_budget_and_know_the_world_classes():
     assert read_checkpoint(path)[CLASS_SUBSET_KEY].tolist() == sorted(palette.CATEGORY_IDS.values())
 
 
+def test_the_weights_readme_names_the_shipped_file():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "detectors" / "weights" / "README.md").read_text()
+    name, sha256 = inference.SHIPPED_WEIGHTS["demo"]
+    assert re.search(r"^sha256: `([0-9a-f]{64})`$", readme, re.M).group(1) == sha256
+    size = (inference.WEIGHTS_DIR / name).stat().st_size
+    assert re.search(r"^size: (\d+) ", readme, re.M).group(1) == str(size)
+
+
 @pytest.fixture(scope="module")
 def demo_heldout(tmp_path_factory):
     from vlp.synthetic import generate
