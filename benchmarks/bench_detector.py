@@ -84,7 +84,6 @@ def worker(spec: dict) -> dict:
            "threads": torch.get_num_threads(), "device": str(det.device)}
     # RoIs whose pooled input repeats (res5 runs once for them): proposals of the first image.
     from vlp.detectors.inference import prepare_image
-    from vlp.detectors.model import ResNetC4
     cfg = det.detector_config
     with torch.inference_mode():
         p = prepare_image(timed[0], cfg)
@@ -93,7 +92,7 @@ def worker(spec: dict) -> dict:
         with det._autocast():
             feats, _ = det.model.backbone(x)
             boxes, _ = det.model.proposal_generator(
-                feats, [ResNetC4.feature_size(*p.size)], [p.size], pre_nms_topk=cfg.rpn_pre_nms_topk,
+                feats, [det.model.backbone.feature_size(*p.size)], [p.size], pre_nms_topk=cfg.rpn_pre_nms_topk,
                 nms_threshold=cfg.rpn_nms_threshold, post_nms_topk=cfg.rpn_post_nms_topk,
                 min_size=cfg.rpn_min_size)[0]
         rois = torch.cat([torch.zeros(len(boxes), 1, device=boxes.device), boxes], dim=1)

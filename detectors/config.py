@@ -85,6 +85,11 @@ class ArchitectureConfig:
     res2_channels: int = 256
     bottleneck_channels: int = 64
     res5_dilation: int = 2  # res5: stride 1 in block 0, dilation 2 / padding 2 in every 3x3
+    # 2: res4 at stride 8 as well (stride 1 in block 0, dilation 2 in its 3x3 convs and in the
+    # RPN conv; feature_stride 8). The weights are those of stride 16, the receptive fields the
+    # same, the res4 grid twice as dense: the slim ``demo`` detector's small objects get four
+    # times the cells. BUTD's checkpoints use 1.
+    res4_dilation: int = 1
     stride_in_1x1: bool = True  # MSRA/Caffe ResNet: the stride sits on the 1x1 conv
     rpn_channels: int = 512
     anchor_sizes: tuple = (64, 128, 256, 512)
@@ -127,6 +132,12 @@ class ArchitectureConfig:
             raise DetectorConfigError(f"pooler must be 'roipool' or 'roialign', got {self.pooler!r}")
         if self.res5_dilation not in (1, 2):
             raise DetectorConfigError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
+        if self.res4_dilation not in (1, 2):
+            raise DetectorConfigError(f"res4_dilation must be 1 or 2, got {self.res4_dilation}")
+        if self.feature_stride != 16 // self.res4_dilation:
+            raise DetectorConfigError(
+                f"feature_stride must be {16 // self.res4_dilation} with res4_dilation {self.res4_dilation}, "
+                f"got {self.feature_stride}")
         if len(self.pixel_mean) != 3:
             raise DetectorConfigError("pixel_mean needs 3 values (B, G, R)")
         return self

@@ -36,7 +36,7 @@ from PIL import Image
 from vlp.detectors.checkpoint import GET_WEIGHTS_HELP, check_checkpoint, load_weights
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.errors import MissingWeightsError, ShippedWeightsError
-from vlp.detectors.model import FasterRCNN, ResNetC4, apply_deltas, clip_boxes, init_random_weights
+from vlp.detectors.model import FasterRCNN, apply_deltas, clip_boxes, init_random_weights
 from vlp.detectors.postprocess import NMS_METHODS, agnostic_loop_select, butd_select
 from vlp.schemas.shards import sha256_file
 from vlp.schemas.record import BOX_BORDER_TOLERANCE, MAX_BOXES, FeatureRecord
@@ -320,7 +320,7 @@ class Detector:
         with self._autocast():
             features, _ = model.backbone(batch, sizes)
             if given_boxes is None:
-                feature_sizes = [ResNetC4.feature_size(h, w) for h, w in sizes]
+                feature_sizes = [model.backbone.feature_size(h, w) for h, w in sizes]
                 proposals = model.proposal_generator(
                     features, feature_sizes, sizes, pre_nms_topk=cfg.rpn_pre_nms_topk,
                     nms_threshold=cfg.rpn_nms_threshold, post_nms_topk=cfg.rpn_post_nms_topk,

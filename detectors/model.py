@@ -206,24 +206,27 @@ class BasicStem(nn.Module):
 
 
 class ResNetC4(nn.Module):
-    """Stem + res2..res4 (stride 16)."""
+    """Stem + res2..res4: stride 16, or 8 with ``res4_dilation=2`` (res4 keeps the res3
+    grid and dilates its 3x3 convs, so each res4 cell sees what it saw at stride 16)."""
 
     def __init__(self, arch: ArchitectureConfig):
         super().__init__()
         eps = arch.frozen_bn_eps
+        self.res4_stride = 2 // arch.res4_dilation
         self.stem = BasicStem(3, arch.stem_channels, eps)
         in_ch, bottleneck, out_ch = arch.stem_channels, arch.bottleneck_channels, arch.res2_channels
+        strides = (1, 2, self.res4_stride)
+        dilations = (1, 1, arch.res4_dilation)
         for index, name in enumerate(("res2", "res3", "res4")):
             self.add_module(name, make_stage(arch.blocks[index], in_ch, bottleneck, out_ch,
-                                             first_stride=1 if index == 0 else 2, dilation=1,
+                                             first_stride=strides[index], dilation=dilations[index],
                                              stride_in_1x1=arch.stride_in_1x1, eps=eps))
             in_ch, bottleneck, out_ch = out_ch, bottleneck * 2, out_ch * 2
         self.out_channels = arch.res4_channels
 
-    @staticmethod
-    def feature_size(height: int, width: int) -> tuple[int, int]:
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """res4 (valid) size of an unpadded height x width input."""
-        return tuple(_stage_sizes((height, width))[-1])
+        return tuple(_stage_sizes((height, width), self.res4_stride)[-1])
 
     def forward(self, x: torch.Tensor, image_sizes: Optional[list[tuple[int, int]]] = None):
         """x: [N,3,H,W] mean-subtracted, zero-padded; image_sizes: each image's (h, w).
@@ -235,8 +238,8 @@ class ResNetC4(nn.Module):
         if image_sizes is not None and any(tuple(s) != padded for s in image_sizes):
             masks = PadMasks()
             masks.add(padded, [tuple(s) for s in image_sizes])
-            per_image = [_stage_sizes(tuple(s)) for s in image_sizes]
-            for level, shape in enumerate(_stage_sizes(padded)):
+            per_image = [_stage_sizes(tuple(s), self.res4_stride) for s in image_sizes]
+            for level, shape in enumerate(_stage_sizes(padded, self.res4_stride)):
                 masks.add(shape, [sizes[level] for sizes in per_image])
             x = masks.apply(x)  # whatever the padding holds, the stem conv must read zeros
         x = self.stem(x, masks)
@@ -248,7 +251,7 @@ class ResNetC4(nn.Module):
         return x, masks
 
 
-def _stage_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
+def _stage_sizes(size: tuple[int, int], res4_stride: int = 2) -> list[tuple[int, int]]:
     """(h, w) after the stem conv, after the max-pool (res2), res3 and res4."""
     h, w = size
     out = []
@@ -256,8 +259,8 @@ def _stage_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
     out.append((h, w))
     h, w = caffe_pool_out_size(h), caffe_pool_out_size(w)
     out.append((h, w))
-    for _ in range(2):  # res3, res4: one stride-2 conv each (1x1 pad 0 or 3x3 pad 1: same size)
-        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    for stride in (2, res4_stride):  # res3, res4: one strided conv each (1x1 pad 0 or 3x3 pad 1: same size)
+        h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
         out.append((h, w))
     return out
 
@@ -315,11 +318,13 @@ class AnchorGenerator(nn.Module):
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 convs to A objectness logits and 4A box deltas."""
+    """3x3 conv + ReLU, then 1x1 convs to A objectness logits and 4A box deltas.
 
-    def __init__(self, in_channels: int, hidden_channels: int, num_anchors: int):
+    ``dilation`` follows res4's, so the conv spans the same pixels at stride 8 as at 16."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, num_anchors: int, dilation: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=dilation, dilation=dilation)
         self.objectness_logits = nn.Conv2d(hidden_channels, num_anchors, kernel_size=1)
         self.anchor_deltas = nn.Conv2d(hidden_channels, num_anchors * 4, kernel_size=1)
 
@@ -332,7 +337,7 @@ class RPN(nn.Module):
     def __init__(self, arch: ArchitectureConfig):
         super().__init__()
         self.anchor_generator = AnchorGenerator(arch)
-        self.rpn_head = RPNHead(arch.res4_channels, arch.rpn_channels, arch.num_anchors)
+        self.rpn_head = RPNHead(arch.res4_channels, arch.rpn_channels, arch.num_anchors, arch.res4_dilation)
 
     def forward(self, features: torch.Tensor, feature_sizes: list[tuple[int, int]],
                 image_sizes: list[tuple[int, int]], *, pre_nms_topk: int, nms_threshold: float,

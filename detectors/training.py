@@ -79,7 +79,7 @@ from vlp.detectors.checkpoint import match_state_dict, read_checkpoint, save_che
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.errors import AnnotationError, DetectorConfigError, TrainingStateError
 from vlp.detectors.inference import prepare_image
-from vlp.detectors.model import FasterRCNN, FrozenBatchNorm2d, ResNetC4, select_proposals
+from vlp.detectors.model import FasterRCNN, FrozenBatchNorm2d, select_proposals
 
 #: The stem's fixed running_var is INPUT_STD**2: inputs are mean-subtracted pixels (no std).
 INPUT_STD = 58.0
@@ -370,7 +370,7 @@ def compute_losses(model: FasterRCNN, images: list[TrainImage], settings: TrainS
 
     rpn_cls, rpn_reg, proposals = [], [], []
     for i, im in enumerate(images):
-        fh, fw = ResNetC4.feature_size(*im.size)
+        fh, fw = model.backbone.feature_size(*im.size)
         lg = logits[i, :, :fh, :fw].permute(1, 2, 0).reshape(-1)
         dl = deltas[i, :, :fh, :fw].reshape(num_anchors, 4, fh, fw).permute(2, 3, 0, 1).reshape(-1, 4)
         anchors = rpn.anchor_generator.grid_anchors(fh, fw)

@@ -63,6 +63,11 @@ def test_every_threshold_is_an_override():
         make_config(min_boxes=20, max_boxes=10)
     with pytest.raises(DetectorConfigError, match="selection"):
         make_config(selection="magic")
+    assert make_config(res4_dilation=2, feature_stride=8).arch.res4_dilation == 2
+    with pytest.raises(DetectorConfigError, match="feature_stride must be 8 with res4_dilation 2, got 16"):
+        make_config(res4_dilation=2)
+    with pytest.raises(DetectorConfigError, match="res4_dilation must be 1 or 2, got 4"):
+        make_config(res4_dilation=4, feature_stride=4)
 
 
 def test_override_values_are_type_checked_and_numbers_normalised():
@@ -96,8 +101,9 @@ def test_config_dict_is_json_and_hash_is_stable():
     # (225e94f08882c1f9 -> efa510e937b6301d when ArchitectureConfig gained the `pooler`
     # field, default "roipool": to_dict() lists every field, so the hash changed although
     # the butd-10-100 behaviour did not; efa510e937b6301d -> 79926cb6984b704f when
-    # DetectorConfig gained `image_feature`, default false.)
-    assert cfg.config_hash() == "79926cb6984b704f"
+    # DetectorConfig gained `image_feature`, default false; 79926cb6984b704f -> 62cd3ca7d42f4327
+    # when ArchitectureConfig gained `res4_dilation`, default 1.)
+    assert cfg.config_hash() == "62cd3ca7d42f4327"
     assert make_config().config_hash() == cfg.config_hash()
     assert make_config(score_threshold=0.3).config_hash() != cfg.config_hash()
     assert make_config(dtype="bfloat16").config_hash() != cfg.config_hash()

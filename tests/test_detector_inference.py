@@ -135,6 +135,35 @@ def test_masks_follow_strides_in_the_3x3_variant():
         assert_records_close(a, b)
 
 
+def test_res4_at_stride_8_is_the_stride_16_network_on_a_twice_denser_grid(slim):
+    """res4_dilation=2 with the same weights: at every even res4 cell the features and the
+    RPN outputs are those of stride 16 (the a trous identity; float rounding only)."""
+    dense = load_detector(allow_random=True, seed=1, res4_dilation=2, feature_stride=8, **SLIM, **SMALL)
+    dense.model.load_state_dict(slim.model.state_dict())
+    prepared = prepare_image(IMAGES[0], slim.detector_config)
+    x = prepared.tensor[None]
+    with torch.inference_mode():
+        coarse, _ = slim.model.backbone(x)
+        fine, _ = dense.model.backbone(x)
+        assert tuple(fine.shape[-2:]) == dense.model.backbone.feature_size(*prepared.size)
+        assert tuple(coarse.shape[-2:]) == slim.model.backbone.feature_size(*prepared.size)
+        assert fine.shape[-2] == 2 * coarse.shape[-2] - 1 or fine.shape[-2] == 2 * coarse.shape[-2]
+        scale = float(coarse.abs().max())
+        assert float((fine[..., ::2, ::2] - coarse).abs().max()) <= 1e-5 * scale
+        coarse_logits, coarse_deltas = slim.model.proposal_generator.rpn_head(coarse)
+        fine_logits, fine_deltas = dense.model.proposal_generator.rpn_head(fine)
+    np.testing.assert_allclose(fine_logits[..., ::2, ::2], coarse_logits, atol=1e-4)
+    np.testing.assert_allclose(fine_deltas[..., ::2, ::2], coarse_deltas, atol=1e-4)
+    # Anchors follow the denser grid: cell (i, j) sits at (8j, 8i).
+    anchors = dense.model.proposal_generator.anchor_generator.grid_anchors(2, 3)
+    cell = dense.model.proposal_generator.anchor_generator.cell_anchors[0]
+    assert torch.equal(anchors.reshape(2, 3, -1, 4)[1, 2], cell + torch.tensor([16.0, 8.0, 16.0, 8.0]))
+    # And it batches exactly like stride 16 does.
+    single = [dense.detect([im], image_ids=[str(i)])[0] for i, im in enumerate(IMAGES[:3])]
+    for a, b in zip(single, dense.detect(IMAGES[:3], batch_size=3)):
+        assert_records_close(a, b)
+
+
 def test_given_boxes_reproduce_detect(slim):
     image = IMAGES[0]
     record = slim.detect([image], image_ids=["x"])[0]
