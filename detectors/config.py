@@ -44,12 +44,13 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
 ``demo``
     The embedded slim detector trained on the synthetic world (`vlp synth`) and shipped
     as ``detectors/weights/demo-detector.pt``: ResNet C4 of the same family (blocks
-    1,1,2,2; res2 48 channels, feature dim 384), RoIAlign 14x14, anchors 32..256, input
-    upsampled to a 512 px short side (<= 800), RPN pre/post-NMS 1000/100 (scenes hold at
-    most 8 objects), the ``butd-10-100`` selection (10..100 boxes, score 0.2) with
-    ``boxes="regressed"``: each kept RoI is moved by the class-specific deltas of its best
-    class (the detector is trained with box regression; on held-out synthetic worlds this
-    gives about +0.01 mAP@0.5 over the raw RoIs). Pass ``boxes="rois"`` for BUTD's raw
+    1,1,2,2; res2 48 channels, feature dim 384), res4 and the RPN at stride 8
+    (``res4_dilation=2``: the weights trained at stride 16 read on a twice denser grid),
+    RoIAlign 14x14, anchors 32..256, input upsampled to a 512 px short side (<= 800),
+    BUTD's RPN numbers (pre/post-NMS 6000/300), the ``butd-10-100`` selection (10..100
+    boxes, score 0.2) with ``boxes="regressed"``: each kept RoI is moved by the
+    class-specific deltas of its best class (the detector is trained with box regression;
+    on held-out synthetic worlds this gives about +0.01 mAP@0.5 over the raw RoIs). Pass ``boxes="rois"`` for BUTD's raw
     proposals. ``load_detector(preset="demo")`` loads the shipped weights (sha256-checked).
 
 Choices where the references are silent or disagree are documented on the fields.
@@ -387,8 +388,7 @@ register_preset("lxmert-36", lambda: DetectorConfig(
 DEMO_ARCH = ArchitectureConfig(
     blocks=(1, 1, 2, 2), stem_channels=32, res2_channels=48, bottleneck_channels=24,
     rpn_channels=128, anchor_sizes=(32, 64, 128, 256), anchor_ratios=(0.5, 1.0, 2.0),
-    pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
+    res4_dilation=2, feature_stride=8, pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
 
 register_preset("demo", lambda: DetectorConfig(
-    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800,
-    rpn_pre_nms_topk=1000, rpn_post_nms_topk=100, boxes="regressed"))
+    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800, boxes="regressed"))
