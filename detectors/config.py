@@ -50,8 +50,9 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
     BUTD's RPN numbers (pre/post-NMS 6000/300), the ``butd-10-100`` selection (10..100
     boxes, score 0.2) with ``boxes="regressed"``: each kept RoI is moved by the
     class-specific deltas of its best class (the detector is trained with box regression;
-    on held-out synthetic worlds this gives about +0.01 mAP@0.5 over the raw RoIs). Pass ``boxes="rois"`` for BUTD's raw
-    proposals. ``load_detector(preset="demo")`` loads the shipped weights (sha256-checked).
+    on held-out synthetic worlds this gives about +0.01 mAP@0.5 over the raw RoIs). Pass
+    ``boxes="rois"`` for BUTD's raw proposals. ``load_detector(preset="demo")`` loads the
+    shipped weights (sha256-checked).
 
 Choices where the references are silent or disagree are documented on the fields.
 """
@@ -135,6 +136,10 @@ class ArchitectureConfig:
             raise DetectorConfigError(f"res5_dilation must be 1 or 2, got {self.res5_dilation}")
         if self.res4_dilation not in (1, 2):
             raise DetectorConfigError(f"res4_dilation must be 1 or 2, got {self.res4_dilation}")
+        if self.res4_dilation == 2 and not self.stride_in_1x1:
+            # With the stride on the 3x3 conv, res4's first 3x3 would need dilation 1 and the
+            # others 2 for the stride-16 weights to keep their meaning; not built.
+            raise DetectorConfigError("res4_dilation 2 needs stride_in_1x1 (the stride on the 1x1 conv)")
         if self.feature_stride != 16 // self.res4_dilation:
             raise DetectorConfigError(
                 f"feature_stride must be {16 // self.res4_dilation} with res4_dilation {self.res4_dilation}, "

@@ -68,6 +68,8 @@ def test_every_threshold_is_an_override():
         make_config(res4_dilation=2)
     with pytest.raises(DetectorConfigError, match="res4_dilation must be 1 or 2, got 4"):
         make_config(res4_dilation=4, feature_stride=4)
+    with pytest.raises(DetectorConfigError, match="res4_dilation 2 needs stride_in_1x1"):
+        make_config(res4_dilation=2, feature_stride=8, stride_in_1x1=False)
 
 
 def test_override_values_are_type_checked_and_numbers_normalised():
