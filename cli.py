@@ -457,6 +457,9 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--part-negatives", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sub-boxes of GT boxes (holes, corners, halves) added per image to the sampled RoIs "
                    "as background.")
+@click.option("--hard-negatives", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Background proposals of the highest RPN objectness (groups of objects, textures, near "
+                   "misses) added per image to the sampled RoIs.")
 @click.option("--train-min-sizes", default="", metavar="N,N,...",
               help="Multi-scale training: each image's shortest side is drawn from these sizes, e.g. "
                    "384,448,512,576,640 (the preset's max_size still caps the longest). [the preset's min_size]")
@@ -488,7 +491,8 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads.")
 def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, seed, lr, warmup, min_lr_fraction,
-                       rois_per_image, roi_positive_fraction, part_negatives, train_min_sizes, norm, init_weights,
+                       rois_per_image, roi_positive_fraction, part_negatives, hard_negatives, train_min_sizes, norm,
+                       init_weights,
                        resume, eval_worlds, eval_split, eval_images, eval_every, log_every, checkpoint_every,
                        time_limit, fp32, stored_classes, threads):
     """Train a Faster R-CNN with attribute head on Visual-Genome-format folders.
@@ -509,6 +513,7 @@ def train_detector_cmd(vg_dirs, out, preset, overrides, iterations, batch_size, 
     settings = TrainSettings(iterations=iterations, batch_size=batch_size, seed=seed, lr=lr,
                              warmup_iterations=warmup, min_lr_fraction=min_lr_fraction, rois_per_image=rois_per_image,
                              roi_positive_fraction=roi_positive_fraction, roi_part_negatives=part_negatives,
+                             roi_hard_negatives=hard_negatives,
                              norm=norm, threads=threads,
                              train_min_sizes=_parse_train_min_sizes(train_min_sizes))
     eval_folders, eval_ids = [], []

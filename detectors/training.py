@@ -21,7 +21,10 @@ RoI head
     Match IoU >= 0.5 -> the GT's class id (0..1599), else background (1600, the LAST
     logit). ``rois_per_image`` sampled at up to ``roi_positive_fraction`` foreground;
     with ``roi_part_negatives`` > 0, that many sub-boxes of GT boxes are added (background
-    unless another GT claims them), the hard negatives random sampling almost never draws.
+    unless another GT claims them), the hard negatives random sampling almost never draws;
+    with ``roi_hard_negatives`` > 0, that many background proposals of the highest RPN
+    objectness (groups of shapes, textures, near misses: what the detector itself takes for
+    objects) are added before the random draw, which then samples from the rest.
     Cross-entropy over the 1601 logits; class-specific L1 box loss on the foreground
     (weights (10, 10, 5, 5), divided by the sampled RoI count, as detectron2).
 Attributes
@@ -117,6 +120,9 @@ class TrainSettings:
     # head sees a shape's hole, corner or half as not the shape (random negatives are almost
     # all empty background). 0: none, and no random draws.
     roi_part_negatives: int = 0
+    # Hard negatives: this many of each image's background proposals with the highest RPN
+    # objectness, added to the sampled RoIs (the random draw samples the rest). 0: none.
+    roi_hard_negatives: int = 0
     attr_loss_weight: float = 1.0
     flip: bool = True
     # Multi-scale training (detectron2's MIN_SIZE_TRAIN): each image's shortest side is drawn
@@ -325,17 +331,24 @@ def part_boxes(gt_boxes: torch.Tensor, count: int, generator: torch.Generator,
 
 def sample_rois(proposals: torch.Tensor, gt: TrainImage, settings: TrainSettings, num_classes: int,
                 generator: torch.Generator):
-    """Proposals + GT boxes, matched and sampled, plus ``roi_part_negatives`` part boxes.
+    """Proposals + GT boxes, matched and sampled, plus hard and part negatives.
 
+    ``proposals`` come in decreasing RPN objectness (as ``select_proposals`` returns them):
+    the first ``roi_hard_negatives`` background ones are taken as they are, the random draw
+    of ``rois_per_image`` samples the others, then ``roi_part_negatives`` part boxes follow.
     Returns (rois, labels, matched GT index).
     """
     rois = torch.cat([proposals, gt.boxes])
     labels, matched = match_rois(rois, gt.boxes, gt.classes, background=num_classes,
                                  foreground_iou=settings.roi_foreground_iou)
-    pos, neg = subsample(labels, settings.rois_per_image, settings.roi_positive_fraction,
-                         positive=lambda x: x != num_classes, negative=lambda x: x == num_classes,
+    background = labels[: proposals.shape[0]] == num_classes
+    hard = torch.nonzero(background).flatten()[: max(int(settings.roi_hard_negatives), 0)]
+    drawable = labels.clone()
+    drawable[hard] = -1  # neither foreground nor background: out of the random draw
+    pos, neg = subsample(drawable, settings.rois_per_image, settings.roi_positive_fraction,
+                         positive=lambda x: (x != num_classes) & (x >= 0), negative=lambda x: x == num_classes,
                          generator=generator)
-    keep = torch.cat([pos, neg])
+    keep = torch.cat([pos, neg, hard])
     rois, labels, matched = rois[keep], labels[keep], matched[keep]
     parts = part_boxes(gt.boxes, settings.roi_part_negatives, generator, settings.roi_foreground_iou)
     if parts.shape[0]:

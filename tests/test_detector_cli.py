@@ -264,16 +264,18 @@ def test_train_min_sizes_are_recorded_checked_on_resume_and_validated(tiny_world
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_part_negatives_are_recorded_and_checked_on_resume(tiny_world, tmp_path):
+def test_part_and_hard_negatives_are_recorded_and_checked_on_resume(tiny_world, tmp_path):
     out = tmp_path / "parts.pt"
-    result = _train(tiny_world, out, "--part-negatives", "3")
+    result = _train(tiny_world, out, "--part-negatives", "3", "--hard-negatives", "2")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "parts.pt.log.json").read_text())["settings"]["roi_part_negatives"] == 3
-    result = _train(tiny_world, out, "--resume")
+    settings = json.loads((tmp_path / "parts.pt.log.json").read_text())["settings"]
+    assert (settings["roi_part_negatives"], settings["roi_hard_negatives"]) == (3, 2)
+    result = _train(tiny_world, out, "--resume", "--part-negatives", "3")
     assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
-                                       f"roi_part_negatives: 3 then, 0 now")
-    result = _train(tiny_world, tmp_path / "bad.pt", "--part-negatives", "-1")
-    assert result.exit_code == 2 and "--part-negatives" in result.output, result.output
+                                       f"roi_hard_negatives: 2 then, 0 now")
+    for option in ("--part-negatives", "--hard-negatives"):
+        result = _train(tiny_world, tmp_path / "bad.pt", option, "-1")
+        assert result.exit_code == 2 and option in result.output, result.output
 
 
 def _merged_train_splits(folders, root):

@@ -17,7 +17,7 @@ from vlp.detectors.evaluate import error_anatomy, evaluate_detector, evaluate_pr
 from vlp.detectors.inference import Detector
 from vlp.detectors.annotations import Annotation
 from vlp.detectors.training import (DetectorTrainer, TrainImage, TrainSettings, encode_deltas, match_anchors,
-                                    match_rois, part_boxes, sample_rois, train_detector)
+                                    match_rois, part_boxes, sample_rois, subsample, train_detector)
 from vlp.detectors.model import apply_deltas
 from vlp.schemas import vocab
 
@@ -109,6 +109,31 @@ def test_part_negatives_are_added_as_background_unless_another_gt_claims_them():
     claimed = box_iou(parts, nested[1:]).flatten() >= 0.5
     assert 0 < int(claimed.sum()) < 300
     assert part_labels[claimed].eq(4).all() and part_labels[~claimed].eq(BG).all()
+
+
+def test_hard_negatives_are_the_first_background_proposals_and_leave_the_draw_to_the_rest():
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    image = TrainImage(torch.zeros(3, 400, 400), (400, 400), gt, torch.tensor([3]), torch.tensor([-1]))
+    # in objectness order: a near miss (IoU 0.45), the object, then empty background
+    near_miss = torch.tensor([[0.0, 0.0, 100.0, 45.0]])
+    empty = torch.stack([torch.tensor([200.0 + i, 200.0, 260.0 + i, 260.0]) for i in range(40)])
+    proposals = torch.cat([near_miss, gt, empty])
+    settings = TrainSettings(rois_per_image=6, roi_positive_fraction=0.5, roi_hard_negatives=3)
+    rois, labels, _ = sample_rois(proposals, image, settings, BG, torch.Generator().manual_seed(0))
+    assert rois.shape[0] == 6 + 3
+    # the three hard ones come last, in objectness order: the near miss, then the first empties
+    assert torch.equal(rois[-3:], torch.cat([near_miss, empty[:2]])) and labels[-3:].eq(BG).all()
+    drawn = rois[:-3]
+    assert int(labels[:-3].ne(BG).sum()) == 2  # the object as proposal and as GT box
+    for box in rois[-3:]:  # no RoI twice
+        assert int((drawn == box).all(dim=1).sum()) == 0
+    # 0 hard negatives draws exactly what the sampler drew before they existed
+    plain = TrainSettings(rois_per_image=6, roi_positive_fraction=0.5)
+    a = sample_rois(proposals, image, plain, BG, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    ref_labels, _ = match_rois(torch.cat([proposals, gt]), gt, torch.tensor([3]), background=BG)
+    pos, neg = subsample(ref_labels, 6, 0.5, positive=lambda x: x != BG, negative=lambda x: x == BG, generator=g)
+    assert torch.equal(a[0], torch.cat([proposals, gt])[torch.cat([pos, neg])])
 
 
 def test_delta_encoding_inverts_apply_deltas():
