@@ -375,3 +375,40 @@ def subset_checkpoint(path, out_path, classes) -> str:
     if missing:
         raise CheckpointError(f"{path}: no box predictor to subset (missing {', '.join(missing)})")
     return write_state_dict(out_path, _subset_state(state, classes))
+
+
+def interpolate_checkpoints(path_a, path_b, out_path, weight_b: float, *, half: bool = False) -> str:
+    """Write ``(1 - weight_b) * a + weight_b * b`` of two checkpoints of one architecture (full
+    layouts, same keys and shapes) to ``out_path``, atomically; returns its sha256.
+
+    Weight-space interpolation between two fine-tunes of a common ancestor (WiSE-FT, Wortsman
+    et al. 2022): the demo detector's stage 19 mixes a file that keeps large single shapes with
+    one trained longer at larger scales. Floats are mixed in float32 and written in float32,
+    or float16 with ``half``; other tensors must be equal in both.
+    """
+    weight_b = float(weight_b)
+    if not 0.0 <= weight_b <= 1.0:
+        raise ValueError(f"weight_b must be between 0 and 1, got {weight_b}")
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
+    problems = []
+    for name in sorted(a.keys() ^ b.keys()):
+        problems.append(f"{name} only in the {'first' if name in a else 'second'}")
+    for name in sorted(a.keys() & b.keys()):
+        if a[name].shape != b[name].shape:
+            problems.append(f"{name}: shape {tuple(a[name].shape)} against {tuple(b[name].shape)}")
+        elif a[name].is_floating_point() != b[name].is_floating_point() or (
+                not a[name].is_floating_point() and not torch.equal(a[name], b[name])):
+            problems.append(f"{name}: not a float tensor and not equal in both")
+    if CLASS_SUBSET_KEY in a or CLASS_SUBSET_KEY in b:
+        problems.insert(0, "a class-subset checkpoint: interpolate the full files")
+    if problems:
+        raise CheckpointError(f"cannot interpolate {path_a} and {path_b}: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    out = {}
+    for name, tensor in a.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor.clone()
+            continue
+        mixed = (1.0 - weight_b) * tensor.float() + weight_b * b[name].float()
+        out[name] = mixed.half() if half else mixed
+    return write_state_dict(out_path, out)

@@ -15,7 +15,8 @@ import torch
 
 from vlp.detectors import ArchitectureConfig, CheckpointError, FasterRCNN, load_detector, save_checkpoint
 from vlp.detectors.checkpoint import (ABSENT_CLASS_LOGIT, CLASS_SUBSET_KEY, KEY_RENAMES, load_weights,
-                                      match_state_dict, read_checkpoint, subset_checkpoint)
+                                      interpolate_checkpoints, match_state_dict, read_checkpoint,
+                                      subset_checkpoint)
 
 LAYOUTS = Path(__file__).parent / "data" / "checkpoint-layouts"
 HF_KEYS = LAYOUTS / "hf_frcnn_vg_finetuned.keys.tsv"
@@ -367,3 +368,36 @@ def test_fuzzed_class_subsets_load_or_fail_clearly(subset_state, kept, dtype, sc
         assert str(exc).startswith("fuzz.pt")
     else:
         assert loaded[PREDICTOR + "cls_score.weight"].shape[0] == 1601
+
+
+def test_interpolated_checkpoint_mixes_floats_and_refuses_what_cannot_be_mixed(tmp_path):
+    torch.manual_seed(0)
+    model_a, model_b = FasterRCNN(SLIM).eval(), FasterRCNN(SLIM).eval()
+    for p in model_b.parameters():
+        p.data.normal_()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(model_a, a)
+    save_checkpoint(model_b, b, half=True)
+    state_a, state_b = read_checkpoint(a), read_checkpoint(b)
+    for weight in (0.0, 0.3, 1.0):
+        out = tmp_path / f"mix{weight}.pt"
+        interpolate_checkpoints(a, b, out, weight)
+        mixed = read_checkpoint(out)
+        assert mixed.keys() == state_a.keys()
+        for name, value in mixed.items():
+            assert value.dtype == torch.float32
+            expected = (1 - weight) * state_a[name].float() + weight * state_b[name].float()
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+        load_weights(FasterRCNN(SLIM), out)  # the strict loader takes it
+    interpolate_checkpoints(a, b, tmp_path / "h.pt", 0.5, half=True)
+    assert all(v.dtype == torch.float16 for v in read_checkpoint(tmp_path / "h.pt").values())
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        interpolate_checkpoints(a, b, tmp_path / "bad.pt", 1.5)
+    other = FasterRCNN(dataclasses.replace(SLIM, rpn_channels=16))
+    save_checkpoint(other, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other.pt: .*rpn_head.conv.weight: shape \(32, 128, 3, 3\) against \(16, 128, 3, 3\)"):
+        interpolate_checkpoints(a, tmp_path / "other.pt", tmp_path / "bad.pt", 0.5)
+    subset_checkpoint(a, tmp_path / "sub.pt", [3, 7])
+    with pytest.raises(CheckpointError, match="a class-subset checkpoint: interpolate the full files"):
+        interpolate_checkpoints(tmp_path / "sub.pt", b, tmp_path / "bad.pt", 0.5)
+    assert not (tmp_path / "bad.pt").exists()
