@@ -392,7 +392,7 @@ register_preset("lxmert-36", lambda: DetectorConfig(
 
 DEMO_ARCH = ArchitectureConfig(
     blocks=(1, 1, 2, 2), stem_channels=32, res2_channels=48, bottleneck_channels=24,
-    rpn_channels=128, anchor_sizes=(32, 64, 128, 256), anchor_ratios=(0.5, 1.0, 2.0),
+    rpn_channels=128, anchor_sizes=(32, 64, 128, 256, 512), anchor_ratios=(0.5, 1.0, 2.0),
     res4_dilation=2, feature_stride=8, pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
 
 register_preset("demo", lambda: DetectorConfig(

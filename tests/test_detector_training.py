@@ -464,25 +464,26 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
 
 # Targets of issue 19, on sets the detector never saw: the wide world (the default of
 # vlp.synthetic.generate), the independent renderer's world, and single shapes on plain
-# white / light backgrounds (the top box must be the shape). The shipped weights (fine-tunes
-# on the classic + wide worlds) meet the attribute and single-shape targets but not the mAP
-# ones (benchmarks/RESULTS.md, "Demo detector read at stride 8"; the single shapes of two
-# more seeds fall short, 0.947 and 0.933); the floors below guard the measured figures on
-# these small sets.
-WIDE_TARGETS_MET = False
-WIDE_TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
+# white / light backgrounds (the top box must be the shape). The shipped weights (stage 19:
+# fine-tunes on the classic + wide worlds, mixed in weight space) meet the attribute, the
+# independent renderer's and the single-shape targets but not the wide world's mAP
+# (benchmarks/RESULTS.md, "Demo detector stage 19"; the single shapes of two more seeds fall
+# short, 0.927 and 0.933); the floors below guard the measured figures on these small sets.
+TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
+TARGETS_MET = {"wide": False, "independent": True}
 SINGLE_TOP_BOX_TARGET = 0.95
-# Measured with the shipped weights (stage 17) under the demo preset (stride 8, RPN 6,000 /
-# 300) on the sets of the fixture below (wide world of generator 1.2): wide mAP 0.766 /
-# attribute accuracy 0.990, independent 0.806 / 0.893, single shapes top box 0.950 (57 of 60;
-# 0.953 on the 150 images of RESULTS.md). At stride 16 with 1,000 / 100 proposals: 0.727 /
+# Measured with the shipped weights (stage 19) under the demo preset (stride 8, RPN 6,000 /
+# 300) on the sets of the fixture below (wide world of generator 1.2): wide mAP 0.763 /
+# attribute accuracy 0.970, independent 0.825 / 0.903, single shapes top box 0.950 (57 of 60;
+# 0.953 on the 150 images of RESULTS.md). Stage 17 under the same preset: 0.766 / 0.990,
+# 0.806 / 0.893, 0.950; at stride 16 with 1,000 / 100 proposals: 0.727 /
 # 0.960, 0.725 / 0.887, 0.950. Stage 13:
 # 0.725 / 0.970, 0.713 / 0.884, 0.933 (56 of 60). On generator 1.1's wide set: stage 13
 # 0.682 / 0.960; stage 12 0.640 / 0.989 (independent
 # 0.698 / 0.890, top box 0.933); stage 10: 0.586 / 0.957, 0.606 / 0.922, 0.933; stage 8:
 # 0.549 / 0.976, 0.615 / 0.921, 0.933; the weights before issue 19 (generator 1.0 sets):
 # 0.260 / 0.814, 0.236 / 0.795 and 0.050.
-WIDE_FLOORS = {"wide": (0.73, 0.95), "independent": (0.76, 0.85)}
+WIDE_FLOORS = {"wide": (0.73, 0.95), "independent": (0.78, 0.85)}
 SINGLE_TOP_BOX_FLOOR = 0.93
 
 
@@ -506,13 +507,15 @@ def demo_beyond(tmp_path_factory):
     return results
 
 
-@pytest.mark.xfail(not WIDE_TARGETS_MET, strict=True,
-                   reason="shipped demo weights below issue 19's mAP targets beyond the classic world")
 @pytest.mark.slow
-def test_shipped_demo_detector_meets_the_issue_19_map_targets(demo_beyond):
-    for name, (target_map, target_attr) in WIDE_TARGETS.items():
-        assert demo_beyond[name]["mAP"] >= target_map, (name, demo_beyond[name]["ap"])
-        assert demo_beyond[name]["attribute_accuracy"] >= target_attr, name
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[] if met else pytest.mark.xfail(
+        strict=True, reason=f"shipped demo weights below issue 19's mAP target on the {name} set"))
+    for name, met in TARGETS_MET.items()])
+def test_shipped_demo_detector_meets_the_issue_19_targets(demo_beyond, name):
+    target_map, target_attr = TARGETS[name]
+    assert demo_beyond[name]["attribute_accuracy"] >= target_attr, name
+    assert demo_beyond[name]["mAP"] >= target_map, (name, demo_beyond[name]["ap"])
 
 
 @pytest.mark.slow
