@@ -46,7 +46,7 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
     as ``detectors/weights/demo-detector.pt``: ResNet C4 of the same family (blocks
     1,1,2,2; res2 48 channels, feature dim 384), res4 and the RPN at stride 8
     (``res4_dilation=2``: the weights trained at stride 16 read on a twice denser grid),
-    RoIAlign 14x14, anchors 32..256, input upsampled to a 512 px short side (<= 800),
+    RoIAlign 14x14, anchors 32..512, input upsampled to a 512 px short side (<= 800),
     BUTD's RPN numbers (pre/post-NMS 6000/300), the ``butd-10-100`` selection (10..100
     boxes, score 0.2) with ``boxes="regressed"``: each kept RoI is moved by the
     class-specific deltas of its best class (the detector is trained with box regression;
