@@ -270,9 +270,9 @@ def test_part_and_hard_negatives_are_recorded_and_checked_on_resume(tiny_world, 
     assert result.exit_code == 0, result.output
     settings = json.loads((tmp_path / "parts.pt.log.json").read_text())["settings"]
     assert (settings["roi_part_negatives"], settings["roi_hard_negatives"]) == (3, 2)
-    result = _train(tiny_world, out, "--resume", "--part-negatives", "3")
+    result = _train(tiny_world, out, "--resume")
     assert _one_error_line(result) == (f"Error: {out}.state.pt: cannot resume with other settings: "
-                                       f"roi_hard_negatives: 2 then, 0 now")
+                                       f"roi_hard_negatives: 2 then, 0 now; roi_part_negatives: 3 then, 0 now")
     for option in ("--part-negatives", "--hard-negatives"):
         result = _train(tiny_world, tmp_path / "bad.pt", option, "-1")
         assert result.exit_code == 2 and option in result.output, result.output
