@@ -16,6 +16,8 @@ from vlp.detectors.widen import add_anchor_sizes, add_anchor_sizes_checkpoint, w
 
 SMALL = dict(preset="demo", min_size=160, max_size=240, device="cpu")
 NARROW = dict(bottleneck_channels=16)  # the demo preset's width before it was widened to 24
+DEMO_SIZES = [32, 64, 128, 256]  # its anchor sizes before stage 19 added 512
+EARLY = dict(NARROW, anchor_sizes=tuple(DEMO_SIZES))  # the demo detector of its early stages
 
 
 def _image(seed: int) -> np.ndarray:
@@ -42,7 +44,7 @@ def _assert_same_records(before, after, *, box_atol, conf_atol, feature_atol, fe
 
 @pytest.fixture(scope="module")
 def slim(tmp_path_factory):
-    model = init_random_weights(FasterRCNN(make_config("demo", **NARROW).arch), seed=3)
+    model = init_random_weights(FasterRCNN(make_config("demo", **EARLY).arch), seed=3)
     path = tmp_path_factory.mktemp("widen") / "narrow.pt"
     save_checkpoint(model, path)
     return path
@@ -50,8 +52,8 @@ def slim(tmp_path_factory):
 
 def test_the_widened_detector_writes_the_same_records(slim, tmp_path):
     wide_path = widen_checkpoint(slim, tmp_path / "wide.pt", bottleneck_channels=24, seed=5)
-    narrow = load_detector(slim, **NARROW, **SMALL)
-    wide = load_detector(wide_path, bottleneck_channels=24, **SMALL)
+    narrow = load_detector(slim, **EARLY, **SMALL)
+    wide = load_detector(wide_path, bottleneck_channels=24, anchor_sizes=DEMO_SIZES, **SMALL)
     state = torch.load(wide_path, weights_only=True)
     # every stage 1.5x wider inside its bottlenecks; block inputs and outputs unchanged
     assert state["backbone.res2.0.conv2.weight"].shape == (24, 24, 3, 3)
@@ -89,8 +91,6 @@ def test_widening_refuses_what_it_cannot_do(slim):
 
 
 # -- added anchor sizes -----------------------------------------------------------------
-
-DEMO_SIZES = [32, 64, 128, 256]
 
 
 def _rpn_outputs(state: dict, anchor_sizes, features: torch.Tensor):
@@ -131,7 +131,7 @@ def test_the_detector_with_an_added_anchor_size_writes_the_same_records(slim, tm
     grown_path = add_anchor_sizes_checkpoint(slim, tmp_path / "a512.pt", [*DEMO_SIZES, 512])
     # every anchor reaches NMS (no pre-NMS cut), where each copy falls to its higher-scoring source
     everything = dict(SMALL, rpn_pre_nms_topk=100000)
-    before = load_detector(slim, **NARROW, **everything)
+    before = load_detector(slim, **EARLY, **everything)
     after = load_detector(grown_path, **NARROW, anchor_sizes=[*DEMO_SIZES, 512], **everything)
     _assert_same_records(before, after, box_atol=1e-3, conf_atol=1e-6, feature_atol=1e-3)
     # written in the layout of the output's suffix, as every checkpoint writer of the project
