@@ -362,12 +362,17 @@ def write_state_dict(path, state: dict[str, torch.Tensor]) -> str:
     return sha256_file(path)
 
 
+def _model_state(path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under this model's names, without ``num_batches_tracked``."""
+    return {rename_key(name): tensor for name, tensor in read_checkpoint(path).items()
+            if not name.endswith(IGNORED_SUFFIX)}
+
+
 def subset_checkpoint(path, out_path, classes) -> str:
     """Write the checkpoint at ``path`` as a class-subset checkpoint of ``classes`` (VG class
     indices) at ``out_path`` (atomically, tensors in their stored dtypes); returns its sha256.
     The same bytes as ``save_checkpoint(model, out_path, classes=classes)`` of the model it holds."""
-    state = {rename_key(name): tensor for name, tensor in read_checkpoint(path).items()
-             if not name.endswith(IGNORED_SUFFIX)}
+    state = _model_state(path)
     if CLASS_SUBSET_KEY in state:
         raise CheckpointError(f"{path}: already a class-subset checkpoint "
                               f"({state[CLASS_SUBSET_KEY].numel()} classes); subset the full file")
@@ -379,7 +384,8 @@ def subset_checkpoint(path, out_path, classes) -> str:
 
 def interpolate_checkpoints(path_a, path_b, out_path, weight_b: float, *, half: bool = False) -> str:
     """Write ``(1 - weight_b) * a + weight_b * b`` of two checkpoints of one architecture (full
-    layouts, same keys and shapes) to ``out_path``, atomically; returns its sha256.
+    layouts, the same keys under this model's names and the same shapes; ``num_batches_tracked``
+    dropped, as :func:`subset_checkpoint` does) to ``out_path``, atomically; returns its sha256.
 
     Weight-space interpolation between two fine-tunes of a common ancestor (WiSE-FT, Wortsman
     et al. 2022): the demo detector's stage 19 mixes a file that keeps large single shapes with
@@ -389,7 +395,7 @@ def interpolate_checkpoints(path_a, path_b, out_path, weight_b: float, *, half: 
     weight_b = float(weight_b)
     if not 0.0 <= weight_b <= 1.0:
         raise ValueError(f"weight_b must be between 0 and 1, got {weight_b}")
-    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
+    a, b = _model_state(path_a), _model_state(path_b)
     problems = []
     for name in sorted(a.keys() ^ b.keys()):
         problems.append(f"{name} only in the {'first' if name in a else 'second'}")
