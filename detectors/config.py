@@ -158,6 +158,12 @@ class DetectorConfig:
     # -- input -------------------------------------------------------------------
     min_size: int = 600  # shortest side after resizing
     max_size: int = 1000  # longest side cap
+    # Further readings of each image at these shortest sides (the longest-side cap scaled
+    # alike): every reading's scored RoIs join one pool before the box selection, so a
+    # small object can be found where it is large and a large one where the anchors fit
+    # (detectron2's multi-scale test, TEST.AUG.MIN_SIZES, with BUTD's selection). Empty: one
+    # reading at min_size, as BUTD. Given boxes are always read at min_size alone.
+    extra_min_sizes: tuple = ()
     # "cv2": Caffe's rule (scale = min_size/short side, capped when round(scale*long) >
     # max_size; cv2.resize INTER_LINEAR with fx=fy=scale on the mean-subtracted float
     # image). "pil": detectron2's ResizeShortestEdge (int(x + 0.5) sizes, PIL bilinear on
@@ -208,6 +214,11 @@ class DetectorConfig:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if not 0 < self.min_size <= self.max_size:
             raise DetectorConfigError(f"need 0 < min_size <= max_size, got {self.min_size}/{self.max_size}")
+        for size in self.extra_min_sizes:
+            if size <= 0 or size == self.min_size or list(self.extra_min_sizes).count(size) > 1:
+                raise DetectorConfigError(f"extra_min_sizes must be distinct positive sizes other than min_size "
+                                          f"({self.min_size}), got {list(self.extra_min_sizes)} (extra_min_sizes=[] "
+                                          f"reads each image once)")
         if not 1 <= self.min_boxes <= self.max_boxes:
             raise DetectorConfigError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}/{self.max_boxes}")
         if self.max_boxes > 1000:
@@ -266,6 +277,10 @@ def _did_you_mean(name: str, choices) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+#: Element samples of list settings whose default is empty (the type check needs one).
+_EMPTY_LIST_SAMPLES = {"extra_min_sizes": 0}
+
+
 def _checked(name: str, value):
     """``value`` for field ``name`` if it has the field's type (ints become floats where the
     field holds floats, lists become tuples); otherwise a DetectorConfigError."""
@@ -274,7 +289,7 @@ def _checked(name: str, value):
     if items:
         if not isinstance(value, (list, tuple)):
             raise DetectorConfigError(f"detector setting {name} must be a list, e.g. {list(default)}, got {value!r}")
-        values, sample = list(value), default[0]
+        values, sample = list(value), (default[0] if default else _EMPTY_LIST_SAMPLES[name])
     else:
         values, sample = [value], default
     out = []

@@ -79,6 +79,9 @@ class PreparedImage:
     original_size: tuple[int, int]  # (H, W) of the input image
     size: tuple[int, int]  # (h, w) after resizing
     scale: tuple[float, float]  # (sx, sy): network pixels = original pixels * scale
+    # The further readings of the config's ``extra_min_sizes``, in that order (each with
+    # no further readings of its own).
+    extra: tuple = ()
 
 
 def to_bgr(image: np.ndarray, color: str = "bgr", *, index: Optional[int] = None) -> np.ndarray:
@@ -121,8 +124,17 @@ def resized_size(height: int, width: int, config: DetectorConfig) -> tuple[int, 
     return int(new_h + 0.5), int(new_w + 0.5), scale
 
 
+def extra_reading_configs(config: DetectorConfig) -> list[DetectorConfig]:
+    """One config per ``extra_min_sizes`` entry: that shortest side, the longest-side cap
+    scaled by the same factor, no further readings."""
+    return [dataclasses.replace(config, min_size=size, max_size=int(round(config.max_size * size / config.min_size)),
+                                extra_min_sizes=()) for size in config.extra_min_sizes]
+
+
 def prepare_image(image_bgr: np.ndarray, config: DetectorConfig, *, index: Optional[int] = None) -> PreparedImage:
-    """Resize and mean-subtract one validated BGR uint8 image per the config."""
+    """Resize and mean-subtract one validated BGR uint8 image per the config (and once more
+    per ``extra_min_sizes`` entry, in ``extra``)."""
+    extra = tuple(prepare_image(image_bgr, reading, index=index) for reading in extra_reading_configs(config))
     height, width = image_bgr.shape[:2]
     new_h, new_w, scale = resized_size(height, width, config)
     if min(new_h, new_w) < MIN_RESIZED_SIDE:
@@ -144,7 +156,15 @@ def prepare_image(image_bgr: np.ndarray, config: DetectorConfig, *, index: Optio
     else:
         sx, sy = w / float(width), h / float(height)
     tensor = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))
-    return PreparedImage(tensor, (height, width), (h, w), (sx, sy))
+    return PreparedImage(tensor, (height, width), (h, w), (sx, sy), extra)
+
+
+def _join_before_last(first: torch.Tensor, more: torch.Tensor, keep_last: bool) -> torch.Tensor:
+    """``first`` then ``more``; with ``keep_last`` the last row of ``first`` (the whole image)
+    stays last."""
+    if keep_last:
+        return torch.cat([first[:-1], more, first[-1:]])
+    return torch.cat([first, more])
 
 
 def resolve_device(device) -> torch.device:
@@ -232,10 +252,12 @@ class Detector:
         images = list(images)
         ids = self._ids(image_ids, len(images))
         bgr = [to_bgr(im, color, index=i) for i, im in enumerate(images)]
+        readings = [self.detector_config, *extra_reading_configs(self.detector_config)]
         for i, im in enumerate(bgr):
-            h, w, _ = resized_size(*im.shape[:2], self.detector_config)
-            if min(h, w) < MIN_RESIZED_SIDE:
-                prepare_image(im, self.detector_config, index=i)  # raises with the reason
+            for reading in readings:
+                h, w, _ = resized_size(*im.shape[:2], reading)
+                if min(h, w) < MIN_RESIZED_SIDE:
+                    prepare_image(im, reading, index=i)  # raises with the reason
         return self._run_batches(
             [im.shape[0] / im.shape[1] for im in bgr],
             lambda i: prepare_image(bgr[i], self.detector_config, index=i), ids, batch_size)
@@ -308,6 +330,34 @@ class Detector:
     @torch.inference_mode()
     def _detect_prepared(self, prepared: list[PreparedImage], given_boxes=None) -> list[dict]:
         cfg = self.detector_config
+        whole = cfg.image_feature
+        sizes = [p.size for p in prepared]
+        rois, pooled = self._score_rois(prepared, given_boxes, whole=whole)
+        if given_boxes is None:
+            for reading in range(len(cfg.extra_min_sizes)):
+                more_rois, more_pooled = self._score_rois([p.extra[reading] for p in prepared], None, whole=False)
+                for i, p in enumerate(prepared):
+                    # into the first reading's pixels, where the selection and the record work
+                    (sx, sy), (ex, ey) = p.scale, p.extra[reading].scale
+                    ratio = torch.tensor([sx / ex, sy / ey, sx / ex, sy / ey], device=more_rois[i].device)
+                    rois[i] = _join_before_last(rois[i], more_rois[i] * ratio, whole)
+                    pooled[i] = _join_before_last(pooled[i], more_pooled[i], whole)
+        cls_logits = self.model.roi_heads.box_predictor.class_logits(torch.cat(pooled))
+        outs = []
+        for i, (roi, feat, logits) in enumerate(zip(rois, pooled, cls_logits.split([len(f) for f in pooled]))):
+            image_feature = None
+            if whole:
+                image_feature, roi, feat, logits = feat[-1], roi[:-1], feat[:-1], logits[:-1]
+            out = self._select(roi, feat, logits, sizes[i], given=given_boxes is not None)
+            if image_feature is not None:
+                out["image_feature"] = image_feature
+            outs.append(out)
+        return outs
+
+    def _score_rois(self, prepared: list[PreparedImage], given_boxes, *, whole: bool):
+        """One reading of a batch: per image its RoIs (network pixels; the proposals, or
+        the given boxes; plus the whole image last when ``whole``) and their pooled features."""
+        cfg = self.detector_config
         model = self.model
         sizes = [p.size for p in prepared]
         height = max(h for h, _ in sizes)
@@ -332,27 +382,14 @@ class Detector:
                     rois.append(boxes.float())
             else:
                 rois = [b.to(features.device).float() for b in given_boxes]
-            whole = cfg.image_feature
-            if whole:  # the whole image as one more RoI, pooled in the same pass, split off below
+            if whole:  # the whole image as one more RoI, pooled in the same pass, split off later
                 rois = [torch.cat([r, torch.tensor([[0.0, 0.0, float(w), float(h)]], device=r.device)])
                         for r, (h, w) in zip(rois, sizes)]
             counts = [r.shape[0] for r in rois]
             batch_index = torch.cat([torch.full((n, 1), float(i), device=features.device)
                                      for i, n in enumerate(counts)])
             pooled = model.roi_heads.box_features(features, torch.cat([batch_index, torch.cat(rois)], dim=1))
-        pooled = pooled.float()
-        predictor = model.roi_heads.box_predictor
-        cls_logits = predictor.class_logits(pooled)
-        outs = []
-        for i, (roi, feat, logits) in enumerate(zip(rois, pooled.split(counts), cls_logits.split(counts))):
-            image_feature = None
-            if whole:
-                image_feature, roi, feat, logits = feat[-1], roi[:-1], feat[:-1], logits[:-1]
-            out = self._select(roi, feat, logits, sizes[i], given=given_boxes is not None)
-            if image_feature is not None:
-                out["image_feature"] = image_feature
-            outs.append(out)
-        return outs
+        return rois, list(pooled.float().split(counts))
 
     def _select(self, rois, features, cls_logits, size, *, given: bool) -> dict:
         cfg = self.detector_config

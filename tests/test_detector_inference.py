@@ -4,7 +4,9 @@ Most tests use a slim variant of the same architecture (same code, 1 block per s
 narrow widths) so they run in seconds; one test runs the full ResNet-101.
 """
 
+import dataclasses
 import json
+import pickle
 
 import cv2
 import numpy as np
@@ -12,7 +14,10 @@ import pytest
 import torch
 
 from vlp.detectors import load_detector
+from vlp.detectors.config import DetectorConfigError, apply_overrides, parse_setting_pairs
 from vlp.detectors.inference import prepare_image
+from vlp.detectors.model import apply_deltas, clip_boxes
+from vlp.detectors.postprocess import butd_select
 from vlp.schemas import FeatureRecord
 
 SLIM = dict(blocks=(1, 1, 1, 1), stem_channels=8, res2_channels=32, bottleneck_channels=8, rpn_channels=32,
@@ -89,7 +94,6 @@ def test_batched_equals_one_at_a_time(slim):
 
 
 def test_prepared_images_in_aspect_buckets_come_back_in_order(slim):
-    import pickle
     prepared = [pickle.loads(pickle.dumps(slim.prepare(im))) for im in IMAGES]  # e.g. from a CPU worker
     records = slim.detect_prepared(prepared, image_ids=["p0", "p1", "p2", "p3"], batch_size=2)
     direct = slim.detect(IMAGES, image_ids=["p0", "p1", "p2", "p3"], batch_size=1)
@@ -332,3 +336,113 @@ def test_bfloat16_matches_float32_on_cuda():
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.999
     assert bf16.detect([image])[0].num_boxes >= 10
+
+
+# -- multi-scale test (``extra_min_sizes``) ---------------------------------------------
+# The reference reads one image at a time at each shortest side, moves every reading's
+# scored RoIs into the first reading's pixels and runs BUTD's selection once over them all,
+# written out with the model's parts and no batching; the Detector must give the same
+# records for batches of images of different shapes.
+
+
+def slim_detector(**overrides):
+    return load_detector(allow_random=True, seed=3, score_threshold=0.02, **SLIM, **{**SMALL, **overrides})
+
+
+@torch.inference_mode()
+def plain_union(detector, image):
+    """(boxes in original pixels, class ids, image feature) of the reference multi-scale test."""
+    cfg = detector.detector_config
+    model = detector.model
+    first = prepare_image(image, dataclasses.replace(cfg, extra_min_sizes=()))
+    all_rois, all_pooled, image_feature = [], [], None
+    for size in (cfg.min_size, *cfg.extra_min_sizes):
+        reading = dataclasses.replace(cfg, min_size=size, max_size=round(cfg.max_size * size / cfg.min_size),
+                                      extra_min_sizes=())
+        p = prepare_image(image, reading)
+        features, _ = model.backbone(p.tensor[None].contiguous(memory_format=torch.channels_last), [p.size])
+        (rois, _), = model.proposal_generator(
+            features, [model.backbone.feature_size(*p.size)], [p.size], pre_nms_topk=cfg.rpn_pre_nms_topk,
+            nms_threshold=cfg.rpn_nms_threshold, post_nms_topk=cfg.rpn_post_nms_topk, min_size=cfg.rpn_min_size)
+        if size == cfg.min_size and cfg.image_feature:
+            whole = torch.tensor([[0.0, 0.0, float(p.size[1]), float(p.size[0])]])
+            rois = torch.cat([rois, whole])
+        pooled = model.roi_heads.box_features(features, torch.cat([torch.zeros(len(rois), 1), rois], dim=1))
+        if size == cfg.min_size and cfg.image_feature:
+            image_feature, rois, pooled = pooled[-1], rois[:-1], pooled[:-1]
+        (sx, sy), (fx, fy) = p.scale, first.scale
+        all_rois.append(rois * torch.tensor([fx / sx, fy / sy, fx / sx, fy / sy]))
+        all_pooled.append(pooled)
+    rois, pooled = torch.cat(all_rois), torch.cat(all_pooled)
+    predictor = model.roi_heads.box_predictor
+    prob = torch.softmax(predictor.class_logits(pooled), dim=-1)[:, :-1]
+    boxes = rois
+    if cfg.boxes == "regressed":
+        best = prob.argmax(dim=1)
+        deltas = predictor.box_deltas(pooled).view(len(rois), -1, 4)[torch.arange(len(rois)), best]
+        boxes = clip_boxes(apply_deltas(deltas, rois, cfg.arch.bbox_reg_weights), *first.size)
+    keep, _ = butd_select(rois, prob, nms_threshold=cfg.nms_threshold, score_threshold=cfg.score_threshold,
+                          min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes)
+    sx, sy = first.scale
+    original = clip_boxes(boxes[keep] / torch.tensor([sx, sy, sx, sy]), *first.original_size)
+    return original.numpy(), prob[keep].argmax(dim=1).numpy(), image_feature
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(extra_min_sizes=(192,)),
+    dict(extra_min_sizes=(96, 176), boxes="regressed", image_feature=True),
+])
+def test_extra_readings_equal_the_plain_union(overrides):
+    detector = slim_detector(**overrides)
+    records = detector.detect(IMAGES, batch_size=2)
+    for image, record in zip(IMAGES, records):
+        boxes, ids, image_feature = plain_union(detector, image)
+        assert record.num_boxes == len(boxes)
+        np.testing.assert_allclose(record.boxes, boxes, atol=BOX_ATOL, rtol=0)
+        assert np.array_equal(record.objects_id, ids)
+        if image_feature is not None:
+            np.testing.assert_allclose(record.image_feature, image_feature.numpy(), atol=1e-2, rtol=1e-3)
+
+
+def test_extra_readings_find_boxes_one_reading_does_not():
+    one = slim_detector()
+    more = slim_detector(extra_min_sizes=(192,))
+    differs = 0
+    for a, b in zip(one.detect(IMAGES), more.detect(IMAGES)):
+        differs += a.num_boxes != b.num_boxes or not np.allclose(a.boxes, b.boxes)
+    assert differs > 0  # the extra reading's RoIs take part in the selection
+
+
+def test_given_boxes_are_read_at_min_size_alone():
+    one = slim_detector(with_probs=True)
+    more = slim_detector(with_probs=True, extra_min_sizes=(192,))
+    boxes = np.array([[5.0, 5.0, 60.0, 50.0], [10.0, 20.0, 100.0, 90.0]], dtype=np.float32)
+    a = one.features_for_boxes(IMAGES[0], boxes)
+    b = more.features_for_boxes(IMAGES[0], boxes)
+    assert np.array_equal(a.features, b.features) and np.array_equal(a.cls_prob, b.cls_prob)
+
+
+def test_prepared_readings_travel_and_match_detect():
+    detector = slim_detector(extra_min_sizes=(192,))
+    prepared = [pickle.loads(pickle.dumps(detector.prepare(im))) for im in IMAGES]  # e.g. from a CPU worker
+    assert all(len(p.extra) == 1 and min(p.extra[0].size) == 192 for p in prepared if max(p.original_size) * 192
+               <= 336 * min(p.original_size))
+    for a, b in zip(detector.detect_prepared(prepared, batch_size=3), detector.detect(IMAGES, batch_size=1)):
+        assert_records_close(a, b)
+
+
+def test_a_reading_too_small_for_an_image_is_named():
+    detector = slim_detector(extra_min_sizes=(16,))
+    with pytest.raises(ValueError, match=r"image 0: 240x60 becomes .* \(min_size=16, max_size=28\); too elongated"):
+        detector.detect([IMAGES[3]])
+
+
+def test_extra_min_sizes_setting_is_checked():
+    config = slim_detector().detector_config
+    given = apply_overrides(config, parse_setting_pairs(["extra_min_sizes=[192, 256]"]))
+    assert given.extra_min_sizes == (192, 256)
+    assert given.config_hash() != config.config_hash()
+    for value, reason in (("[128]", "other than min_size"), ("[192, 192]", "distinct"), ("[0]", "positive"),
+                          ("[192.5]", "list of integers"), ("192", "must be a list")):
+        with pytest.raises(DetectorConfigError, match=reason):
+            apply_overrides(config, parse_setting_pairs([f"extra_min_sizes={value}"]))
