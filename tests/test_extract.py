@@ -24,7 +24,7 @@ from vlp.schemas import FeatureStore
 from vlp.schemas.verify import verify_store
 
 # The demo detector at a small input size: the same code paths, a few times faster.
-SMALL = {"min_size": 320, "max_size": 480}
+SMALL = {"min_size": 320, "max_size": 480, "extra_min_sizes": []}  # one reading, for speed
 VLP_EXTRACT = [sys.executable, "-c", "from vlp.cli import extract_main; extract_main()"]
 
 
@@ -170,13 +170,16 @@ def _check_output(out: Path, expected: dict) -> FeatureStore:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", ["lmdb", "arrow"])
-def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, tmp_path, storage):
+@pytest.mark.parametrize("storage, extra_min_sizes", [("lmdb", []), ("arrow", [400])])
+def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, tmp_path, storage, extra_min_sizes):
+    """(With arrow, each image is also read at a 400 px short side: the prepared readings
+    travel from the decoding tasks to the detector actors.)"""
     from vlp.detectors import load_detector
 
     root, expected = mixed_folder
     out = tmp_path / "features"
-    stats = run_extract(root, out, _settings(storage=storage))
+    readings = {**SMALL, "extra_min_sizes": extra_min_sizes}
+    stats = run_extract(root, out, _settings(storage=storage, overrides=readings))
     store = _check_output(out, expected)
     assert stats["stored"] == len(expected["good"]) and stats["failed"] == len(expected["bad"])
     assert stats["failures_by_kind"] == {"collision": 1, "empty": 1, "not_an_image": 1, "too_large": 1,
@@ -189,7 +192,7 @@ def test_pipeline_output_equals_direct_detect_calls(ray_session, mixed_folder, t
 
     # The same images through Detector.detect, one at a time (batch 1, as the pipeline on CPU),
     # with the actor's torch thread count: another count may change the last bits of a sum.
-    detector = load_detector(preset="demo", device="cpu", **SMALL)
+    detector = load_detector(preset="demo", device="cpu", **readings)
     assert manifest["detector"]["config_hash"] == detector.config_hash
     threads = torch.get_num_threads()
     torch.set_num_threads(stats["workers"]["threads"])
