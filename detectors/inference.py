@@ -131,6 +131,11 @@ def extra_reading_configs(config: DetectorConfig) -> list[DetectorConfig]:
                                 extra_min_sizes=()) for size in config.extra_min_sizes]
 
 
+def one_reading(config: DetectorConfig) -> DetectorConfig:
+    """The config without further readings: given boxes are read at ``min_size`` alone."""
+    return dataclasses.replace(config, extra_min_sizes=()) if config.extra_min_sizes else config
+
+
 def prepare_image(image_bgr: np.ndarray, config: DetectorConfig, *, index: Optional[int] = None) -> PreparedImage:
     """Resize and mean-subtract one validated BGR uint8 image per the config (and once more
     per ``extra_min_sizes`` entry, in ``extra``)."""
@@ -314,7 +319,7 @@ class Detector:
         tol = BOX_BORDER_TOLERANCE
         if (boxes[:, :2].min() < -tol or boxes[:, 2].max() > width + tol or boxes[:, 3].max() > height + tol):
             raise ValueError(f"boxes extend outside the {width}x{height} image")
-        prepared = prepare_image(bgr, self.detector_config)
+        prepared = prepare_image(bgr, one_reading(self.detector_config))
         sx, sy = prepared.scale
         scaled = torch.from_numpy(boxes) * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
         out = self._detect_prepared([prepared], given_boxes=[scaled])[0]

@@ -128,8 +128,10 @@ class _Item:
 def decode_chunk(root: str, paths: list, config, max_pixels: int, boxes: Optional[dict] = None):
     """Decode and resize a chunk of images (a Ray task); failures become per-item errors.
     ``boxes``: relative path -> given boxes (checked against the decoded image's size)."""
-    from vlp.detectors.inference import prepare_image
+    from vlp.detectors.inference import one_reading, prepare_image
 
+    if boxes is not None:
+        config = one_reading(config)
     start = time.perf_counter()
     items = []
     for relative in paths:

@@ -420,6 +420,12 @@ def test_given_boxes_are_read_at_min_size_alone():
     a = one.features_for_boxes(IMAGES[0], boxes)
     b = more.features_for_boxes(IMAGES[0], boxes)
     assert np.array_equal(a.features, b.features) and np.array_equal(a.cls_prob, b.cls_prob)
+    # an image too elongated for a further reading still takes given boxes
+    narrow = slim_detector(with_probs=True, extra_min_sizes=(16,))
+    with pytest.raises(ValueError, match="too elongated"):
+        narrow.detect([IMAGES[3]])
+    inside = np.array([[5.0, 5.0, 60.0, 50.0], [100.0, 10.0, 200.0, 55.0]], dtype=np.float32)
+    assert narrow.features_for_boxes(IMAGES[3], inside).num_boxes == 2
 
 
 def test_prepared_readings_travel_and_match_detect():
