@@ -418,7 +418,10 @@ def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite
 @click.option("--style", type=click.Choice(["wide", "classic"]), default="wide", show_default=True,
               help="wide: backgrounds of any colour, 13 colours, 48-1000 px, PNG and JPEG; classic: the "
                    "first releases' world (grey backgrounds, 8 colours, 240-640 px JPEGs).")
-def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
+@click.option("--object-colours", metavar="NAME,NAME,...", default=None,
+              help="Wide style: objects take only these colour words, e.g. gray,brown (a world that "
+                   "drills a detector's weak colours). [all thirteen]")
+def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style, object_colours):
     """Generate the synthetic VG-vocabulary world (the embedded default's data).
 
     Writes images/<id>.jpg or .png and annotations in the real public formats: Visual
@@ -427,8 +430,14 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style):
     """
     from vlp.synthetic import generate
 
-    summary = generate(out_dir, num_images=images, seed=seed, split_fractions=split_fractions,
-                       overwrite=overwrite, style=style)
+    colours = None if object_colours is None else [name.strip() for name in object_colours.split(",")]
+    try:
+        summary = generate(out_dir, num_images=images, seed=seed, split_fractions=split_fractions,
+                           overwrite=overwrite, style=style, object_colours=colours)
+    except ValueError as error:
+        if colours is None:
+            raise
+        raise click.BadParameter(str(error), param_hint="--object-colours") from None
     click.echo(f"wrote a {summary.num_images}-image world to {out_dir} in {summary.seconds:.1f} s")
 
 

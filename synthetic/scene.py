@@ -44,7 +44,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -436,7 +436,7 @@ def _sample_object(rng, width, height, category, colour, size_class, pattern):
 
 def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[int] = None,
                  max_side: Optional[int] = None, max_objects: int = MAX_OBJECTS,
-                 style: str = "classic") -> Scene:
+                 style: str = "classic", object_colours: Optional[Sequence[str]] = None) -> Scene:
     """Sample one scene. Deterministic in the state of ``rng``.
 
     ``generate`` seeds one generator per image (``numpy.random.default_rng([seed,
@@ -444,12 +444,19 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[
     ``style``: "classic" (the default here, the sampler of the first worlds: 240-640 px,
     grey backgrounds, eight colours) or "wide" (the default of ``generate``; see the
     module docstring). ``min_side`` / ``max_side`` default to the style's range.
+    ``object_colours`` (wide only): objects take only these colour words of
+    :data:`palette.COLOURS`; a background that leaves none of them
+    :data:`MIN_CONTRAST` away is drawn again. None (all colours) draws exactly the scenes
+    of the unrestricted world.
     """
     if style == "wide":
         return _sample_wide_scene(rng, image_id, WIDE_MIN_SIDE if min_side is None else min_side,
-                                  WIDE_MAX_SIDE if max_side is None else max_side, max_objects)
+                                  WIDE_MAX_SIDE if max_side is None else max_side, max_objects,
+                                  check_object_colours(object_colours))
     if style != "classic":
         raise ValueError(f"style must be 'classic' or 'wide', got {style!r}")
+    if object_colours is not None:
+        raise ValueError("object_colours is a setting of the wide style; the classic world keeps its eight colours")
     min_side = MIN_SIDE if min_side is None else min_side
     max_side = MAX_SIDE if max_side is None else max_side
     if not (16 <= min_side <= max_side):
@@ -618,8 +625,27 @@ def _sample_wide_object(rng, width, height, category, colour, size_class, patter
     return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max, WIDE_SHAPES)
 
 
+def check_object_colours(object_colours: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
+    """``object_colours`` as a tuple in palette order (None stays None), or a ValueError
+    naming the words that are not colours of the world."""
+    if object_colours is None:
+        return None
+    names = [str(name) for name in object_colours]
+    unknown = [name for name in names if name not in palette.COLOURS]
+    if unknown or not names:
+        what = (f"{unknown[0]!r} is not a colour" if len(unknown) == 1 else
+                f"{', '.join(map(repr, unknown))} are not colours" if unknown else "an empty list names no colour")
+        raise ValueError(f"object_colours: {what} of the world; choose among {', '.join(palette.COLOURS)}")
+    return tuple(name for name in palette.COLOURS if name in names)
+
+
+#: Background draws a restricted scene may take before giving up (each leaves some colour of
+#: the world MIN_CONTRAST away; one leaving a given colour is typically met within a few).
+MAX_BACKGROUND_DRAWS = 200
+
+
 def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, max_side: int,
-                       max_objects: int) -> Scene:
+                       max_objects: int, object_colours: Optional[tuple[str, ...]] = None) -> Scene:
     if not (16 <= min_side <= max_side):
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
     if not 1 <= max_objects:
@@ -631,12 +657,22 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
     antialias = bool(rng.random() >= WIDE_ALIASED_PROBABILITY)
     image_format = "png" if rng.random() < WIDE_PNG_PROBABILITY else "jpeg"
     background = _sample_wide_background(rng)
+    if object_colours is not None:
+        for _draw in range(MAX_BACKGROUND_DRAWS):
+            if any(name in object_colours for name in contrasting_colours(background)):
+                break
+            background = _sample_wide_background(rng)
+        else:
+            raise RuntimeError(f"image {image_id}: no background for object colours {object_colours} "
+                               f"in {MAX_BACKGROUND_DRAWS} draws")
     clutter = []
     if rng.random() < WIDE_CLUTTER_PROBABILITY and min(width, height) >= 120:
         clutter = _sample_clutter(rng, width, height, background)
     short = min(width, height)
     min_box_side = max(WIDE_MIN_BOX_SIDE_PX, WIDE_MIN_BOX_SIDE_FRACTION * short)
     allowed = contrasting_colours(background)
+    if object_colours is not None:
+        allowed = [name for name in allowed if name in object_colours]
 
     wanted = 1 if rng.random() < WIDE_SINGLE_PROBABILITY else int(rng.integers(2, max(2, max_objects) + 1))
     wanted = min(wanted, max_objects)

@@ -38,13 +38,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
 from vlp.schemas import vocab
 from vlp.synthetic import grounding, palette, tasks, text
 from vlp.synthetic.render import encode_jpeg, encode_scene_image, render_scene
-from vlp.synthetic.scene import Scene, sample_scene
+from vlp.synthetic.scene import Scene, check_object_colours, sample_scene
 
 GENERATOR = "vlp.synthetic"
 # 1.1: the wide world stretches every shape, wider ring holes and cross bars;
@@ -152,7 +153,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
              split_fractions=(0.8, 0.1, 0.1), *, vg_id_variant: str = "image_id",
              captions_per_image: int = 5, questions_per_image: int = 4,
              jpeg_quality: int = 90, overwrite: bool = False, progress=None,
-             style: str = "wide", web: bool = True) -> WorldSummary:
+             style: str = "wide", web: bool = True,
+             object_colours: Optional[Sequence[str]] = None) -> WorldSummary:
     """Generate a synthetic world of ``num_images`` images under ``out_dir``.
 
     ``vg_id_variant``: "image_id" writes Visual Genome 1.2/1.4 keys (image_data
@@ -166,9 +168,16 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     always JPEG, as in the real datasets.
     ``web``: also write the noisy web crawl ``web/`` (the web filter's input; it draws its
     own scenes, about half of the generation time); False leaves it out, nothing else changes.
+    ``object_colours`` (wide style only): the colour words objects may take, e.g. ["gray",
+    "brown"] for a world that drills the colours a detector finds hardest; None, all
+    thirteen (see :func:`vlp.synthetic.scene.sample_scene`). The web crawl keeps its own
+    scenes.
     """
     if style not in ("wide", "classic"):
         raise ValueError(f"style must be 'wide' or 'classic', got {style!r}")
+    if object_colours is not None and style != "wide":
+        raise ValueError("object_colours is a setting of the wide style; the classic world keeps its eight colours")
+    object_colours = check_object_colours(object_colours)
     if vg_id_variant not in ("image_id", "id"):
         raise ValueError(f"vg_id_variant must be 'image_id' or 'id', got {vg_id_variant!r}")
     if num_images < 1:
@@ -183,7 +192,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     scenes: list[Scene] = []
     jpegs: dict[int, bytes] = {}  # JPEG bytes of every image (for the task folders' copies)
     for image_id in range(1, num_images + 1):
-        scene = sample_scene(_stream(seed, image_id, _SCENE), image_id, style=style)
+        scene = sample_scene(_stream(seed, image_id, _SCENE), image_id, style=style,
+                             object_colours=object_colours)
         pixels = render_scene(scene)
         data = encode_scene_image(scene, pixels, jpeg_quality)
         writer.bytes(f"images/{scene.file_name}", data)
@@ -249,6 +259,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
                          f"JPEG quality {jpeg_quality}, 4:2:0, baseline, RGB, or PNG (RGB, 8 bit): "
                          "images/<id>.jpg or images/<id>.png, named in every annotation file"),
         "style": style,
+        "object_colours": list(object_colours or (palette.COLOURS if style == "wide" else palette.CLASSIC_COLOURS)),
         "vg_id_variant": vg_id_variant,
         "categories": [{"name": c, "vg_id": palette.category_id(c), "synset": palette.SYNSETS[c]}
                        for c in palette.CATEGORIES],

@@ -214,3 +214,63 @@ def test_vlp_synth_style_option(tmp_path):
     assert json.loads((tmp_path / "w" / "world.json").read_text())["style"] == "classic"
     bad = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "x"), "--style", "fancy"])
     assert bad.exit_code == 2 and "fancy" in bad.output
+
+
+def test_object_colours_restrict_objects_and_keep_every_rule():
+    for image_id in range(1, 41):
+        scene = sample_scene(np.random.default_rng([9, image_id, 0]), image_id, style="wide",
+                             object_colours=["brown", "gray"])
+        again = sample_scene(np.random.default_rng([9, image_id, 0]), image_id, style="wide",
+                             object_colours=["gray", "brown"])
+        assert scene.to_dict() == again.to_dict()  # deterministic per image, order of the list aside
+        assert scene.objects, image_id  # a background leaving no listed colour is drawn again
+        for obj in scene.objects:
+            assert obj.colour in ("gray", "brown")
+            assert _distance_to_background(palette.COLOURS[obj.colour], scene.background) >= MIN_CONTRAST
+
+
+def test_object_colours_none_draws_the_unrestricted_world():
+    for image_id in range(1, 21):
+        plain = _wide(image_id, seed=4)
+        unrestricted = sample_scene(np.random.default_rng([4, image_id, 0]), image_id, style="wide",
+                                    object_colours=None)
+        assert plain.to_dict() == unrestricted.to_dict()
+        everything = sample_scene(np.random.default_rng([4, image_id, 0]), image_id, style="wide",
+                                  object_colours=list(palette.COLOURS))
+        assert everything.to_dict() == plain.to_dict()
+
+
+@pytest.mark.parametrize("colours, message", [
+    (["grey"], "'grey' is not a colour of the world"),
+    (["grey", "beige", "red"], "'grey', 'beige' are not colours of the world"),
+    ([], "an empty list names no colour"),
+])
+def test_object_colours_outside_the_palette_are_named(colours, message):
+    with pytest.raises(ValueError, match=message):
+        sample_scene(np.random.default_rng(0), 1, style="wide", object_colours=colours)
+
+
+def test_object_colours_are_a_wide_style_setting(tmp_path):
+    with pytest.raises(ValueError, match="wide style"):
+        sample_scene(np.random.default_rng(0), 1, object_colours=["red"])
+    with pytest.raises(ValueError, match="wide style"):
+        generate(tmp_path / "w", 2, style="classic", object_colours=["red"])
+    assert not (tmp_path / "w").exists()
+
+
+def test_vlp_synth_object_colours_option(tmp_path):
+    from click.testing import CliRunner
+
+    from vlp import cli
+
+    result = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "w"), "--images", "4",
+                                           "--object-colours", "tan, gray"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["object_colours"] == ["gray", "tan"]
+    assert {o.colour for s in load_scenes(tmp_path / "w").values() for o in s.objects} <= {"gray", "tan"}
+    default = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "d"), "--images", "1"])
+    assert json.loads((tmp_path / "d" / "world.json").read_text())["object_colours"] == list(palette.COLOURS)
+    assert default.exit_code == 0
+    bad = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "x"), "--object-colours", "grey"])
+    assert bad.exit_code == 2 and "--object-colours" in bad.output and "'grey' is not a colour" in bad.output
+    assert not (tmp_path / "x").exists()
