@@ -421,7 +421,11 @@ def export_pairs_cmd(pairs_dirs, fmt, out, split, features, id_format, overwrite
 @click.option("--object-colours", metavar="NAME,NAME,...", default=None,
               help="Wide style: objects take only these colour words, e.g. gray,brown (a world that "
                    "drills a detector's weak colours). [all thirteen]")
-def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style, object_colours):
+@click.option("--colour-spread", type=click.IntRange(0, 127), default=None, metavar="N",
+              help="Wide style: each channel of an object's colour within +-N of its word's reference "
+                   "RGB, still nearest its own word (a detector trained on it learns shapes, not exact "
+                   "colours). [10, the world's own]")
+def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style, object_colours, colour_spread):
     """Generate the synthetic VG-vocabulary world (the embedded default's data).
 
     Writes images/<id>.jpg or .png and annotations in the real public formats: Visual
@@ -431,9 +435,11 @@ def synth_cmd(out_dir, images, seed, split_fractions, overwrite, style, object_c
     from vlp.synthetic import generate
 
     colours = None if object_colours is None else [name.strip() for name in object_colours.split(",")]
+    if style != "wide" and (colours is not None or colour_spread is not None):
+        raise click.UsageError("--object-colours and --colour-spread are settings of the wide style")
     try:
         summary = generate(out_dir, num_images=images, seed=seed, split_fractions=split_fractions,
-                           overwrite=overwrite, style=style, object_colours=colours)
+                           overwrite=overwrite, style=style, object_colours=colours, colour_spread=colour_spread)
     except ValueError as error:
         if colours is None:
             raise

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import colorsys
 import math
-from dataclasses import asdict, dataclass, field
+from functools import partial
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -373,14 +374,22 @@ class ShapeRanges:
     upright: float = 0.0
 
 
+#: Draws of an object's colour under a colour test (``colour_spread``) before its reference
+#: colour is taken instead.
+MAX_COLOUR_DRAWS = 50
+
 CLASSIC_SHAPES = ShapeRanges(box_aspect=(0.6, 1.6), diamond_aspect=(1.0, 1.5), ring_inner=(0.45, 0.6),
                              star_inner=(0.42, 0.5), rgb_jitter=8, min_pattern_period=7.0)
 
 
 def _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max,
-                  ranges: ShapeRanges) -> Optional[DrawParams]:
+                  ranges: ShapeRanges, colour_ok=None) -> Optional[DrawParams]:
     """Size, shape, position and colour of one object (the draws in a fixed order: the
-    classic world is reproduced image for image), or None when it cannot fit."""
+    classic world is reproduced image for image), or None when it cannot fit.
+
+    ``colour_ok``: None, or a test ``(rgb, colour word) -> bool`` of a drawn colour; one
+    failing it is drawn again (up to :data:`MAX_COLOUR_DRAWS` times, then the reference
+    colour itself is taken)."""
     size = _quantise(float(rng.uniform(nominal_min, nominal_max)))
     aspect = 1.0
     if category == "box":
@@ -411,6 +420,13 @@ def _place_object(rng, width, height, category, colour, pattern, nominal_min, no
     base = np.array(palette.COLOURS[colour])
     jitter = ranges.rgb_jitter
     rgb = tuple(int(c) for c in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))
+    draws = 1
+    while colour_ok is not None and not colour_ok(rgb, colour):
+        if draws == MAX_COLOUR_DRAWS:
+            rgb = tuple(int(c) for c in base)
+            break
+        rgb = tuple(int(c) for c in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))
+        draws += 1
     draw = DrawParams(cx=_quantise(float(rng.uniform(cx_lo, cx_hi))),
                       cy=_quantise(float(rng.uniform(cy_lo, cy_hi))),
                       size=size, aspect=aspect, inner_ratio=inner, rotation=rotation, rgb=rgb)
@@ -436,7 +452,8 @@ def _sample_object(rng, width, height, category, colour, size_class, pattern):
 
 def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[int] = None,
                  max_side: Optional[int] = None, max_objects: int = MAX_OBJECTS,
-                 style: str = "classic", object_colours: Optional[Sequence[str]] = None) -> Scene:
+                 style: str = "classic", object_colours: Optional[Sequence[str]] = None,
+                 colour_spread: Optional[int] = None) -> Scene:
     """Sample one scene. Deterministic in the state of ``rng``.
 
     ``generate`` seeds one generator per image (``numpy.random.default_rng([seed,
@@ -448,15 +465,20 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[
     :data:`palette.COLOURS`; a background that leaves none of them
     :data:`MIN_CONTRAST` away is drawn again. None (all colours) draws exactly the scenes
     of the unrestricted world.
+    ``colour_spread`` (wide only): each channel of an object's colour is drawn within +- this
+    of its word's reference RGB (the world's own jitter is +-10), again until the colour is
+    nearer its own word than any other and :data:`MIN_CONTRAST` from the background. None
+    keeps the world's own jitter, scene for scene.
     """
     if style == "wide":
         return _sample_wide_scene(rng, image_id, WIDE_MIN_SIDE if min_side is None else min_side,
                                   WIDE_MAX_SIDE if max_side is None else max_side, max_objects,
-                                  check_object_colours(object_colours))
+                                  check_object_colours(object_colours), check_colour_spread(colour_spread))
     if style != "classic":
         raise ValueError(f"style must be 'classic' or 'wide', got {style!r}")
-    if object_colours is not None:
-        raise ValueError("object_colours is a setting of the wide style; the classic world keeps its eight colours")
+    if object_colours is not None or colour_spread is not None:
+        raise ValueError("object_colours and colour_spread are settings of the wide style; the classic world "
+                         "keeps its eight colours")
     min_side = MIN_SIDE if min_side is None else min_side
     max_side = MAX_SIDE if max_side is None else max_side
     if not (16 <= min_side <= max_side):
@@ -598,6 +620,11 @@ def _distance_to_background(rgb, background: Background) -> float:
     return float(np.linalg.norm(point - (a + t * span)))
 
 
+def _colour_keeps_its_word(rgb, colour: str, background: Background) -> bool:
+    """A spread object colour stays nearest its own word and MIN_CONTRAST from the background."""
+    return _distance_to_background(rgb, background) >= MIN_CONTRAST and palette.nearest_colour(rgb) == colour
+
+
 def contrasting_colours(background: Background) -> list[str]:
     """The palette colours at least MIN_CONTRAST from every colour of ``background``."""
     return [name for name, rgb in palette.COLOURS.items()
@@ -609,7 +636,8 @@ WIDE_SHAPES = ShapeRanges(box_aspect=WIDE_BOX_ASPECT, diamond_aspect=(0.6, 1.7),
                           stretch=(0.6, 1.67), cross_bar=(0.2, 0.46), upright=0.5)
 
 
-def _sample_wide_object(rng, width, height, category, colour, size_class, pattern):
+def _sample_wide_object(rng, width, height, category, colour, size_class, pattern, shapes=None,
+                        colour_ok=None):
     """Draw parameters for one object of the wide world, or None when it cannot fit."""
     short = min(width, height)
     min_side = max(WIDE_MIN_BOX_SIDE_PX, WIDE_MIN_BOX_SIDE_FRACTION * short)
@@ -622,7 +650,8 @@ def _sample_wide_object(rng, width, height, category, colour, size_class, patter
         nominal_max = min(0.95 * short, math.sqrt(hi * width * height))
     if nominal_max < nominal_min:
         return None
-    return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max, WIDE_SHAPES)
+    return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max,
+                         shapes or WIDE_SHAPES, colour_ok)
 
 
 def check_object_colours(object_colours: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
@@ -639,13 +668,23 @@ def check_object_colours(object_colours: Optional[Sequence[str]]) -> Optional[tu
     return tuple(name for name in palette.COLOURS if name in names)
 
 
+def check_colour_spread(colour_spread: Optional[int]) -> Optional[int]:
+    """``colour_spread`` as an int (None stays None), or a ValueError saying the range."""
+    if colour_spread is None:
+        return None
+    if isinstance(colour_spread, bool) or int(colour_spread) != colour_spread or not 0 <= colour_spread <= 127:
+        raise ValueError(f"colour_spread must be a whole number of RGB units from 0 to 127, got {colour_spread!r}")
+    return int(colour_spread)
+
+
 #: Background draws a restricted scene may take before giving up (each leaves some colour of
 #: the world MIN_CONTRAST away; one leaving a given colour is typically met within a few).
 MAX_BACKGROUND_DRAWS = 200
 
 
 def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, max_side: int,
-                       max_objects: int, object_colours: Optional[tuple[str, ...]] = None) -> Scene:
+                       max_objects: int, object_colours: Optional[tuple[str, ...]] = None,
+                       colour_spread: Optional[int] = None) -> Scene:
     if not (16 <= min_side <= max_side):
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
     if not 1 <= max_objects:
@@ -673,6 +712,8 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
     allowed = contrasting_colours(background)
     if object_colours is not None:
         allowed = [name for name in allowed if name in object_colours]
+    shapes = WIDE_SHAPES if colour_spread is None else replace(WIDE_SHAPES, rgb_jitter=colour_spread)
+    colour_ok = None if colour_spread is None else partial(_colour_keeps_its_word, background=background)
 
     wanted = 1 if rng.random() < WIDE_SINGLE_PROBABILITY else int(rng.integers(2, max(2, max_objects) + 1))
     wanted = min(wanted, max_objects)
@@ -694,7 +735,8 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
         accepted = None
         for size_class in size_classes:
             for _attempt in range(25):
-                draw = _sample_wide_object(rng, width, height, category, colour, size_class, pattern)
+                draw = _sample_wide_object(rng, width, height, category, colour, size_class, pattern,
+                                           shapes, colour_ok)
                 if draw is None:
                     break
                 patch = rasterize(category, draw.cx, draw.cy, draw.size, draw.aspect,

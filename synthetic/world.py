@@ -45,7 +45,7 @@ import numpy as np
 from vlp.schemas import vocab
 from vlp.synthetic import grounding, palette, tasks, text
 from vlp.synthetic.render import encode_jpeg, encode_scene_image, render_scene
-from vlp.synthetic.scene import Scene, check_object_colours, sample_scene
+from vlp.synthetic.scene import Scene, check_colour_spread, check_object_colours, sample_scene
 
 GENERATOR = "vlp.synthetic"
 # 1.1: the wide world stretches every shape, wider ring holes and cross bars;
@@ -154,7 +154,8 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
              captions_per_image: int = 5, questions_per_image: int = 4,
              jpeg_quality: int = 90, overwrite: bool = False, progress=None,
              style: str = "wide", web: bool = True,
-             object_colours: Optional[Sequence[str]] = None) -> WorldSummary:
+             object_colours: Optional[Sequence[str]] = None,
+             colour_spread: Optional[int] = None) -> WorldSummary:
     """Generate a synthetic world of ``num_images`` images under ``out_dir``.
 
     ``vg_id_variant``: "image_id" writes Visual Genome 1.2/1.4 keys (image_data
@@ -170,14 +171,18 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     own scenes, about half of the generation time); False leaves it out, nothing else changes.
     ``object_colours`` (wide style only): the colour words objects may take, e.g. ["gray",
     "brown"] for a world that drills the colours a detector finds hardest; None, all
-    thirteen (see :func:`vlp.synthetic.scene.sample_scene`). The web crawl keeps its own
+    thirteen (see :func:`vlp.synthetic.scene.sample_scene`). ``colour_spread`` (wide style
+    only): each channel of an object's colour within +- this of its word's reference RGB,
+    still nearest its own word (None: the world's own +-10). The web crawl keeps its own
     scenes.
     """
     if style not in ("wide", "classic"):
         raise ValueError(f"style must be 'wide' or 'classic', got {style!r}")
-    if object_colours is not None and style != "wide":
-        raise ValueError("object_colours is a setting of the wide style; the classic world keeps its eight colours")
+    if (object_colours is not None or colour_spread is not None) and style != "wide":
+        raise ValueError("object_colours and colour_spread are settings of the wide style; the classic world "
+                         "keeps its eight colours")
     object_colours = check_object_colours(object_colours)
+    colour_spread = check_colour_spread(colour_spread)
     if vg_id_variant not in ("image_id", "id"):
         raise ValueError(f"vg_id_variant must be 'image_id' or 'id', got {vg_id_variant!r}")
     if num_images < 1:
@@ -193,7 +198,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     jpegs: dict[int, bytes] = {}  # JPEG bytes of every image (for the task folders' copies)
     for image_id in range(1, num_images + 1):
         scene = sample_scene(_stream(seed, image_id, _SCENE), image_id, style=style,
-                             object_colours=object_colours)
+                             object_colours=object_colours, colour_spread=colour_spread)
         pixels = render_scene(scene)
         data = encode_scene_image(scene, pixels, jpeg_quality)
         writer.bytes(f"images/{scene.file_name}", data)
@@ -260,6 +265,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
                          "images/<id>.jpg or images/<id>.png, named in every annotation file"),
         "style": style,
         "object_colours": list(object_colours or (palette.COLOURS if style == "wide" else palette.CLASSIC_COLOURS)),
+        "colour_spread": colour_spread,
         "vg_id_variant": vg_id_variant,
         "categories": [{"name": c, "vg_id": palette.category_id(c), "synset": palette.SYNSETS[c]}
                        for c in palette.CATEGORIES],

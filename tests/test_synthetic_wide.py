@@ -274,3 +274,54 @@ def test_vlp_synth_object_colours_option(tmp_path):
     bad = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "x"), "--object-colours", "grey"])
     assert bad.exit_code == 2 and "--object-colours" in bad.output and "'grey' is not a colour" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_colour_spread_draws_colours_that_keep_their_word_and_the_contrast_rule():
+    offsets = []
+    for image_id in range(1, 61):
+        scene = sample_scene(np.random.default_rng([12, image_id, 0]), image_id, style="wide", colour_spread=40)
+        again = sample_scene(np.random.default_rng([12, image_id, 0]), image_id, style="wide", colour_spread=40)
+        assert scene.to_dict() == again.to_dict()  # deterministic per image
+        for obj in scene.objects:
+            rgb = obj.draw.rgb
+            offset = np.abs(np.array(rgb) - np.array(palette.COLOURS[obj.colour]))
+            assert offset.max() <= 40
+            assert palette.nearest_colour(rgb) == obj.colour, (image_id, obj.colour, rgb)
+            assert _distance_to_background(rgb, scene.background) >= MIN_CONTRAST
+            offsets.append(float(np.linalg.norm(offset)))
+    # far wider than the world's own +-10 (at most 17.3 RGB units from the reference)
+    assert len(offsets) > 100 and np.median(offsets) > 25 and max(offsets) > 50
+
+
+def test_colour_spread_none_keeps_the_worlds_own_jitter():
+    for image_id in range(1, 21):
+        plain = _wide(image_id, seed=5)
+        assert sample_scene(np.random.default_rng([5, image_id, 0]), image_id, style="wide",
+                            colour_spread=None).to_dict() == plain.to_dict()
+        for obj in plain.objects:
+            assert np.abs(np.array(obj.draw.rgb) - np.array(palette.COLOURS[obj.colour])).max() <= 10
+
+
+@pytest.mark.parametrize("spread", [-1, 128, 2.5, True])
+def test_colour_spread_out_of_range_is_a_clear_error(spread):
+    with pytest.raises(ValueError, match="colour_spread must be a whole number of RGB units from 0 to 127"):
+        sample_scene(np.random.default_rng(0), 1, style="wide", colour_spread=spread)
+
+
+def test_vlp_synth_colour_spread_option(tmp_path):
+    from click.testing import CliRunner
+
+    from vlp import cli
+
+    result = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "w"), "--images", "3", "--colour-spread", "30",
+                                           "--object-colours", "gray"])
+    assert result.exit_code == 0, result.output
+    world = json.loads((tmp_path / "w" / "world.json").read_text())
+    assert world["colour_spread"] == 30 and world["object_colours"] == ["gray"]
+    for image_id, scene in load_scenes(tmp_path / "w").items():
+        assert scene.to_dict() == sample_scene(np.random.default_rng([0, image_id, 0]), image_id, style="wide",
+                                               object_colours=["gray"], colour_spread=30).to_dict()
+    bad = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "x"), "--colour-spread", "200"])
+    assert bad.exit_code == 2 and "--colour-spread" in bad.output
+    classic = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "c"), "--style", "classic", "--colour-spread", "20"])
+    assert classic.exit_code == 2 and "wide style" in classic.output and not (tmp_path / "c").exists()
