@@ -52,7 +52,7 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "faster_rcnn_from_caffe_attr.pkl")
 #: See detectors/weights/README.md for how each file was trained.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED_WEIGHTS = {
-    "demo": ("demo-detector.pt", "cccc27b5b457e1b0a99e5c22e77dd7c5cdc9204a213bcff5d3479946e1f25392"),
+    "demo": ("demo-detector.pt", "815c02c6052a51391967f8a11640aa9cd7c0d4d4cb7e9b2b932850741d013f6e"),
 }
 
 
