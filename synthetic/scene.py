@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import colorsys
 import math
-from functools import partial
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Optional, Sequence
 
 import numpy as np
@@ -374,6 +374,10 @@ class ShapeRanges:
     upright: float = 0.0
 
 
+#: Why the classic style refuses object_colours / colour_spread.
+WIDE_ONLY_COLOUR_SETTINGS = ("object_colours and colour_spread are settings of the wide style; the classic world "
+                             "keeps its eight colours")
+
 #: Draws of an object's colour under a colour test (``colour_spread``) before its reference
 #: colour is taken instead.
 MAX_COLOUR_DRAWS = 50
@@ -477,8 +481,7 @@ def sample_scene(rng: np.random.Generator, image_id: int, *, min_side: Optional[
     if style != "classic":
         raise ValueError(f"style must be 'classic' or 'wide', got {style!r}")
     if object_colours is not None or colour_spread is not None:
-        raise ValueError("object_colours and colour_spread are settings of the wide style; the classic world "
-                         "keeps its eight colours")
+        raise ValueError(WIDE_ONLY_COLOUR_SETTINGS)
     min_side = MIN_SIDE if min_side is None else min_side
     max_side = MAX_SIDE if max_side is None else max_side
     if not (16 <= min_side <= max_side):

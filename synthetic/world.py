@@ -45,7 +45,8 @@ import numpy as np
 from vlp.schemas import vocab
 from vlp.synthetic import grounding, palette, tasks, text
 from vlp.synthetic.render import encode_jpeg, encode_scene_image, render_scene
-from vlp.synthetic.scene import Scene, check_colour_spread, check_object_colours, sample_scene
+from vlp.synthetic.scene import (WIDE_ONLY_COLOUR_SETTINGS, Scene, check_colour_spread, check_object_colours,
+                                 sample_scene)
 
 GENERATOR = "vlp.synthetic"
 # 1.1: the wide world stretches every shape, wider ring holes and cross bars;
@@ -179,8 +180,7 @@ def generate(out_dir, num_images: int = 200, seed: int = 0,
     if style not in ("wide", "classic"):
         raise ValueError(f"style must be 'wide' or 'classic', got {style!r}")
     if (object_colours is not None or colour_spread is not None) and style != "wide":
-        raise ValueError("object_colours and colour_spread are settings of the wide style; the classic world "
-                         "keeps its eight colours")
+        raise ValueError(WIDE_ONLY_COLOUR_SETTINGS)
     object_colours = check_object_colours(object_colours)
     colour_spread = check_colour_spread(colour_spread)
     if vg_id_variant not in ("image_id", "id"):
