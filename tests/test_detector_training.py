@@ -385,8 +385,8 @@ def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
 # detector never saw (training used seeds 0, 2-6 and 8, checkpoint selection seed 1). The
 # shipped weights (stage 21) under the demo preset reach mAP@0.5 0.971 / attribute accuracy
 # 1.000 on the first 60 images of this set, which the fixture reads (the benchmark reads 120).
-# On those 120: stage 19 (stride 8, RPN 6,000 / 300, read at 512 and
-# 800 px) reached mAP@0.5 0.967 / attribute accuracy 0.998 (read at 512 alone 0.955 /
+# On those 120 stage 21 reaches 0.967 / 1.000; stage 19 (stride 8, RPN 6,000 / 300, read at 512
+# and 800 px) reached mAP@0.5 0.967 / attribute accuracy 0.998 (read at 512 alone 0.955 /
 # 0.998; stage 17 at 512 0.955 / 1.000; regressed boxes, the preset's default; stage 17 at
 # stride 16 with 1,000 / 100 proposals 0.907 / 0.998; stage 13 had 0.921 / 0.998, stage 12
 # 0.910 / 0.994, stage 10 0.924 / 0.996, the weights before issue 19 0.921 / 1.000); the
