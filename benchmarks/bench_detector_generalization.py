@@ -16,7 +16,9 @@ outside the repository) on five held-out sets, none used in training or checkpoi
 Prints mAP@0.5, attribute accuracy (colour, on true positives), precision / recall at the
 preset's score threshold, the top-box rates of the single-shape set, AP per category,
 attribute accuracy per colour and the error anatomy (objects located / named / named first,
-by relative size; ``vlp.detectors.evaluate.error_anatomy``). No assertions. ``--json``
+by relative size; ``vlp.detectors.evaluate.error_anatomy``), and for the wide sets the
+objects named first by what the world's truth knows of them (occlusion, pattern, image size,
+background kind). No assertions. ``--json``
 writes every figure.
 
     python benchmarks/bench_detector_generalization.py --old-weights /tmp/old-demo-detector.pt
@@ -55,6 +57,26 @@ def make_sets(root: Path, images: int, classic_images: int) -> dict[str, Path]:
     return sets
 
 
+def scene_groups(world: Path, ground_truth) -> dict[str, list[list[str]]]:
+    """Labels per GT object from a generated world's truth (``load_scenes``), for
+    ``error_anatomy(object_groups=...)``: how much of its box is hidden, its pattern, its
+    image's short side and its background's kind."""
+    from vlp.synthetic.world import load_scenes
+
+    scenes = load_scenes(world)
+    groups: dict[str, list[list[str]]] = {"occluded": [], "pattern": [], "image short side": [], "background": []}
+    for gt in ground_truth:
+        scene = scenes[int(gt.image_id)]
+        short = min(scene.width, scene.height)
+        groups["occluded"].append(["0" if o.occluded_box_fraction == 0 else
+                                   "<0.3" if o.occluded_box_fraction < 0.3 else ">=0.3" for o in scene.objects])
+        groups["pattern"].append([o.pattern or "none" for o in scene.objects])
+        groups["image short side"].append(
+            ["<128" if short < 128 else "128-383" if short < 384 else ">=384"] * len(scene.objects))
+        groups["background"].append([scene.background.kind] * len(scene.objects))
+    return groups
+
+
 def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> dict:
     import torch
 
@@ -70,7 +92,8 @@ def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> di
         records, gt = detect_vg(detector, path)
         result = evaluate_predictions(records, gt, score_threshold=threshold)
         result["seconds"] = time.perf_counter() - start
-        result["anatomy"] = error_anatomy(records, gt)
+        groups = scene_groups(path, gt) if name.startswith("wide") else None
+        result["anatomy"] = error_anatomy(records, gt, object_groups=groups)
         if name == "single shapes":
             result["top_box"] = top_box_accuracy(records, gt)
         out[name] = result
@@ -138,6 +161,12 @@ def main(argv=None) -> None:
                               f"{v['class_first']:.2f}" for label, v in a["by_size"].items())
             print(f"  {key} {name:22s} {a['objects']:4d} objects {a['located']:.2f}/{a['class_found']:.2f}/"
                   f"{a['class_first']:.2f}; by size {sizes}")
+    print("\nwide sets: objects named first (the anatomy's class first), by what the world's truth knows of them")
+    for key, run in runs.items():
+        for name in sets:
+            for table, rows in run[name]["anatomy"].get("by_group", {}).items():
+                print(f"  {key} {name:14s} {table:17s} " + ", ".join(
+                    f"{label} {v['class_first']:.2f} ({v['objects']})" for label, v in rows.items()))
     if "old" in runs:
         print("\nratios new / old (mAP):")
         for name in sets:

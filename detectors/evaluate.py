@@ -41,12 +41,14 @@ Error anatomy (:func:`error_anatomy`, per GT object, any score)
     highest-``objects_conf`` one of those has the object's class. ``located`` low means the
     proposals or boxes miss objects; ``class_found`` well below it, that the classifier
     names them wrongly; ``class_first`` below ``class_found``, that a wrong name outranks
-    the right one on the same object (a false positive ranked above it in AP).
+    the right one on the same object (a false positive ranked above it in AP). Tabled by
+    relative size, by category and by any labels the caller gives each object
+    (``object_groups``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -238,16 +240,31 @@ ANATOMY_SIZE_EDGES = (0.1, 0.2, 0.4)
 
 
 def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
-                  iou_threshold: float = 0.5, size_edges: Sequence[float] = ANATOMY_SIZE_EDGES) -> dict:
+                  iou_threshold: float = 0.5, size_edges: Sequence[float] = ANATOMY_SIZE_EDGES,
+                  object_groups: Optional[Mapping[str, Sequence[Sequence[str]]]] = None) -> dict:
     """Where a detector loses objects: located, named, named first (see the module docstring).
 
     Returns {"objects", "located", "class_found", "class_first" (fractions of all GT
     objects), "by_size": {bin label: {"objects", "located", "class_found", "class_first"}},
     "by_category": {class name: the same}}; size bins follow ``size_edges`` (relative
     sizes, ascending), labelled like "<0.1", "0.1-0.2", ">=0.4".
+
+    object_groups: further tables, by name, each a label per GT object per image (e.g. how
+    occluded each object is, known to a synthetic world's truth); adds "by_group": {table
+    name: {label: the same four figures}}.
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images")
+    object_groups = dict(object_groups or {})
+    for table, per_image in object_groups.items():
+        if len(per_image) != len(ground_truth):
+            raise ValueError(f"object group {table!r}: labels for {len(per_image)} images, "
+                             f"{len(ground_truth)} ground-truth images")
+        for labels_of, gt in zip(per_image, ground_truth):
+            objects = np.asarray(gt.classes).reshape(-1).size
+            if len(labels_of) != objects:
+                raise ValueError(f"object group {table!r}, image {gt.image_id}: {len(labels_of)} labels "
+                                 f"for {objects} objects")
     from vlp.schemas import vocab
 
     names = vocab.objects()
@@ -262,7 +279,7 @@ def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
         totals.setdefault(key, np.zeros(4, dtype=np.int64))
         totals[key] += outcome
 
-    for pred, gt in zip(predictions, ground_truth):
+    for index, (pred, gt) in enumerate(zip(predictions, ground_truth)):
         boxes = _get(pred, "boxes").reshape(-1, 4).astype(np.float64)
         classes = _get(pred, "objects_id").reshape(-1).astype(np.int64)
         confs = _get(pred, "objects_conf").reshape(-1).astype(np.float64)
@@ -279,6 +296,8 @@ def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
             add(("all", ""), outcome)
             add(("size", labels[int(np.searchsorted(edges, relative, side="right"))]), outcome)
             add(("category", names.name(int(cls))), outcome)
+            for table, per_image in object_groups.items():
+                add((f"group:{table}", str(per_image[index][g])), outcome)
 
     def row(counts):
         n = int(counts[0])
@@ -286,10 +305,14 @@ def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
                                   for k, name in enumerate(("located", "class_found", "class_first"), 1)}}
 
     overall = row(totals.get(("all", ""), np.zeros(4, dtype=np.int64)))
-    return {**overall,
-            "by_size": {label: row(totals[("size", label)]) for label in labels if ("size", label) in totals},
-            "by_category": {key: row(counts) for (table, key), counts in sorted(totals.items())
-                            if table == "category"}}
+    result = {**overall,
+              "by_size": {label: row(totals[("size", label)]) for label in labels if ("size", label) in totals},
+              "by_category": {key: row(counts) for (table, key), counts in sorted(totals.items())
+                              if table == "category"}}
+    if object_groups:
+        result["by_group"] = {name: {key: row(counts) for (table, key), counts in sorted(totals.items())
+                                     if table == f"group:{name}"} for name in object_groups}
+    return result
 
 
 def detect_vg(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,

@@ -372,6 +372,17 @@ def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
     assert anatomy["by_category"][names.name(A)] == {"objects": 3, "located": 1.0, "class_found": 2 / 3,
                                                      "class_first": 1 / 3}
     assert anatomy["by_category"][names.name(B)]["located"] == 0.0
+    assert "by_group" not in anatomy
+    # The same outcomes, tabled by a label each object carries (here: which image it is in).
+    grouped = error_anatomy(preds, GT, object_groups={"image": [["first", "first"], ["second", "second"]]})
+    assert {k: grouped[k] for k in anatomy} == anatomy
+    assert grouped["by_group"] == {"image": {
+        "first": {"objects": 2, "located": 1.0, "class_found": 1.0, "class_first": 0.5},
+        "second": {"objects": 2, "located": 0.5, "class_found": 0.0, "class_first": 0.0}}}
+    with pytest.raises(ValueError, match="object group 'image': labels for 1 images, 2"):
+        error_anatomy(preds, GT, object_groups={"image": [["first", "first"]]})
+    with pytest.raises(ValueError, match=r"object group 'image', image \S+: 1 labels for 2 objects"):
+        error_anatomy(preds, GT, object_groups={"image": [["first"], ["second", "second"]]})
     with pytest.raises(ValueError, match="ascending"):
         error_anatomy(preds, GT, size_edges=(0.2, 0.1))
     with pytest.raises(ValueError, match="2 predictions for 1"):
