@@ -32,7 +32,9 @@ learn "background = muted grey":
   about half the scenes have no clutter at all;
 * one object alone in ~40% of the images, up to ``max_objects`` otherwise;
 * thirteen VG colours (:data:`palette.COLOURS`); an object's colour is always at least
-  :data:`MIN_CONTRAST` (RGB distance) from every colour of its background;
+  :data:`MIN_CONTRAST` (RGB distance) from every colour of its background, and from the
+  colour of every object it touches (generator 1.3; before, a small object could sit
+  invisibly inside a larger one of its own colour and still be annotated);
 * boxes from max(10 px, 6% of the short side) to nearly the whole frame, rectangles of
   aspect ratio 1:4 to 4:1; half the rotatable shapes exactly upright, the rest tilted
   within :data:`ROTATION_LIMITS`; the small/large size rule is unchanged (box area below
@@ -557,7 +559,8 @@ WIDE_SIZE_GAP = (0.028, 0.05)
 #: Box aspect ratio (width:height) range of a rectangle ("box") in the wide world.
 WIDE_BOX_ASPECT = (0.25, 4.0)
 #: Least RGB distance between an object's reference colour and any colour of its
-#: background (the segment between a gradient's two ends counts as background).
+#: background (the segment between a gradient's two ends counts as background), and between
+#: the drawn colours of two objects that touch.
 MIN_CONTRAST = 80.0
 
 
@@ -655,6 +658,15 @@ def _sample_wide_object(rng, width, height, category, colour, size_class, patter
         return None
     return _place_object(rng, width, height, category, colour, pattern, nominal_min, nominal_max,
                          shapes or WIDE_SHAPES, colour_ok)
+
+
+def _blends_into(objects: list, updates: list, rgb) -> bool:
+    """Whether an object of colour ``rgb`` would touch an earlier object whose colour is less
+    than MIN_CONTRAST from it. Two such objects read as one blob: a small one drawn inside a
+    larger one of its colour is invisible, yet it would be annotated."""
+    point = np.asarray(rgb, float)
+    return any(touched and float(np.linalg.norm(point - np.asarray(objects[index].draw.rgb, float))) < MIN_CONTRAST
+               for index, _covered, touched, _box_fraction, _mask_fraction in updates)
 
 
 def check_object_colours(object_colours: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
@@ -755,7 +767,7 @@ def _sample_wide_scene(rng: np.random.Generator, image_id: int, min_side: int, m
                 if WIDE_SIZE_GAP[0] < area < WIDE_SIZE_GAP[1]:
                     continue
                 updates = _occlusion_updates(placed, patch)
-                if updates is not None:
+                if updates is not None and not _blends_into(objects, updates, draw.rgb):
                     accepted = (draw, patch, box, updates)
                     break
             if accepted:

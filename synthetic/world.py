@@ -50,8 +50,9 @@ from vlp.synthetic.scene import (WIDE_ONLY_COLOUR_SETTINGS, Scene, check_colour_
 
 GENERATOR = "vlp.synthetic"
 # 1.1: the wide world stretches every shape, wider ring holes and cross bars;
-# 1.2: half its rotatable shapes drawn upright.
-GENERATOR_VERSION = "1.2"
+# 1.2: half its rotatable shapes drawn upright; 1.3: no object touches one of a colour
+# less than MIN_CONTRAST from its own (scenes without such a placement are unchanged).
+GENERATOR_VERSION = "1.3"
 URL_ROOT = "https://synthetic.invalid"
 
 # Random streams: per image (second key = image id) or world-wide (second key 0).

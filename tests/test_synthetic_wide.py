@@ -3,6 +3,7 @@ replaced: determinism per image, the widened distributions, file names of PNG im
 every annotation file, and the classic world's images byte for byte."""
 
 import colorsys
+import dataclasses
 import hashlib
 import json
 import math
@@ -291,6 +292,40 @@ def test_colour_spread_draws_colours_that_keep_their_word_and_the_contrast_rule(
             offsets.append(float(np.linalg.norm(offset)))
     # far wider than the world's own +-10 (at most 17.3 RGB units from the reference)
     assert len(offsets) > 100 and np.median(offsets) > 25 and max(offsets) > 50
+
+
+def _blending_pairs(scene):
+    masks = object_masks(scene)
+    return [(a, b) for a in range(len(masks)) for b in range(a + 1, len(masks))
+            if (masks[a] & masks[b]).any()
+            and np.linalg.norm(np.subtract(scene.objects[a].draw.rgb, scene.objects[b].draw.rgb, dtype=float)) < MIN_CONTRAST]
+
+
+@pytest.mark.parametrize("colour_spread", [None, 40])
+def test_objects_that_touch_keep_the_contrast_rule(colour_spread):
+    # Generator 1.2 drew 340 such pairs in 1,200 scenes (a small object could sit unseen
+    # inside a larger one of its colour); now a placement that would touch one is drawn again.
+    touching = 0
+    for image_id in range(1, 201):
+        scene = sample_scene(np.random.default_rng([21, image_id, 0]), image_id, style="wide",
+                             colour_spread=colour_spread)
+        assert _blending_pairs(scene) == [], image_id
+        masks = object_masks(scene)
+        touching += sum((masks[a] & masks[b]).any() for a in range(len(masks)) for b in range(a + 1, len(masks)))
+    assert touching > 50  # objects still overlap, in contrasting colours
+
+
+def test_every_annotated_object_can_be_seen():
+    # Removing an object changes most of the pixels it shows (by 40 RGB units or more): no
+    # annotated object hides in a same-coloured one. Stripes in the background's colour are
+    # why this is not 100%.
+    for image_id in range(1, 61):
+        scene = _wide(image_id, seed=123)
+        pixels = render_scene(scene).astype(float)
+        for index, visible in enumerate(object_masks(scene, visible=True)):
+            without = dataclasses.replace(scene, objects=scene.objects[:index] + scene.objects[index + 1:])
+            change = np.linalg.norm(pixels[visible] - render_scene(without)[visible], axis=1)
+            assert visible.any() and (change >= 40).mean() > 0.6, (image_id, index)
 
 
 def test_colour_spread_none_keeps_the_worlds_own_jitter():
