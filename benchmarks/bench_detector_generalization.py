@@ -15,8 +15,10 @@ outside the repository) on five held-out sets, none used in training or checkpoi
 
 Prints mAP@0.5, attribute accuracy (colour, on true positives), precision / recall at the
 preset's score threshold, the top-box rates of the single-shape set, AP per category,
-attribute accuracy per colour and the error anatomy (objects located / named / named first,
-by relative size; ``vlp.detectors.evaluate.error_anatomy``), and for the wide sets the
+attribute accuracy per colour, the error anatomy (objects located / named / named first,
+by relative size; ``vlp.detectors.evaluate.error_anatomy``), the AP lost to each kind of false
+positive (duplicate, localisation, confusion, background) and to objects no box finds
+(``false_positive_anatomy``), and for the wide sets the
 objects named first by what the world's truth knows of them (occlusion, pattern, image size,
 background kind). No assertions. ``--json``
 writes every figure.
@@ -81,7 +83,8 @@ def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> di
     import torch
 
     from vlp.detectors import load_detector
-    from vlp.detectors.evaluate import detect_vg, error_anatomy, evaluate_predictions, top_box_accuracy
+    from vlp.detectors.evaluate import (detect_vg, error_anatomy, evaluate_predictions, false_positive_anatomy,
+                                        top_box_accuracy)
 
     torch.set_num_threads(threads)
     detector = load_detector(weights, preset="demo", device="cpu", **settings)
@@ -94,6 +97,7 @@ def evaluate(weights, sets: dict[str, Path], threads: int, settings: dict) -> di
         result["seconds"] = time.perf_counter() - start
         groups = scene_groups(path, gt) if name.startswith("wide") else None
         result["anatomy"] = error_anatomy(records, gt, object_groups=groups)
+        result["false_positives"] = false_positive_anatomy(records, gt)
         if name == "single shapes":
             result["top_box"] = top_box_accuracy(records, gt)
         out[name] = result
@@ -161,6 +165,13 @@ def main(argv=None) -> None:
                               f"{v['class_first']:.2f}" for label, v in a["by_size"].items())
             print(f"  {key} {name:22s} {a['objects']:4d} objects {a['located']:.2f}/{a['class_found']:.2f}/"
                   f"{a['class_first']:.2f}; by size {sizes}")
+    print("\nfalse positives (vlp.detectors.evaluate.false_positive_anatomy): mAP, the recall ceiling (the mAP "
+          "were every false positive removed), the mAP with one kind of false positive removed")
+    for key, run in runs.items():
+        for name in sets:
+            f = run[name]["false_positives"]
+            print(f"  {key} {name:22s} mAP {f['mAP']:.3f}  ceiling {f['recall_ceiling']:.3f}  without: "
+                  + ", ".join(f"{kind} {value:.3f}" for kind, value in f["ap_without"].items()))
     print("\nwide sets: objects named first (the anatomy's class first), by what the world's truth knows of them")
     for key, run in runs.items():
         for name in sets:

@@ -44,6 +44,10 @@ Error anatomy (:func:`error_anatomy`, per GT object, any score)
     the right one on the same object (a false positive ranked above it in AP). Tabled by
     relative size, by category and by any labels the caller gives each object
     (``object_groups``).
+False-positive anatomy (:func:`false_positive_anatomy`, per class)
+    Each false positive as a duplicate, a localisation error, a confusion with another
+    class's object or background; the AP with each kind removed, and the recall ceiling (the
+    AP with every false positive removed).
 """
 
 from __future__ import annotations
@@ -85,6 +89,52 @@ def _get(pred, name):
     return None if value is None else np.asarray(value)
 
 
+def _flatten(predictions: Sequence) -> tuple[list[tuple], list[np.ndarray]]:
+    """Predictions as (image index, box index, class, conf, attr) entries, and each image's boxes."""
+    entries = []
+    boxes_of = []
+    for i, pred in enumerate(predictions):
+        boxes = _get(pred, "boxes").reshape(-1, 4).astype(np.float64)
+        classes = _get(pred, "objects_id").reshape(-1).astype(np.int64)
+        confs = _get(pred, "objects_conf").reshape(-1).astype(np.float64)
+        attrs = _get(pred, "attrs_id")
+        attrs = np.full(len(classes), -1) if attrs is None else attrs.reshape(-1).astype(np.int64)
+        boxes_of.append(boxes)
+        for j in range(len(classes)):
+            entries.append((i, j, int(classes[j]), float(confs[j]), int(attrs[j])))
+    return entries, boxes_of
+
+
+def _match_class(entries: list, boxes_of: list, ground_truth: Sequence[Annotation], c: int,
+                 iou_threshold: float) -> tuple[list, np.ndarray, int]:
+    """Class ``c``'s entries ranked and matched as the module docstring defines: returns (the
+    ranked entries, the GT index each matched or -1 for a false positive, the GT count)."""
+    ranked = sorted((e for e in entries if e[2] == c), key=lambda e: (-e[3], e[0], e[1]))
+    gt_boxes = {i: np.nonzero(gt.classes == c)[0] for i, gt in enumerate(ground_truth)}
+    taken = {i: np.zeros(len(idx), dtype=bool) for i, idx in gt_boxes.items()}
+    n_pos = sum(len(idx) for idx in gt_boxes.values())
+    matched = np.full(len(ranked), -1, dtype=np.int64)
+    for k, (i, j, _, _, _) in enumerate(ranked):
+        idx = gt_boxes[i]
+        if len(idx) == 0:
+            continue
+        iou = box_iou_np(boxes_of[i][j:j + 1], ground_truth[i].boxes[idx])[0]
+        iou = np.where(taken[i], -1.0, iou)  # the best still-unmatched GT box
+        best = int(np.argmax(iou))
+        if iou[best] >= iou_threshold:
+            taken[i][best] = True
+            matched[k] = int(idx[best])
+    return ranked, matched, n_pos
+
+
+def _ap(true_positive: np.ndarray, n_pos: int) -> float:
+    """VOC AP of a ranked list of true / false positives against ``n_pos`` GT boxes."""
+    if not len(true_positive):
+        return 0.0
+    ctp = np.cumsum(np.asarray(true_positive, dtype=np.float64))
+    return voc_ap(ctp / max(n_pos, 1), ctp / np.arange(1, len(ctp) + 1))
+
+
 def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotation], *,
                          iou_threshold: float = 0.5, score_threshold: float = 0.2) -> dict:
     """Score predictions (one per GT image, same order) against ground truth.
@@ -101,47 +151,17 @@ def evaluate_predictions(predictions: Sequence, ground_truth: Sequence[Annotatio
     from vlp.schemas import vocab
 
     names = vocab.objects()
-    # Flatten predictions: (image index, box index, class, conf, attr).
-    entries = []
-    boxes_of = []
-    for i, pred in enumerate(predictions):
-        boxes = _get(pred, "boxes").reshape(-1, 4).astype(np.float64)
-        classes = _get(pred, "objects_id").reshape(-1).astype(np.int64)
-        confs = _get(pred, "objects_conf").reshape(-1).astype(np.float64)
-        attrs = _get(pred, "attrs_id")
-        attrs = np.full(len(classes), -1) if attrs is None else attrs.reshape(-1).astype(np.int64)
-        boxes_of.append(boxes)
-        for j in range(len(classes)):
-            entries.append((i, j, int(classes[j]), float(confs[j]), int(attrs[j])))
+    entries, boxes_of = _flatten(predictions)
     gt_classes = sorted({int(c) for gt in ground_truth for c in gt.classes})
     num_gt = sum(len(gt.classes) for gt in ground_truth)
     tp_flags = {}  # (image, box) -> matched GT index, for true positives
     ap_by_id = {}
     for c in gt_classes:
-        cls_entries = [e for e in entries if e[2] == c]
-        cls_entries.sort(key=lambda e: (-e[3], e[0], e[1]))
-        gt_boxes = {i: np.nonzero(gt.classes == c)[0] for i, gt in enumerate(ground_truth)}
-        taken = {i: np.zeros(len(idx), dtype=bool) for i, idx in gt_boxes.items()}
-        n_pos = sum(len(idx) for idx in gt_boxes.values())
-        tp = np.zeros(len(cls_entries))
-        for k, (i, j, _, _, _) in enumerate(cls_entries):
-            idx = gt_boxes[i]
-            if len(idx) == 0:
-                continue
-            iou = box_iou_np(boxes_of[i][j:j + 1], ground_truth[i].boxes[idx])[0]
-            iou = np.where(taken[i], -1.0, iou)  # the best still-unmatched GT box
-            best = int(np.argmax(iou))
-            if iou[best] >= iou_threshold:
-                taken[i][best] = True
-                tp[k] = 1
-                tp_flags[(i, j)] = int(idx[best])
-        if len(cls_entries):
-            ctp = np.cumsum(tp)
-            recall = ctp / max(n_pos, 1)
-            precision = ctp / np.arange(1, len(cls_entries) + 1)
-            ap_by_id[c] = voc_ap(recall, precision)
-        else:
-            ap_by_id[c] = 0.0
+        ranked, matched, n_pos = _match_class(entries, boxes_of, ground_truth, c, iou_threshold)
+        for (i, j, _, _, _), g in zip(ranked, matched):
+            if g >= 0:
+                tp_flags[(i, j)] = g
+        ap_by_id[c] = _ap(matched >= 0, n_pos)
     attr_names = vocab.attributes()
     attr_of = {(e[0], e[1]): e[4] for e in entries}
     attr_total = attr_right = 0
@@ -314,6 +334,70 @@ def error_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
                                      if table == f"group:{name}"} for name in object_groups}
     return result
 
+
+#: False-positive kinds of :func:`false_positive_anatomy`, in the order they are tested.
+FALSE_POSITIVE_KINDS = ("duplicate", "localisation", "confusion", "background")
+
+
+def false_positive_anatomy(predictions: Sequence, ground_truth: Sequence[Annotation], *,
+                           iou_threshold: float = 0.5, near_iou: float = 0.1) -> dict:
+    """Where AP is lost to false positives, and what is lost to objects no box finds.
+
+    Hoiem et al.'s diagnosis ("Diagnosing error in object detectors", 2012; COCO's analyze
+    tool does the like): with the matching of :func:`evaluate_predictions`, each false
+    positive of a class is a ``duplicate`` (IoU >= ``iou_threshold`` with a GT box of its
+    class that a higher-ranked prediction took), a ``localisation`` error (IoU >= ``near_iou``
+    with a GT box of its class), a ``confusion`` (IoU >= ``near_iou`` with a GT box of another
+    class) or ``background`` (below ``near_iou`` with every GT box), tested in that order.
+
+    Returns {"mAP", "recall_ceiling", "ap_without": {kind: mean}, "by_category": {class name:
+    {"ap", "recall_ceiling", "ap_without": {kind: AP}, "false_positives": {kind: count}}}}.
+    ``recall_ceiling``: the share of GT boxes matched at any score, which is the AP were every
+    false positive removed. ``ap_without[kind]``: the AP with that kind's false positives
+    removed from the ranking. ``false_positives`` counts those ranked before the class's last
+    true positive (the ones that cost AP). "mAP" equals :func:`evaluate_predictions`' mAP.
+    """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images")
+    if not 0.0 < near_iou < iou_threshold:
+        raise ValueError(f"need 0 < near_iou < iou_threshold, got {near_iou}, {iou_threshold}")
+    from vlp.schemas import vocab
+
+    names = vocab.objects()
+    entries, boxes_of = _flatten(predictions)
+    by_category = {}
+    for c in sorted({int(c) for gt in ground_truth for c in gt.classes}):
+        ranked, matched, n_pos = _match_class(entries, boxes_of, ground_truth, c, iou_threshold)
+        kinds = []
+        for (i, j, _, _, _), g in zip(ranked, matched):
+            if g >= 0:
+                kinds.append("true")
+                continue
+            gt = ground_truth[i]
+            iou = (box_iou_np(boxes_of[i][j:j + 1], gt.boxes)[0] if len(gt.boxes)
+                   else np.zeros(0))
+            own = np.asarray(gt.classes) == c
+            best_own = float(iou[own].max()) if own.any() else 0.0
+            best_other = float(iou[~own].max()) if (~own).any() else 0.0
+            kinds.append("duplicate" if best_own >= iou_threshold else "localisation" if best_own >= near_iou
+                         else "confusion" if best_other >= near_iou else "background")
+        kinds = np.array(kinds, dtype=object)
+        true = kinds == "true"
+        last_true = int(np.nonzero(true)[0][-1]) if true.any() else -1
+        by_category[names.name(c)] = {
+            "ap": _ap(true, n_pos),
+            "recall_ceiling": int(true.sum()) / n_pos if n_pos else 0.0,
+            "ap_without": {kind: _ap(true[kinds != kind], n_pos) for kind in FALSE_POSITIVE_KINDS},
+            "false_positives": {kind: int((kinds[:max(last_true, 0)] == kind).sum()) for kind in FALSE_POSITIVE_KINDS}}
+    rows = list(by_category.values())
+
+    def mean(values):
+        values = list(values)
+        return float(np.mean(values)) if values else 0.0
+
+    return {"mAP": mean(r["ap"] for r in rows), "recall_ceiling": mean(r["recall_ceiling"] for r in rows),
+            "ap_without": {kind: mean(r["ap_without"][kind] for r in rows) for kind in FALSE_POSITIVE_KINDS},
+            "by_category": by_category}
 
 def detect_vg(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
               batch_size: Optional[int] = None) -> tuple[list, list[Annotation]]:

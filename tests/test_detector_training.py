@@ -13,7 +13,8 @@ import torch
 
 import vlp.detectors.inference as inference
 from vlp.detectors import DetectorConfigError, ShippedWeightsError, load_detector, make_config
-from vlp.detectors.evaluate import error_anatomy, evaluate_detector, evaluate_predictions, voc_ap
+from vlp.detectors.evaluate import (FALSE_POSITIVE_KINDS, error_anatomy, evaluate_detector, evaluate_predictions,
+                                    false_positive_anatomy, voc_ap)
 from vlp.detectors.inference import Detector
 from vlp.detectors.annotations import Annotation
 from vlp.detectors.training import (DetectorTrainer, TrainImage, TrainSettings, encode_deltas, match_anchors,
@@ -388,6 +389,36 @@ def test_error_anatomy_separates_missed_misnamed_and_outranked_objects():
     with pytest.raises(ValueError, match="2 predictions for 1"):
         error_anatomy(preds, GT[:1])
 
+
+
+def test_false_positive_anatomy_sorts_each_false_positive_and_gives_the_exact_aps():
+    from vlp.schemas import vocab
+
+    # Class A, ranked: TP, duplicate of it, localisation (IoU 0.4 with the 2nd A box),
+    # confusion (on the B object), two background, TP, background after the last TP.
+    preds = [_pred([GT[0].boxes[0], GT[0].boxes[0] + 2, [100, 100, 200, 140], [400, 400, 450, 450], GT[0].boxes[1]],
+                   [A, A, A, A, A], [0.95, 0.9, 0.85, 0.72, 0.7], [RED] * 5),
+             _pred([GT[1].boxes[1], [500, 400, 560, 460], GT[1].boxes[1], [600, 10, 630, 40]],
+                   [A, A, B, A], [0.8, 0.75, 0.6, 0.3], [RED] * 4)]
+    # image 2's A object is never found: 2 of A's 3 GT boxes are matched.
+    anatomy = false_positive_anatomy(preds, GT)
+    names = vocab.objects()
+    a, b = anatomy["by_category"][names.name(A)], anatomy["by_category"][names.name(B)]
+    # precision 1 at recall 1/3, 2/7 at 2/3 -> AP 1/3 + 1/3 * 2/7
+    assert a["ap"] == pytest.approx(3 / 7) and a["recall_ceiling"] == pytest.approx(2 / 3)
+    assert a["false_positives"] == {"duplicate": 1, "localisation": 1, "confusion": 1, "background": 2}
+    # without one of the single false positives the 2nd TP ranks 6th; without background, 5th
+    assert a["ap_without"] == pytest.approx({"duplicate": 4 / 9, "localisation": 4 / 9, "confusion": 4 / 9,
+                                             "background": 7 / 15})
+    assert b == {"ap": 1.0, "recall_ceiling": 1.0, "ap_without": dict.fromkeys(FALSE_POSITIVE_KINDS, 1.0),
+                 "false_positives": dict.fromkeys(FALSE_POSITIVE_KINDS, 0)}
+    assert anatomy["mAP"] == pytest.approx(evaluate_predictions(preds, GT)["mAP"]) == pytest.approx((3 / 7 + 1) / 2)
+    assert anatomy["recall_ceiling"] == pytest.approx(5 / 6)
+    assert anatomy["ap_without"]["background"] == pytest.approx((7 / 15 + 1) / 2)
+    with pytest.raises(ValueError, match="near_iou < iou_threshold"):
+        false_positive_anatomy(preds, GT, near_iou=0.5)
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        false_positive_anatomy(preds, GT[:1])
 
 # -- the shipped demo detector --------------------------------------------------------------
 
