@@ -383,12 +383,12 @@ def false_positive_anatomy(predictions: Sequence, ground_truth: Sequence[Annotat
                          else "confusion" if best_other >= near_iou else "background")
         kinds = np.array(kinds, dtype=object)
         true = kinds == "true"
-        last_true = int(np.nonzero(true)[0][-1]) if true.any() else -1
+        costly = kinds[:int(np.nonzero(true)[0][-1])] if true.any() else kinds[:0]
         by_category[names.name(c)] = {
             "ap": _ap(true, n_pos),
             "recall_ceiling": int(true.sum()) / n_pos if n_pos else 0.0,
             "ap_without": {kind: _ap(true[kinds != kind], n_pos) for kind in FALSE_POSITIVE_KINDS},
-            "false_positives": {kind: int((kinds[:max(last_true, 0)] == kind).sum()) for kind in FALSE_POSITIVE_KINDS}}
+            "false_positives": {kind: int((costly == kind).sum()) for kind in FALSE_POSITIVE_KINDS}}
     rows = list(by_category.values())
 
     def mean(values):
@@ -398,6 +398,7 @@ def false_positive_anatomy(predictions: Sequence, ground_truth: Sequence[Annotat
     return {"mAP": mean(r["ap"] for r in rows), "recall_ceiling": mean(r["recall_ceiling"] for r in rows),
             "ap_without": {kind: mean(r["ap_without"][kind] for r in rows) for kind in FALSE_POSITIVE_KINDS},
             "by_category": by_category}
+
 
 def detect_vg(detector, vg_dir, image_ids: Optional[Sequence[int]] = None, *,
               batch_size: Optional[int] = None) -> tuple[list, list[Annotation]]:

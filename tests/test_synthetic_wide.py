@@ -296,9 +296,9 @@ def test_colour_spread_draws_colours_that_keep_their_word_and_the_contrast_rule(
 
 def _blending_pairs(scene):
     masks = object_masks(scene)
+    rgb = [np.asarray(o.draw.rgb, float) for o in scene.objects]
     return [(a, b) for a in range(len(masks)) for b in range(a + 1, len(masks))
-            if (masks[a] & masks[b]).any()
-            and np.linalg.norm(np.subtract(scene.objects[a].draw.rgb, scene.objects[b].draw.rgb, dtype=float)) < MIN_CONTRAST]
+            if (masks[a] & masks[b]).any() and np.linalg.norm(rgb[a] - rgb[b]) < MIN_CONTRAST]
 
 
 @pytest.mark.parametrize("colour_spread", [None, 40])
