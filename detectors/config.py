@@ -47,8 +47,9 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
     1,1,2,2; res2 48 channels, feature dim 384), res4 and the RPN at stride 8
     (``res4_dilation=2``: the weights trained at stride 16 read on a twice denser grid),
     RoIAlign 14x14, anchors 32..512, input upsampled to a 512 px short side (<= 800) and
-    read once more at 800 (<= 1250; ``extra_min_sizes``, a multi-scale test: both
-    readings' RoIs go to one selection), BUTD's RPN numbers (pre/post-NMS 6000/300), the
+    read again at 800 (<= 1250) and 384 (<= 600) and, mirrored left-right, at 512
+    (``extra_min_sizes``, ``mirrored_reading``: a multi-scale and mirrored test, every
+    reading's RoIs go to one selection), BUTD's RPN numbers (pre/post-NMS 6000/300), the
     ``butd-10-100`` selection (10..100 boxes, score 0.2) with ``boxes="regressed"``: each
     kept RoI is moved by the class-specific deltas of its best class (the detector is
     trained with box regression; on held-out synthetic worlds this gives about +0.01
@@ -166,6 +167,10 @@ class DetectorConfig:
     # (detectron2's multi-scale test, TEST.AUG.MIN_SIZES, with BUTD's selection). Empty: one
     # reading at min_size, as BUTD. Given boxes are always read at min_size alone.
     extra_min_sizes: tuple = ()
+    # Read the image mirrored left-right as well, at min_size: its RoIs, mirrored back (the
+    # boxes, and the x offset of their box regression), join the same pool (detectron2's
+    # TEST.AUG.FLIP, at one size, with BUTD's selection). Given boxes are never mirrored.
+    mirrored_reading: bool = False
     # "cv2": Caffe's rule (scale = min_size/short side, capped when round(scale*long) >
     # max_size; cv2.resize INTER_LINEAR with fx=fy=scale on the mean-subtracted float
     # image). "pil": detectron2's ResizeShortestEdge (int(x + 0.5) sizes, PIL bilinear on
@@ -413,4 +418,5 @@ DEMO_ARCH = ArchitectureConfig(
     res4_dilation=2, feature_stride=8, pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
 
 register_preset("demo", lambda: DetectorConfig(
-    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800, extra_min_sizes=(800,), boxes="regressed"))
+    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800, extra_min_sizes=(800, 384), mirrored_reading=True,
+    boxes="regressed"))

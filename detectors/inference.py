@@ -164,6 +164,11 @@ def prepare_image(image_bgr: np.ndarray, config: DetectorConfig, *, index: Optio
     return PreparedImage(tensor, (height, width), (h, w), (sx, sy), extra)
 
 
+def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """[N, 4] x0, y0, x1, y1 boxes of an image ``width`` pixels wide, mirrored left-right."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 def _join_before_last(first: torch.Tensor, more: torch.Tensor, keep_last: bool) -> torch.Tensor:
     """``first`` then ``more``; with ``keep_last`` the last row of ``first`` (the whole image)
     stays last."""
@@ -338,22 +343,31 @@ class Detector:
         whole = cfg.image_feature
         sizes = [p.size for p in prepared]
         rois, pooled = self._score_rois(prepared, given_boxes, whole=whole)
+        # per RoI: found on the mirrored image (its box regression's x offset is mirrored too)
+        mirrored = [torch.zeros(len(r), dtype=torch.bool, device=r.device) for r in rois]
         if given_boxes is None:
-            for reading in range(len(cfg.extra_min_sizes)):
-                more_rois, more_pooled = self._score_rois([p.extra[reading] for p in prepared], None, whole=False)
-                for i, p in enumerate(prepared):
+            readings = [[p.extra[k] for p in prepared] for k in range(len(cfg.extra_min_sizes))]
+            if cfg.mirrored_reading:
+                readings.append([dataclasses.replace(p, tensor=p.tensor.flip(-1), extra=()) for p in prepared])
+            for k, views in enumerate(readings):
+                is_mirror = cfg.mirrored_reading and k == len(readings) - 1
+                more_rois, more_pooled = self._score_rois(views, None, whole=False)
+                for i, (p, view) in enumerate(zip(prepared, views)):
+                    boxes = mirror_boxes(more_rois[i], view.size[1]) if is_mirror else more_rois[i]
                     # into the first reading's pixels, where the selection and the record work
-                    (sx, sy), (ex, ey) = p.scale, p.extra[reading].scale
-                    ratio = torch.tensor([sx / ex, sy / ey, sx / ex, sy / ey], device=more_rois[i].device)
-                    rois[i] = _join_before_last(rois[i], more_rois[i] * ratio, whole)
+                    (sx, sy), (ex, ey) = p.scale, view.scale
+                    ratio = torch.tensor([sx / ex, sy / ey, sx / ex, sy / ey], device=boxes.device)
+                    rois[i] = _join_before_last(rois[i], boxes * ratio, whole)
                     pooled[i] = _join_before_last(pooled[i], more_pooled[i], whole)
+                    mirrored[i] = _join_before_last(mirrored[i], torch.full((len(boxes),), is_mirror,
+                                                                            device=boxes.device), whole)
         cls_logits = self.model.roi_heads.box_predictor.class_logits(torch.cat(pooled))
         outs = []
         for i, (roi, feat, logits) in enumerate(zip(rois, pooled, cls_logits.split([len(f) for f in pooled]))):
-            image_feature = None
+            image_feature, flipped = None, mirrored[i]
             if whole:
-                image_feature, roi, feat, logits = feat[-1], roi[:-1], feat[:-1], logits[:-1]
-            out = self._select(roi, feat, logits, sizes[i], given=given_boxes is not None)
+                image_feature, roi, feat, logits, flipped = feat[-1], roi[:-1], feat[:-1], logits[:-1], flipped[:-1]
+            out = self._select(roi, feat, logits, sizes[i], given=given_boxes is not None, mirrored=flipped)
             if image_feature is not None:
                 out["image_feature"] = image_feature
             outs.append(out)
@@ -396,7 +410,7 @@ class Detector:
             pooled = model.roi_heads.box_features(features, torch.cat([batch_index, torch.cat(rois)], dim=1))
         return rois, list(pooled.float().split(counts))
 
-    def _select(self, rois, features, cls_logits, size, *, given: bool) -> dict:
+    def _select(self, rois, features, cls_logits, size, *, given: bool, mirrored=None) -> dict:
         cfg = self.detector_config
         predictor = self.model.roi_heads.box_predictor
         cls_prob = torch.softmax(cls_logits.float(), dim=-1)
@@ -409,6 +423,8 @@ class Detector:
                 best = object_prob.argmax(dim=1)
                 deltas = predictor.box_deltas(features).view(rois.shape[0], -1, 4)
                 picked = deltas[torch.arange(rois.shape[0], device=rois.device), best]
+                if mirrored is not None and bool(mirrored.any()):
+                    picked = torch.where(mirrored[:, None], picked * picked.new_tensor([-1.0, 1.0, 1.0, 1.0]), picked)
                 boxes = clip_boxes(apply_deltas(picked, rois, cfg.arch.bbox_reg_weights), size[0], size[1])
             if cfg.selection == "per_class":
                 keep, _ = butd_select(rois, object_prob, nms_threshold=cfg.nms_threshold,

@@ -105,8 +105,9 @@ def test_config_dict_is_json_and_hash_is_stable():
     # the butd-10-100 behaviour did not; efa510e937b6301d -> 79926cb6984b704f when
     # DetectorConfig gained `image_feature`, default false; 79926cb6984b704f -> 62cd3ca7d42f4327
     # when ArchitectureConfig gained `res4_dilation`, default 1; 62cd3ca7d42f4327 ->
-    # 54bd725d5234761c when DetectorConfig gained `extra_min_sizes`, default empty.)
-    assert cfg.config_hash() == "54bd725d5234761c"
+    # 54bd725d5234761c when DetectorConfig gained `extra_min_sizes`, default empty;
+    # 54bd725d5234761c -> 01f5aeab65e6204d when it gained `mirrored_reading`, default false.)
+    assert cfg.config_hash() == "01f5aeab65e6204d"
     assert make_config().config_hash() == cfg.config_hash()
     assert make_config(score_threshold=0.3).config_hash() != cfg.config_hash()
     assert make_config(dtype="bfloat16").config_hash() != cfg.config_hash()

@@ -338,10 +338,11 @@ def test_bfloat16_matches_float32_on_cuda():
     assert bf16.detect([image])[0].num_boxes >= 10
 
 
-# -- multi-scale test (``extra_min_sizes``) ---------------------------------------------
-# The reference reads one image at a time at each shortest side, moves every reading's
-# scored RoIs into the first reading's pixels and runs BUTD's selection once over them all,
-# written out with the model's parts and no batching; the Detector must give the same
+# -- multi-scale and mirrored test (``extra_min_sizes``, ``mirrored_reading``) -----------
+# The reference reads one image at a time at each shortest side (and mirrored at min_size),
+# moves every reading's scored RoIs into the first reading's pixels (mirrored ones mirrored
+# back, with the x offset of their box regression) and runs BUTD's selection once over them
+# all, written out with the model's parts and no batching; the Detector must give the same
 # records for batches of images of different shapes.
 
 
@@ -355,21 +356,29 @@ def plain_union(detector, image):
     cfg = detector.detector_config
     model = detector.model
     first = prepare_image(image, dataclasses.replace(cfg, extra_min_sizes=()))
-    all_rois, all_pooled, image_feature = [], [], None
-    for size in (cfg.min_size, *cfg.extra_min_sizes):
+    all_rois, all_pooled, all_flips, image_feature = [], [], [], None
+    readings = [(size, False) for size in (cfg.min_size, *cfg.extra_min_sizes)]
+    readings += [(cfg.min_size, True)] if cfg.mirrored_reading else []
+    for size, mirrored in readings:
         reading = dataclasses.replace(cfg, min_size=size, max_size=round(cfg.max_size * size / cfg.min_size),
                                       extra_min_sizes=())
         p = prepare_image(image, reading)
-        features, _ = model.backbone(p.tensor[None].contiguous(memory_format=torch.channels_last), [p.size])
+        tensor = p.tensor.flip(-1) if mirrored else p.tensor  # the resized image, mirrored
+        features, _ = model.backbone(tensor[None].contiguous(memory_format=torch.channels_last), [p.size])
         (rois, _), = model.proposal_generator(
             features, [model.backbone.feature_size(*p.size)], [p.size], pre_nms_topk=cfg.rpn_pre_nms_topk,
             nms_threshold=cfg.rpn_nms_threshold, post_nms_topk=cfg.rpn_post_nms_topk, min_size=cfg.rpn_min_size)
-        if size == cfg.min_size and cfg.image_feature:
+        first_reading = size == cfg.min_size and not mirrored
+        if first_reading and cfg.image_feature:
             whole = torch.tensor([[0.0, 0.0, float(p.size[1]), float(p.size[0])]])
             rois = torch.cat([rois, whole])
         pooled = model.roi_heads.box_features(features, torch.cat([torch.zeros(len(rois), 1), rois], dim=1))
-        if size == cfg.min_size and cfg.image_feature:
+        if first_reading and cfg.image_feature:
             image_feature, rois, pooled = pooled[-1], rois[:-1], pooled[:-1]
+        if mirrored:
+            width = p.size[1]
+            rois = torch.stack([width - rois[:, 2], rois[:, 1], width - rois[:, 0], rois[:, 3]], dim=1)
+        all_flips.append(torch.full((len(rois),), mirrored))
         (sx, sy), (fx, fy) = p.scale, first.scale
         all_rois.append(rois * torch.tensor([fx / sx, fy / sy, fx / sx, fy / sy]))
         all_pooled.append(pooled)
@@ -380,6 +389,7 @@ def plain_union(detector, image):
     if cfg.boxes == "regressed":
         best = prob.argmax(dim=1)
         deltas = predictor.box_deltas(pooled).view(len(rois), -1, 4)[torch.arange(len(rois)), best]
+        deltas[torch.cat(all_flips), 0] *= -1
         boxes = clip_boxes(apply_deltas(deltas, rois, cfg.arch.bbox_reg_weights), *first.size)
     keep, _ = butd_select(rois, prob, nms_threshold=cfg.nms_threshold, score_threshold=cfg.score_threshold,
                           min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes)
@@ -391,6 +401,8 @@ def plain_union(detector, image):
 @pytest.mark.parametrize("overrides", [
     dict(extra_min_sizes=(192,)),
     dict(extra_min_sizes=(96, 176), boxes="regressed", image_feature=True),
+    dict(extra_min_sizes=(96,), mirrored_reading=True, boxes="regressed", image_feature=True),
+    dict(mirrored_reading=True, boxes="rois"),
 ])
 def test_extra_readings_equal_the_plain_union(overrides):
     detector = slim_detector(**overrides)
@@ -411,6 +423,38 @@ def test_extra_readings_find_boxes_one_reading_does_not():
     for a, b in zip(one.detect(IMAGES), more.detect(IMAGES)):
         differs += a.num_boxes != b.num_boxes or not np.allclose(a.boxes, b.boxes)
     assert differs > 0  # the extra reading's RoIs take part in the selection
+
+
+def test_a_mirrored_reading_makes_the_detector_mirror_equivariant():
+    # Image I pools RoIs(I) and mirror(RoIs(mirror I)); mirror I pools the same two sets,
+    # mirrored. With images at their own size (the resize is then exactly symmetric) the
+    # records of mirror I are those of I mirrored: the same scores and classes, boxes within
+    # BOX_ATOL. Without the mirrored reading they are not (the network is not symmetric).
+    images = [scene(128, 200, 5), scene(160, 128, 6)]
+    mirrored = slim_detector(mirrored_reading=True, boxes="regressed")
+    plain = slim_detector(boxes="regressed")
+
+    def mirrored_back(detector, image):
+        record = detector.detect([image[:, ::-1].copy()])[0]
+        width = image.shape[1]
+        boxes = np.stack([width - record.boxes[:, 2], record.boxes[:, 1], width - record.boxes[:, 0],
+                          record.boxes[:, 3]], axis=1)
+        return record, boxes
+
+    def ranked(confs, ids, boxes):
+        order = np.lexsort((boxes[:, 0], -np.round(confs, 5)))
+        return np.round(confs, 5)[order], ids[order], boxes[order]
+
+    for image in images:
+        a = mirrored.detect([image])[0]
+        b, boxes = mirrored_back(mirrored, image)
+        (ca, ia, ba), (cb, ib, bb) = ranked(a.objects_conf, a.objects_id, a.boxes), ranked(b.objects_conf, b.objects_id, boxes)
+        np.testing.assert_allclose(ca, cb, atol=2e-5, rtol=0)
+        assert np.array_equal(ia, ib)
+        np.testing.assert_allclose(ba, bb, atol=BOX_ATOL, rtol=0)
+    a = plain.detect([images[0]])[0]
+    b, boxes = mirrored_back(plain, images[0])
+    assert a.num_boxes != b.num_boxes or not np.allclose(np.sort(a.objects_conf), np.sort(b.objects_conf))
 
 
 def test_given_boxes_are_read_at_min_size_alone():
@@ -452,3 +496,7 @@ def test_extra_min_sizes_setting_is_checked():
                           ("[192.5]", "list of integers"), ("192", "must be a list")):
         with pytest.raises(DetectorConfigError, match=reason):
             apply_overrides(config, parse_setting_pairs([f"extra_min_sizes={value}"]))
+    mirrored = apply_overrides(config, parse_setting_pairs(["mirrored_reading=true"]))
+    assert mirrored.mirrored_reading is True and mirrored.config_hash() != config.config_hash()
+    with pytest.raises(DetectorConfigError, match="mirrored_reading must be true or false"):
+        apply_overrides(config, parse_setting_pairs(["mirrored_reading=1"]))
