@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from vlp import cli
 from vlp.detectors.config import _ARCH_FIELDS, _DETECTOR_FIELDS, preset_names
 
-TINY = ["--set", "min_size=224", "--set", "max_size=352", "--set", "rpn_post_nms_topk=50", "--set", "extra_min_sizes=[]"]
+TINY = ["--set", "min_size=224", "--set", "max_size=352", "--set", "rpn_post_nms_topk=50", "--set", "extra_min_sizes=[]",
+        "--set", "mirrored_reading=false"]
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +345,8 @@ def test_train_detector_pools_several_folders_exactly_like_one_merged_folder(tin
     from vlp.detectors.evaluate import evaluate_detector, evaluate_detector_sets
 
     # Scored by the shipped weights, which find objects there (the 2-iteration run finds none).
-    detector = load_detector(preset="demo", device="cpu", min_size=352, max_size=480, extra_min_sizes=[])
+    detector = load_detector(preset="demo", device="cpu", min_size=352, max_size=480, extra_min_sizes=[],
+                             mirrored_reading=False)
     scored_pooled = evaluate_detector_sets(detector, [(tiny_world, None), (other, None)])
     scored_merged = evaluate_detector(detector, tmp_path / "merged")
     assert scored_pooled["num_images"] == 7 and scored_pooled["mAP"] > 0.3

@@ -23,7 +23,7 @@ from vlp.detectors.model import apply_deltas
 from vlp.schemas import vocab
 
 BG = 1600
-TINY = dict(min_size=224, max_size=352, rpn_post_nms_topk=50, extra_min_sizes=[])
+TINY = dict(min_size=224, max_size=352, rpn_post_nms_topk=50, extra_min_sizes=[], mirrored_reading=False)
 
 
 # -- target assignment ------------------------------------------------------------------

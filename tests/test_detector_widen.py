@@ -14,7 +14,7 @@ from vlp.detectors.errors import CheckpointError
 from vlp.detectors.model import FasterRCNN, apply_deltas, init_random_weights
 from vlp.detectors.widen import add_anchor_sizes, add_anchor_sizes_checkpoint, widen_bottlenecks, widen_checkpoint
 
-SMALL = dict(preset="demo", min_size=160, max_size=240, extra_min_sizes=[], device="cpu")
+SMALL = dict(preset="demo", min_size=160, max_size=240, extra_min_sizes=[], mirrored_reading=False, device="cpu")
 NARROW = dict(bottleneck_channels=16)  # the demo preset's width before it was widened to 24
 DEMO_SIZES = [32, 64, 128, 256]  # its anchor sizes before stage 19 added 512
 EARLY = dict(NARROW, anchor_sizes=tuple(DEMO_SIZES))  # the demo detector of its early stages

@@ -24,7 +24,7 @@ from vlp.schemas import FeatureStore
 from vlp.schemas.verify import verify_store
 
 # The demo detector at a small input size: the same code paths, a few times faster.
-SMALL = {"min_size": 320, "max_size": 480, "extra_min_sizes": []}  # one reading, for speed
+SMALL = {"min_size": 320, "max_size": 480, "extra_min_sizes": [], "mirrored_reading": False}  # one reading, for speed
 VLP_EXTRACT = [sys.executable, "-c", "from vlp.cli import extract_main; extract_main()"]
 
 

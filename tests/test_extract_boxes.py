@@ -20,7 +20,7 @@ from vlp.pipeline.extract import ExtractSettings, read_boxes_file, run_extract
 from vlp.schemas import FeatureStore
 from vlp.schemas.errors import StoreError
 
-SMALL = {"min_size": 320, "max_size": 480, "extra_min_sizes": []}  # one reading, for speed
+SMALL = {"min_size": 320, "max_size": 480, "extra_min_sizes": [], "mirrored_reading": False}  # one reading, for speed
 
 
 @pytest.fixture(scope="module")

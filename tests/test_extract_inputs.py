@@ -21,7 +21,7 @@ from vlp.schemas import FeatureStore
 from vlp.schemas.verify import verify_store
 
 VLP_EXTRACT = [sys.executable, "-c", "from vlp.cli import extract_main; extract_main()"]
-SMALL_FLAGS = ["--preset", "demo", "--set", "min_size=320", "--set", "max_size=480", "--set", "extra_min_sizes=[]",
+SMALL_FLAGS = ["--preset", "demo", "--set", "min_size=320", "--set", "max_size=480", "--set", "extra_min_sizes=[]", "--set", "mirrored_reading=false",
                "--num-cpus", "2"]
 BAD_NAME = os.fsdecode(b"bad\xff.jpg")  # the str Python gives for that file name (surrogate escape)
 
@@ -193,8 +193,8 @@ def test_a_worker_reports_progress_within_a_chunk(small_world, tmp_path, one_tor
     from vlp.pipeline.extract import DetectorWorker, _Item
 
     kwargs = dict(weights=None, preset="demo", dtype="float32", allow_random=False, min_size=160, max_size=240,
-                  extra_min_sizes=[])
-    config = make_config("demo", min_size=160, max_size=240, extra_min_sizes=[])
+                  extra_min_sizes=[], mirrored_reading=False)
+    config = make_config("demo", min_size=160, max_size=240, extra_min_sizes=[], mirrored_reading=False)
     worker = DetectorWorker(str(tmp_path), "lmdb", 100, "t", kwargs, describe_detector(**kwargs), "cpu", 1, 1)
     seen = []
     detect = worker.detector.detect_prepared
