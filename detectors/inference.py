@@ -346,11 +346,10 @@ class Detector:
         # per RoI: found on the mirrored image (its box regression's x offset is mirrored too)
         mirrored = [torch.zeros(len(r), dtype=torch.bool, device=r.device) for r in rois]
         if given_boxes is None:
-            readings = [[p.extra[k] for p in prepared] for k in range(len(cfg.extra_min_sizes))]
+            readings = [([p.extra[k] for p in prepared], False) for k in range(len(cfg.extra_min_sizes))]
             if cfg.mirrored_reading:
-                readings.append([dataclasses.replace(p, tensor=p.tensor.flip(-1), extra=()) for p in prepared])
-            for k, views in enumerate(readings):
-                is_mirror = cfg.mirrored_reading and k == len(readings) - 1
+                readings.append(([dataclasses.replace(p, tensor=p.tensor.flip(-1), extra=()) for p in prepared], True))
+            for views, is_mirror in readings:
                 more_rois, more_pooled = self._score_rois(views, None, whole=False)
                 for i, (p, view) in enumerate(zip(prepared, views)):
                     boxes = mirror_boxes(more_rois[i], view.size[1]) if is_mirror else more_rois[i]
