@@ -118,7 +118,17 @@ def _fixed_point_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
 def max_conf_after_nms(boxes: torch.Tensor, class_scores: torch.Tensor, iou_threshold: float,
                        method: str = "auto") -> torch.Tensor:
     """generate_tsv's max_conf: each RoI's best score among the classes where it survives
-    that class's NMS (0 if it survives none). class_scores: [R, C], background excluded."""
+    that class's NMS (0 if it survives none). class_scores: [R, C], background excluded.
+
+    Classes that score exactly 0 on every RoI skip the NMS: they add 0 to each RoI's max,
+    which the clamp gives anyway, so the result is the same. A class-subset checkpoint
+    (the demo detector keeps 8 of 1,600) scores every other class 0, and the NMS over all
+    of them was a fifth of its time per image."""
+    live = (class_scores != 0).any(dim=0)
+    if not bool(live.all()):
+        class_scores = class_scores[:, live]
+    if class_scores.shape[1] == 0:
+        return torch.zeros(class_scores.shape[0], dtype=torch.float32, device=class_scores.device)
     keep = per_class_nms_keep(boxes, class_scores, iou_threshold, method)
     kept_scores = torch.where(keep, class_scores.float(), torch.zeros((), device=class_scores.device))
     return kept_scores.amax(dim=1).clamp_min(0.0)

@@ -151,6 +151,33 @@ def test_sweep_and_matrix_equal_one_nms_per_class_on_any_boxes(corners, data, th
     assert torch.equal(per_class_nms_keep(boxes, scores, threshold, method="matrix"), loop)
     assert torch.equal(max_conf_after_nms(boxes, scores, threshold, method="sweep"),
                        max_conf_after_nms(boxes, scores, threshold, method="loop"))
+    assert torch.equal(max_conf_after_nms(boxes, scores, threshold), every_class_max_conf(boxes, scores, threshold))
+
+
+def every_class_max_conf(boxes, scores, threshold):
+    """generate_tsv's max_conf with one NMS for every class, zero-scoring ones included."""
+    keep = per_class_nms_keep(boxes, scores, threshold, method="loop")
+    return torch.where(keep, scores.float(), torch.zeros(())).amax(dim=1).clamp_min(0.0)
+
+
+def test_classes_scoring_zero_everywhere_leave_max_conf_and_the_selection_unchanged():
+    # a class-subset checkpoint: 8 live classes of 1,600, the rest exactly 0 after the softmax
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(60, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(60, 2, generator=g) * 80 + 1], dim=1)
+    logits = torch.full((60, 1601), -1e4)
+    live = torch.tensor([719, 848, 917, 1090, 1114, 1269, 1533, 1594])
+    logits[:, live] = torch.randn(60, 8, generator=g) * 3
+    logits[:, -1] = torch.randn(60, generator=g) * 3  # background
+    scores = torch.softmax(logits, dim=-1)[:, :-1]
+    assert int((scores != 0).any(dim=0).sum()) == 8
+    expected = every_class_max_conf(boxes, scores, 0.3)
+    assert torch.equal(max_conf_after_nms(boxes, scores, 0.3), expected)
+    keep, max_conf = butd_select(boxes, scores, nms_threshold=0.3, score_threshold=0.2, min_boxes=10, max_boxes=36)
+    assert torch.equal(max_conf, expected)
+    assert torch.equal(keep, select_by_confidence(expected, 0.2, 10, 36))
+    # no live class at all: every max_conf is 0
+    assert torch.equal(max_conf_after_nms(boxes, torch.zeros(60, 1600), 0.3), torch.zeros(60))
 
 
 def test_unknown_nms_method_is_refused():
