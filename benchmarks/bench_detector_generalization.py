@@ -14,14 +14,15 @@ outside the repository) on five held-out sets, none used in training or checkpoi
   the top box must be the shape (IoU >= 0.5, right category).
 
 Prints mAP@0.5, attribute accuracy (colour, on true positives), precision / recall at the
-preset's score threshold, the top-box rates of the single-shape set, AP per category,
-attribute accuracy per colour, the error anatomy (objects located / named / named first,
-by relative size; ``vlp.detectors.evaluate.error_anatomy``), the AP lost to each kind of false
-positive (duplicate, localisation, confusion, background) and to objects no box finds
-(``false_positive_anatomy``), and for the wide sets the
-objects named first by what the world's truth knows of them (occlusion, pattern, image size,
-background kind). No assertions. ``--json``
-writes every figure.
+preset's score threshold, seconds per image (detection and scoring; with ``--old-weights``
+also the time ratio, both runs in this one process, one after the other), the top-box rates
+of the single-shape set, AP per category, attribute accuracy per colour, the error anatomy
+(objects located / named / named first, by relative size;
+``vlp.detectors.evaluate.error_anatomy``), the AP lost to each kind of false positive
+(duplicate, localisation, confusion, background) and to objects no box finds
+(``false_positive_anatomy``), and for the wide sets the objects named first by what the
+world's truth knows of them (occlusion, pattern, image size, background kind). No
+assertions. ``--json`` writes every figure.
 
     python benchmarks/bench_detector_generalization.py --old-weights /tmp/old-demo-detector.pt
     python benchmarks/bench_detector_generalization.py --images 40 --threads 1   # quick
@@ -109,7 +110,8 @@ def _row(name: str, r: dict) -> str:
     extra = (f" | top box = shape {top['rate']:.3f}, + colour {top['colour_rate']:.3f}"
              if top else "")
     return (f"  {name:22s} {r['num_images']:4d} img  mAP {r['mAP']:.3f}  attr {r['attribute_accuracy']:.3f} "
-            f"({r['attribute_matches']})  P/R {r['precision']:.3f}/{r['recall']:.3f}{extra}")
+            f"({r['attribute_matches']})  P/R {r['precision']:.3f}/{r['recall']:.3f}  "
+            f"{r['seconds'] / max(r['num_images'], 1):.2f} s/img{extra}")
 
 
 def main(argv=None) -> None:
@@ -179,10 +181,11 @@ def main(argv=None) -> None:
                 print(f"  {key} {name:14s} {table:17s} " + ", ".join(
                     f"{label} {v['class_first']:.2f} ({v['objects']})" for label, v in rows.items()))
     if "old" in runs:
-        print("\nratios new / old (mAP):")
+        print("\nratios new / old: mAP, time (detection and scoring, the two runs one after the other)")
         for name in sets:
-            old = runs["old"][name]["mAP"]
-            print(f"  {name:22s} {runs['new'][name]['mAP'] / old if old else float('inf'):.2f}")
+            old, new = runs["old"][name], runs["new"][name]
+            print(f"  {name:22s} mAP {new['mAP'] / old['mAP'] if old['mAP'] else float('inf'):.2f}  "
+                  f"time {new['seconds'] / old['seconds']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1, default=str), "utf-8")
 
