@@ -164,9 +164,13 @@ def prepare_image(image_bgr: np.ndarray, config: DetectorConfig, *, index: Optio
     return PreparedImage(tensor, (height, width), (h, w), (sx, sy), extra)
 
 
-def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
-    """[N, 4] x0, y0, x1, y1 boxes of an image ``width`` pixels wide, mirrored left-right."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+def mirror_boxes(boxes, width: float):
+    """[N, 4] x0, y0, x1, y1 boxes of an image ``width`` pixels wide, mirrored left-right: a
+    new tensor or array of the same kind (torch for the mirrored reading, numpy for training's
+    flips)."""
+    mirrored = boxes[:, [2, 1, 0, 3]]  # a copy, x0 and x1 swapped
+    mirrored[:, [0, 2]] = width - mirrored[:, [0, 2]]
+    return mirrored
 
 
 def _join_before_last(first: torch.Tensor, more: torch.Tensor, keep_last: bool) -> torch.Tensor:
@@ -409,7 +413,7 @@ class Detector:
             pooled = model.roi_heads.box_features(features, torch.cat([batch_index, torch.cat(rois)], dim=1))
         return rois, list(pooled.float().split(counts))
 
-    def _select(self, rois, features, cls_logits, size, *, given: bool, mirrored=None) -> dict:
+    def _select(self, rois, features, cls_logits, size, *, given: bool, mirrored: torch.Tensor) -> dict:
         cfg = self.detector_config
         predictor = self.model.roi_heads.box_predictor
         cls_prob = torch.softmax(cls_logits.float(), dim=-1)
@@ -422,8 +426,7 @@ class Detector:
                 best = object_prob.argmax(dim=1)
                 deltas = predictor.box_deltas(features).view(rois.shape[0], -1, 4)
                 picked = deltas[torch.arange(rois.shape[0], device=rois.device), best]
-                if mirrored is not None and bool(mirrored.any()):
-                    picked = torch.where(mirrored[:, None], picked * picked.new_tensor([-1.0, 1.0, 1.0, 1.0]), picked)
+                picked = torch.where(mirrored[:, None], picked * picked.new_tensor([-1.0, 1.0, 1.0, 1.0]), picked)
                 boxes = clip_boxes(apply_deltas(picked, rois, cfg.arch.bbox_reg_weights), size[0], size[1])
             if cfg.selection == "per_class":
                 keep, _ = butd_select(rois, object_prob, nms_threshold=cfg.nms_threshold,

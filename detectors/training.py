@@ -81,7 +81,7 @@ from vlp.detectors.annotations import Annotation, load_vg_annotations, split_ima
 from vlp.detectors.checkpoint import match_state_dict, read_checkpoint, save_checkpoint
 from vlp.detectors.config import DetectorConfig, make_config
 from vlp.detectors.errors import AnnotationError, DetectorConfigError, TrainingStateError
-from vlp.detectors.inference import prepare_image
+from vlp.detectors.inference import mirror_boxes, prepare_image
 from vlp.detectors.model import FasterRCNN, FrozenBatchNorm2d, select_proposals
 
 #: The stem's fixed running_var is INPUT_STD**2: inputs are mean-subtracted pixels (no std).
@@ -160,11 +160,10 @@ def load_train_image(ann: Annotation, config: DetectorConfig, flip: bool) -> Tra
     image = cv2.imread(str(ann.path), cv2.IMREAD_COLOR)  # BGR, as the detector takes
     if image is None:
         raise ValueError(f"cannot read image {ann.path}")
-    boxes = ann.boxes.copy()
+    boxes = ann.boxes
     if flip:
         image = np.ascontiguousarray(image[:, ::-1])
-        width = image.shape[1]
-        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+        boxes = mirror_boxes(boxes, image.shape[1])
     prepared = prepare_image(image, config)
     sx, sy = prepared.scale
     boxes = boxes * np.asarray([sx, sy, sx, sy], dtype=np.float32)

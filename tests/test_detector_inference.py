@@ -15,7 +15,7 @@ import torch
 
 from vlp.detectors import load_detector
 from vlp.detectors.config import DetectorConfigError, apply_overrides, parse_setting_pairs
-from vlp.detectors.inference import prepare_image
+from vlp.detectors.inference import mirror_boxes, prepare_image
 from vlp.detectors.model import apply_deltas, clip_boxes
 from vlp.detectors.postprocess import butd_select
 from vlp.schemas import FeatureRecord
@@ -345,6 +345,17 @@ def test_bfloat16_matches_float32_on_cuda():
 # back, with the x offset of their box regression) and runs BUTD's selection once over them
 # all, written out with the model's parts and no batching; the Detector must give the same
 # records for batches of images of different shapes.
+
+
+def test_mirror_boxes_on_tensors_and_arrays():
+    boxes = [[10.0, 5.0, 30.0, 25.0], [0.0, 0.0, 100.0, 8.0]]
+    expected = [[70.0, 5.0, 90.0, 25.0], [0.0, 0.0, 100.0, 8.0]]
+    for kind in (torch.tensor, np.array):
+        given = kind(boxes)
+        mirrored = mirror_boxes(given, 100)
+        assert type(mirrored) is type(given) and mirrored.tolist() == expected
+        assert given.tolist() == boxes  # a new one; the input is left as it was
+        assert mirror_boxes(mirrored, 100).tolist() == boxes
 
 
 def slim_detector(**overrides):
