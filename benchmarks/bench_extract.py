@@ -15,8 +15,8 @@
    starts it (Ray workers at the driver's niceness), and the pipeline with Ray's default
    worker niceness, 15 (as before vlp set it). A short run: a few dozen small images.
 
-CPU default: the demo preset on synthetic-world images (240-640 px, read at 512, 800 and 384
-px short sides and mirrored at 512). GPU: ``--preset butd-10-100 --random-weights --device cuda`` (R101, random
+CPU default: the demo preset on synthetic-world images (240-640 px, read at 512 and 800 px
+short sides). GPU: ``--preset butd-10-100 --random-weights --device cuda`` (R101, random
 weights: timing does not depend on the values) with ``--batch-size 8``.
 
     python benchmarks/bench_extract.py                            # CPU, demo, 200 + 1k/10k images

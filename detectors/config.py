@@ -47,9 +47,10 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
     1,1,2,2; res2 48 channels, feature dim 384), res4 and the RPN at stride 8
     (``res4_dilation=2``: the weights trained at stride 16 read on a twice denser grid),
     RoIAlign 14x14, anchors 32..512, input upsampled to a 512 px short side (<= 800) and
-    read again at 800 (<= 1250) and 384 (<= 600) and, mirrored left-right, at 512
-    (``extra_min_sizes``, ``mirrored_reading``: a multi-scale and mirrored test, every
-    reading's RoIs go to one selection), BUTD's RPN numbers (pre/post-NMS 6000/300), the
+    read again at 800 (<= 1250) (``extra_min_sizes``: a multi-scale test, both
+    readings' RoIs go to one selection; ``extra_min_sizes=[800, 384]`` with
+    ``mirrored_reading=true`` adds a 384 px and a mirrored 512 px reading), BUTD's RPN
+    numbers (pre/post-NMS 6000/300), the
     ``butd-10-100`` selection (10..100 boxes, score 0.2) with ``boxes="regressed"``: each
     kept RoI is moved by the class-specific deltas of its best class (the detector is
     trained with box regression; on held-out synthetic worlds this gives about +0.01
@@ -418,5 +419,5 @@ DEMO_ARCH = ArchitectureConfig(
     res4_dilation=2, feature_stride=8, pooler="roialign", cls_embedding_dim=64, attr_hidden_dim=128)
 
 register_preset("demo", lambda: DetectorConfig(
-    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800, extra_min_sizes=(800, 384), mirrored_reading=True,
+    preset="demo", arch=DEMO_ARCH, min_size=512, max_size=800, extra_min_sizes=(800,),
     boxes="regressed"))
