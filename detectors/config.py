@@ -50,12 +50,11 @@ RoIPool as in torchvision, the anchors stored in the checkpoint.
     read again at 800 (<= 1250) (``extra_min_sizes``: a multi-scale test, both
     readings' RoIs go to one selection; ``extra_min_sizes=[800, 384]`` with
     ``mirrored_reading=true`` adds a 384 px and a mirrored 512 px reading), BUTD's RPN
-    numbers (pre/post-NMS 6000/300), the
-    ``butd-10-100`` selection (10..100 boxes, score 0.2) with ``boxes="regressed"``: each
-    kept RoI is moved by the class-specific deltas of its best class (the detector is
-    trained with box regression; on held-out synthetic worlds this gives about +0.01
-    mAP@0.5 over the raw RoIs). Pass
-    ``boxes="rois"`` for BUTD's raw proposals. ``load_detector(preset="demo")`` loads the
+    numbers (pre/post-NMS 6000/300), the ``butd-10-100`` selection (10..100 boxes, score
+    0.2) with ``boxes="regressed"``: each kept RoI is moved by the class-specific deltas
+    of its best class (the detector is trained with box regression; on held-out synthetic
+    worlds this gives about +0.01 mAP@0.5 over the raw RoIs). Pass ``boxes="rois"`` for
+    BUTD's raw proposals. ``load_detector(preset="demo")`` loads the
     shipped weights (sha256-checked).
 
 Choices where the references are silent or disagree are documented on the fields.
